@@ -1,0 +1,210 @@
+"""What BudgetSpanProcessor adds to one GenAI span, against the bare SDK in the same run,
+and whether the per-call cost stays flat as history grows.
+
+    python bench/bench_processor.py                 # ~1 min on a 2-core machine
+    python bench/bench_processor.py --quick         # smaller, for a smoke run
+    python bench/bench_processor.py --json out.json
+
+Cases (each: a GenAI CLIENT span with the request attributes a GenAI instrumentation sets
+at start and the usage attributes it sets at end, child of a long-lived root span, with a
+BatchSpanProcessor and a no-op exporter, i.e. a realistic production pipeline):
+
+* ``bare``: the SDK alone.
+* ``reserve+commit``: our processor, span carrying ``otel_budget.cost.projected_usd`` at
+  start (reserved in on_start) and its cost at end (what our instrumentors do).
+* ``priced at end``: our processor pricing a span from another instrumentation by its
+  ``gen_ai.usage.*`` attributes through genai-prices (cached).
+
+Rounds interleave the cases so that machine noise hits them alike; medians are reported.
+Scaling: the per-call cost of the full span path and of a bare ledger reserve+commit after
+0, 10k, 100k and 1M earlier calls, each call in its own trace (roots end, so traces are
+evicted), with the process's RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.trace import SpanKind
+
+from otel_budget import BudgetSpanProcessor
+from otel_budget import attributes as attrs
+from otel_budget.processor import _ACTIVE
+from otel_budget.storage import MemoryStorage, ScopeLimit
+
+
+class NoopExporter(SpanExporter):
+    def export(self, spans: Sequence[Any]) -> SpanExportResult:
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+
+START_ATTRS = {
+    attrs.GEN_AI_OPERATION_NAME: "chat",
+    attrs.GEN_AI_PROVIDER_NAME: "openai",
+    attrs.GEN_AI_REQUEST_MODEL: "gpt-4o-mini",
+    attrs.GEN_AI_REQUEST_MAX_TOKENS: 256,
+    attrs.SERVER_ADDRESS: "api.openai.com",
+    attrs.SERVER_PORT: 443,
+}
+END_ATTRS = {
+    attrs.GEN_AI_RESPONSE_MODEL: "gpt-4o-mini-2024-07-18",
+    attrs.GEN_AI_USAGE_INPUT_TOKENS: 1200,
+    attrs.GEN_AI_USAGE_OUTPUT_TOKENS: 180,
+}
+
+
+def make_provider(with_budget: bool) -> tuple[TracerProvider, BudgetSpanProcessor | None]:
+    provider = TracerProvider()
+    processor = None
+    if with_budget:
+        processor = BudgetSpanProcessor(max_usd=1_000_000)
+        provider.add_span_processor(processor)
+    provider.add_span_processor(
+        BatchSpanProcessor(NoopExporter(), max_queue_size=1 << 16, schedule_delay_millis=200)
+    )
+    return provider, processor
+
+
+def span_loop(provider: TracerProvider, n: int, *, projected: bool) -> float:
+    """Mean µs per GenAI span, children of one root span."""
+    tracer = provider.get_tracer("bench")
+    start_attrs = dict(START_ATTRS)
+    end_attrs = dict(END_ATTRS)
+    if projected:
+        start_attrs[attrs.COST_PROJECTED_USD] = 0.0005
+        end_attrs[attrs.COST_USD] = 0.000288
+    with tracer.start_as_current_span("agent"):
+        t0 = time.perf_counter_ns()
+        for _ in range(n):
+            span = tracer.start_span("chat gpt-4o-mini", kind=SpanKind.CLIENT, attributes=start_attrs)
+            span.set_attributes(end_attrs)
+            span.end()
+        elapsed = time.perf_counter_ns() - t0
+    return elapsed / n / 1000
+
+
+def overhead(rounds: int, n: int) -> dict[str, Any]:
+    bare, _ = make_provider(False)
+    ours, _ = make_provider(True)
+    cases: dict[str, Callable[[], float]] = {
+        "bare": lambda: span_loop(bare, n, projected=False),
+        "bare+projection attrs": lambda: span_loop(bare, n, projected=True),
+        "reserve+commit": lambda: span_loop(ours, n, projected=True),
+        "priced at end": lambda: span_loop(ours, n, projected=False),
+    }
+    for fn in cases.values():  # warm-up: caches, price lookups
+        fn()
+    results: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, fn in cases.items():
+            gc.collect()
+            results[name].append(fn())
+    med = {name: statistics.median(values) for name, values in results.items()}
+    out = {
+        "rounds": rounds,
+        "spans_per_round": n,
+        "median_us_per_span": med,
+        "added_us": {
+            "reserve+commit": med["reserve+commit"] - med["bare+projection attrs"],
+            "priced at end": med["priced at end"] - med["bare"],
+        },
+    }
+    bare.shutdown()
+    ours.shutdown()
+    return out
+
+
+def rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def scaling(checkpoints: Sequence[int], sample: int) -> list[dict[str, Any]]:
+    """Per-call cost after N earlier calls, each in its own trace."""
+    provider, processor = make_provider(True)
+    tracer = provider.get_tracer("bench")
+    start_attrs = {**START_ATTRS, attrs.COST_PROJECTED_USD: 0.0005}
+    end_attrs = {**END_ATTRS, attrs.COST_USD: 0.000288}
+    store = MemoryStorage()
+    done = 0
+    ledger_done = 0
+    rows = []
+
+    def one_trace() -> None:
+        with tracer.start_as_current_span("agent"):
+            span = tracer.start_span("chat gpt-4o-mini", kind=SpanKind.CLIENT, attributes=start_attrs)
+            span.set_attributes(end_attrs)
+            span.end()
+
+    def one_ledger(i: int) -> None:
+        scope = ScopeLimit(f"t:{i:032x}", 10**12, True, 3600.0)
+        store.reserve(i, (scope,), 500_000)
+        store.commit(i, 288_000)
+        store.evict(scope.key)
+
+    for target in checkpoints:
+        while ledger_done < target:
+            one_ledger(ledger_done)
+            ledger_done += 1
+        span_target = min(target, checkpoints[-1])
+        while done < span_target:
+            one_trace()
+            done += 1
+        gc.collect()
+        t0 = time.perf_counter_ns()
+        for _ in range(sample):
+            one_trace()
+        span_us = (time.perf_counter_ns() - t0) / sample / 1000
+        done += sample
+        t0 = time.perf_counter_ns()
+        for k in range(sample):
+            one_ledger(ledger_done + k)
+        ledger_us = (time.perf_counter_ns() - t0) / sample / 1000
+        ledger_done += sample
+        assert processor is not None
+        rows.append({
+            "earlier_calls": target,
+            "trace_with_genai_span_us": round(span_us, 2),
+            "ledger_reserve_commit_evict_us": round(ledger_us, 2),
+            "ledger_sizes": store.sizes(),
+            "tracked_traces": len(processor.engine._traces),
+            "max_rss_mib": round(rss_mib(), 1),
+        })  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    provider.shutdown()
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", help="write the results to this file")
+    args = parser.parse_args(argv)
+    rounds, n = (5, 2000) if args.quick else (15, 5000)
+    checkpoints = [0, 10_000, 100_000] if args.quick else [0, 10_000, 100_000, 1_000_000]
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cpus", flush=True)
+    result = {"overhead": overhead(rounds, n)}
+    print(json.dumps(result["overhead"], indent=2), flush=True)
+    _ACTIVE.clear()
+    result["scaling"] = scaling(checkpoints, 2000)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(result, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

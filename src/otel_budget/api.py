@@ -1,0 +1,343 @@
+"""``budget()`` for a run, ``track_tool()`` for the cost of a tool call.
+
+    from otel_budget import budget, track_tool, BudgetExceededError
+
+    @track_tool("web_search", cost_usd=0.01)               # fixed price per call
+    def web_search(query: str) -> list[str]: ...
+
+    try:
+        with budget(max_usd=0.25) as run:                   # also: @budget(max_usd=...)
+            agent.run("plan my trip")                       # LLM calls are checked first
+    except BudgetExceededError as exc:
+        print("stopped:", exc)
+    print(run.report().format())
+
+``budget()`` opens a budget for the current trace: calls inside the block (and in asyncio
+tasks it starts) reserve against it. With no current span it starts a root span, so the whole
+run is one trace whose root carries the cost breakdown. Blocks nest: an inner block can
+only spend within what its outer block has left. Inside a block, the block's limit replaces
+the processor's default per-trace ``max_usd``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from contextvars import Token
+from typing import Any, TypeVar
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from otel_budget import attributes as attrs
+from otel_budget.context import BUDGET_FRAMES, BudgetFrame
+from otel_budget.engine import KIND_TOOL
+from otel_budget.errors import BudgetExceededError
+from otel_budget.guard import BudgetedCall, begin_call
+from otel_budget.money import parse_usd, usd_to_nanos
+from otel_budget.processor import BudgetSpanProcessor, get_active_processor
+from otel_budget.report import CostReport, TraceStats
+
+F = TypeVar("F", bound=Callable[..., Any])
+_TRACER_NAME = "otel_budget"
+_block_ids = itertools.count(1)
+_default_lock = threading.Lock()
+
+
+def _tracer() -> trace.Tracer:
+    from otel_budget import __version__
+
+    return trace.get_tracer(_TRACER_NAME, __version__)
+
+
+def ensure_processor() -> BudgetSpanProcessor:
+    """The active processor; without one, create a default (no per-trace limit) and add it to
+    the global SDK tracer provider when there is one, so ``budget()`` works on its own."""
+    processor = get_active_processor()
+    if processor is not None:
+        return processor
+    with _default_lock:
+        processor = get_active_processor()
+        if processor is None:
+            processor = BudgetSpanProcessor()
+            provider = trace.get_tracer_provider()
+            add = getattr(provider, "add_span_processor", None)
+            if add is not None:
+                add(processor)
+    return processor
+
+
+class budget:  # noqa: N801 - a context manager/decorator reads best in lower case
+    """A budget for one run: ``with budget(max_usd=1.0) as run: ...``, ``async with``, or
+    ``@budget(max_usd=1.0)`` on a sync or async function (a fresh budget per call)."""
+
+    def __init__(
+        self,
+        max_usd: Any,
+        *,
+        name: str = "budget",
+        processor: BudgetSpanProcessor | None = None,
+    ) -> None:
+        self.limit_nanos = parse_usd(max_usd, what="max_usd")
+        self.max_usd = max_usd
+        self.name = name
+        self._processor = processor
+        self._stats: TraceStats | None = None
+        self._frame: BudgetFrame | None = None
+        self._frames_token: Token[tuple[BudgetFrame, ...]] | None = None
+        self._span: Any = None
+        self._ctx_token: object | None = None
+        self._last: TraceStats | None = None
+
+    # -- context manager ----------------------------------------------------------------------
+    def __enter__(self) -> budget:
+        if self._frame is not None:
+            raise RuntimeError("this budget() block is already open; use a new budget() per run")
+        processor = self._processor or ensure_processor()
+        self._processor = processor
+        current = trace.get_current_span().get_span_context()
+        if not current.is_valid:
+            # No trace yet: this run becomes one, and its root gets the breakdown.
+            self._span = _tracer().start_span(self.name, kind=SpanKind.INTERNAL)
+            self._ctx_token = otel_context.attach(trace.set_span_in_context(self._span))
+            current = self._span.get_span_context()
+        trace_id = current.trace_id if current.is_valid else 0
+        stats = TraceStats(f"{trace_id:032x}" if trace_id else None, self.limit_nanos)
+        if self._span is not None and trace_id:
+            processor.engine.adopt_trace(trace_id, stats)
+            if stats.root_span is None and self._span.is_recording():
+                stats.root_span = self._span
+        self._stats = stats
+        block_key = f"b:{next(_block_ids)}"
+        stats.label = f"{block_key} ({self.name})"
+        self._frame = BudgetFrame(block_key, self.limit_nanos, stats, processor.engine)
+        self._frames_token = BUDGET_FRAMES.set((*BUDGET_FRAMES.get(), self._frame))
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        frame, stats, processor = self._frame, self._stats, self._processor
+        if self._frames_token is not None:
+            BUDGET_FRAMES.reset(self._frames_token)
+        self._frames_token = None
+        if stats is not None:
+            stats.ended = time.time()
+        if self._span is not None:
+            try:
+                if exc is not None and self._span.is_recording():
+                    self._span.record_exception(exc)
+                    self._span.set_status(Status(StatusCode.ERROR, str(exc)))
+                    self._span.set_attribute(attrs.ERROR_TYPE, type(exc).__qualname__)
+            finally:
+                if stats is not None and self._span.is_recording():
+                    # Also written by the processor's root hook; here for providers where
+                    # the processor is not registered.
+                    self._span.set_attributes(stats.root_attributes())
+                self._span.end()
+                if self._ctx_token is not None:
+                    otel_context.detach(self._ctx_token)  # type: ignore[arg-type]
+        if frame is not None and processor is not None:
+            processor.storage.evict(frame.key)
+        self._last = stats
+        self._frame = None
+        self._span = None
+        self._ctx_token = None
+
+    async def __aenter__(self) -> budget:
+        return self.__enter__()
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        self.__exit__(exc_type, exc, tb)
+
+    # -- decorator ----------------------------------------------------------------------------
+    def __call__(self, fn: F) -> F:
+        make = functools.partial(budget, self.max_usd, name=self.name, processor=self._processor)
+        outer = self
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                block = make()
+                try:
+                    async with block:
+                        return await fn(*args, **kwargs)
+                finally:
+                    outer._last = block._last
+
+            async_wrapper.budget = outer  # type: ignore[attr-defined]
+            return async_wrapper  # type: ignore[return-value]
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            block = make()
+            try:
+                with block:
+                    return fn(*args, **kwargs)
+            finally:
+                outer._last = block._last
+
+        wrapper.budget = outer  # type: ignore[attr-defined]
+        return wrapper  # type: ignore[return-value]
+
+    # -- results ------------------------------------------------------------------------------
+    def report(self) -> CostReport:
+        """The run's cost report (live while the block is open; for a decorator, the last
+        call's)."""
+        stats = self._stats if self._frame is not None else (self._last or self._stats)
+        if stats is None:
+            return TraceStats(None, self.limit_nanos).report()
+        return stats.report()
+
+
+class _ToolCall:
+    """Handle yielded by ``track_tool`` used as a context manager: set ``result`` (for a
+    computed cost) or ``cost_usd`` (an explicit cost) before the block ends."""
+
+    __slots__ = ("call", "result", "cost_usd")
+
+    def __init__(self, call: BudgetedCall) -> None:
+        self.call = call
+        self.result: Any = None
+        self.cost_usd: Any = None
+
+    @property
+    def span(self) -> Any:
+        return self.call.span
+
+
+class track_tool:  # noqa: N801
+    """Record (and budget) a tool call as an ``execute_tool`` span.
+
+    ``cost_usd`` is a fixed price per call, or a function of the tool's result returning USD.
+    When it is a function, ``max_cost_usd`` (if given) is reserved before the call; otherwise
+    the price comes from the processor's price book (``PriceBook(tools=...)``). A tool that
+    raises is charged nothing; a call refused by the budget raises ``BudgetExceededError``
+    before the tool runs.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        cost_usd: Any = None,
+        *,
+        max_cost_usd: Any = None,
+        tool_type: str = "function",
+    ) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError("track_tool needs a tool name")
+        self.name = name
+        self._fixed: int | None = None
+        self._compute: Callable[[Any], Any] | None = None
+        if callable(cost_usd):
+            self._compute = cost_usd
+        elif cost_usd is not None:
+            self._fixed = parse_usd(cost_usd, what=f"cost_usd of tool {name!r}")
+        self._max = None if max_cost_usd is None else parse_usd(max_cost_usd, what="max_cost_usd")
+        self.tool_type = tool_type
+        self._handle: _ToolCall | None = None
+
+    def _projection(self, processor: BudgetSpanProcessor) -> int:
+        if self._fixed is not None:
+            return self._fixed
+        if self._max is not None:
+            return self._max
+        if self._compute is None:
+            book_price = processor.prices.tool_cost_nanos(self.name, None)
+            if book_price is not None:
+                return book_price
+        # Unknown cost up front: a paid tool still needs *some* budget left.
+        return 1
+
+    def _actual(self, processor: BudgetSpanProcessor, handle: _ToolCall) -> int:
+        if handle.cost_usd is not None:
+            return parse_usd(handle.cost_usd, what=f"cost of tool {self.name!r}", allow_huge=True)
+        if self._fixed is not None:
+            return self._fixed
+        if self._compute is not None:
+            value = self._compute(handle.result)
+            return parse_usd(value, what=f"cost_usd({self.name!r}) result", allow_huge=True)
+        book_price = processor.prices.tool_cost_nanos(self.name, handle.result)
+        return book_price if book_price is not None else 0
+
+    def start(self) -> _ToolCall:
+        processor = ensure_processor()
+        span_attributes: dict[str, Any] = {
+            attrs.GEN_AI_OPERATION_NAME: attrs.OP_EXECUTE_TOOL,
+            attrs.GEN_AI_TOOL_NAME: self.name,
+            attrs.GEN_AI_TOOL_TYPE: self.tool_type,
+        }
+        call = begin_call(
+            _tracer(), f"execute_tool {self.name}", attributes=span_attributes,
+            projected_nanos=self._projection(processor), name=self.name, provider="tool",
+            operation=attrs.OP_EXECUTE_TOOL, span_kind=SpanKind.INTERNAL,
+            charge_kind=KIND_TOOL, processor=processor,
+        )  # fmt: skip
+        return _ToolCall(call)
+
+    def stop(self, handle: _ToolCall, exc: BaseException | None) -> None:
+        call = handle.call
+        if exc is not None:
+            call.fail(exc)
+            return
+        processor = call.processor
+        try:
+            actual = self._actual(processor, handle) if processor is not None else 0
+        except Exception as cost_error:  # a broken cost function: fall back to the projection
+            if processor is not None:
+                processor.engine.log_once(f"tool cost {self.name}", cost_error)
+            actual = call.projected_nanos
+        call.finish(actual)
+
+    def __enter__(self) -> _ToolCall:
+        self._handle = self.start()
+        self._token = otel_context.attach(trace.set_span_in_context(self._handle.span))
+        return self._handle
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        handle = self._handle
+        self._handle = None
+        otel_context.detach(self._token)
+        if handle is not None:
+            self.stop(handle, exc)
+
+    def __call__(self, fn: F) -> F:
+        def run_sync(*args: Any, **kwargs: Any) -> Any:
+            handle = self.start()
+            try:
+                with trace.use_span(
+                    handle.span, end_on_exit=False, record_exception=False,
+                    set_status_on_exception=False,
+                ):
+                    handle.result = fn(*args, **kwargs)
+            except BaseException as exc:
+                self.stop(handle, exc)
+                raise
+            self.stop(handle, None)
+            return handle.result
+
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                handle = self.start()
+                try:
+                    with trace.use_span(
+                    handle.span, end_on_exit=False, record_exception=False,
+                    set_status_on_exception=False,
+                ):
+                        handle.result = await fn(*args, **kwargs)
+                except BaseException as exc:
+                    self.stop(handle, exc)
+                    raise
+                self.stop(handle, None)
+                return handle.result
+
+            return async_wrapper  # type: ignore[return-value]
+        return functools.wraps(fn)(run_sync)  # type: ignore[return-value]
+
+
+__all__ = ["BudgetExceededError", "budget", "ensure_processor", "track_tool", "usd_to_nanos"]

@@ -1,0 +1,93 @@
+"""``OTEL_BUDGET_*`` environment variables (also ``opentelemetry-instrument --budget_*`` flags).
+
+    OTEL_BUDGET_MAX_USD=0.05 opentelemetry-instrument python agent.py
+    opentelemetry-instrument --budget_max_usd 0.05 python agent.py      # the same
+
+This module is registered under the ``opentelemetry_environment_variables`` entry point:
+``opentelemetry-instrument`` turns every ``OTEL_*`` constant here into a command-line flag.
+"""
+
+OTEL_BUDGET_MAX_USD = "OTEL_BUDGET_MAX_USD"
+"""
+.. envvar:: OTEL_BUDGET_MAX_USD
+
+Budget of each trace in USD (``0.50``, ``$0.50``). Unset: no per-trace limit (named scopes
+and ``budget()`` blocks still apply). ``0`` refuses every paid call.
+"""
+
+OTEL_BUDGET_SCOPES = "OTEL_BUDGET_SCOPES"
+"""
+.. envvar:: OTEL_BUDGET_SCOPES
+
+Caps per identity, comma separated ``kind:usd[/window]``: ``user:20/day,tenant:500/month,
+session:2``. The identity comes from ``otel_budget.scope(...)`` or the span attributes
+``user.id`` / ``session.id`` / ``tenant.id``.
+"""
+
+OTEL_BUDGET_FAILURE_POLICY = "OTEL_BUDGET_FAILURE_POLICY"
+"""
+.. envvar:: OTEL_BUDGET_FAILURE_POLICY
+
+``fail_open`` (default) or ``fail_closed``: what a call does when otel-budget itself fails.
+"""
+
+OTEL_BUDGET_THRESHOLDS = "OTEL_BUDGET_THRESHOLDS"
+"""
+.. envvar:: OTEL_BUDGET_THRESHOLDS
+
+Soft-limit warnings as fractions of a budget, comma separated (default ``0.5,0.8,0.95``).
+"""
+
+OTEL_BUDGET_DEFAULT_MAX_OUTPUT_TOKENS = "OTEL_BUDGET_DEFAULT_MAX_OUTPUT_TOKENS"
+"""
+.. envvar:: OTEL_BUDGET_DEFAULT_MAX_OUTPUT_TOKENS
+
+Output bound for requests that set none (default ``4096``); also set on such requests when
+``OTEL_BUDGET_CAP_OUTPUT_TOKENS`` is on.
+"""
+
+OTEL_BUDGET_CAP_OUTPUT_TOKENS = "OTEL_BUDGET_CAP_OUTPUT_TOKENS"
+"""
+.. envvar:: OTEL_BUDGET_CAP_OUTPUT_TOKENS
+
+``true`` (default): lower a request's output cap to what the remaining budget affords, so a
+reservation is a guarantee. ``false``: never touch requests.
+"""
+
+OTEL_BUDGET_MIN_OUTPUT_TOKENS = "OTEL_BUDGET_MIN_OUTPUT_TOKENS"
+"""
+.. envvar:: OTEL_BUDGET_MIN_OUTPUT_TOKENS
+
+Below this many affordable output tokens a call is refused rather than truncated (``16``).
+"""
+
+OTEL_BUDGET_STREAM_INCLUDE_USAGE = "OTEL_BUDGET_STREAM_INCLUDE_USAGE"
+"""
+.. envvar:: OTEL_BUDGET_STREAM_INCLUDE_USAGE
+
+``true`` (default): ask OpenAI-compatible streams for usage (``stream_options``) when the
+caller did not choose.
+"""
+
+OTEL_BUDGET_UNKNOWN_MODEL = "OTEL_BUDGET_UNKNOWN_MODEL"
+"""
+.. envvar:: OTEL_BUDGET_UNKNOWN_MODEL
+
+Policy for models without a price: ``block`` (default), ``price_as:<model>``, or a default
+price ``<input>,<output>`` in USD per million tokens (``5,15``).
+"""
+
+OTEL_BUDGET_PRICES_FILE = "OTEL_BUDGET_PRICES_FILE"
+"""
+.. envvar:: OTEL_BUDGET_PRICES_FILE
+
+A JSON price table (models, aliases, tools, unknown_model) consulted before genai-prices.
+"""
+
+OTEL_BUDGET_INSTRUMENT = "OTEL_BUDGET_INSTRUMENT"
+"""
+.. envvar:: OTEL_BUDGET_INSTRUMENT
+
+Which libraries to instrument, comma separated (default: every supported one installed:
+``openai,anthropic,litellm``).
+"""

@@ -1,0 +1,76 @@
+"""Budget-enforcing GenAI instrumentation of the ``openai`` SDK (v1+).
+
+    from otel_budget.instrumentation.openai import OpenAIBudgetInstrumentor
+
+    OpenAIBudgetInstrumentor().instrument()      # usually via BudgetInstrumentor
+    client = openai.OpenAI()
+    client.chat.completions.create(model="gpt-4o-mini", messages=[...])  # reserved first
+
+Wraps, sync and async: chat completions ``create`` and ``parse`` (``stream()`` goes through
+``create``), Responses ``create`` and ``parse`` (and its ``stream()``), embeddings ``create``.
+``AzureOpenAI`` and subclasses use the same resources, so they are covered (provider
+``azure.ai.openai``). Spans follow the GenAI semantic conventions; the projected cost and the
+output bound are on the span at start, so the budget decision happens before any request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
+from opentelemetry.instrumentation.utils import unwrap
+from wrapt import wrap_function_wrapper
+
+from otel_budget.instrumentation.openai import patch
+
+_INSTRUMENTS = ("openai >= 1.40",)
+
+# (module, class, method, wrapper factory)
+_TARGETS = (
+    ("openai.resources.chat.completions", "Completions", "create", patch.chat_create),
+    ("openai.resources.chat.completions", "Completions", "parse", patch.chat_create),
+    ("openai.resources.chat.completions", "AsyncCompletions", "create", patch.async_chat_create),
+    ("openai.resources.chat.completions", "AsyncCompletions", "parse", patch.async_chat_create),
+    ("openai.resources.responses", "Responses", "create", patch.responses_create),
+    ("openai.resources.responses", "Responses", "parse", patch.responses_create),
+    ("openai.resources.responses", "AsyncResponses", "create", patch.async_responses_create),
+    ("openai.resources.responses", "AsyncResponses", "parse", patch.async_responses_create),
+    ("openai.resources.embeddings", "Embeddings", "create", patch.embeddings_create),
+    ("openai.resources.embeddings", "AsyncEmbeddings", "create", patch.async_embeddings_create),
+)
+
+
+class OpenAIBudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
+    """Instruments the openai SDK with GenAI spans and budget enforcement."""
+
+    def instrumentation_dependencies(self) -> Collection[str]:
+        return _INSTRUMENTS
+
+    def _instrument(self, **kwargs: Any) -> None:
+        from otel_budget import __version__
+
+        tracer = trace.get_tracer(
+            __name__, __version__, kwargs.get("tracer_provider"),
+            schema_url="https://opentelemetry.io/schemas/1.37.0",
+        )  # fmt: skip
+        self._wrapped: list[tuple[str, str, str]] = []
+        import importlib
+
+        for module, cls, method, factory in _TARGETS:
+            try:
+                owner = getattr(importlib.import_module(module), cls)
+                if not hasattr(owner, method):
+                    continue  # an older SDK without this API
+                wrap_function_wrapper(module, f"{cls}.{method}", factory(tracer))
+                self._wrapped.append((module, cls, method))
+            except (ImportError, AttributeError):
+                continue
+
+    def _uninstrument(self, **kwargs: Any) -> None:
+        import importlib
+
+        for module, cls, method in getattr(self, "_wrapped", []):
+            unwrap(getattr(importlib.import_module(module), cls), method)
+        self._wrapped = []

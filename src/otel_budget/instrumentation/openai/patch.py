@@ -1,0 +1,449 @@
+"""wrapt wrappers for the openai SDK (v1+): chat completions, Responses, embeddings.
+
+    wrap_function_wrapper("openai.resources.chat.completions", "Completions.create",
+                          chat_create(tracer))
+
+Every wrapper does the same thing: read the request, let ``_call.start_call`` project and
+reserve (it may lower or set the output cap in ``kwargs``), send, then settle from the
+response's ``usage``; streams are wrapped in a proxy that settles however they end.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from opentelemetry import trace
+
+from otel_budget import attributes as attrs
+from otel_budget.errors import BudgetExceededError
+from otel_budget.instrumentation._call import (
+    IN_METERED_CALL,
+    LLMCall,
+    LLMRequest,
+    capture_content,
+    start_call,
+    substitute_or_raise,
+)
+from otel_budget.instrumentation._stream import AsyncStreamProxy, SyncStreamProxy
+from otel_budget.pricing import TokenUsage
+from otel_budget.processor import get_active_processor
+from otel_budget.tokens import estimate_input_tokens
+
+PROVIDER_OPENAI = "openai"
+PROVIDER_AZURE = "azure.ai.openai"
+_OPENAI_HOSTS = ("api.openai.com",)
+_REQUEST_ATTRIBUTES = {
+    "temperature": "gen_ai.request.temperature",
+    "top_p": "gen_ai.request.top_p",
+    "frequency_penalty": "gen_ai.request.frequency_penalty",
+    "presence_penalty": "gen_ai.request.presence_penalty",
+    "seed": "gen_ai.request.seed",
+}
+
+
+def _given(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """kwargs without the SDK's ``omit`` / ``NOT_GIVEN`` sentinels (its helpers pass every
+    parameter, given or not)."""
+    out = {}
+    for key, value in kwargs.items():
+        kind = type(value).__name__
+        if kind in ("Omit", "NotGiven"):
+            continue
+        out[key] = value
+    return out
+
+
+def _client_info(instance: Any) -> tuple[str, str | None, int | None]:
+    client = getattr(instance, "_client", None)
+    provider = PROVIDER_OPENAI
+    if client is not None and "Azure" in type(client).__name__:
+        provider = PROVIDER_AZURE
+    host: str | None = None
+    port: int | None = None
+    base_url = getattr(client, "base_url", None)
+    if base_url is not None:
+        host = getattr(base_url, "host", None) or None
+        port = getattr(base_url, "port", None)
+        if port is None:
+            scheme = getattr(base_url, "scheme", "https")
+            port = 443 if scheme == "https" else 80
+    return provider, host, port
+
+
+def _common_attributes(params: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, name in _REQUEST_ATTRIBUTES.items():
+        value = params.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = value
+    stop = params.get("stop")
+    if isinstance(stop, str):
+        out["gen_ai.request.stop_sequences"] = [stop]
+    elif isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop):
+        out["gen_ai.request.stop_sequences"] = list(stop)
+    n = params.get("n")
+    if isinstance(n, int) and not isinstance(n, bool) and n != 1:
+        out["gen_ai.request.choice.count"] = n
+    tier = params.get("service_tier")
+    if isinstance(tier, str):
+        out[attrs.OPENAI_REQUEST_SERVICE_TIER] = tier
+    if params.get("stream"):
+        out["gen_ai.request.stream"] = True
+    return out
+
+
+def _content_attribute(value: Any) -> str:
+    try:
+        return json.dumps(value, default=str, ensure_ascii=False)
+    except Exception:
+        return str(value)
+
+
+def _get(obj: Any, name: str) -> Any:
+    if obj is None:
+        return None
+    if isinstance(obj, dict):
+        return obj.get(name)
+    return getattr(obj, name, None)
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def chat_usage(usage: Any) -> TokenUsage | None:
+    """Usage of a chat completion (or chunk), or of a legacy completion."""
+    if usage is None:
+        return None
+    prompt = _int(_get(usage, "prompt_tokens"))
+    completion = _int(_get(usage, "completion_tokens"))
+    cached = _int(_get(_get(usage, "prompt_tokens_details"), "cached_tokens"))
+    reasoning = _int(_get(_get(usage, "completion_tokens_details"), "reasoning_tokens"))
+    return TokenUsage(
+        input_tokens=max(prompt, cached), output_tokens=max(completion, reasoning),
+        cache_read_tokens=cached, reasoning_tokens=reasoning,
+    )  # fmt: skip
+
+
+def responses_usage(usage: Any) -> TokenUsage | None:
+    if usage is None:
+        return None
+    inp = _int(_get(usage, "input_tokens"))
+    out = _int(_get(usage, "output_tokens"))
+    cached = _int(_get(_get(usage, "input_tokens_details"), "cached_tokens"))
+    reasoning = _int(_get(_get(usage, "output_tokens_details"), "reasoning_tokens"))
+    return TokenUsage(
+        input_tokens=max(inp, cached), output_tokens=max(out, reasoning),
+        cache_read_tokens=cached, reasoning_tokens=reasoning,
+    )  # fmt: skip
+
+
+def _parsed(result: Any) -> Any:
+    """``with_raw_response`` returns an HTTP wrapper; its parsed body carries the usage."""
+    if _get(result, "usage") is None and hasattr(result, "http_response") and hasattr(result, "parse"):
+        try:
+            return result.parse()
+        except Exception:
+            return None
+    return result
+
+
+def _response_attributes(result: Any, choices: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    rid = _get(result, "id")
+    if isinstance(rid, str):
+        out[attrs.GEN_AI_RESPONSE_ID] = rid
+    model = _get(result, "model")
+    if isinstance(model, str):
+        out[attrs.GEN_AI_RESPONSE_MODEL] = model
+    if choices:
+        reasons = [
+            r for r in (_get(c, "finish_reason") for c in (_get(result, "choices") or []))
+            if isinstance(r, str)
+        ]  # fmt: skip
+        if reasons:
+            out[attrs.GEN_AI_RESPONSE_FINISH_REASONS] = reasons
+    else:
+        status = _get(result, "status")
+        if isinstance(status, str):
+            out[attrs.GEN_AI_RESPONSE_FINISH_REASONS] = [status]
+    tier = _get(result, "service_tier")
+    if isinstance(tier, str):
+        out["openai.response.service_tier"] = tier
+    return out
+
+
+# -- stream accumulators ---------------------------------------------------------------------
+class ChatAccumulator:
+    __slots__ = ("usage", "response_model", "units", "_parts", "_id", "_reasons")
+
+    def __init__(self) -> None:
+        self.usage: TokenUsage | None = None
+        self.response_model: str | None = None
+        self.units = 0
+        self._parts: list[str] = []
+        self._id: str | None = None
+        self._reasons: list[str] = []
+
+    def add(self, chunk: Any) -> None:
+        if self._id is None:
+            self._id = _get(chunk, "id")
+            self.response_model = _get(chunk, "model")
+        for choice in _get(chunk, "choices") or ():
+            delta = _get(choice, "delta")
+            for text in (_get(delta, "content"), _get(delta, "refusal")):
+                if isinstance(text, str) and text:
+                    self._parts.append(text)
+                    self.units += 1
+            for tool_call in _get(delta, "tool_calls") or ():
+                arguments = _get(_get(tool_call, "function"), "arguments")
+                if isinstance(arguments, str) and arguments:
+                    self._parts.append(arguments)
+                    self.units += 1
+            reason = _get(choice, "finish_reason")
+            if isinstance(reason, str):
+                self._reasons.append(reason)
+        usage = _get(chunk, "usage")
+        if usage is not None:
+            self.usage = chat_usage(usage)
+
+    def text(self) -> str:
+        return "".join(self._parts)
+
+    def attributes(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if isinstance(self._id, str):
+            out[attrs.GEN_AI_RESPONSE_ID] = self._id
+        if isinstance(self.response_model, str):
+            out[attrs.GEN_AI_RESPONSE_MODEL] = self.response_model
+        if self._reasons:
+            out[attrs.GEN_AI_RESPONSE_FINISH_REASONS] = self._reasons
+        if capture_content() and self._parts:
+            out["gen_ai.output.messages"] = _content_attribute(
+                [{"role": "assistant", "parts": [{"type": "text", "content": self.text()}]}]
+            )
+        return out
+
+
+class ResponsesAccumulator:
+    __slots__ = ("usage", "response_model", "units", "_parts", "_id", "_status")
+
+    def __init__(self) -> None:
+        self.usage: TokenUsage | None = None
+        self.response_model: str | None = None
+        self.units = 0
+        self._parts: list[str] = []
+        self._id: str | None = None
+        self._status: str | None = None
+
+    def add(self, event: Any) -> None:
+        kind = _get(event, "type")
+        if kind == "response.output_text.delta" or kind == "response.function_call_arguments.delta":
+            delta = _get(event, "delta")
+            if isinstance(delta, str) and delta:
+                self._parts.append(delta)
+                self.units += 1
+            return
+        response = _get(event, "response")
+        if response is not None:
+            self._id = _get(response, "id") or self._id
+            self.response_model = _get(response, "model") or self.response_model
+            self._status = _get(response, "status") or self._status
+            usage = _get(response, "usage")
+            if usage is not None:
+                self.usage = responses_usage(usage)
+
+    def text(self) -> str:
+        return "".join(self._parts)
+
+    def attributes(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if isinstance(self._id, str):
+            out[attrs.GEN_AI_RESPONSE_ID] = self._id
+        if isinstance(self.response_model, str):
+            out[attrs.GEN_AI_RESPONSE_MODEL] = self.response_model
+        if isinstance(self._status, str):
+            out[attrs.GEN_AI_RESPONSE_FINISH_REASONS] = [self._status]
+        return out
+
+
+# -- request readers -------------------------------------------------------------------------
+def _chat_request(instance: Any, kwargs: dict[str, Any]) -> LLMRequest:
+    params = _given(kwargs)
+    provider, host, port = _client_info(instance)
+    model = str(params.get("model") or "unknown")
+    if "max_completion_tokens" in params or "max_tokens" not in params and (
+        host in _OPENAI_HOSTS or provider == PROVIDER_AZURE
+    ):
+        output_param = "max_completion_tokens"  # o-series reject max_tokens
+    else:
+        output_param = "max_tokens"  # what OpenAI-compatible servers (vLLM, ...) understand
+    messages = params.get("messages")
+    tools = params.get("tools")
+    attributes = _common_attributes(params)
+    if capture_content() and messages is not None:
+        attributes["gen_ai.input.messages"] = _content_attribute(messages)
+    return LLMRequest(
+        provider=provider, operation=attrs.OP_CHAT, model=model,
+        estimate=lambda: estimate_input_tokens(model, messages=messages, tools=tools),
+        output_param=output_param, server_address=host, server_port=port,
+        service_tier=params.get("service_tier") if params.get("service_tier") != "auto" else None,
+        stream=bool(params.get("stream")), attributes=attributes,
+    )  # fmt: skip
+
+
+def _responses_request(instance: Any, kwargs: dict[str, Any]) -> LLMRequest:
+    params = _given(kwargs)
+    provider, host, port = _client_info(instance)
+    model = str(params.get("model") or "unknown")
+    inp = params.get("input")
+    instructions = params.get("instructions")
+    tools = params.get("tools")
+    attributes = _common_attributes(params)
+    if capture_content() and inp is not None:
+        attributes["gen_ai.input.messages"] = _content_attribute(inp)
+    return LLMRequest(
+        provider=provider, operation=attrs.OP_CHAT, model=model,
+        estimate=lambda: estimate_input_tokens(model, input=inp, system=instructions, tools=tools),
+        output_param="max_output_tokens", server_address=host, server_port=port,
+        service_tier=params.get("service_tier") if params.get("service_tier") != "auto" else None,
+        stream=bool(params.get("stream")), attributes=attributes,
+    )  # fmt: skip
+
+
+def _embeddings_request(instance: Any, kwargs: dict[str, Any]) -> LLMRequest:
+    params = _given(kwargs)
+    provider, host, port = _client_info(instance)
+    model = str(params.get("model") or "unknown")
+    inp = params.get("input")
+    return LLMRequest(
+        provider=provider, operation=attrs.OP_EMBEDDINGS, model=model,
+        estimate=lambda: estimate_input_tokens(model, input=inp), output_param=None,
+        server_address=host, server_port=port,
+    )  # fmt: skip
+
+
+# -- wrapper factories -----------------------------------------------------------------------
+def _settle_response(call: LLMCall, result: Any, kind: str) -> None:
+    body = _parsed(result)
+    if kind == "responses":
+        usage = responses_usage(_get(body, "usage"))
+        attributes = _response_attributes(body, choices=False)
+        text = _get(body, "output_text") if body is not None else None
+    else:
+        usage = chat_usage(_get(body, "usage"))
+        attributes = _response_attributes(body, choices=kind == "chat")
+        text = None
+        if kind == "chat":
+            parts = [
+                _get(_get(c, "message"), "content") for c in (_get(body, "choices") or [])
+            ]  # fmt: skip
+            text = "".join(p for p in parts if isinstance(p, str))
+            if capture_content() and text:
+                attributes["gen_ai.output.messages"] = _content_attribute(
+                    [{"role": "assistant", "parts": [{"type": "text", "content": text}]}]
+                )
+    call.succeed(
+        usage, attributes, response_model=attributes.get(attrs.GEN_AI_RESPONSE_MODEL),
+        output_text=text if isinstance(text, str) else None,
+    )  # fmt: skip
+
+
+def _prepare_stream(kwargs: dict[str, Any], kind: str) -> None:
+    processor = get_active_processor()
+    if (
+        kind == "chat"
+        and kwargs.get("stream") is True
+        and processor is not None
+        and processor.settings.stream_include_usage
+        and type(kwargs.get("stream_options")).__name__ in ("NoneType", "Omit", "NotGiven")
+    ):
+        # Without usage a stream's cost must be estimated; ask for it (opt-out setting).
+        kwargs["stream_options"] = {"include_usage": True}
+
+
+def make_sync_wrapper(
+    tracer: trace.Tracer, read: Callable[[Any, dict[str, Any]], LLMRequest], kind: str
+) -> Callable[..., Any]:
+    def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if IN_METERED_CALL.get() or args:
+            # Metered by an outer wrapper (litellm), or a positional call we cannot read.
+            return wrapped(*args, **kwargs)
+        try:
+            call = start_call(tracer, read(instance, kwargs), kwargs)
+        except BudgetExceededError as error:
+            return substitute_or_raise(error)
+        _prepare_stream(kwargs, kind)
+        token = IN_METERED_CALL.set(True)
+        try:
+            with trace.use_span(call.span, end_on_exit=False, record_exception=False,
+                                set_status_on_exception=False):  # fmt: skip
+                result = wrapped(*args, **kwargs)
+        except BaseException as exc:
+            call.fail(exc)
+            raise
+        finally:
+            IN_METERED_CALL.reset(token)
+        if call.request.stream and hasattr(result, "__next__"):
+            acc = ChatAccumulator() if kind == "chat" else ResponsesAccumulator()
+            return SyncStreamProxy(result, call, acc)
+        _settle_response(call, result, kind)
+        return result
+
+    return wrapper
+
+
+def make_async_wrapper(
+    tracer: trace.Tracer, read: Callable[[Any, dict[str, Any]], LLMRequest], kind: str
+) -> Callable[..., Any]:
+    async def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if IN_METERED_CALL.get() or args:
+            return await wrapped(*args, **kwargs)
+        try:
+            call = start_call(tracer, read(instance, kwargs), kwargs)
+        except BudgetExceededError as error:
+            return substitute_or_raise(error)
+        _prepare_stream(kwargs, kind)
+        token = IN_METERED_CALL.set(True)
+        try:
+            with trace.use_span(call.span, end_on_exit=False, record_exception=False,
+                                set_status_on_exception=False):  # fmt: skip
+                result = await wrapped(*args, **kwargs)
+        except BaseException as exc:
+            call.fail(exc)
+            raise
+        finally:
+            IN_METERED_CALL.reset(token)
+        if call.request.stream and hasattr(result, "__anext__"):
+            acc = ChatAccumulator() if kind == "chat" else ResponsesAccumulator()
+            return AsyncStreamProxy(result, call, acc)
+        _settle_response(call, result, kind)
+        return result
+
+    return wrapper
+
+
+def chat_create(tracer: trace.Tracer) -> Callable[..., Any]:
+    return make_sync_wrapper(tracer, _chat_request, "chat")
+
+
+def async_chat_create(tracer: trace.Tracer) -> Callable[..., Any]:
+    return make_async_wrapper(tracer, _chat_request, "chat")
+
+
+def responses_create(tracer: trace.Tracer) -> Callable[..., Any]:
+    return make_sync_wrapper(tracer, _responses_request, "responses")
+
+
+def async_responses_create(tracer: trace.Tracer) -> Callable[..., Any]:
+    return make_async_wrapper(tracer, _responses_request, "responses")
+
+
+def embeddings_create(tracer: trace.Tracer) -> Callable[..., Any]:
+    return make_sync_wrapper(tracer, _embeddings_request, "embeddings")
+
+
+def async_embeddings_create(tracer: trace.Tracer) -> Callable[..., Any]:
+    return make_async_wrapper(tracer, _embeddings_request, "embeddings")

@@ -1,0 +1,241 @@
+"""Per-run cost accounting (``TraceStats``) and the report users read (``CostReport``).
+
+    >>> with budget(max_usd=1.0) as run:                       # doctest: +SKIP
+    ...     agent.run()
+    >>> report = run.report()                                  # doctest: +SKIP
+    >>> report.total_usd, report.by_model["gpt-4o-mini"].calls  # doctest: +SKIP
+
+``TraceStats`` is updated on the hot path (one short lock, a few integer additions);
+``CostReport`` is an immutable snapshot built only when asked for.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from otel_budget import attributes as attrs
+from otel_budget.money import to_usd
+
+MAX_EVENTS = 256  # a runaway loop must not grow a report without bound
+
+TERMINATED_BY_BUDGET = "budget_exceeded"
+TERMINATED_BY_PAUSE = "paused"
+TERMINATED_BY_UNKNOWN_MODEL = "unknown_model"
+TERMINATED_BY_INTERNAL_ERROR = "internal_error"
+
+
+@dataclass(frozen=True)
+class LineItem:
+    """Cost of one model, provider or tool within a run."""
+
+    usd: float
+    calls: int
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class CostReport:
+    """What a run cost, and how it ended."""
+
+    trace_id: str | None
+    budget_usd: float | None
+    total_usd: float
+    remaining_usd: float | None
+    llm_usd: float
+    tools_usd: float
+    calls: int  # LLM calls (inference and embeddings) that completed
+    tool_calls: int
+    turns: int  # inference calls (chat, text_completion, generate_content): one agent turn each
+    aborts: int
+    by_model: dict[str, LineItem]
+    by_provider: dict[str, LineItem]
+    by_tool: dict[str, LineItem]
+    events: list[dict[str, Any]]
+    duration_s: float
+    terminated_by: str | None
+    overshoot_usd: float = 0.0  # actual cost above what was reserved (projection too low)
+
+    def to_dict(self) -> dict[str, Any]:
+        def items(table: dict[str, LineItem]) -> dict[str, dict[str, Any]]:
+            return {name: item.__dict__.copy() for name, item in table.items()}
+
+        out = dict(self.__dict__)
+        out["by_model"] = items(self.by_model)
+        out["by_provider"] = items(self.by_provider)
+        out["by_tool"] = items(self.by_tool)
+        out["events"] = [dict(e) for e in self.events]
+        return out
+
+    def format(self) -> str:
+        """A plain-text summary for terminals and logs."""
+        budget = "none" if self.budget_usd is None else f"${self.budget_usd:.4f}"
+        lines = [
+            f"spent ${self.total_usd:.6f} of {budget} in {self.duration_s:.2f}s "
+            f"({self.calls} LLM calls, {self.tool_calls} tool calls, {self.aborts} refused)",
+        ]
+        if self.terminated_by:
+            lines.append(f"terminated by: {self.terminated_by}")
+        for title, table in (("model", self.by_model), ("tool", self.by_tool)):
+            for name, item in sorted(table.items(), key=lambda kv: -kv[1].usd):
+                lines.append(f"  {title:5} {name:32} ${item.usd:.6f}  x{item.calls}")
+        return "\n".join(lines)
+
+
+class _Line:
+    __slots__ = ("nanos", "calls", "input_tokens", "output_tokens")
+
+    def __init__(self) -> None:
+        self.nanos = 0
+        self.calls = 0
+        self.input_tokens = 0
+        self.output_tokens = 0
+
+    def freeze(self) -> LineItem:
+        return LineItem(to_usd(self.nanos), self.calls, self.input_tokens, self.output_tokens)
+
+
+def _add(table: dict[str, _Line], name: str, nanos: int, inp: int, out: int) -> None:
+    line = table.get(name)
+    if line is None:
+        line = table[name] = _Line()
+    line.nanos += nanos
+    line.calls += 1
+    line.input_tokens += inp
+    line.output_tokens += out
+
+
+class TraceStats:
+    """Running totals of one trace or ``budget()`` block. Thread-safe."""
+
+    __slots__ = (
+        "trace_id", "limit", "spent", "llm", "tools", "calls", "tool_calls", "turns", "aborts",
+        "overshoot", "by_model", "by_provider", "by_tool", "events", "started", "ended",
+        "terminated_by", "threshold_index", "root_span", "label", "_lock", "__weakref__",
+    )  # fmt: skip
+
+    def __init__(self, trace_id: str | None, limit: int | None) -> None:
+        self.trace_id = trace_id
+        self.limit = limit
+        self.spent = 0
+        self.llm = 0
+        self.tools = 0
+        self.calls = 0
+        self.tool_calls = 0
+        self.turns = 0
+        self.aborts = 0
+        self.overshoot = 0
+        self.by_model: dict[str, _Line] = {}
+        self.by_provider: dict[str, _Line] = {}
+        self.by_tool: dict[str, _Line] = {}
+        self.events: list[dict[str, Any]] = []
+        self.started = time.time()
+        self.ended: float | None = None
+        self.terminated_by: str | None = None
+        self.threshold_index = 0  # thresholds[:threshold_index] have fired for this run
+        self.root_span: Any = None  # the live local root span, when we saw it start
+        # How warnings name this run: "t:<trace id>", or the budget() block's key and name.
+        self.label = f"t:{trace_id}" if trace_id else "process"
+        self._lock = threading.Lock()
+
+    def add_llm(
+        self, nanos: int, model: str, provider: str, operation: str, inp: int, out: int,
+        overshoot: int = 0,
+    ) -> None:  # fmt: skip
+        with self._lock:
+            self.spent += nanos
+            self.llm += nanos
+            self.calls += 1
+            self.overshoot += overshoot
+            if operation in attrs.INFERENCE_OPERATIONS:
+                self.turns += 1
+            _add(self.by_model, model, nanos, inp, out)
+            _add(self.by_provider, provider, nanos, inp, out)
+
+    def add_tool(self, nanos: int, tool: str, overshoot: int = 0) -> None:
+        with self._lock:
+            self.spent += nanos
+            self.tools += nanos
+            self.tool_calls += 1
+            self.overshoot += overshoot
+            _add(self.by_tool, tool, nanos, 0, 0)
+
+    def add_event(self, name: str, **fields: Any) -> None:
+        with self._lock:
+            if len(self.events) < MAX_EVENTS:
+                self.events.append({"time": time.time(), "name": name, **fields})
+
+    def record_abort(self, terminated_by: str, **fields: Any) -> None:
+        with self._lock:
+            self.aborts += 1
+            if self.terminated_by is None:
+                self.terminated_by = terminated_by
+        self.add_event(attrs.EVENT_EXCEEDED, reason=terminated_by, **fields)
+
+    def remaining(self) -> int | None:
+        return None if self.limit is None else self.limit - self.spent
+
+    def root_attributes(self) -> dict[str, Any]:
+        """The breakdown written on the local root span (parallel arrays, no JSON to parse)."""
+        with self._lock:
+            out: dict[str, Any] = {
+                attrs.TRACE_SPENT_USD: to_usd(self.spent),
+                attrs.TRACE_LLM_USD: to_usd(self.llm),
+                attrs.TRACE_TOOLS_USD: to_usd(self.tools),
+                attrs.TRACE_CALLS: self.calls,
+                attrs.TRACE_TOOL_CALLS: self.tool_calls,
+                attrs.TRACE_TURNS: self.turns,
+                attrs.TRACE_ABORTS: self.aborts,
+            }
+            if self.limit is not None:
+                out[attrs.TRACE_BUDGET_USD] = to_usd(self.limit)
+                out[attrs.TRACE_REMAINING_USD] = to_usd(self.limit - self.spent)
+            if self.terminated_by:
+                out[attrs.TRACE_TERMINATED_BY] = self.terminated_by
+            for names_key, costs_key, table in (
+                (attrs.TRACE_MODELS, attrs.TRACE_MODEL_COSTS_USD, self.by_model),
+                (attrs.TRACE_PROVIDERS, attrs.TRACE_PROVIDER_COSTS_USD, self.by_provider),
+                (attrs.TRACE_TOOLS, attrs.TRACE_TOOL_COSTS_USD, self.by_tool),
+            ):
+                if table:
+                    out[names_key] = list(table)
+                    out[costs_key] = [to_usd(line.nanos) for line in table.values()]
+            return out
+
+    def report(self) -> CostReport:
+        with self._lock:
+            end = self.ended if self.ended is not None else time.time()
+            return CostReport(
+                trace_id=self.trace_id,
+                budget_usd=None if self.limit is None else to_usd(self.limit),
+                total_usd=to_usd(self.spent),
+                remaining_usd=None if self.limit is None else to_usd(self.limit - self.spent),
+                llm_usd=to_usd(self.llm),
+                tools_usd=to_usd(self.tools),
+                calls=self.calls,
+                tool_calls=self.tool_calls,
+                turns=self.turns,
+                aborts=self.aborts,
+                by_model={k: v.freeze() for k, v in self.by_model.items()},
+                by_provider={k: v.freeze() for k, v in self.by_provider.items()},
+                by_tool={k: v.freeze() for k, v in self.by_tool.items()},
+                events=[dict(e) for e in self.events],
+                duration_s=max(0.0, end - self.started),
+                terminated_by=self.terminated_by,
+                overshoot_usd=to_usd(self.overshoot),
+            )
+
+
+@dataclass(frozen=True)
+class ThresholdInfo:
+    """What ``on_warning`` receives (also as a dict via ``to_dict``)."""
+
+    scope: str
+    threshold: float
+    spent_usd: float
+    budget_usd: float
+    trace_id: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)

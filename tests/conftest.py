@@ -1,0 +1,81 @@
+"""Shared fixtures: one global SDK TracerProvider whose processors each test swaps in.
+
+The OpenTelemetry API lets a process set the global provider once, so the tests install a
+provider with a switchable processor chain: each test gets a fresh ``BudgetSpanProcessor``
+and a fresh in-memory exporter, in the order a user would register them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from otel_budget import BudgetSpanProcessor, ModelPrice, PriceBook
+from otel_budget.processor import _ACTIVE
+
+
+class SwitchProcessor(SpanProcessor):
+    def __init__(self) -> None:
+        self.chain: list[SpanProcessor] = []
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        for processor in list(self.chain):
+            processor.on_start(span, parent_context=parent_context)
+
+    def on_end(self, span: Any) -> None:
+        for processor in list(self.chain):
+            processor.on_end(span)
+
+    def shutdown(self) -> None:
+        pass
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True
+
+
+SWITCH = SwitchProcessor()
+PROVIDER = TracerProvider()
+PROVIDER.add_span_processor(SWITCH)
+trace.set_tracer_provider(PROVIDER)
+
+# Round numbers make expected costs easy to read: $1/MTok in, $2/MTok out.
+TEST_PRICES = {
+    "test-model": ModelPrice(input=1, output=2),
+    "big-model": ModelPrice(input=1000, output=2000),
+}
+
+
+@pytest.fixture
+def exporter() -> Iterator[InMemorySpanExporter]:
+    exp = InMemorySpanExporter()
+    yield exp
+    exp.clear()
+
+
+@pytest.fixture
+def make_processor(exporter: InMemorySpanExporter) -> Iterator[Any]:
+    created: list[BudgetSpanProcessor] = []
+
+    def make(max_usd: Any = None, **kwargs: Any) -> BudgetSpanProcessor:
+        kwargs.setdefault("prices", PriceBook(overrides=TEST_PRICES))
+        processor = BudgetSpanProcessor(max_usd, **kwargs)
+        created.append(processor)
+        SWITCH.chain[:] = [processor, SimpleSpanProcessor(exporter)]
+        return processor
+
+    yield make
+    SWITCH.chain[:] = []
+    for processor in created:
+        processor.shutdown()
+    _ACTIVE.clear()
+
+
+@pytest.fixture
+def tracer() -> trace.Tracer:
+    return trace.get_tracer("tests")

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The test command of the README: installs what the suite needs, then runs it.
+#   bash tests/run.sh            # the whole suite
+#   bash tests/run.sh -k ledger  # extra arguments go to pytest
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV="${OTEL_BUDGET_VENV:-.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
+LOG="$(mktemp)"
+if ! "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[test]' >"$LOG" 2>&1; then
+    grep -v "is ignored" "$LOG" >&2
+    echo "tests/run.sh: installing the test dependencies failed" >&2
+    exit 1
+fi
+rm -f "$LOG"
+
+exec "$VENV/bin/python" -m pytest "$@"
