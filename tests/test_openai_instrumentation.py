@@ -23,7 +23,7 @@ from typing import Any
 import httpx2
 import openai
 import pytest
-from conftest import SWITCH
+import wrapt
 from opentelemetry import trace
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
@@ -48,6 +48,15 @@ NANOS = 1_000_000_000
 
 
 # -- fixtures ----------------------------------------------------------------------------------
+def _switch() -> Any:
+    """conftest's switchable processor chain, found on the global SDK provider."""
+    provider = trace.get_tracer_provider()
+    for processor in provider._active_span_processor._span_processors:
+        if hasattr(processor, "chain"):
+            return processor
+    raise AssertionError("conftest's SwitchProcessor is not on the global provider")
+
+
 class StartRecorder(SpanProcessor):
     """Keeps a copy of every span's attributes as they are when the span starts."""
 
@@ -66,9 +75,11 @@ def server() -> Iterator[FakeLLMServer]:
 
 @pytest.fixture
 def instrumented() -> Iterator[OpenAIBudgetInstrumentor]:
+    gc.collect()  # streams an earlier test dropped settle now, not into this test's exporter
     instrumentor = OpenAIBudgetInstrumentor()
     instrumentor.instrument()
     yield instrumentor
+    gc.collect()
     instrumentor.uninstrument()
 
 
@@ -84,7 +95,7 @@ def setup(make_processor: Any, starts: StartRecorder, instrumented: Any) -> Any:
     def make(max_usd: Any = None, **kwargs: Any) -> Any:
         kwargs.setdefault("prices", PriceBook())
         processor = make_processor(max_usd, **kwargs)
-        SWITCH.chain.insert(0, starts)  # first: sees spans a refusal in on_start would hide
+        _switch().chain.insert(0, starts)  # first: sees spans a refusal in on_start would hide
         return processor
 
     return make
@@ -866,22 +877,23 @@ def test_instrument_twice_wraps_once_and_uninstrument_restores(
 
     make_processor(max_usd=1.0, prices=PriceBook())
     originals = {(m, c, f): _original(m, c, f) for m, c, f, _ in _TARGETS}
-    assert all(not hasattr(fn, "__wrapped__") for fn in originals.values())
+    assert not any(isinstance(fn, wrapt.ObjectProxy) for fn in originals.values())
     instrumentor = OpenAIBudgetInstrumentor()
     instrumentor.instrument()
     instrumentor.instrument()
     OpenAIBudgetInstrumentor().instrument()  # the same (singleton) instrumentor
     try:
-        assert hasattr(vars(Completions)["create"], "__wrapped__")
-        assert vars(Completions)["create"].__wrapped__ is originals[(
-            "openai.resources.chat.completions", "Completions", "create")]
+        wrapper = vars(Completions)["create"]
+        assert isinstance(wrapper, wrapt.FunctionWrapper)
+        # Wrapped once: the wrapper's target is the SDK's own function, not another wrapper.
+        assert wrapper.__wrapped__ is originals[("openai.resources.chat.completions", "Completions", "create")]
         client.chat.completions.create(model=MINI, messages=MESSAGES, max_tokens=10)
         assert len(exporter.get_finished_spans()) == 1
     finally:
         instrumentor.uninstrument()
     for key, fn in originals.items():
         assert _original(*key) is fn, key
-    assert not hasattr(vars(Completions)["create"], "__wrapped__")
+    assert not isinstance(vars(Completions)["create"], wrapt.ObjectProxy)
     exporter.clear()
     client.chat.completions.create(model=MINI, messages=MESSAGES, max_tokens=10)
     assert exporter.get_finished_spans() == ()

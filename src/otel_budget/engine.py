@@ -21,7 +21,7 @@ Scopes of a call (each must have room for the projected cost):
 
 from __future__ import annotations
 
-import itertools
+import random
 import logging
 import threading
 import time
@@ -40,7 +40,7 @@ from otel_budget.errors import (
     REASON_UNKNOWN_MODEL,
     BudgetExceededError,
 )
-from otel_budget.money import format_usd, to_usd
+from otel_budget.money import NANOS_PER_USD, format_usd, to_usd
 from otel_budget.report import (
     TERMINATED_BY_BUDGET,
     TERMINATED_BY_INTERNAL_ERROR,
@@ -101,7 +101,7 @@ class Charge:
 
     __slots__ = (
         "lease_id", "trace_id", "scopes", "projected", "kind", "name", "provider",
-        "operation", "stats", "settled", "input_tokens", "output_tokens",
+        "operation", "stats", "settled", "input_tokens", "output_tokens", "reserved",
     )  # fmt: skip
 
     def __init__(
@@ -120,6 +120,7 @@ class Charge:
         self.settled = False
         self.input_tokens = 0
         self.output_tokens = 0
+        self.reserved = False  # holds a lease in the storage (settle it there)
 
 
 def _window_suffix(window: str | None, now: float) -> str:
@@ -159,8 +160,8 @@ class BudgetEngine:
         self._open: dict[Any, Charge] = {}
         self._named_thresholds: OrderedDict[str, int] = OrderedDict()
         self._scope_overrides: dict[tuple[str, str], int] = {}
-        self._lease_counter = itertools.count(1)
         self._process_stats = TraceStats(None, settings.limit_nanos)
+        self.metrics: Any = None  # a BudgetMetrics, set by the processor
 
     # -- trace bookkeeping --------------------------------------------------------------------
     def trace_stats(self, trace_id: int, create: bool = True) -> TraceStats | None:
@@ -200,8 +201,10 @@ class BudgetEngine:
         return stats
 
     def new_lease_id(self) -> int:
-        """A lease id for a call whose span has no usable id (no SDK, or an invalid span)."""
-        return -next(self._lease_counter)  # negative: cannot collide with span-derived ids
+        """A lease id for a call whose span has no usable id (no SDK, or an invalid span).
+        Random, so that processes sharing a ledger cannot collide; negative, so that it
+        cannot collide with span-derived ids."""
+        return -(random.getrandbits(126) + 1)
 
     def open_charge(self, lease_id: Any) -> Charge | None:
         return self._open.get(lease_id)
@@ -289,11 +292,9 @@ class BudgetEngine:
         """Reserve ``projected`` nano-USD for one call, or raise ``BudgetExceededError``."""
         scopes, stats, pause_keys = self.scopes_for(trace_id, parentless, attributes)
         charge = Charge(lease_id, trace_id, scopes, projected, kind, name, provider, operation, stats)
-        if not scopes and not self.storage_paused_possible():
-            self._open[lease_id] = charge
-            return charge
         result = self.storage.reserve(lease_id, scopes, projected, pause_keys)
         if result.ok:
+            charge.reserved = True
             self._open[lease_id] = charge
             return charge
         usage = result.denied
@@ -338,16 +339,16 @@ class BudgetEngine:
         self._open[lease_id] = charge
         return charge
 
-    def storage_paused_possible(self) -> bool:
-        # With no scope to check, only the global kill switch can refuse; skip the storage
-        # round trip unless a kill switch is on.
-        return bool(self.storage.paused())
-
     def refusal(
         self, reason: str, charge: Charge, usage: ScopeUsage | None, message: str
     ) -> BudgetExceededError:
         """Build the error, record the abort in every report, fire ``on_exceeded``."""
         primary = charge.stats[0] if charge.stats else None
+        if self.metrics is not None:
+            try:
+                self.metrics.record_abort(usage.key if usage is not None else "unknown", reason)
+            except Exception as exc:
+                self.log_once("metrics", exc)
         for stats in charge.stats:
             stats.record_abort(
                 _TERMINATION[reason], scope=usage.key if usage else "", model=charge.name,
@@ -398,7 +399,7 @@ class BudgetEngine:
         charge.input_tokens = input_tokens
         charge.output_tokens = output_tokens
         self._open.pop(charge.lease_id, None)
-        if charge.scopes:
+        if charge.reserved:
             result = self.storage.commit(charge.lease_id, actual)
             if result.status is CommitStatus.DUPLICATE:
                 return 0
@@ -423,7 +424,7 @@ class BudgetEngine:
             return
         charge.settled = True
         self._open.pop(charge.lease_id, None)
-        if charge.scopes:
+        if charge.reserved:
             self.storage.release(charge.lease_id)
 
     def charge_unreserved(
@@ -457,6 +458,14 @@ class BudgetEngine:
         self._check_thresholds(charge, usages)
 
     def _account(self, charge: Charge, actual: int, overshoot: int) -> None:
+        if self.metrics is not None:
+            try:
+                self.metrics.record_cost(
+                    actual / NANOS_PER_USD, kind=charge.kind, provider=charge.provider,
+                    name=charge.name, operation=charge.operation,
+                )  # fmt: skip
+            except Exception as exc:
+                self.log_once("metrics", exc)
         for stats in charge.stats:
             if charge.kind == KIND_TOOL:
                 stats.add_tool(actual, charge.name, overshoot)
@@ -469,7 +478,7 @@ class BudgetEngine:
     # -- soft limits --------------------------------------------------------------------------
     def _check_thresholds(self, charge: Charge, usages: tuple[ScopeUsage, ...]) -> None:
         thresholds = self.settings.thresholds
-        if not thresholds:
+        if not thresholds and self.metrics is None:
             return
         # Runs (traces and budget blocks) keep their own index in their stats.
         for stats in charge.stats:
@@ -477,10 +486,14 @@ class BudgetEngine:
             if limit is None:
                 continue
             self._fire(stats.label, stats.spent, limit, stats, None)
+        metrics = self.metrics
         for usage in usages:
-            if usage.key.startswith(("t:", "b:")) or usage.key == PROCESS_SCOPE:
+            if usage.key.startswith(("t:", "b:")):
                 continue  # covered by the stats above
-            self._fire(usage.key, usage.spent, usage.limit, None, usage.key)
+            if metrics is not None:
+                metrics.record_remaining(usage.key, to_usd(usage.limit - usage.spent))
+            if usage.key != PROCESS_SCOPE:
+                self._fire(usage.key, usage.spent, usage.limit, None, usage.key)
 
     def _fire(
         self, scope: str, spent: int, limit: int, stats: TraceStats | None, named_key: str | None
@@ -506,6 +519,8 @@ class BudgetEngine:
                 if len(self._named_thresholds) > _MAX_NAMED_THRESHOLD_STATE:
                     self._named_thresholds.popitem(last=False)
         for threshold in fired:
+            if self.metrics is not None:
+                self.metrics.record_warning(named_key or scope, threshold)
             info = {
                 "scope": scope,
                 "threshold": threshold,

@@ -46,6 +46,7 @@ from otel_budget import attributes as attrs
 from otel_budget.costing import model_of, price_span, provider_of, usage_from_attributes
 from otel_budget.engine import KIND_LLM, KIND_TOOL, BudgetEngine, Charge
 from otel_budget.errors import BudgetExceededError
+from otel_budget.metrics import BudgetMetrics
 from otel_budget.money import NANOS_PER_USD, parse_usd, to_usd, usd_to_nanos
 from otel_budget.pricing import PriceBook
 from otel_budget.report import TraceStats
@@ -111,6 +112,7 @@ class BudgetSpanProcessor(SpanProcessor):
         cap_output_tokens: bool = True,
         min_output_tokens: int = 16,
         stream_include_usage: bool = True,
+        meter_provider: Any = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = BudgetSettings(
@@ -130,6 +132,8 @@ class BudgetSpanProcessor(SpanProcessor):
         self.prices = prices if prices is not None else PriceBook()
         self.storage = storage if storage is not None else MemoryStorage()
         self.engine = BudgetEngine(self.settings, self.storage, self.prices, clock=clock)
+        self.metrics = BudgetMetrics(meter_provider)
+        self.engine.metrics = self.metrics
         self._shutdown = False
         with _ACTIVE_LOCK:
             _ACTIVE.append(self)

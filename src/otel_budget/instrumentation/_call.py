@@ -151,6 +151,28 @@ class LLMCall:
             actual, input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
             attributes=out,
         )  # fmt: skip
+        self.record_metrics(usage, out.get(attrs.GEN_AI_RESPONSE_MODEL), None)
+
+    def record_metrics(
+        self, usage: TokenUsage | None, response_model: Any, error: BaseException | None
+    ) -> None:
+        """The GenAI client metrics: duration always, token usage on success."""
+        processor = self.processor
+        if processor is None:
+            return
+        request = self.request
+        try:
+            processor.metrics.record_call(
+                operation=request.operation, provider=request.provider, model=request.model,
+                response_model=response_model if isinstance(response_model, str) else None,
+                server_address=request.server_address, server_port=request.server_port,
+                duration_s=time.monotonic() - self.started,
+                input_tokens=usage.input_tokens if usage is not None else None,
+                output_tokens=usage.output_tokens if usage is not None else None,
+                error_type=type(error).__qualname__ if error is not None else None,
+            )  # fmt: skip
+        except Exception as exc:
+            processor.engine.log_once("metrics", exc)
 
     def estimated_usage(self, output_text: str | None, output_units: int) -> TokenUsage:
         output = max(output_units, bytes_rule(output_text) if output_text else 0)
@@ -158,7 +180,10 @@ class LLMCall:
 
     def fail(self, exc: BaseException) -> None:
         """The provider answered an error (or none at all): nothing billed, nothing charged."""
+        if self.budgeted.done:
+            return
         self.budgeted.fail(exc)
+        self.record_metrics(None, None, exc)
 
     def fail_after_output(
         self, exc: BaseException, usage: TokenUsage | None, output_text: str | None, units: int
@@ -170,7 +195,10 @@ class LLMCall:
             actual, _ = self.price(usage)
         except Exception:
             actual = self.budgeted.projected_nanos
+        if self.budgeted.done:
+            return
         self.budgeted.fail(exc, billed_nanos=actual)
+        self.record_metrics(None, None, exc)
 
 
 def usage_attributes(usage: TokenUsage) -> dict[str, Any]:

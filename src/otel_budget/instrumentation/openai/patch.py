@@ -14,6 +14,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import wrapt
 from opentelemetry import trace
 
 from otel_budget import attributes as attrs
@@ -269,6 +270,46 @@ class ResponsesAccumulator:
         return out
 
 
+# -- stream proxies that also settle when the SDK's helpers close the response -------------------
+class _ClosingResponse(wrapt.ObjectProxy):  # type: ignore[misc]
+    """A stream's HTTP response: closing it settles the call.
+
+    The SDK's stream helpers (``chat.completions.stream()``, ``responses.stream()``) close a
+    stream they leave early through ``stream.response.close()``, not through the stream; and
+    their stream object sits in a reference cycle (it holds its own generator), so without
+    this the call would stay reserved, its span open, until the cyclic GC ran."""
+
+    def __init__(self, response: Any, end: Callable[[], None]) -> None:
+        super().__init__(response)
+        self._self_settle = end
+
+    def close(self) -> Any:
+        try:
+            return self.__wrapped__.close()
+        finally:
+            self._self_settle()
+
+    async def aclose(self) -> Any:
+        try:
+            return await self.__wrapped__.aclose()
+        finally:
+            self._self_settle()
+
+
+class _SyncStream(SyncStreamProxy):
+    @property
+    def response(self) -> Any:
+        response = self.__wrapped__.response
+        return _ClosingResponse(response, lambda: self._self_end(None)) if response is not None else None
+
+
+class _AsyncStream(AsyncStreamProxy):
+    @property
+    def response(self) -> Any:
+        response = self.__wrapped__.response
+        return _ClosingResponse(response, lambda: self._self_end(None)) if response is not None else None
+
+
 # -- request readers -------------------------------------------------------------------------
 def _chat_request(instance: Any, kwargs: dict[str, Any]) -> LLMRequest:
     params = _given(kwargs)
@@ -388,7 +429,7 @@ def make_sync_wrapper(
             IN_METERED_CALL.reset(token)
         if call.request.stream and hasattr(result, "__next__"):
             acc = ChatAccumulator() if kind == "chat" else ResponsesAccumulator()
-            return SyncStreamProxy(result, call, acc)
+            return _SyncStream(result, call, acc)
         _settle_response(call, result, kind)
         return result
 
@@ -418,7 +459,7 @@ def make_async_wrapper(
             IN_METERED_CALL.reset(token)
         if call.request.stream and hasattr(result, "__anext__"):
             acc = ChatAccumulator() if kind == "chat" else ResponsesAccumulator()
-            return AsyncStreamProxy(result, call, acc)
+            return _AsyncStream(result, call, acc)
         _settle_response(call, result, kind)
         return result
 

@@ -1,0 +1,96 @@
+"""Budget-enforcing GenAI instrumentation of the ``anthropic`` SDK.
+
+    from otel_budget.instrumentation.anthropic import AnthropicBudgetInstrumentor
+
+    AnthropicBudgetInstrumentor().instrument()      # usually via BudgetInstrumentor
+    client = anthropic.Anthropic()
+    client.messages.create(model="claude-sonnet-4-5", max_tokens=1024, messages=[...])
+
+Wraps, sync and async, GA and beta (``client.beta.messages``, a separate code path in the
+SDK): Messages ``create`` (JSON and ``stream=True``), ``parse`` and ``stream()`` (the last two
+call ``_post`` directly, not ``create``). The beta tool runner and message threads send
+through ``beta.messages.create``, so they are covered. Bedrock and Vertex clients reuse the
+same resources (their provider name is the client's). Spans follow the GenAI semantic
+conventions; the projected cost and ``max_tokens`` (lowered to what the budget affords) are
+on the span at start, so the budget decision happens before any request.
+
+``instrument(keep_sdk_spans=True)`` keeps the SDK's own ``chat`` span inside metered calls
+(by default it is replaced by a non-recording span: see ``patch``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Collection
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
+from opentelemetry.instrumentation.utils import unwrap
+from wrapt import wrap_function_wrapper
+
+from otel_budget.instrumentation.anthropic import patch
+
+_INSTRUMENTS = ("anthropic >= 0.40",)
+
+_GA = "anthropic.resources.messages.messages"
+_BETA = "anthropic.resources.beta.messages.messages"
+
+# (module, class, method, wrapper factory)
+_TARGETS = (
+    (_GA, "Messages", "create", patch.messages_create),
+    (_GA, "Messages", "parse", patch.messages_create),
+    (_GA, "Messages", "stream", patch.messages_stream),
+    (_GA, "AsyncMessages", "create", patch.async_messages_create),
+    (_GA, "AsyncMessages", "parse", patch.async_messages_create),
+    (_GA, "AsyncMessages", "stream", patch.async_messages_stream),
+    (_BETA, "Messages", "create", patch.messages_create),
+    (_BETA, "Messages", "parse", patch.messages_create),
+    (_BETA, "Messages", "stream", patch.messages_stream),
+    (_BETA, "AsyncMessages", "create", patch.async_messages_create),
+    (_BETA, "AsyncMessages", "parse", patch.async_messages_create),
+    (_BETA, "AsyncMessages", "stream", patch.async_messages_stream),
+)
+_SDK_SPANS = ("anthropic._base_client", "start_api_call_span")
+
+
+class AnthropicBudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
+    """Instruments the anthropic SDK with GenAI spans and budget enforcement."""
+
+    def instrumentation_dependencies(self) -> Collection[str]:
+        return _INSTRUMENTS
+
+    def _instrument(self, **kwargs: Any) -> None:
+        from otel_budget import __version__
+
+        tracer = trace.get_tracer(
+            __name__, __version__, kwargs.get("tracer_provider"),
+            schema_url="https://opentelemetry.io/schemas/1.37.0",
+        )  # fmt: skip
+        self._wrapped: list[tuple[str, str | None, str]] = []
+        for module, cls, method, factory in _TARGETS:
+            try:
+                owner = getattr(importlib.import_module(module), cls)
+                if not callable(getattr(owner, method, None)):
+                    continue  # an SDK without this API
+                wrap_function_wrapper(module, f"{cls}.{method}", factory(tracer))
+                self._wrapped.append((module, cls, method))
+            except (ImportError, AttributeError):
+                continue
+        if not kwargs.get("keep_sdk_spans"):
+            module, name = _SDK_SPANS
+            try:
+                if callable(getattr(importlib.import_module(module), name, None)):
+                    wrap_function_wrapper(module, name, patch.sdk_span_guard)
+                    self._wrapped.append((module, None, name))
+            except (ImportError, AttributeError):
+                pass
+
+    def _uninstrument(self, **kwargs: Any) -> None:
+        for module, cls, method in getattr(self, "_wrapped", []):
+            owner = importlib.import_module(module)
+            unwrap(getattr(owner, cls) if cls is not None else owner, method)
+        self._wrapped = []
+
+
+__all__ = ["AnthropicBudgetInstrumentor"]

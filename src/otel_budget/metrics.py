@@ -1,0 +1,151 @@
+"""Metrics from the SDK: spans can be sampled away, metrics must not undercount.
+
+    from opentelemetry.sdk.metrics import MeterProvider
+    processor = BudgetSpanProcessor(max_usd=1, meter_provider=MeterProvider(...))
+    # (without meter_provider: the global one; a no-op until the app configures one)
+
+Instruments (no trace ids or other high-cardinality labels):
+
+==========================================  =========  ==========================================
+``gen_ai.client.token.usage``               histogram  ``{token}``; spec attributes and buckets
+``gen_ai.client.operation.duration``        histogram  ``s``; spec attributes and buckets
+``otel_budget.cost``                        counter    ``USD``; provider, model, operation, tool
+``otel_budget.aborts``                      counter    ``{call}``; scope kind, reason
+``otel_budget.warnings``                    counter    ``{warning}``; scope kind, threshold
+``otel_budget.scope.remaining``             gauge      ``USD``; remaining budget of named scopes
+==========================================  =========  ==========================================
+
+The counter is a float of USD (Prometheus: ``otel_budget_cost_USD_total``); each add is the
+exact nano-USD amount divided once, so sums over many calls stay faithful to the ledger.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any
+
+from opentelemetry import metrics
+from opentelemetry.metrics import CallbackOptions, Observation
+
+from otel_budget import attributes as attrs
+
+TOKEN_BUCKETS = (
+    1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864,
+)  # fmt: skip
+DURATION_BUCKETS = (
+    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
+)  # fmt: skip
+_MAX_GAUGE_SCOPES = 1000  # remaining-budget gauges kept for at most this many named scopes
+
+
+def scope_kind(key: str) -> str:
+    """``user:alice@d20261123`` -> ``user``; ``t:...`` -> ``trace``; ``b:3`` -> ``budget``."""
+    if key.startswith("t:"):
+        return "trace"
+    if key.startswith("b:"):
+        return "budget"
+    if key == "process":
+        return "process"
+    return key.split(":", 1)[0] or "unknown"
+
+
+class BudgetMetrics:
+    """The instruments of one processor. Every method is cheap and never raises."""
+
+    def __init__(self, meter_provider: Any = None) -> None:
+        from otel_budget import __version__
+
+        meter = metrics.get_meter("otel_budget", __version__, meter_provider)
+        self.token_usage = meter.create_histogram(
+            "gen_ai.client.token.usage", unit="{token}",
+            description="Number of input and output tokens used.",
+            explicit_bucket_boundaries_advisory=list(TOKEN_BUCKETS),
+        )  # fmt: skip
+        self.duration = meter.create_histogram(
+            "gen_ai.client.operation.duration", unit="s",
+            description="GenAI operation duration.",
+            explicit_bucket_boundaries_advisory=list(DURATION_BUCKETS),
+        )  # fmt: skip
+        self.cost = meter.create_counter(
+            "otel_budget.cost", unit="USD", description="Cost of GenAI and tool calls.",
+        )  # fmt: skip
+        self.aborts = meter.create_counter(
+            "otel_budget.aborts", unit="{call}",
+            description="Calls refused by a budget before they were sent.",
+        )  # fmt: skip
+        self.warnings = meter.create_counter(
+            "otel_budget.warnings", unit="{warning}",
+            description="Soft-limit thresholds crossed.",
+        )  # fmt: skip
+        self._remaining: OrderedDict[str, tuple[float, dict[str, str]]] = OrderedDict()
+        self._lock = threading.Lock()
+        meter.create_observable_gauge(
+            "otel_budget.scope.remaining", callbacks=[self._observe_remaining], unit="USD",
+            description="Remaining budget of named scopes (user, tenant, session, ...).",
+        )  # fmt: skip
+
+    # -- recording -----------------------------------------------------------------------------
+    def record_cost(self, usd: float, *, kind: str, provider: str, name: str, operation: str) -> None:
+        if kind == "tool":
+            labels = {attrs.GEN_AI_OPERATION_NAME: operation, attrs.GEN_AI_TOOL_NAME: name}
+        else:
+            labels = {
+                attrs.GEN_AI_OPERATION_NAME: operation,
+                attrs.GEN_AI_PROVIDER_NAME: provider,
+                attrs.GEN_AI_REQUEST_MODEL: name,
+            }
+        self.cost.add(usd, labels)
+
+    def record_abort(self, scope_key: str, reason: str) -> None:
+        self.aborts.add(1, {"otel_budget.scope.kind": scope_kind(scope_key), "otel_budget.reason": reason})
+
+    def record_warning(self, scope_key: str, threshold: float) -> None:
+        self.warnings.add(1, {
+            "otel_budget.scope.kind": scope_kind(scope_key), "otel_budget.threshold": threshold,
+        })  # fmt: skip
+
+    def record_remaining(self, scope_key: str, remaining_usd: float) -> None:
+        """Remember a named scope's remaining budget for the gauge (bounded)."""
+        kind = scope_kind(scope_key)
+        if kind in ("trace", "budget"):
+            return  # per-run scopes would be unbounded cardinality
+        base = scope_key.split("@", 1)[0]
+        with self._lock:
+            self._remaining[base] = (remaining_usd, {"otel_budget.scope": base, "otel_budget.scope.kind": kind})
+            self._remaining.move_to_end(base)
+            if len(self._remaining) > _MAX_GAUGE_SCOPES:
+                self._remaining.popitem(last=False)
+
+    def record_call(
+        self, *, operation: str, provider: str, model: str, response_model: str | None,
+        server_address: str | None, server_port: int | None, duration_s: float,
+        input_tokens: int | None, output_tokens: int | None, error_type: str | None,
+    ) -> None:  # fmt: skip
+        labels: dict[str, Any] = {
+            attrs.GEN_AI_OPERATION_NAME: operation,
+            attrs.GEN_AI_PROVIDER_NAME: provider,
+            attrs.GEN_AI_REQUEST_MODEL: model,
+        }
+        if response_model:
+            labels[attrs.GEN_AI_RESPONSE_MODEL] = response_model
+        if server_address:
+            labels[attrs.SERVER_ADDRESS] = server_address
+        if server_port:
+            labels[attrs.SERVER_PORT] = server_port
+        duration_labels = dict(labels)
+        if error_type:
+            duration_labels[attrs.ERROR_TYPE] = error_type
+        self.duration.record(duration_s, duration_labels)
+        if error_type:
+            return
+        if input_tokens is not None:
+            self.token_usage.record(input_tokens, {**labels, "gen_ai.token.type": "input"})
+        if output_tokens is not None:
+            self.token_usage.record(output_tokens, {**labels, "gen_ai.token.type": "output"})
+
+    def _observe_remaining(self, options: CallbackOptions) -> Iterable[Observation]:
+        with self._lock:
+            items = list(self._remaining.values())
+        return [Observation(value, labels) for value, labels in items]
