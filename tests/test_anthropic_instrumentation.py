@@ -19,6 +19,7 @@ from typing import Any
 
 import anthropic
 import pytest
+import wrapt
 from opentelemetry import trace
 from opentelemetry.sdk.trace import SpanProcessor
 from opentelemetry.trace import SpanKind, StatusCode
@@ -150,12 +151,14 @@ def assert_settled_from_server(span: Any, server: FakeLLMServer) -> None:
 
 def create(c: Any, **kwargs: Any) -> Any:
     kwargs.setdefault("max_tokens", 300)
-    return c.messages.create(model=CLAUDE, messages=MESSAGES, **kwargs)
+    kwargs.setdefault("messages", MESSAGES)
+    return c.messages.create(model=CLAUDE, **kwargs)
 
 
 def stream_helper(c: Any, **kwargs: Any) -> Any:
     kwargs.setdefault("max_tokens", 300)
-    return c.messages.stream(model=CLAUDE, messages=MESSAGES, **kwargs)
+    kwargs.setdefault("messages", MESSAGES)
+    return c.messages.stream(model=CLAUDE, **kwargs)
 
 
 def run(coro: Any) -> Any:
@@ -168,7 +171,7 @@ def test_json_span_attributes_at_start_and_end(
 ) -> None:
     processor = setup(max_usd=1.0)
     server.script(Behaviour(cached_tokens=64, cache_creation_tokens=32, reasoning_tokens=5))
-    reply = create(client, system=SYSTEM, temperature=0.5, top_k=40, stop_sequences=["END"])
+    reply = create(client, system=SYSTEM, stop_sequences=["END"])
     span = only(exporter)
     assert span.kind is SpanKind.CLIENT
     at_start = starts.at_start[span.context.span_id]
@@ -178,8 +181,6 @@ def test_json_span_attributes_at_start_and_end(
     assert at_start[attrs.SERVER_ADDRESS] == "127.0.0.1"
     assert at_start[attrs.SERVER_PORT] == server.port
     assert at_start[attrs.GEN_AI_REQUEST_MAX_TOKENS] == 300
-    assert at_start["gen_ai.request.temperature"] == 0.5
-    assert at_start["gen_ai.request.top_k"] == 40
     assert list(at_start["gen_ai.request.stop_sequences"]) == ["END"]
     assert attrs.COST_USD not in at_start  # the actual cost is only known at the end
     # The projection is there at start and covers the worst case: input estimate + max_tokens.
@@ -877,14 +878,15 @@ def test_instrument_twice_wraps_once_and_uninstrument_restores(
     make_processor(max_usd=1.0, prices=PriceBook())
     keys = [(m, c, f) for m, c, f, _ in _TARGETS] + [(_SDK_SPANS[0], None, _SDK_SPANS[1])]
     originals = {key: _original(*key) for key in keys}
-    assert all(not hasattr(fn, "__wrapped__") for fn in originals.values())
+    assert not any(isinstance(fn, wrapt.FunctionWrapper) for fn in originals.values())
     instrumentor = AnthropicBudgetInstrumentor()
     instrumentor.instrument()
     instrumentor.instrument()
     AnthropicBudgetInstrumentor().instrument()  # the same (singleton) instrumentor
     try:
         for key, fn in originals.items():
-            assert _original(*key).__wrapped__ is fn, key
+            wrapped = _original(*key)
+            assert isinstance(wrapped, wrapt.FunctionWrapper) and wrapped.__wrapped__ is fn, key
         create(client, max_tokens=10)
         assert len(exporter.get_finished_spans()) == 1
     finally:

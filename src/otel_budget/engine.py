@@ -31,6 +31,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from otel_budget import attributes as attrs
+from otel_budget.propagation import baggage_limit
 from otel_budget.context import BUDGET_FRAMES, SCOPE_IDENTITIES, BudgetFrame
 from otel_budget.errors import (
     Substitute,
@@ -221,16 +222,24 @@ class BudgetEngine:
         scopes: list[ScopeLimit] = []
         stats: list[TraceStats] = []
         pause_keys: list[str] = []
+        trace_limit = settings.limit_nanos
+        # A budget carried in baggage (untrusted, strictly parsed) can only lower the limit.
+        carried = baggage_limit()
+        if carried is not None and (trace_limit is None or carried < trace_limit):
+            trace_limit = carried
         if frames:
             ttl = settings.trace_ttl_seconds
             for frame in frames:
                 scopes.append(ScopeLimit(frame.key, frame.limit, True, ttl))
                 stats.append(frame.stats)
+            if carried is not None and trace_id:
+                scopes.append(ScopeLimit(trace_key(trace_id), carried, True, ttl))
             if trace_id:
                 trace_stats = self.trace_stats(trace_id)
                 if trace_stats is not None and all(trace_stats is not s for s in stats):
                     stats.append(trace_stats)
         elif parentless or not trace_id:
+            # (A parentless span has no upstream, so no baggage budget applies to it.)
             if settings.limit_nanos is not None:
                 scopes.append(ScopeLimit(PROCESS_SCOPE, settings.limit_nanos))
             stats.append(self._process_stats)
@@ -239,12 +248,14 @@ class BudgetEngine:
                 if trace_stats is not None:
                     stats.append(trace_stats)
         else:
-            if settings.limit_nanos is not None:
+            if trace_limit is not None:
                 scopes.append(
-                    ScopeLimit(trace_key(trace_id), settings.limit_nanos, True, settings.trace_ttl_seconds)
+                    ScopeLimit(trace_key(trace_id), trace_limit, True, settings.trace_ttl_seconds)
                 )
             trace_stats = self.trace_stats(trace_id)
             if trace_stats is not None:
+                if carried is not None and (trace_stats.limit is None or carried < trace_stats.limit):
+                    trace_stats.limit = carried
                 stats.append(trace_stats)
         if settings.scopes:
             identities = SCOPE_IDENTITIES.get()
