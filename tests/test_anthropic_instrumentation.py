@@ -72,10 +72,21 @@ class StartRecorder(SpanProcessor):
         self.at_start[span.get_span_context().span_id] = dict(span.attributes or {})
 
 
-@pytest.fixture
-def server() -> Iterator[FakeLLMServer]:
+@pytest.fixture(scope="module")
+def shared_server() -> Iterator[FakeLLMServer]:
     with FakeLLMServer(prices=SERVER_PRICES) as srv:
         yield srv
+
+
+@pytest.fixture
+def server(shared_server: FakeLLMServer) -> FakeLLMServer:
+    """The module's server (one server and one client keep the suite fast), reset."""
+    assert shared_server.wait_idle(5)  # the previous test's requests are fully accounted
+    shared_server.clear_script()
+    shared_server.reset_stats()
+    shared_server.default_output_tokens = 20
+    shared_server.latency_s = 0.0
+    return shared_server
 
 
 @pytest.fixture
@@ -104,11 +115,16 @@ def setup(make_processor: Any, starts: StartRecorder, instrumented: Any) -> Any:
     return make
 
 
-@pytest.fixture
-def client(server: FakeLLMServer) -> Iterator[anthropic.Anthropic]:
-    c = anthropic.Anthropic(base_url=server.anthropic_base_url, api_key="test", max_retries=0)
+@pytest.fixture(scope="module")
+def shared_client(shared_server: FakeLLMServer) -> Iterator[anthropic.Anthropic]:
+    c = anthropic.Anthropic(base_url=shared_server.anthropic_base_url, api_key="test", max_retries=0)
     yield c
     c.close()
+
+
+@pytest.fixture
+def client(server: FakeLLMServer, shared_client: anthropic.Anthropic) -> anthropic.Anthropic:
+    return shared_client
 
 
 def aclient(server: FakeLLMServer) -> anthropic.AsyncAnthropic:

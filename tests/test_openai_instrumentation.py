@@ -75,11 +75,10 @@ def server() -> Iterator[FakeLLMServer]:
 
 @pytest.fixture
 def instrumented() -> Iterator[OpenAIBudgetInstrumentor]:
-    gc.collect()  # streams an earlier test dropped settle now, not into this test's exporter
     instrumentor = OpenAIBudgetInstrumentor()
     instrumentor.instrument()
     yield instrumentor
-    gc.collect()
+    gc.collect()  # a stream this test dropped settles now, not into the next test's exporter
     instrumentor.uninstrument()
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from otel_budget import environment_variables as env
 from otel_budget.money import parse_usd
 from otel_budget.pricing import ModelPrice, PriceBook
-from otel_budget.settings import FAIL_CLOSED, FAIL_OPEN, ScopeRule
+from otel_budget.settings import FAIL_CLOSED, FAIL_OPEN, ScopeRule, _thresholds
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -95,9 +95,11 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any
         out["failure_policy"] = value.strip()
     if (value := get(env.OTEL_BUDGET_THRESHOLDS)) is not None:
         try:
-            out["thresholds"] = [float(v) for v in value.split(",") if v.strip()]
+            out["thresholds"] = list(_thresholds(float(v) for v in value.split(",") if v.strip()))
         except ValueError:
-            raise ValueError(f"{env.OTEL_BUDGET_THRESHOLDS}={value!r}: expected fractions like 0.5,0.8") from None
+            raise ValueError(
+                f"{env.OTEL_BUDGET_THRESHOLDS}={value!r}: expected fractions in (0, 1] like 0.5,0.8"
+            ) from None
     if (value := get(env.OTEL_BUDGET_DEFAULT_MAX_OUTPUT_TOKENS)) is not None:
         out["default_max_output_tokens"] = _int(env.OTEL_BUDGET_DEFAULT_MAX_OUTPUT_TOKENS, value)
     if (value := get(env.OTEL_BUDGET_CAP_OUTPUT_TOKENS)) is not None:
