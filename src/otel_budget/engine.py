@@ -168,13 +168,13 @@ class BudgetEngine:
     def trace_stats(self, trace_id: int, create: bool = True) -> TraceStats | None:
         """Running totals of a trace; bounded LRU, so abandoned traces cannot pile up."""
         traces = self._traces
+        stats = traces.get(trace_id)  # the hot path: a plain dict read, no lock
+        if stats is not None or not create:
+            return stats
         with self._lock:
             stats = traces.get(trace_id)
             if stats is not None:
-                traces.move_to_end(trace_id)
                 return stats
-            if not create:
-                return None
             stats = TraceStats(f"{trace_id:032x}", self.settings.limit_nanos)
             traces[trace_id] = stats
             if len(traces) > self.settings.max_tracked_traces:
@@ -219,6 +219,25 @@ class BudgetEngine:
         frames: tuple[BudgetFrame, ...] = BUDGET_FRAMES.get()
         if frames:
             frames = tuple(frame for frame in frames if frame.owner is self)
+        elif trace_id and not parentless and not settings.scopes:
+            # The common case (a call inside a trace, no budget() block, no named scopes),
+            # kept allocation-light: it runs on every GenAI span.
+            trace_limit = settings.limit_nanos
+            carried = baggage_limit()
+            trace_stats = self.trace_stats(trace_id)
+            if carried is not None and (trace_limit is None or carried < trace_limit):
+                trace_limit = carried
+                if trace_stats is not None and (trace_stats.limit is None or carried < trace_stats.limit):
+                    trace_stats.limit = carried
+            stats_tuple = (trace_stats,) if trace_stats is not None else ()
+            if trace_limit is None:
+                return (), stats_tuple, ()
+            key = trace_stats.key if trace_stats is not None else trace_key(trace_id)
+            return (
+                (ScopeLimit(key, trace_limit, True, settings.trace_ttl_seconds),),
+                stats_tuple,
+                (),
+            )
         scopes: list[ScopeLimit] = []
         stats: list[TraceStats] = []
         pause_keys: list[str] = []

@@ -114,7 +114,7 @@ class TraceStats:
     __slots__ = (
         "trace_id", "limit", "spent", "llm", "tools", "calls", "tool_calls", "turns", "aborts",
         "overshoot", "by_model", "by_provider", "by_tool", "events", "started", "ended",
-        "terminated_by", "threshold_index", "root_span", "label", "_lock", "__weakref__",
+        "terminated_by", "threshold_index", "root_span", "label", "key", "_lock", "__weakref__",
     )  # fmt: skip
 
     def __init__(self, trace_id: str | None, limit: int | None) -> None:
@@ -139,6 +139,7 @@ class TraceStats:
         self.root_span: Any = None  # the live local root span, when we saw it start
         # How warnings name this run: "t:<trace id>", or the budget() block's key and name.
         self.label = f"t:{trace_id}" if trace_id else "process"
+        self.key = self.label  # the trace's ledger key, computed once
         self._lock = threading.Lock()
 
     def add_llm(

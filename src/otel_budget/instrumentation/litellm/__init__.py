@@ -1,0 +1,145 @@
+"""Budget-enforcing GenAI instrumentation of ``litellm``.
+
+    from otel_budget.instrumentation.litellm import LiteLLMBudgetInstrumentor
+
+    LiteLLMBudgetInstrumentor().instrument()     # usually via BudgetInstrumentor
+    litellm.completion(model="openai/gpt-4o-mini", messages=[...])     # reserved first
+
+Wraps ``litellm.completion`` / ``acompletion`` (``stream=True`` too: the
+``CustomStreamWrapper`` is proxied, sync and async iteration) and ``litellm.embedding`` /
+``aembedding``. One span and one charge per litellm call: the provider comes from the
+``provider/model`` prefix or ``custom_llm_provider`` (mapped to ``gen_ai.provider.name``:
+``openai``, ``anthropic``, ``aws.bedrock``, ``gcp.vertex_ai``, ...), the output bound is
+``max_tokens`` (or ``max_completion_tokens`` if that is what the caller used), and
+``IN_METERED_CALL`` is set while litellm works, so our openai / anthropic wrappers that litellm
+may reach underneath pass through. Router, retries and fallbacks call ``litellm.completion``
+again inside the call: they are part of that one span.
+
+Importing litellm is slow (seconds) and has side effects (it fetches its price map unless
+``LITELLM_LOCAL_MODEL_COST_MAP=True``, and sets ``TIKTOKEN_CACHE_DIR``), so ``instrument()``
+never imports it: if litellm is not imported yet, the wrappers are applied by a post-import
+hook the moment it is, before any ``from litellm import completion`` binds a name.
+
+Names bound *before* ``instrument()`` (``from litellm import completion`` at the top of a module
+that imported litellm earlier) keep the original function; those calls are still metered
+through the Python implementation litellm's dispatch calls (``litellm.chat_completions.
+dispatch._PYTHON_COMPLETION`` and the embedding equivalent, wrapped when present). Not covered:
+calls litellm routes to its native (Rust) implementation through such an early-bound name
+(litellm 1.109 routes chat completions and embeddings to Python only), ``text_completion``,
+``responses``, ``anthropic_messages`` and the other litellm entry points.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+import threading
+from collections.abc import Collection
+from typing import Any
+
+import wrapt
+from opentelemetry import trace
+from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
+
+from otel_budget.instrumentation.litellm import patch
+
+logger = logging.getLogger("otel_budget")
+
+_INSTRUMENTS = ("litellm >= 1.0",)
+
+# (module, attribute, wrapper factory). The public entry points callers resolve at call time.
+_PUBLIC = (
+    ("litellm", "completion", patch.completion),
+    ("litellm", "acompletion", patch.acompletion),
+    ("litellm", "embedding", patch.embedding),
+    ("litellm", "aembedding", patch.aembedding),
+)
+# What litellm's public dispatch functions call for the Python route, looked up at call time:
+# covers names bound before instrument(). Optional (private to litellm >= 1.109).
+_DISPATCH = (
+    ("litellm.chat_completions.dispatch", "_PYTHON_COMPLETION", patch.completion),
+    ("litellm.chat_completions.dispatch", "_PYTHON_ACOMPLETION", patch.acompletion),
+    ("litellm.embeddings.dispatch", "_PYTHON_EMBEDDING", patch.embedding),
+    ("litellm.embeddings.dispatch", "_PYTHON_AEMBEDDING", patch.aembedding),
+)
+
+
+class LiteLLMBudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
+    """Instruments litellm with GenAI spans and budget enforcement."""
+
+    def instrumentation_dependencies(self) -> Collection[str]:
+        return _INSTRUMENTS
+
+    def _instrument(self, **kwargs: Any) -> None:
+        from otel_budget import __version__
+
+        self._tracer = trace.get_tracer(
+            __name__, __version__, kwargs.get("tracer_provider"),
+            schema_url="https://opentelemetry.io/schemas/1.37.0",
+        )  # fmt: skip
+        self._switch = patch._Switch()
+        self._lock = threading.Lock()
+        # (module object, attribute, original, wrapper) of every attribute we replaced.
+        self._wrapped: list[tuple[Any, str, Any, Any]] = []
+        switch = self._switch
+        module = sys.modules.get("litellm")
+        if module is not None and hasattr(module, "completion"):
+            self._wrap_all(switch)
+        else:
+            # Not imported (or still importing): wrap the moment its import completes.
+            wrapt.register_post_import_hook(lambda _module: self._on_import(switch), "litellm")
+
+    def _on_import(self, switch: patch._Switch) -> None:
+        # A post-import hook that raises would fail the application's `import litellm`.
+        try:
+            if switch is self._switch and switch.on:
+                self._wrap_all(switch)
+        except Exception as exc:  # pragma: no cover - defensive
+            logger.error("otel-budget: could not instrument litellm: %s", exc, exc_info=exc)
+
+    def _wrap_all(self, switch: patch._Switch) -> None:
+        with self._lock:
+            if self._wrapped:
+                return
+            public_originals = []
+            for module_name, attribute, factory in _PUBLIC:
+                original = self._wrap(module_name, attribute, factory, switch)
+                if original is not None:
+                    public_originals.append(original)
+            for module_name, attribute, factory in _DISPATCH:
+                self._wrap(module_name, attribute, factory, switch, skip=public_originals)
+
+    def _wrap(
+        self, module_name: str, attribute: str, factory: Any, switch: patch._Switch,
+        skip: list[Any] | None = None,
+    ) -> Any:  # fmt: skip
+        try:
+            module = importlib.import_module(module_name)
+        except Exception:  # an older litellm without this module
+            return None
+        original = getattr(module, attribute, None)
+        if not callable(original):
+            return None  # absent in this litellm version
+        if skip and any(original is other for other in skip):
+            return None  # litellm < 1.109: the public function *is* the implementation
+        wrapper = wrapt.FunctionWrapper(original, factory(self._tracer, switch))
+        setattr(module, attribute, wrapper)
+        self._wrapped.append((module, attribute, original, wrapper))
+        return original
+
+    def _uninstrument(self, **kwargs: Any) -> None:
+        switch = getattr(self, "_switch", None)
+        if switch is not None:
+            switch.on = False  # wrappers still referenced somewhere now pass straight through
+        lock = getattr(self, "_lock", None)
+        if lock is None:
+            return
+        with lock:
+            for module, attribute, original, wrapper in getattr(self, "_wrapped", []):
+                if getattr(module, attribute, None) is wrapper:
+                    setattr(module, attribute, original)
+            self._wrapped = []
+
+
+__all__ = ["LiteLLMBudgetInstrumentor"]
