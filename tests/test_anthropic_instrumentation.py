@@ -340,6 +340,23 @@ def test_max_tokens_lowered_in_the_stream_helper_body(
     assert_settled_from_server(only(exporter), server)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_thinking_budget_follows_a_lowered_max_tokens(setup: Any, client: Any, server: FakeLLMServer) -> None:
+    setup(max_usd=0.025)  # affords ~1660 output tokens
+    thinking = {"type": "enabled", "budget_tokens": 4000}
+    create(client, max_tokens=8000, thinking=thinking)
+    body = server.last_call.body
+    cap = body["max_tokens"]
+    assert 1025 < cap < 8000
+    # budget_tokens counts inside max_tokens and must stay below it, or the API rejects it.
+    assert body["thinking"] == {"type": "enabled", "budget_tokens": cap - 1}
+    assert thinking == {"type": "enabled", "budget_tokens": 4000}  # the caller's dict is untouched
+    # Not lowered: left as it was.
+    setup(max_usd=1.0)
+    create(client, max_tokens=8000, thinking=thinking)
+    assert server.last_call.body["thinking"]["budget_tokens"] == 4000
+
+
 def test_refused_below_min_output_tokens(setup: Any, client: Any, server: FakeLLMServer, exporter: Any) -> None:
     estimate = estimate_input_tokens(CLAUDE, messages=MESSAGES).tokens
     room = estimate * 3000 + 10 * 15000  # the input plus 10 output tokens (min is 16)
@@ -412,6 +429,7 @@ def test_raw_stream_broken_mid_stream_charges_what_was_produced(
     assert not isinstance(info.value, BudgetExceededError)
     span = only(exporter)
     assert_error_span(span, type(info.value).__qualname__)
+    assert server.wait_idle(5)
     assert server.stats()["broken_streams"] == 1
     billed = server.stats()["billed_nanos"]
     cost = nanos(span.attributes[attrs.COST_USD])
@@ -427,6 +445,7 @@ def test_raw_stream_in_band_error_event(setup: Any, client: Any, server: FakeLLM
         list(create(client, stream=True))
     span = only(exporter)
     assert span.status.status_code is StatusCode.ERROR
+    assert server.wait_idle(5)
     assert nanos(span.attributes[attrs.COST_USD]) >= server.stats()["billed_nanos"] > 0
     assert ledger(processor)[1] == 0
 
@@ -445,6 +464,7 @@ def test_raw_stream_early_break_then_dropped_is_settled_from_streamed_output(
     del stream, event
     gc.collect()
     span = only(exporter)
+    assert server.wait_idle(5)  # the server's accounting of the dropped stream is final
     assert span.attributes[attrs.COST_ESTIMATED] is True
     assert span.attributes[attrs.GEN_AI_USAGE_OUTPUT_TOKENS] >= 4  # from the streamed text
     # The input is exact (message_start), so the cost is more than the input alone.
@@ -528,6 +548,19 @@ def test_stream_helper_entered_then_abandoned_is_settled(
     gc.collect()
     assert only(exporter).attributes[attrs.COST_USD] > 0
     assert ledger(processor)[1] == 0
+
+
+def test_stream_helper_entered_twice_is_metered_twice(
+    setup: Any, client: Any, server: FakeLLMServer, exporter: Any
+) -> None:
+    processor = setup(max_usd=1.0)
+    manager = stream_helper(client)
+    for _ in range(2):
+        with manager as stream:
+            stream.until_done()
+    assert server.stats()["requests"] == 2
+    assert len(spans_named(exporter, SPAN)) == 2
+    assert ledger(processor) == (server.stats()["billed_nanos"], 0)
 
 
 def test_stream_helper_never_entered_releases_the_reservation(

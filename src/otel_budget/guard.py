@@ -84,13 +84,25 @@ class BudgetedCall:
             if end:
                 span.end()
 
-    def fail(self, exc: BaseException, *, billed_nanos: int | None = None, end: bool = True) -> None:
+    def fail(
+        self,
+        exc: BaseException,
+        *,
+        billed_nanos: int | None = None,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        attributes: Mapping[str, Any] | None = None,
+        end: bool = True,
+    ) -> None:
         """The call failed: release the reservation (or commit what was billed anyway, e.g. a
         stream that broke after producing output) and record the error on the span."""
         if self.done:
             return
         if billed_nanos is not None:
-            self.finish(billed_nanos, end=False)
+            self.finish(
+                billed_nanos, input_tokens=input_tokens, output_tokens=output_tokens,
+                attributes=attributes, end=False,
+            )  # fmt: skip
         self.done = True
         span = self.span
         try:
@@ -108,6 +120,14 @@ class BudgetedCall:
         finally:
             if end:
                 span.end()
+
+
+def _is_gen_ai_span(span: Any) -> bool:
+    try:
+        attributes = getattr(span, "attributes", None)
+        return bool(attributes) and attributes.get(attrs.GEN_AI_OPERATION_NAME) is not None
+    except Exception:
+        return False
 
 
 def begin_call(
@@ -128,11 +148,16 @@ def begin_call(
     processor = processor if processor is not None else get_active_processor()
     attributes[attrs.COST_PROJECTED_USD] = to_usd(projected_nanos)
     operation = operation or attributes.get(attrs.GEN_AI_OPERATION_NAME) or "chat"
-    parent_ctx = trace.get_current_span().get_span_context()
+    parent_span = trace.get_current_span()
+    parent_ctx = parent_span.get_span_context()
     span = tracer.start_span(span_name, kind=span_kind, attributes=attributes)
     if processor is None:
         return BudgetedCall(span, None, None)
     engine = processor.engine
+    if parent_ctx.is_valid and _is_gen_ai_span(parent_span):
+        # Another GenAI instrumentation's span around ours describes the same call: the
+        # processor must not charge it again when it ends.
+        engine.note_metered_parent(lease_id_of(parent_ctx.trace_id, parent_ctx.span_id))
     try:
         ctx = span.get_span_context()
         charge = None

@@ -135,6 +135,7 @@ class BudgetSpanProcessor(SpanProcessor):
         self.metrics = BudgetMetrics(meter_provider)
         self.engine.metrics = self.metrics
         self._shutdown = False
+        self._nested: set[int] = set()  # GenAI spans inside our metered calls (not charged)
         with _ACTIVE_LOCK:
             _ACTIVE.append(self)
 
@@ -149,6 +150,17 @@ class BudgetSpanProcessor(SpanProcessor):
             attributes = span.attributes
             projected = attributes.get(attrs.COST_PROJECTED_USD)
             if projected is None:
+                if (
+                    parent is not None
+                    and not parent.is_remote
+                    and attributes.get(attrs.GEN_AI_OPERATION_NAME) is not None
+                    and self.engine.open_charge(lease_id_of(parent.trace_id, parent.span_id))
+                ):
+                    # A GenAI span inside one of our metered calls (an SDK's own span, say)
+                    # describes the same money: never charge it again. Marked at start,
+                    # since for streams it may end after our call has settled.
+                    ctx = span.get_span_context()
+                    self._nested.add(lease_id_of(ctx.trace_id, ctx.span_id))
                 return
             operation = attributes.get(attrs.GEN_AI_OPERATION_NAME)
             if operation is None:
@@ -243,7 +255,15 @@ class BudgetSpanProcessor(SpanProcessor):
     ) -> None:
         lease = lease_id_of(trace_id, span_id)
         engine = self.engine
+        if self._nested:
+            try:
+                self._nested.remove(lease)
+                return
+            except KeyError:
+                pass
         charge = engine.open_charge(lease)
+        if charge is None and engine.is_duplicate_span(lease):
+            return  # it wrapped one of our metered calls, which was charged
         if attributes.get(attrs.ERROR_TYPE) == _ABORTED and charge is None:
             return  # refused before it was sent: nothing was spent
         cost = attributes.get(attrs.COST_USD)

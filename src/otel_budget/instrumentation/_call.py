@@ -69,6 +69,7 @@ class LLMRequest:
     service_tier: str | None = None
     stream: bool = False
     attributes: dict[str, Any] = field(default_factory=dict)
+    choices: int = 1  # completions requested (OpenAI ``n``): the output cap applies to each
 
 
 class LLMCall:
@@ -189,15 +190,23 @@ class LLMCall:
         self, exc: BaseException, usage: TokenUsage | None, output_text: str | None, units: int
     ) -> None:
         """A stream broke after producing output: that output was billed, so charge it."""
+        out: dict[str, Any] = {}
         try:
             if usage is None:
                 usage = self.estimated_usage(output_text, units)
-            actual, _ = self.price(usage)
+                out[attrs.COST_ESTIMATED] = True
+            out.update(usage_attributes(usage))
+            actual, provenance = self.price(usage)
+            out.update(provenance)
         except Exception:
             actual = self.budgeted.projected_nanos
         if self.budgeted.done:
             return
-        self.budgeted.fail(exc, billed_nanos=actual)
+        self.budgeted.fail(
+            exc, billed_nanos=actual, attributes=out,
+            input_tokens=usage.input_tokens if usage is not None else 0,
+            output_tokens=usage.output_tokens if usage is not None else 0,
+        )  # fmt: skip
         self.record_metrics(None, None, exc)
 
 
@@ -273,8 +282,11 @@ def start_call(
             from otel_budget.tokens import output_bound
 
             out_tokens, assumed = output_bound(kwargs, settings.default_max_output_tokens)
+        choices = max(1, request.choices)
         try:
-            projected = _quote(processor, request, request.model, estimate.tokens, out_tokens).nanos
+            projected = _quote(
+                processor, request, request.model, estimate.tokens, out_tokens * choices
+            ).nanos
         except UnknownModelError as exc:
             refusal = _unknown_model_refusal(processor, request, exc)
         if refusal is None and request.output_param is not None and settings.cap_output_tokens:
@@ -284,7 +296,7 @@ def start_call(
                 parent.trace_id if parent.is_valid else 0, not parent.is_valid, span_attributes
             )
             if room is not None and projected > room:
-                affordable = _affordable_output(processor, request, estimate.tokens, room)
+                affordable = _affordable_output(processor, request, estimate.tokens, room) // choices
                 if affordable >= settings.min_output_tokens:
                     cap = min(out_tokens, affordable)
                     span_attributes[COST_OUTPUT_CAPPED] = cap
@@ -292,7 +304,9 @@ def start_call(
                 kwargs[request.output_param] = cap
                 out_tokens = cap
                 assumed = False
-                projected = _quote(processor, request, request.model, estimate.tokens, cap).nanos
+                projected = _quote(
+                    processor, request, request.model, estimate.tokens, cap * choices
+                ).nanos
         if request.output_param is not None:
             span_attributes[attrs.GEN_AI_REQUEST_MAX_TOKENS] = out_tokens
             if assumed:

@@ -20,6 +20,7 @@ iterating are not parented to the LLM call (openai-v2 leaks its span as current 
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from typing import Any, Protocol
 
@@ -111,7 +112,9 @@ class SyncStreamProxy(wrapt.ObjectProxy):  # type: ignore[misc]
             leave = getattr(self.__wrapped__, "__exit__", None)
             return leave(exc_type, exc, tb) if leave is not None else None
         finally:
-            self._self_end(exc if isinstance(exc, Exception) else None)
+            # An exception here is the caller's own (stream errors settle in __next__):
+            # the call itself ended early, not in error.
+            self._self_end(None)
 
     def close(self) -> None:
         try:
@@ -159,10 +162,21 @@ class AsyncStreamProxy(wrapt.ObjectProxy):  # type: ignore[misc]
             leave = getattr(self.__wrapped__, "__aexit__", None)
             return await leave(exc_type, exc, tb) if leave is not None else None
         finally:
-            self._self_end(exc if isinstance(exc, Exception) else None)
+            self._self_end(None)  # the caller's exception, not the call's (see __exit__)
 
     async def close(self) -> None:
         try:
-            await self.__wrapped__.close()
+            result = self.__wrapped__.close()
+            if inspect.isawaitable(result):  # some SDK streams close synchronously
+                await result
+        finally:
+            self._self_end(None)
+
+    async def aclose(self) -> None:
+        try:
+            closer = getattr(self.__wrapped__, "aclose", None) or self.__wrapped__.close
+            result = closer()
+            if inspect.isawaitable(result):
+                await result
         finally:
             self._self_end(None)

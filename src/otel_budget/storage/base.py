@@ -136,5 +136,10 @@ class LedgerStorage(ABC):
     def evict(self, key: str) -> None:
         """Forget a scope that is finished (a trace whose root span ended)."""
 
+    def scopes(self, prefix: str = "") -> list[ScopeUsage]:
+        """Usage of every scope whose key starts with ``prefix``, sorted by key (an operator
+        view, e.g. ``otel-budget show``; not for hot paths). Optional for a backend."""
+        raise NotImplementedError(f"{type(self).__name__} cannot list its scopes")
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections; the in-memory storage has none."""

@@ -280,6 +280,12 @@ class MemoryStorage(LedgerStorage):
         with self._lock:
             return frozenset(self._paused)
 
+    def scopes(self, prefix: str = "") -> list[ScopeUsage]:
+        with self._lock:
+            found = [s.snapshot() for key, s in self._scopes.items() if key.startswith(prefix)]
+        found.sort(key=lambda usage: usage.key)
+        return found
+
     def evict(self, key: str) -> None:
         with self._lock:
             scope = self._scopes.get(key)

@@ -99,12 +99,9 @@ def _jsonable(value: Any) -> Any:
             return dump(mode="json", exclude_none=True)
         except Exception:
             pass
-    if isinstance(value, (set, tuple)) or hasattr(value, "__iter__") and not isinstance(value, str):
-        try:
-            return list(value)
-        except Exception:
-            pass
-    return str(value)
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    return str(value)  # never iterate anything else: an iterator is the SDK's to consume
 
 
 def _client_info(instance: Any) -> tuple[str, str | None, int | None]:
@@ -347,6 +344,26 @@ def messages_request(instance: Any, kwargs: dict[str, Any], stream: bool | None 
     )  # fmt: skip
 
 
+_MIN_THINKING_BUDGET = 1024  # Anthropic's minimum thinking.budget_tokens
+
+
+def _start(tracer: trace.Tracer, request: LLMRequest, kwargs: dict[str, Any]) -> LLMCall:
+    """``start_call``, then keep extended thinking valid under a lowered ``max_tokens``:
+    ``thinking.budget_tokens`` counts inside ``max_tokens`` and must stay below it, so when
+    the budget lowered the cap under it, the thinking budget is lowered too (when the cap is
+    too small for the API's minimum, the request is left for the API to reject: nothing is
+    billed and the reservation is released)."""
+    asked = kwargs.get("max_tokens")
+    call = start_call(tracer, request, kwargs)
+    cap = kwargs.get("max_tokens")
+    thinking = kwargs.get("thinking")
+    if cap != asked and isinstance(cap, int) and isinstance(thinking, dict):
+        budget = thinking.get("budget_tokens")
+        if isinstance(budget, int) and budget >= cap and cap - 1 >= _MIN_THINKING_BUDGET:
+            kwargs["thinking"] = {**thinking, "budget_tokens": cap - 1}  # the caller's dict is kept
+    return call
+
+
 # -- settling --------------------------------------------------------------------------------
 def _is_raw_response(result: Any) -> bool:
     """``with_raw_response`` / ``with_streaming_response`` return an HTTP wrapper."""
@@ -426,7 +443,7 @@ def messages_create(tracer: trace.Tracer) -> Callable[..., Any]:
             # Metered by an outer wrapper (litellm), or a positional call we cannot read.
             return wrapped(*args, **kwargs)
         try:
-            call = start_call(tracer, messages_request(instance, kwargs), kwargs)
+            call = _start(tracer, messages_request(instance, kwargs), kwargs)
         except BudgetExceededError as error:
             return substitute_or_raise(error)
         token = IN_METERED_CALL.set(True)
@@ -459,7 +476,7 @@ def async_messages_create(tracer: trace.Tracer) -> Callable[..., Any]:
         if IN_METERED_CALL.get() or args:
             return await wrapped(*args, **kwargs)
         try:
-            call = start_call(tracer, messages_request(instance, kwargs), kwargs)
+            call = _start(tracer, messages_request(instance, kwargs), kwargs)
         except BudgetExceededError as error:
             return substitute_or_raise(error)
         token = IN_METERED_CALL.set(True)
@@ -530,7 +547,7 @@ def messages_stream(tracer: trace.Tracer) -> Callable[..., Any]:
             return wrapped(*args, **kwargs)
         request = messages_request(instance, kwargs, stream=True)
         try:
-            call = start_call(tracer, request, kwargs)  # before the body is built: the cap lands in it
+            call = _start(tracer, request, kwargs)  # before the body is built: the cap lands in it
         except BudgetExceededError as error:
             return substitute_or_raise(error)
         try:
@@ -553,7 +570,7 @@ def messages_stream(tracer: trace.Tracer) -> Callable[..., Any]:
             else:
                 # The manager entered again: a new request, metered on its own (the cap goes
                 # into the body the partial sends).
-                current = start_call(tracer, request, body if isinstance(body, dict) else {})
+                current = _start(tracer, request, body if isinstance(body, dict) else {})
             token = IN_METERED_CALL.set(True)
             try:
                 with _use_span(current):
@@ -579,7 +596,7 @@ def async_messages_stream(tracer: trace.Tracer) -> Callable[..., Any]:
         if IN_METERED_CALL.get() or args:
             return wrapped(*args, **kwargs)
         try:
-            call = start_call(tracer, messages_request(instance, kwargs, stream=True), kwargs)
+            call = _start(tracer, messages_request(instance, kwargs, stream=True), kwargs)
         except BudgetExceededError as error:
             return substitute_or_raise(error)
         try:

@@ -15,6 +15,9 @@ Wraps ``litellm.completion`` / ``acompletion`` (``stream=True`` too: the
 may reach underneath pass through. Router, retries and fallbacks call ``litellm.completion``
 again inside the call: they are part of that one span.
 
+``mock_response`` calls are metered like real ones (litellm reports a usage for them), so a
+budget can be exercised without a provider.
+
 Importing litellm is slow (seconds) and has side effects (it fetches its price map unless
 ``LITELLM_LOCAL_MODEL_COST_MAP=True``, and sets ``TIKTOKEN_CACHE_DIR``), so ``instrument()``
 never imports it: if litellm is not imported yet, the wrappers are applied by a post-import
@@ -23,10 +26,12 @@ hook the moment it is, before any ``from litellm import completion`` binds a nam
 Names bound *before* ``instrument()`` (``from litellm import completion`` at the top of a module
 that imported litellm earlier) keep the original function; those calls are still metered
 through the Python implementation litellm's dispatch calls (``litellm.chat_completions.
-dispatch._PYTHON_COMPLETION`` and the embedding equivalent, wrapped when present). Not covered:
-calls litellm routes to its native (Rust) implementation through such an early-bound name
-(litellm 1.109 routes chat completions and embeddings to Python only), ``text_completion``,
-``responses``, ``anthropic_messages`` and the other litellm entry points.
+dispatch._PYTHON_COMPLETION`` and the embedding equivalent, wrapped when present).
+``litellm.main.completion`` / ``embedding`` are wrapped too, which meters ``text_completion``,
+``batch_completion`` and the ``litellm.LiteLLM()`` client (as ``chat`` spans). Not covered:
+calls litellm routes to its native (Rust) implementation through an early-bound name (litellm
+1.109 routes chat completions and embeddings to Python only), ``responses``,
+``anthropic_messages`` and the other litellm entry points.
 """
 
 from __future__ import annotations
@@ -55,14 +60,41 @@ _PUBLIC = (
     ("litellm", "embedding", patch.embedding),
     ("litellm", "aembedding", patch.aembedding),
 )
-# What litellm's public dispatch functions call for the Python route, looked up at call time:
-# covers names bound before instrument(). Optional (private to litellm >= 1.109).
-_DISPATCH = (
+# Inner layers, looked up at call time. litellm's public dispatch functions call
+# ``_PYTHON_*`` for the Python route (covers names bound before instrument(); private to
+# litellm >= 1.109, optional), and ``litellm.main``'s own ``completion`` / ``embedding`` globals
+# serve ``text_completion``, ``litellm.LiteLLM().chat.completions.create`` and ``batch_completion``.
+# Inside a metered call these pass through (IN_METERED_CALL): still one span per call.
+_INNER = (
     ("litellm.chat_completions.dispatch", "_PYTHON_COMPLETION", patch.completion),
     ("litellm.chat_completions.dispatch", "_PYTHON_ACOMPLETION", patch.acompletion),
     ("litellm.embeddings.dispatch", "_PYTHON_EMBEDDING", patch.embedding),
     ("litellm.embeddings.dispatch", "_PYTHON_AEMBEDDING", patch.aembedding),
+    ("litellm.main", "completion", patch.completion),
+    ("litellm.main", "acompletion", patch.acompletion),
+    ("litellm.main", "embedding", patch.embedding),
+    ("litellm.main", "aembedding", patch.aembedding),
 )
+
+
+# Releases published to PyPI with credential-stealing code (their .pth implants run at every
+# interpreter start, so instrumenting cannot help; say so loudly).
+_COMPROMISED_RELEASES = frozenset({"1.82.7", "1.82.8", "1.107.0"})
+
+
+def _warn_if_compromised() -> None:
+    try:
+        from importlib.metadata import version
+
+        installed = version("litellm")
+    except Exception:
+        return
+    if installed in _COMPROMISED_RELEASES:
+        logger.warning(
+            "otel-budget: litellm %s is a compromised release (malicious code on PyPI); "
+            "remove it, delete its .pth files and rotate the credentials this host can reach",
+            installed,
+        )
 
 
 class LiteLLMBudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
@@ -93,40 +125,29 @@ class LiteLLMBudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     def _on_import(self, switch: patch._Switch) -> None:
         # A post-import hook that raises would fail the application's `import litellm`.
         try:
-            if switch is self._switch and switch.on:
-                self._wrap_all(switch)
+            self._wrap_all(switch)
         except Exception as exc:  # pragma: no cover - defensive
             logger.error("otel-budget: could not instrument litellm: %s", exc, exc_info=exc)
 
     def _wrap_all(self, switch: patch._Switch) -> None:
         with self._lock:
-            if self._wrapped:
-                return
-            public_originals = []
-            for module_name, attribute, factory in _PUBLIC:
-                original = self._wrap(module_name, attribute, factory, switch)
-                if original is not None:
-                    public_originals.append(original)
-            for module_name, attribute, factory in _DISPATCH:
-                self._wrap(module_name, attribute, factory, switch, skip=public_originals)
+            if switch is not self._switch or not switch.on or self._wrapped:
+                return  # uninstrumented (or instrumented again) since the hook was registered
+            _warn_if_compromised()
+            for module_name, attribute, factory in (*_PUBLIC, *_INNER):
+                self._wrap(module_name, attribute, factory, switch)
 
-    def _wrap(
-        self, module_name: str, attribute: str, factory: Any, switch: patch._Switch,
-        skip: list[Any] | None = None,
-    ) -> Any:  # fmt: skip
+    def _wrap(self, module_name: str, attribute: str, factory: Any, switch: patch._Switch) -> None:
         try:
             module = importlib.import_module(module_name)
         except Exception:  # an older litellm without this module
-            return None
+            return
         original = getattr(module, attribute, None)
         if not callable(original):
-            return None  # absent in this litellm version
-        if skip and any(original is other for other in skip):
-            return None  # litellm < 1.109: the public function *is* the implementation
+            return  # absent in this litellm version
         wrapper = wrapt.FunctionWrapper(original, factory(self._tracer, switch))
         setattr(module, attribute, wrapper)
         self._wrapped.append((module, attribute, original, wrapper))
-        return original
 
     def _uninstrument(self, **kwargs: Any) -> None:
         switch = getattr(self, "_switch", None)

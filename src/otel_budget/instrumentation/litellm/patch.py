@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import logging
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -37,8 +36,6 @@ from otel_budget.instrumentation._stream import AsyncStreamProxy, SyncStreamProx
 from otel_budget.pricing import TokenUsage
 from otel_budget.processor import get_active_processor
 from otel_budget.tokens import estimate_input_tokens
-
-logger = logging.getLogger("otel_budget")
 
 KIND_CHAT = "chat"
 KIND_EMBEDDINGS = "embeddings"

@@ -7,7 +7,9 @@
     client.chat.completions.create(model="gpt-4o-mini", messages=[...])  # reserved first
 
 Wraps, sync and async: chat completions ``create`` and ``parse`` (``stream()`` goes through
-``create``), Responses ``create`` and ``parse`` (and its ``stream()``), embeddings ``create``.
+``create``), Responses ``create`` and ``parse`` (and its ``stream()``), embeddings ``create``
+and legacy completions ``create``; ``with_raw_response`` / ``with_streaming_response`` go
+through the same methods.
 ``AzureOpenAI`` and subclasses use the same resources, so they are covered (provider
 ``azure.ai.openai``). Spans follow the GenAI semantic conventions; the projected cost and the
 output bound are on the span at start, so the budget decision happens before any request.
@@ -37,6 +39,8 @@ _TARGETS = (
     ("openai.resources.responses", "Responses", "parse", patch.responses_create),
     ("openai.resources.responses", "AsyncResponses", "create", patch.async_responses_create),
     ("openai.resources.responses", "AsyncResponses", "parse", patch.async_responses_create),
+    ("openai.resources.completions", "Completions", "create", patch.completions_create),
+    ("openai.resources.completions", "AsyncCompletions", "create", patch.async_completions_create),
     ("openai.resources.embeddings", "Embeddings", "create", patch.embeddings_create),
     ("openai.resources.embeddings", "AsyncEmbeddings", "create", patch.async_embeddings_create),
 )

@@ -1,4 +1,5 @@
-"""wrapt wrappers for the openai SDK (v1+): chat completions, Responses, embeddings.
+"""wrapt wrappers for the openai SDK (v1+): chat completions, Responses, embeddings, and
+legacy completions.
 
     wrap_function_wrapper("openai.resources.chat.completions", "Completions.create",
                           chat_create(tracer))
@@ -6,10 +7,16 @@
 Every wrapper does the same thing: read the request, let ``_call.start_call`` project and
 reserve (it may lower or set the output cap in ``kwargs``), send, then settle from the
 response's ``usage``; streams are wrapped in a proxy that settles however they end.
+
+When the wrapper asks for a stream's usage (``stream_options.include_usage``, which the caller
+did not set), the usage-only chunk the provider then appends (``choices == []``) is read and
+not passed on: the caller sees the stream it asked for, and the usual
+``chunk.choices[0].delta`` loop does not meet an empty ``choices``.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Callable
 from typing import Any
@@ -56,10 +63,19 @@ def _given(kwargs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _is_azure(client: Any) -> bool:
+    """``AzureOpenAI`` / ``AsyncAzureOpenAI`` or any subclass, whatever its name."""
+    try:
+        from openai.lib.azure import BaseAzureClient
+    except Exception:  # an SDK without it: fall back to the class names
+        return any("Azure" in klass.__name__ for klass in type(client).__mro__)
+    return isinstance(client, BaseAzureClient)
+
+
 def _client_info(instance: Any) -> tuple[str, str | None, int | None]:
     client = getattr(instance, "_client", None)
     provider = PROVIDER_OPENAI
-    if client is not None and "Azure" in type(client).__name__:
+    if client is not None and _is_azure(client):
         provider = PROVIDER_AZURE
     host: str | None = None
     port: int | None = None
@@ -112,6 +128,12 @@ def _get(obj: Any, name: str) -> Any:
 
 def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _choices(params: dict[str, Any], *names: str) -> int:
+    """How many completions the request generates (``n``, legacy ``best_of``): each may use
+    the whole output cap, and each is billed."""
+    return max([1, *(_int(params.get(name)) for name in names)])
 
 
 def chat_usage(usage: Any) -> TokenUsage | None:
@@ -194,7 +216,8 @@ class ChatAccumulator:
             self.response_model = _get(chunk, "model")
         for choice in _get(chunk, "choices") or ():
             delta = _get(choice, "delta")
-            for text in (_get(delta, "content"), _get(delta, "refusal")):
+            # chat: delta.content / delta.refusal; legacy completions: choice.text
+            for text in (_get(delta, "content"), _get(delta, "refusal"), _get(choice, "text")):
                 if isinstance(text, str) and text:
                     self._parts.append(text)
                     self.units += 1
@@ -279,35 +302,111 @@ class _ClosingResponse(wrapt.ObjectProxy):  # type: ignore[misc]
     their stream object sits in a reference cycle (it holds its own generator), so without
     this the call would stay reserved, its span open, until the cyclic GC ran."""
 
-    def __init__(self, response: Any, end: Callable[[], None]) -> None:
+    def __init__(self, response: Any, stream: Any) -> None:
         super().__init__(response)
-        self._self_settle = end
+        self._self_stream = stream  # our stream proxy: closing it settles the call
 
     def close(self) -> Any:
         try:
             return self.__wrapped__.close()
         finally:
-            self._self_settle()
+            _close_sync(self._self_stream)
 
     async def aclose(self) -> Any:
         try:
             return await self.__wrapped__.aclose()
         finally:
-            self._self_settle()
+            await self._self_stream.close()
+
+
+def _close_sync(stream: Any) -> None:
+    """Close a stream proxy from sync code: the stream's own ``close()`` (the shared ending of
+    a stream left early), or for an async stream, which cannot be awaited here, its ending."""
+    if isinstance(stream, SyncStreamProxy):
+        stream.close()
+    else:
+        stream._self_end(None)
+
+
+def _usage_only(chunk: Any) -> bool:
+    """The chunk ``include_usage`` adds at the end of a chat stream: usage, no choices."""
+    return not _get(chunk, "choices") and _get(chunk, "usage") is not None
 
 
 class _SyncStream(SyncStreamProxy):
+    def __init__(self, stream: Any, call: LLMCall, acc: Any, hide_usage: bool = False) -> None:
+        super().__init__(stream, call, acc)
+        self._self_hide_usage = hide_usage
+
+    def __next__(self) -> Any:
+        while True:
+            item = super().__next__()  # read (and metered) first
+            if not (self._self_hide_usage and _usage_only(item)):
+                return item
+
     @property
     def response(self) -> Any:
         response = self.__wrapped__.response
-        return _ClosingResponse(response, lambda: self._self_end(None)) if response is not None else None
+        return _ClosingResponse(response, self) if response is not None else None
 
 
 class _AsyncStream(AsyncStreamProxy):
+    def __init__(self, stream: Any, call: LLMCall, acc: Any, hide_usage: bool = False) -> None:
+        super().__init__(stream, call, acc)
+        self._self_hide_usage = hide_usage
+
+    async def __anext__(self) -> Any:
+        while True:
+            item = await super().__anext__()
+            if not (self._self_hide_usage and _usage_only(item)):
+                return item
+
     @property
     def response(self) -> Any:
         response = self.__wrapped__.response
-        return _ClosingResponse(response, lambda: self._self_end(None)) if response is not None else None
+        return _ClosingResponse(response, self) if response is not None else None
+
+
+class _RawStreamResponse(wrapt.ObjectProxy):  # type: ignore[misc]
+    """``with_raw_response`` / ``with_streaming_response`` of a ``stream=True`` call: the SDK
+    returns an HTTP response wrapper and the stream only comes out of ``parse()``; that
+    stream is the metered proxy (without this the call was settled at once, from the input
+    estimate alone, and the streamed output was never charged)."""
+
+    def __init__(self, raw: Any, stream: Any) -> None:
+        super().__init__(raw)
+        self._self_stream = stream
+
+    def parse(self, *, to: Any = None) -> Any:
+        return self._self_stream if to is None else self.__wrapped__.parse(to=to)
+
+    def close(self) -> Any:
+        # with_streaming_response's block exit: the stream ends here, settle it now.
+        try:
+            return self.__wrapped__.close()
+        finally:
+            _close_sync(self._self_stream)
+
+
+class _AsyncRawStreamResponse(_RawStreamResponse):
+    """The same for ``AsyncAPIResponse``, whose ``parse()`` and ``close()`` are coroutines."""
+
+    async def parse(self, *, to: Any = None) -> Any:  # type: ignore[override]
+        return self._self_stream if to is None else await self.__wrapped__.parse(to=to)
+
+    async def close(self) -> Any:  # type: ignore[override]
+        try:
+            return await self.__wrapped__.close()
+        finally:
+            await self._self_stream.close()
+
+
+def _is_raw(result: Any) -> bool:
+    return hasattr(result, "http_response") and hasattr(result, "parse")
+
+
+def _accumulator(kind: str) -> Any:
+    return ResponsesAccumulator() if kind == "responses" else ChatAccumulator()
 
 
 # -- request readers -------------------------------------------------------------------------
@@ -315,7 +414,9 @@ def _chat_request(instance: Any, kwargs: dict[str, Any]) -> LLMRequest:
     params = _given(kwargs)
     provider, host, port = _client_info(instance)
     model = str(params.get("model") or "unknown")
-    if "max_completion_tokens" in params or "max_tokens" not in params and (
+    # An explicit None (frameworks pass every parameter) is as good as absent: injecting a
+    # cap as max_tokens because the caller sent max_tokens=None would fail on o-series models.
+    if params.get("max_completion_tokens") is not None or params.get("max_tokens") is None and (
         host in _OPENAI_HOSTS or provider == PROVIDER_AZURE
     ):
         output_param = "max_completion_tokens"  # o-series reject max_tokens
@@ -331,7 +432,7 @@ def _chat_request(instance: Any, kwargs: dict[str, Any]) -> LLMRequest:
         estimate=lambda: estimate_input_tokens(model, messages=messages, tools=tools),
         output_param=output_param, server_address=host, server_port=port,
         service_tier=params.get("service_tier") if params.get("service_tier") != "auto" else None,
-        stream=bool(params.get("stream")), attributes=attributes,
+        stream=bool(params.get("stream")), attributes=attributes, choices=_choices(params, "n"),
     )  # fmt: skip
 
 
@@ -354,6 +455,32 @@ def _responses_request(instance: Any, kwargs: dict[str, Any]) -> LLMRequest:
     )  # fmt: skip
 
 
+_LEGACY_DEFAULT_MAX_TOKENS = 16  # what the completions API generates when max_tokens is absent
+
+
+def _completions_request(instance: Any, kwargs: dict[str, Any]) -> LLMRequest:
+    """Legacy ``completions.create`` (gpt-3.5-turbo-instruct, OpenAI-compatible servers)."""
+    params = _given(kwargs)
+    provider, host, port = _client_info(instance)
+    model = str(params.get("model") or "unknown")
+    if params.get("max_tokens") is None:
+        # Absent means 16 here, not "up to the model's limit": send that default explicitly, so
+        # the bound is exact and the configured default cap does not lengthen the answer.
+        kwargs["max_tokens"] = _LEGACY_DEFAULT_MAX_TOKENS
+    prompt = params.get("prompt")
+    attributes = _common_attributes(params)
+    if capture_content() and prompt is not None:
+        attributes["gen_ai.input.messages"] = _content_attribute(prompt)
+    return LLMRequest(
+        provider=provider, operation=attrs.OP_TEXT_COMPLETION, model=model,
+        estimate=lambda: estimate_input_tokens(model, prompt=prompt), output_param="max_tokens",
+        server_address=host, server_port=port,
+        service_tier=params.get("service_tier") if params.get("service_tier") != "auto" else None,
+        stream=bool(params.get("stream")), attributes=attributes,
+        choices=_choices(params, "n", "best_of"),  # best_of: generated (and billed) server-side
+    )  # fmt: skip
+
+
 def _embeddings_request(instance: Any, kwargs: dict[str, Any]) -> LLMRequest:
     params = _given(kwargs)
     provider, host, port = _client_info(instance)
@@ -367,35 +494,46 @@ def _embeddings_request(instance: Any, kwargs: dict[str, Any]) -> LLMRequest:
 
 
 # -- wrapper factories -----------------------------------------------------------------------
-def _settle_response(call: LLMCall, result: Any, kind: str) -> None:
-    body = _parsed(result)
-    if kind == "responses":
-        usage = responses_usage(_get(body, "usage"))
-        attributes = _response_attributes(body, choices=False)
-        text = _get(body, "output_text") if body is not None else None
-    else:
-        usage = chat_usage(_get(body, "usage"))
-        attributes = _response_attributes(body, choices=kind == "chat")
-        text = None
-        if kind == "chat":
-            parts = [
-                _get(_get(c, "message"), "content") for c in (_get(body, "choices") or [])
-            ]  # fmt: skip
-            text = "".join(p for p in parts if isinstance(p, str))
-            if capture_content() and text:
-                attributes["gen_ai.output.messages"] = _content_attribute(
-                    [{"role": "assistant", "parts": [{"type": "text", "content": text}]}]
-                )
+def _settle_response(call: LLMCall, result: Any, kind: str, body: Any = None) -> None:
+    """Settle a non-stream call from its body; never raises into the caller's code (the call
+    succeeded: a response shape we do not know is charged as estimated, not lost)."""
+    try:
+        if body is None:
+            body = _parsed(result)
+        text: Any = None
+        if kind == "responses":
+            usage = responses_usage(_get(body, "usage"))
+            attributes = _response_attributes(body, choices=False)
+            text = _get(body, "output_text") if body is not None else None
+        else:
+            usage = chat_usage(_get(body, "usage"))
+            attributes = _response_attributes(body, choices=kind in ("chat", "completions"))
+            if kind in ("chat", "completions"):
+                parts = [
+                    _get(_get(c, "message"), "content") if kind == "chat" else _get(c, "text")
+                    for c in (_get(body, "choices") or [])
+                ]  # fmt: skip
+                text = "".join(p for p in parts if isinstance(p, str))
+        if capture_content() and isinstance(text, str) and text:
+            attributes["gen_ai.output.messages"] = _content_attribute(
+                [{"role": "assistant", "parts": [{"type": "text", "content": text}]}]
+            )
+    except Exception as exc:
+        if call.processor is not None:
+            call.processor.engine.log_once("openai response", exc)
+        usage, attributes, text = None, {}, None
     call.succeed(
         usage, attributes, response_model=attributes.get(attrs.GEN_AI_RESPONSE_MODEL),
         output_text=text if isinstance(text, str) else None,
     )  # fmt: skip
 
 
-def _prepare_stream(kwargs: dict[str, Any], kind: str) -> None:
+def _prepare_stream(kwargs: dict[str, Any], kind: str) -> bool:
+    """Ask a chat (or legacy completions) stream for its usage; True when it was asked here
+    (the caller did not set ``stream_options``), so the usage chunk is ours to hide."""
     processor = get_active_processor()
     if (
-        kind == "chat"
+        kind in ("chat", "completions")
         and kwargs.get("stream") is True
         and processor is not None
         and processor.settings.stream_include_usage
@@ -403,6 +541,8 @@ def _prepare_stream(kwargs: dict[str, Any], kind: str) -> None:
     ):
         # Without usage a stream's cost must be estimated; ask for it (opt-out setting).
         kwargs["stream_options"] = {"include_usage": True}
+        return True
+    return False
 
 
 def make_sync_wrapper(
@@ -416,20 +556,24 @@ def make_sync_wrapper(
             call = start_call(tracer, read(instance, kwargs), kwargs)
         except BudgetExceededError as error:
             return substitute_or_raise(error)
-        _prepare_stream(kwargs, kind)
+        hide_usage = _prepare_stream(kwargs, kind)
         token = IN_METERED_CALL.set(True)
         try:
             with trace.use_span(call.span, end_on_exit=False, record_exception=False,
                                 set_status_on_exception=False):  # fmt: skip
                 result = wrapped(*args, **kwargs)
+            if call.request.stream and _is_raw(result) and not hasattr(result, "__next__"):
+                stream = result.parse()  # does not read the body: the SSE stream is lazy
+                if hasattr(stream, "__next__"):
+                    proxy = _SyncStream(stream, call, _accumulator(kind), hide_usage)
+                    return _RawStreamResponse(result, proxy)
         except BaseException as exc:
             call.fail(exc)
             raise
         finally:
             IN_METERED_CALL.reset(token)
         if call.request.stream and hasattr(result, "__next__"):
-            acc = ChatAccumulator() if kind == "chat" else ResponsesAccumulator()
-            return _SyncStream(result, call, acc)
+            return _SyncStream(result, call, _accumulator(kind), hide_usage)
         _settle_response(call, result, kind)
         return result
 
@@ -446,21 +590,32 @@ def make_async_wrapper(
             call = start_call(tracer, read(instance, kwargs), kwargs)
         except BudgetExceededError as error:
             return substitute_or_raise(error)
-        _prepare_stream(kwargs, kind)
+        hide_usage = _prepare_stream(kwargs, kind)
         token = IN_METERED_CALL.set(True)
+        body: Any = None
         try:
             with trace.use_span(call.span, end_on_exit=False, record_exception=False,
                                 set_status_on_exception=False):  # fmt: skip
                 result = await wrapped(*args, **kwargs)
+            if _is_raw(result) and not hasattr(result, "__anext__"):
+                # with_raw_response (sync parse) or with_streaming_response (async parse)
+                async_parse = inspect.iscoroutinefunction(result.parse)
+                if call.request.stream:
+                    stream = await result.parse() if async_parse else result.parse()
+                    if hasattr(stream, "__anext__"):
+                        proxy = _AsyncStream(stream, call, _accumulator(kind), hide_usage)
+                        raw_class = _AsyncRawStreamResponse if async_parse else _RawStreamResponse
+                        return raw_class(result, proxy)
+                elif async_parse:
+                    body = await result.parse()  # cached: the caller's parse() gets the same
         except BaseException as exc:
             call.fail(exc)
             raise
         finally:
             IN_METERED_CALL.reset(token)
         if call.request.stream and hasattr(result, "__anext__"):
-            acc = ChatAccumulator() if kind == "chat" else ResponsesAccumulator()
-            return _AsyncStream(result, call, acc)
-        _settle_response(call, result, kind)
+            return _AsyncStream(result, call, _accumulator(kind), hide_usage)
+        _settle_response(call, result, kind, body)
         return result
 
     return wrapper
@@ -480,6 +635,14 @@ def responses_create(tracer: trace.Tracer) -> Callable[..., Any]:
 
 def async_responses_create(tracer: trace.Tracer) -> Callable[..., Any]:
     return make_async_wrapper(tracer, _responses_request, "responses")
+
+
+def completions_create(tracer: trace.Tracer) -> Callable[..., Any]:
+    return make_sync_wrapper(tracer, _completions_request, "completions")
+
+
+def async_completions_create(tracer: trace.Tracer) -> Callable[..., Any]:
+    return make_async_wrapper(tracer, _completions_request, "completions")
 
 
 def embeddings_create(tracer: trace.Tracer) -> Callable[..., Any]:

@@ -1,0 +1,990 @@
+"""A ledger shared by every process that talks to one Redis: ``RedisStorage``.
+
+    >>> from otel_budget import BudgetSpanProcessor
+    >>> from otel_budget.storage.redis import RedisStorage
+    >>> storage = RedisStorage("redis://127.0.0.1:6379/0")            # doctest: +SKIP
+    >>> processor = BudgetSpanProcessor(max_usd=2, storage=storage)   # doctest: +SKIP
+
+Install with ``pip install 'otel-budget[redis]'`` (redis-py >= 5). The URL defaults to
+``OTEL_BUDGET_REDIS_URL``.
+
+Design (measured in ``shared/notes/backends.md`` §1):
+
+* **One round trip per decision.** ``reserve`` is one ``EVALSHA`` that checks the kill
+  switches, sweeps expired leases, checks every scope and reserves in all or none of them:
+  Redis runs one script at a time, so ``spent + reserved <= limit`` holds in every scope at
+  every instant, across processes and hosts. ``commit``/``release`` is a second script, one
+  round trip too. Scripts are loaded with ``register_script`` (``EVALSHA``, re-sent on
+  ``NOSCRIPT`` after a server restart).
+* **Idempotent by lease id** (the span): each lease has a record key; a retried reserve
+  returns ``DUPLICATE``, a retried commit counts nothing twice. This is what makes a retry
+  after a timeout safe (a timed-out command may still run on the server later: a "ghost").
+* **Money is integer nano-USD**, stored with ``HINCRBY`` from the caller's decimal strings;
+  the scripts never format a float. Lua compares amounts as doubles, exact up to 2**53
+  nano-USD (~$9M), far above ``MAX_BUDGET_USD``: a larger reservation is clamped to 2**53
+  (every limit refuses it anyway), a larger commit or charge is a ``ValueError``.
+* **Leases have server-time deadlines** (``redis.call('TIME')``: one clock for every
+  client). A scope keeps its open leases in a sorted set scored by deadline; each script call
+  sweeps at most ``sweep_per_scope`` expired ones per scope, so a crashed worker's
+  reservation frees itself and no call pays for a big backlog. A commit arriving after its
+  lease expired is still recorded as spend (``LATE``).
+* **Limits:** trace scopes (``lower_only``) keep ``min(stored, requested)``; named scopes
+  follow the caller's configuration (a redeploy with a new limit takes effect) unless an
+  operator set one with ``set_limit`` (``otel-budget set-limit``), which is stored as an
+  override and wins until it is changed.
+* **TTLs** come from ``ScopeLimit.ttl`` and are set in the same script as the write
+  (refreshed on use, never shortened below an open lease); scopes without a TTL persist.
+* **Every key a script touches is passed in ``KEYS``.** For Redis Cluster, use a prefix with
+  a hash tag, e.g. ``prefix="{otb}:"``, so that all keys of one call share a slot.
+
+Keys (``P`` is the prefix, default ``otb:``): ``P s:<scope>`` hash (``limit``, ``spent``,
+``reserved``, ``olimit`` operator override, ``ttl`` ms), ``P z:<scope>`` sorted set of open
+leases (member ``<lease>|<amount>``, score = deadline ms), ``P lease:<lease>`` hash (amount,
+state, scope keys; kept ``settle_grace_seconds`` after it settles, for idempotency and late
+commits), ``P pause`` set of kill switches.
+
+Failure handling (Redis down, hung or slow):
+
+* short socket timeouts (50 ms), ``retries`` immediate retries (safe: idempotent), then a
+  circuit breaker: after ``breaker_failures`` consecutive failed operations every call fails
+  fast, without touching the network, for ``breaker_reset_seconds``; then one call probes.
+  A call therefore never blocks longer than about
+  ``(retries + 1) * (socket_connect_timeout + socket_timeout)`` (``max_block_seconds``).
+* ``reserve`` then raises ``LedgerUnavailableError`` (a ``ConnectionError``), and the
+  processor's ``failure_policy`` decides: ``fail_open`` lets the call through unmetered,
+  ``fail_closed`` refuses it with ``BudgetExceededError(reason="internal_error")``.
+* A reserve whose outcome is unknown (it timed out: it may still run when the server wakes
+  up) is settled later: a release is journaled and sent when Redis answers again, with a
+  tombstone so that a ghost arriving even later reserves nothing.
+* ``commit``/``release``/``charge`` never lose spend: when Redis is unavailable they are
+  journaled (bounded, ``max_journal``) and replayed in order by a background thread when it
+  answers again (idempotent, so a replay after a ghost counts once); they return a result
+  computed locally, so reports and span attributes stay right.
+* ``fallback=MemoryStorage()`` ("degrade to a local ledger"): while Redis is unavailable,
+  reservations go to the local ledger, seeded with the last usage this process saw in Redis
+  and with the kill switches it last saw, and their spend is replayed into Redis once it is
+  back. **Trade-off:** during the outage budgets are enforced per process, so N processes
+  may together overspend a scope by up to N times its remaining budget; without a fallback
+  the choice is the processor's ``failure_policy`` (unmetered, or refused).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from otel_budget.storage.base import (
+    GLOBAL_PAUSE_KEY,
+    CommitResult,
+    CommitStatus,
+    LeaseId,
+    LedgerStorage,
+    ReserveResult,
+    ReserveStatus,
+    ScopeLimit,
+    ScopeUsage,
+)
+
+try:  # optional dependency: pip install 'otel-budget[redis]'
+    import redis as _redis
+    from redis.backoff import NoBackoff as _NoBackoff
+    from redis.retry import Retry as _Retry
+except ImportError:  # pragma: no cover - exercised only without the extra
+    _redis = None
+
+logger = logging.getLogger("otel_budget.storage.redis")
+
+ENV_URL = "OTEL_BUDGET_REDIS_URL"
+# Lua numbers are doubles: integers are exact up to 2**53 (nano-USD: ~$9.0M).
+MAX_AMOUNT = 2**53
+
+# -- Lua ------------------------------------------------------------------------------------
+# Rules for every script (checked by a test): locals only (a global poisons fakeredis and
+# errors on Redis), no os./bit. (absent from Redis' Lua), no shebang flags (fakeredis cannot
+# load them), amounts written only from ARGV strings (never a formatted float).
+
+_HELPERS = r"""
+local function now_ms(offset)
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(offset)
+end
+-- Refresh a TTL on use; skip the write while it is within 1/64 of the target already.
+local function touch(k, ms)
+  if ms > 0 and redis.call('PTTL', k) < ms - math.floor(ms / 64) then
+    redis.call('PEXPIRE', k, string.format('%d', ms))
+  end
+end
+local function incr(h, field, amount, sign)
+  if amount ~= '0' then redis.call('HINCRBY', h, field, sign .. amount) end
+end
+-- Find or create a scope and apply the caller's limit: trace scopes only go down, named
+-- scopes follow the caller unless an operator override ('olimit') is stored.
+local function resolve(h, lim, lower, ttl)
+  local cur = redis.call('HMGET', h, 'limit', 'spent', 'reserved', 'olimit')
+  local limit, spent, reserved = cur[1], cur[2] or '0', cur[3] or '0'
+  if not limit then
+    limit = cur[4] or lim
+    redis.call('HSET', h, 'limit', limit, 'spent', spent, 'reserved', reserved, 'ttl', ttl)
+  elseif lower == '1' then
+    if tonumber(lim) < tonumber(limit) then
+      limit = lim
+      redis.call('HSET', h, 'limit', limit)
+    end
+  else
+    local want = cur[4] or lim
+    if want ~= limit then
+      limit = want
+      redis.call('HSET', h, 'limit', limit)
+    end
+  end
+  return limit, spent, reserved
+end
+"""
+
+# KEYS: pause set, lease record, then (scope hash, scope lease zset) per scope.
+# ARGV: lease, amount, lease_ms, clock offset ms, record ttl ms, sweep max, scope keys json,
+#       want usage (0/1), number of pause keys, pause keys..., then per scope:
+#       name, limit, lower_only (0/1), ttl ms (0: none).
+_RESERVE = _HELPERS + r"""
+local now = now_ms(ARGV[4])
+local n = (#KEYS - 2) / 2
+local sweep = tonumber(ARGV[6])
+local swept = 0
+for i = 1, n do
+  local h, z = KEYS[1 + 2 * i], KEYS[2 + 2 * i]
+  local due = redis.call('ZRANGEBYSCORE', z, '-inf', string.format('%d', now), 'LIMIT', 0, sweep)
+  if #due > 0 then
+    local live = redis.call('EXISTS', h) == 1
+    for _, m in ipairs(due) do
+      local a = string.match(m, '|(%d+)$')
+      if live and a then incr(h, 'reserved', a, '-') end
+      redis.call('ZREM', z, m)
+      swept = swept + 1
+    end
+  end
+end
+if redis.call('EXISTS', KEYS[2]) == 1 then return {'dup', swept} end
+local np = tonumber(ARGV[9])
+if np > 0 and redis.call('SCARD', KEYS[1]) > 0 then
+  for j = 10, 9 + np do
+    if redis.call('SISMEMBER', KEYS[1], ARGV[j]) == 1 then return {'paused', swept, ARGV[j]} end
+  end
+end
+local base = 9 + np
+local amount = tonumber(ARGV[2])
+local lease_ms = tonumber(ARGV[3])
+local usage = {}
+for i = 1, n do
+  local o = base + (i - 1) * 4
+  local h = KEYS[1 + 2 * i]
+  local limit, spent, reserved = resolve(h, ARGV[o + 2], ARGV[o + 3], ARGV[o + 4])
+  usage[i] = {limit, spent, reserved}
+end
+for i = 1, n do
+  local u = usage[i]
+  if tonumber(u[2]) + tonumber(u[3]) + amount > tonumber(u[1]) then
+    for j = 1, n do touch(KEYS[1 + 2 * j], tonumber(ARGV[base + (j - 1) * 4 + 4])) end
+    return {'denied', swept, ARGV[base + (i - 1) * 4 + 1], u[1], u[2], u[3]}
+  end
+end
+local deadline = string.format('%d', now + lease_ms)
+local member = ARGV[1] .. '|' .. ARGV[2]
+local out = {'ok', swept, ''}
+for i = 1, n do
+  local h, z = KEYS[1 + 2 * i], KEYS[2 + 2 * i]
+  incr(h, 'reserved', ARGV[2], '')
+  redis.call('ZADD', z, deadline, member)
+  local ttl = tonumber(ARGV[base + (i - 1) * 4 + 4])
+  if ttl > 0 then
+    local keep = math.max(ttl, lease_ms)
+    touch(h, keep)
+    touch(z, keep)
+  end
+  if ARGV[8] == '1' then
+    local u = usage[i]
+    out[#out + 1] = u[1]
+    out[#out + 1] = u[2]
+    out[#out + 1] = string.format('%d', tonumber(u[3]) + amount)
+  end
+end
+redis.call('HSET', KEYS[2], 'a', ARGV[2], 'st', 'r', 'k', ARGV[7], 'dl', deadline)
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+if ARGV[8] == '1' and redis.call('SCARD', KEYS[1]) > 0 then
+  out[3] = table.concat(redis.call('SMEMBERS', KEYS[1]), '\n')
+end
+return out
+"""
+
+# KEYS: lease record, then (scope hash, scope lease zset) per scope.
+# ARGV: lease, mode ('c' commit, 'r' release, 't' release leaving a tombstone), actual,
+#       settled ttl ms.
+_SETTLE = _HELPERS + r"""
+local st = redis.call('HGET', KEYS[1], 'st')
+if not st then
+  if ARGV[2] == 't' then
+    redis.call('HSET', KEYS[1], 'st', 't')
+    redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  end
+  return {'dup'}
+end
+if st ~= 'r' then return {'dup'} end
+local a = redis.call('HGET', KEYS[1], 'a')
+local member = ARGV[1] .. '|' .. a
+local commit = ARGV[2] == 'c'
+local n = (#KEYS - 1) / 2
+local held, late = 0, 0
+local out = {'', a}
+for i = 1, n do
+  local h, z = KEYS[2 * i], KEYS[2 * i + 1]
+  local removed = redis.call('ZREM', z, member)
+  if redis.call('EXISTS', h) == 1 then
+    if removed == 1 then
+      held = held + 1
+      incr(h, 'reserved', a, '-')
+    else
+      late = late + 1
+    end
+    if commit then incr(h, 'spent', ARGV[3], '') end
+    local u = redis.call('HMGET', h, 'limit', 'spent', 'reserved', 'ttl')
+    if u[4] then touch(h, tonumber(u[4])) end
+    out[#out + 1] = i
+    out[#out + 1] = u[1]
+    out[#out + 1] = u[2]
+    out[#out + 1] = u[3]
+  end
+end
+if commit then
+  out[1] = late > 0 and 'late' or 'ok'
+  redis.call('HSET', KEYS[1], 'st', 'c')
+else
+  out[1] = (held == 0 and late > 0) and 'dup' or 'released'
+  redis.call('HSET', KEYS[1], 'st', 'x')
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return out
+"""
+
+# KEYS: lease record, then one scope hash per scope.
+# ARGV: lease, amount, settled ttl ms, then per scope: name, limit, lower_only, ttl ms.
+_CHARGE = _HELPERS + r"""
+if redis.call('EXISTS', KEYS[1]) == 1 then return {'dup'} end
+local out = {'ok'}
+for i = 2, #KEYS do
+  local o = 3 + (i - 2) * 4
+  local h = KEYS[i]
+  resolve(h, ARGV[o + 2], ARGV[o + 3], ARGV[o + 4])
+  incr(h, 'spent', ARGV[2], '')
+  touch(h, tonumber(ARGV[o + 4]))
+  local u = redis.call('HMGET', h, 'limit', 'spent', 'reserved')
+  out[#out + 1] = u[1]
+  out[#out + 1] = u[2]
+  out[#out + 1] = u[3]
+end
+redis.call('HSET', KEYS[1], 'st', 'g')
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return out
+"""
+
+# KEYS: scope hash, scope lease zset. A scope with open reservations stays.
+_EVICT = r"""
+local r = redis.call('HGET', KEYS[1], 'reserved')
+if r and r ~= '0' then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2])
+return 1
+"""
+
+# KEYS: scope hash. ARGV: limit. The operator's limit wins over callers' configuration.
+_SET_LIMIT = r"""
+redis.call('HSET', KEYS[1], 'limit', ARGV[1], 'olimit', ARGV[1])
+redis.call('HSETNX', KEYS[1], 'spent', '0')
+redis.call('HSETNX', KEYS[1], 'reserved', '0')
+redis.call('HSETNX', KEYS[1], 'ttl', '0')
+return 1
+"""
+
+SCRIPTS = {
+    "reserve": _RESERVE,
+    "settle": _SETTLE,
+    "charge": _CHARGE,
+    "evict": _EVICT,
+    "set_limit": _SET_LIMIT,
+}
+
+_GLOB = re.compile(r"([*?\[\]\\])")
+
+
+class LedgerUnavailableError(ConnectionError):
+    """The Redis ledger did not answer (refused, timed out, or the circuit is open).
+
+    ``attempted`` is False when the circuit breaker refused without touching the network
+    (so the operation certainly did not happen)."""
+
+    def __init__(self, message: str, *, attempted: bool = True) -> None:
+        super().__init__(message)
+        self.attempted = attempted
+
+
+class _Breaker:
+    """Consecutive-failure circuit breaker with a single half-open probe."""
+
+    def __init__(self, failures: int, reset_seconds: float) -> None:
+        self.threshold = failures
+        self.reset_seconds = reset_seconds
+        self.failures = 0
+        self.open_until = 0.0
+        self.probing = False
+        self.opened = False  # has been open since the last success (for recovery hooks)
+        self._lock = threading.Lock()
+
+    def allow(self) -> bool:
+        with self._lock:
+            if self.failures < self.threshold:
+                return True
+            if time.monotonic() < self.open_until or self.probing:
+                return False
+            self.probing = True  # half-open: this caller probes, the others still fail fast
+            return True
+
+    def success(self) -> bool:
+        """Record a success; True if the circuit had been open (a recovery)."""
+        with self._lock:
+            recovered = self.opened
+            self.failures = 0
+            self.probing = False
+            self.opened = False
+            return recovered
+
+    def abort(self) -> None:
+        with self._lock:
+            self.probing = False
+
+    def failure(self) -> bool:
+        """Record a failure; True if the circuit (re)opens now."""
+        with self._lock:
+            self.failures += 1
+            self.probing = False
+            if self.failures >= self.threshold:
+                self.open_until = time.monotonic() + self.reset_seconds
+                first = not self.opened
+                self.opened = True
+                return first
+            return False
+
+    @property
+    def is_open(self) -> bool:
+        with self._lock:
+            return self.failures >= self.threshold and time.monotonic() < self.open_until
+
+
+def lease_name(lease_id: LeaseId) -> str:
+    """A lease id as Redis text: ints (span-derived, possibly negative, up to 192 bits) in
+    hex; anything else by ``repr`` behind a '~' so the two spaces cannot collide."""
+    if isinstance(lease_id, int) and not isinstance(lease_id, bool):
+        return format(lease_id, "x")
+    return "~" + repr(lease_id)
+
+
+def _text(value: Any) -> Any:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _ttl_ms(ttl: float | None) -> int:
+    if ttl is None:
+        return 0
+    return max(1, math.ceil(ttl * 1000))
+
+
+def redact(url: str) -> str:
+    """The URL without its password (for messages and logs)."""
+    return re.sub(r"(?<=://)([^@/]*)@", lambda m: ("***@" if m.group(1) else "@"), url, count=1)
+
+
+class RedisStorage(LedgerStorage):
+    """The budget ledger in Redis, shared by every process and host that uses it."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        client: Any = None,
+        *,
+        prefix: str = "otb:",
+        lease_seconds: float = 3600.0,
+        socket_timeout: float = 0.05,
+        socket_connect_timeout: float = 0.05,
+        retries: int = 1,
+        breaker_failures: int = 5,
+        breaker_reset_seconds: float = 5.0,
+        fallback: LedgerStorage | None = None,
+        settle_grace_seconds: float = 3600.0,
+        sweep_per_scope: int = 32,
+        max_journal: int = 100_000,
+        max_local_leases: int = 100_000,
+    ) -> None:
+        if _redis is None:
+            raise ImportError(
+                "RedisStorage needs redis-py: pip install 'otel-budget[redis]'"
+            )
+        if lease_seconds <= 0 or settle_grace_seconds <= 0:
+            raise ValueError("lease_seconds and settle_grace_seconds must be positive")
+        if retries < 0 or breaker_failures < 1 or breaker_reset_seconds < 0:
+            raise ValueError("retries >= 0, breaker_failures >= 1, breaker_reset_seconds >= 0")
+        if socket_timeout <= 0 or socket_connect_timeout <= 0:
+            raise ValueError("socket timeouts must be positive (None would block for ever)")
+        if sweep_per_scope < 1 or max_journal < 1 or max_local_leases < 1:
+            raise ValueError("sweep_per_scope, max_journal and max_local_leases must be >= 1")
+        self._own_client = client is None
+        if client is None:
+            url = url or os.environ.get(ENV_URL)
+            if not url:
+                raise ValueError(f"no Redis URL: pass url= or set {ENV_URL}")
+            # Our own retry loop below; redis-py's (10 attempts with backoff by default in
+            # 8.x) would multiply the time a call can block.
+            pool = _redis.ConnectionPool.from_url(
+                url,
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=socket_connect_timeout,
+                retry=_Retry(_NoBackoff(), 0),
+                retry_on_timeout=False,
+                health_check_interval=0,
+                decode_responses=True,
+            )
+            client = _redis.Redis(connection_pool=pool)
+        self.url = redact(url) if url else repr(client)
+        self.client = client
+        self.prefix = prefix
+        self.lease_seconds = float(lease_seconds)
+        self.max_block_seconds = (retries + 1) * (socket_timeout + socket_connect_timeout)
+        self._lease_ms = max(1, math.ceil(lease_seconds * 1000))
+        self._settled_ms = max(1, math.ceil(settle_grace_seconds * 1000))
+        self._record_ms = self._lease_ms + self._settled_ms
+        self._sweep = int(sweep_per_scope)
+        self._retries = int(retries)
+        self._breaker = _Breaker(int(breaker_failures), float(breaker_reset_seconds))
+        self._fallback = fallback
+        self._max_journal = int(max_journal)
+        self._max_local = int(max_local_leases)
+        self._pause_key = prefix + "pause"
+        self._scripts = {name: client.register_script(src) for name, src in SCRIPTS.items()}
+        # Tests move the ledger's clock (lease deadlines) with this; production leaves 0.
+        self._clock_offset_ms = 0
+        self._lock = threading.Lock()
+        # Open leases reserved through this instance: lease name -> (scope keys, amount).
+        self._local: OrderedDict[str, tuple[tuple[str, ...], int]] = OrderedDict()
+        # Degraded mode: leases held by the fallback, and what this process last saw.
+        self._fallback_leases: OrderedDict[LeaseId, tuple[str, tuple[ScopeLimit, ...]]] = (
+            OrderedDict()
+        )
+        self._known: OrderedDict[str, ScopeUsage] = OrderedDict()
+        self._seeded: set[str] = set()
+        self._fallback_keys: set[str] = set()
+        self._last_pauses = ""
+        self._outage = 0
+        # Operations to send when Redis answers again (idempotent, in order).
+        self._journal: deque[tuple[Any, ...]] = deque()
+        self._flusher: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._closed = False
+        self.stats: dict[str, int] = {
+            "expired_leases": 0, "failures": 0, "fast_failures": 0, "fallback_reserves": 0,
+            "journaled": 0, "replayed": 0, "journal_dropped": 0, "ghosts_released": 0,
+        }  # fmt: skip
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> RedisStorage:
+        return cls(url=url, **kwargs)
+
+    # -- keys -----------------------------------------------------------------------------
+    def scope_key(self, key: str) -> str:
+        """The Redis hash of one scope (``HMGET <it> limit spent reserved`` is a snapshot)."""
+        return self.prefix + "s:" + key
+
+    def _zkey(self, key: str) -> str:
+        return self.prefix + "z:" + key
+
+    def _rkey(self, name: str) -> str:
+        return self.prefix + "lease:" + name
+
+    def _scope_keys(self, keys: Sequence[str]) -> list[str]:
+        out: list[str] = []
+        for key in keys:
+            out.append(self.prefix + "s:" + key)
+            out.append(self.prefix + "z:" + key)
+        return out
+
+    # -- the network, with retry and circuit breaker ------------------------------------
+    def _call(self, op: Callable[[], Any]) -> Any:
+        if self._closed:
+            raise LedgerUnavailableError("RedisStorage is closed", attempted=False)
+        if not self._breaker.allow():
+            self.stats["fast_failures"] += 1
+            raise LedgerUnavailableError(
+                f"Redis ledger at {self.url} unavailable (circuit open)", attempted=False
+            )
+        last: BaseException | None = None
+        for _ in range(self._retries + 1):
+            try:
+                result = op()
+            except (_redis.ConnectionError, _redis.TimeoutError, OSError) as exc:
+                last = exc  # transient: retry at once (every operation is idempotent)
+                continue
+            except _redis.RedisError as exc:  # OOM, READONLY, a script error: no retry
+                last = exc
+                break
+            except BaseException:
+                self._breaker.abort()  # our bug, not Redis': free a half-open probe slot
+                raise
+            if self._breaker.success():
+                self._recovered()
+            return result
+        self.stats["failures"] += 1
+        if self._breaker.failure():
+            logger.warning(
+                "otel-budget: Redis ledger at %s unavailable (%s: %s); failing fast for "
+                "%.1fs%s", self.url, type(last).__name__, last, self._breaker.reset_seconds,
+                " (degraded to the local fallback ledger: budgets are per process until "
+                "Redis is back)" if self._fallback is not None else "",
+            )  # fmt: skip
+            with self._lock:
+                self._outage += 1
+        raise LedgerUnavailableError(
+            f"Redis ledger at {self.url} unavailable: {type(last).__name__}: {last}"
+        ) from last
+
+    def _recovered(self) -> None:
+        logger.warning("otel-budget: Redis ledger at %s answers again", self.url)
+        fallback = self._fallback
+        if fallback is not None:
+            with self._lock:
+                keys = self._fallback_keys | self._seeded
+                self._fallback_keys = set()
+                self._seeded = set()
+            for key in keys:  # the next outage starts from what Redis says then
+                try:
+                    fallback.evict(key)
+                except Exception:  # pragma: no cover - a local ledger does not fail
+                    pass
+        self._wake.set()
+
+    # -- journal of operations to replay -------------------------------------------------
+    def _journal_add(self, entry: tuple[Any, ...]) -> None:
+        with self._lock:
+            if len(self._journal) >= self._max_journal:
+                self._journal.popleft()
+                self.stats["journal_dropped"] += 1
+                if self.stats["journal_dropped"] == 1:
+                    logger.error(
+                        "otel-budget: the Redis replay journal is full (%d); dropping the "
+                        "oldest entries", self._max_journal,
+                    )  # fmt: skip
+            self._journal.append(entry)
+            self.stats["journaled"] += 1
+            if self._flusher is None and not self._closed:
+                self._flusher = threading.Thread(
+                    target=self._flush_loop, name="otel-budget-redis-replay", daemon=True
+                )
+                self._flusher.start()
+        self._wake.set()
+
+    @property
+    def pending(self) -> int:
+        """Journaled operations not yet replayed into Redis."""
+        with self._lock:
+            return len(self._journal)
+
+    def _flush_loop(self) -> None:
+        interval = min(max(self._breaker.reset_seconds, 0.02), 1.0)
+        while True:
+            with self._lock:
+                if self._closed or not self._journal:
+                    self._flusher = None
+                    return
+                entry = self._journal[0]
+            try:
+                self._call(lambda: self._replay(entry))
+            except LedgerUnavailableError:
+                self._wake.wait(interval)
+                self._wake.clear()
+                continue
+            except Exception as exc:  # a bad entry must not block the others
+                logger.error("otel-budget: dropping an unreplayable ledger entry: %s", exc)
+            with self._lock:
+                if self._journal and self._journal[0] is entry:
+                    self._journal.popleft()
+                self.stats["replayed"] += 1
+
+    def _replay(self, entry: tuple[Any, ...]) -> Any:
+        kind = entry[0]
+        if kind == "settle":  # commit / release / tombstone-release of a Redis lease
+            _, name, keys, mode, actual = entry
+            reply = self._settle_once(name, keys, mode, actual)
+            if mode == "t" and _text(reply[1]) == "released":
+                self.stats["ghosts_released"] += 1
+            return reply
+        _, name, specs, amount = entry  # charge
+        return self._charge_once(name, specs, amount)
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until the journal is replayed (True) or ``timeout`` passes (False)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._journal:
+                    return True
+            self._wake.set()
+            time.sleep(0.01)
+        return self.pending == 0
+
+    # -- scripts ---------------------------------------------------------------------------
+    def _reserve_once(
+        self, name: str, scopes: Sequence[ScopeLimit], amount: int, pause_keys: Sequence[str],
+        want: bool,
+    ) -> Any:  # fmt: skip
+        keys = [self._pause_key, self._rkey(name)]
+        keys.extend(self._scope_keys([s.key for s in scopes]))
+        args: list[Any] = [
+            name, str(amount), self._lease_ms, self._clock_offset_ms, self._record_ms,
+            self._sweep, json.dumps([s.key for s in scopes]), "1" if want else "0",
+            len(pause_keys) + 1, GLOBAL_PAUSE_KEY, *pause_keys,
+        ]  # fmt: skip
+        for spec in scopes:
+            args.extend(
+                (spec.key, str(int(spec.limit)), "1" if spec.lower_only else "0",
+                 _ttl_ms(spec.ttl))
+            )  # fmt: skip
+        return self._scripts["reserve"](keys=keys, args=args, client=self.client)
+
+    def _settle_once(self, name: str, keys: Sequence[str] | None, mode: str, actual: int) -> Any:
+        if keys is None:  # reserved by another instance (or forgotten here): ask the record
+            stored = self.client.hget(self._rkey(name), "k")
+            keys = json.loads(_text(stored)) if stored else []
+        redis_keys = [self._rkey(name), *self._scope_keys(keys)]
+        reply = self._scripts["settle"](
+            keys=redis_keys, args=[name, mode, str(actual), self._settled_ms], client=self.client
+        )
+        return [keys, *reply]
+
+    def _charge_once(self, name: str, specs: Sequence[ScopeLimit], amount: int) -> Any:
+        keys = [self._rkey(name), *(self.scope_key(s.key) for s in specs)]
+        args: list[Any] = [name, str(amount), self._settled_ms]
+        for spec in specs:
+            args.extend(
+                (spec.key, str(int(spec.limit)), "1" if spec.lower_only else "0",
+                 _ttl_ms(spec.ttl))
+            )  # fmt: skip
+        return self._scripts["charge"](keys=keys, args=args, client=self.client)
+
+    # -- degraded mode -----------------------------------------------------------------------
+    def _remember(self, usages: Sequence[ScopeUsage]) -> None:
+        if self._fallback is None:
+            return
+        with self._lock:
+            known = self._known
+            for usage in usages:
+                known[usage.key] = usage
+                known.move_to_end(usage.key)
+            while len(known) > 10_000:
+                known.popitem(last=False)
+
+    def _sync_pauses(self, text: str) -> None:
+        fallback = self._fallback
+        if fallback is None or text == self._last_pauses:
+            return
+        with self._lock:
+            before = set(self._last_pauses.split("\n")) - {""}
+            self._last_pauses = text
+        now = set(text.split("\n")) - {""}
+        for key in now - before:
+            fallback.pause(key)
+        for key in before - now:
+            fallback.resume(key)
+
+    def _fallback_reserve(
+        self, lease_id: LeaseId, name: str, scopes: tuple[ScopeLimit, ...], amount: int,
+        pause_keys: Sequence[str],
+    ) -> ReserveResult:  # fmt: skip
+        fallback = self._fallback
+        assert fallback is not None
+        seeds: list[tuple[ScopeLimit, int]] = []
+        with self._lock:
+            outage = self._outage
+            for spec in scopes:
+                self._fallback_keys.add(spec.key)
+                if spec.key in self._seeded:
+                    continue
+                self._seeded.add(spec.key)
+                known = self._known.get(spec.key)
+                if known is not None:
+                    seeds.append(
+                        (ScopeLimit(spec.key, known.limit, spec.lower_only, spec.ttl),
+                         known.spent + known.reserved)
+                    )  # fmt: skip
+        for spec, spent in seeds:
+            if fallback.usage(spec.key) is None:  # start from the last usage seen in Redis
+                fallback.charge(("otel-budget-seed", spec.key, outage), [spec], spent)
+        result = fallback.reserve(lease_id, scopes, amount, pause_keys)
+        self.stats["fallback_reserves"] += 1
+        if result.ok:
+            with self._lock:
+                self._fallback_leases[lease_id] = (name, scopes)
+                if len(self._fallback_leases) > self._max_local:
+                    self._fallback_leases.popitem(last=False)
+        return result
+
+    def _take_fallback_lease(
+        self, lease_id: LeaseId
+    ) -> tuple[str, tuple[ScopeLimit, ...]] | None:
+        if self._fallback is None:
+            return None
+        with self._lock:
+            return self._fallback_leases.pop(lease_id, None)
+
+    # -- LedgerStorage ---------------------------------------------------------------------
+    def reserve(
+        self,
+        lease_id: LeaseId,
+        scopes: Sequence[ScopeLimit],
+        amount: int,
+        pause_keys: Sequence[str] = (),
+    ) -> ReserveResult:
+        if amount < 0:
+            raise ValueError("a reservation cannot be negative")
+        # Above 2**53 Lua's doubles are not exact; such an amount is refused by any limit
+        # anyway (limits are at most MAX_BUDGET_USD), so clamping changes no decision.
+        amount = min(int(amount), MAX_AMOUNT)
+        scopes = tuple(scopes)
+        name = lease_name(lease_id)
+        want = self._fallback is not None
+        try:
+            reply = self._call(lambda: self._reserve_once(name, scopes, amount, pause_keys, want))
+        except LedgerUnavailableError as exc:
+            if exc.attempted:
+                # Unknown outcome: the command may still run when the server wakes up (a
+                # ghost). Release it later, leaving a tombstone against a later arrival.
+                self._journal_add(("settle", name, [s.key for s in scopes], "t", 0))
+            if self._fallback is None:
+                raise
+            return self._fallback_reserve(lease_id, name, scopes, amount, pause_keys)
+        status = _text(reply[0])
+        swept = int(reply[1])
+        if swept:
+            self.stats["expired_leases"] += swept
+        if status == "ok" or status == "dup":
+            with self._lock:
+                local = self._local
+                local[name] = (tuple(s.key for s in scopes), amount)
+                if len(local) > self._max_local:
+                    local.popitem(last=False)
+            if status == "dup":
+                return ReserveResult(ReserveStatus.DUPLICATE)
+            if want:
+                self._sync_pauses(_text(reply[2]))
+                values = [int(v) for v in reply[3:]]
+                self._remember(
+                    [ScopeUsage(s.key, *values[3 * i : 3 * i + 3]) for i, s in enumerate(scopes)]
+                )
+            return ReserveResult(ReserveStatus.OK)
+        if status == "paused":
+            return ReserveResult(ReserveStatus.PAUSED, ScopeUsage(_text(reply[2]), 0, 0, 0))
+        usage = ScopeUsage(_text(reply[2]), int(reply[3]), int(reply[4]), int(reply[5]))
+        self._remember([usage])
+        return ReserveResult(ReserveStatus.DENIED, usage)
+
+    def _settle(self, lease_id: LeaseId, mode: str, actual: int) -> CommitResult:
+        name = lease_name(lease_id)
+        with self._lock:
+            entry = self._local.pop(name, None)
+        keys = list(entry[0]) if entry is not None else None
+        try:
+            reply = self._call(lambda: self._settle_once(name, keys, mode, actual))
+        except LedgerUnavailableError as exc:
+            # Never lose spend: replay when Redis answers (idempotent: a ghost counts once).
+            self._journal_add(("settle", name, keys, mode, actual))
+            amount = entry[1] if entry is not None else 0
+            if mode == "r":
+                return CommitResult(CommitStatus.RELEASED, amount, 0, ())
+            return CommitResult(CommitStatus.OK, amount, max(0, actual - amount), ())
+        keys = reply[0]
+        status = _text(reply[1])
+        if status == "dup":
+            return CommitResult(CommitStatus.DUPLICATE)
+        amount = int(reply[2])
+        usages = []
+        rest = reply[3:]
+        for i in range(0, len(rest), 4):
+            key = keys[int(rest[i]) - 1]
+            usages.append(ScopeUsage(key, int(rest[i + 1]), int(rest[i + 2]), int(rest[i + 3])))
+        self._remember(usages)
+        if status == "released":
+            return CommitResult(CommitStatus.RELEASED, amount, 0, tuple(usages))
+        return CommitResult(
+            CommitStatus.LATE if status == "late" else CommitStatus.OK,
+            amount,
+            actual - amount if actual > amount else 0,
+            tuple(usages),
+        )
+
+    def commit(self, lease_id: LeaseId, actual: int) -> CommitResult:
+        if actual < 0:
+            raise ValueError("an actual cost cannot be negative")
+        if actual > MAX_AMOUNT:
+            raise ValueError(f"an actual cost above {MAX_AMOUNT} nano-USD is a unit mistake")
+        held = self._take_fallback_lease(lease_id)
+        if held is not None:
+            assert self._fallback is not None
+            result = self._fallback.commit(lease_id, actual)
+            if result.status is not CommitStatus.DUPLICATE:
+                # Spend made during the outage reaches the shared ledger when it is back,
+                # under its own id (the Redis lease of the same id, if any, is a ghost).
+                name, specs = held
+                self._journal_add(("charge", "!" + name, specs, actual))
+            return result
+        return self._settle(lease_id, "c", actual)
+
+    def release(self, lease_id: LeaseId) -> CommitResult:
+        held = self._take_fallback_lease(lease_id)
+        if held is not None:
+            assert self._fallback is not None
+            return self._fallback.release(lease_id)
+        return self._settle(lease_id, "r", 0)
+
+    def charge(self, lease_id: LeaseId, scopes: Sequence[ScopeLimit], amount: int) -> CommitResult:
+        if amount < 0:
+            raise ValueError("a charge cannot be negative")
+        if amount > MAX_AMOUNT:
+            raise ValueError(f"a charge above {MAX_AMOUNT} nano-USD is a unit mistake")
+        specs = tuple(scopes)
+        name = lease_name(lease_id)
+        try:
+            reply = self._call(lambda: self._charge_once(name, specs, amount))
+        except LedgerUnavailableError:
+            self._journal_add(("charge", name, specs, amount))  # same id: a ghost counts once
+            if self._fallback is not None:
+                return self._fallback.charge(lease_id, specs, amount)
+            return CommitResult(CommitStatus.OK, 0, amount, ())
+        if _text(reply[0]) == "dup":
+            return CommitResult(CommitStatus.DUPLICATE)
+        values = [int(v) for v in reply[1:]]
+        usages = tuple(
+            ScopeUsage(s.key, *values[3 * i : 3 * i + 3]) for i, s in enumerate(specs)
+        )
+        self._remember(usages)
+        return CommitResult(CommitStatus.OK, 0, amount, usages)
+
+    def usage(self, key: str) -> ScopeUsage | None:
+        try:
+            values = self._call(
+                lambda: self.client.hmget(self.scope_key(key), "limit", "spent", "reserved")
+            )
+        except LedgerUnavailableError:
+            if self._fallback is None:
+                raise
+            return self._fallback.usage(key)
+        if values[0] is None:
+            return None
+        return ScopeUsage(key, int(values[0]), int(values[1] or 0), int(values[2] or 0))
+
+    def scopes(self, prefix: str = "") -> list[ScopeUsage]:
+        """Every scope whose key starts with ``prefix`` (SCAN: for operators, not hot paths)."""
+        head = self.prefix + "s:"
+        pattern = _GLOB.sub(r"\\\1", head + prefix) + "*"
+
+        def scan() -> list[ScopeUsage]:
+            names = sorted({_text(k) for k in self.client.scan_iter(match=pattern, count=1000)})
+            pipe = self.client.pipeline(transaction=False)
+            for name in names:
+                pipe.hmget(name, "limit", "spent", "reserved")
+            out = []
+            for name, values in zip(names, pipe.execute()):
+                if values[0] is not None:
+                    out.append(
+                        ScopeUsage(name[len(head):], int(values[0]), int(values[1] or 0),
+                                   int(values[2] or 0))
+                    )  # fmt: skip
+            return out
+
+        try:
+            return self._call(scan)
+        except LedgerUnavailableError:
+            if self._fallback is None:
+                raise
+            return self._fallback.scopes(prefix)
+
+    def set_limit(self, key: str, limit: int) -> None:
+        if limit < 0:
+            raise ValueError("a limit cannot be negative")
+        if self._fallback is not None:
+            self._fallback.set_limit(key, limit)
+        self._call(
+            lambda: self._scripts["set_limit"](
+                keys=[self.scope_key(key)], args=[str(int(limit))], client=self.client
+            )
+        )
+
+    def pause(self, key: str = GLOBAL_PAUSE_KEY) -> None:
+        if self._fallback is not None:
+            self._fallback.pause(key)
+        self._call(lambda: self.client.sadd(self._pause_key, key))
+
+    def resume(self, key: str = GLOBAL_PAUSE_KEY) -> None:
+        if self._fallback is not None:
+            self._fallback.resume(key)
+        self._call(lambda: self.client.srem(self._pause_key, key))
+
+    def paused(self) -> frozenset[str]:
+        try:
+            members = self._call(lambda: self.client.smembers(self._pause_key))
+        except LedgerUnavailableError:
+            if self._fallback is None:
+                raise
+            return self._fallback.paused()
+        return frozenset(_text(m) for m in members)
+
+    def evict(self, key: str) -> None:
+        # Best effort: a scope that is not evicted still goes when its TTL runs out.
+        if self._fallback is not None:
+            self._fallback.evict(key)
+        try:
+            self._call(
+                lambda: self._scripts["evict"](
+                    keys=[self.scope_key(key), self._zkey(key)], client=self.client
+                )
+            )
+        except LedgerUnavailableError:
+            pass
+
+    def ping(self) -> bool:
+        """True if Redis answers (through the same retry and breaker as every call)."""
+        try:
+            return bool(self._call(self.client.ping))
+        except LedgerUnavailableError:
+            return False
+
+    def close(self) -> None:
+        """Stop the replay thread (unreplayed entries are lost) and close our connections;
+        a client passed in by the caller is left open."""
+        with self._lock:
+            self._closed = True
+            flusher = self._flusher
+        self._wake.set()
+        if flusher is not None and flusher is not threading.current_thread():
+            flusher.join(timeout=2 * self.max_block_seconds + 1.0)
+        if self._own_client:
+            try:
+                self.client.close()
+            except Exception:  # pragma: no cover - closing a dead connection
+                pass
+            try:
+                self.client.connection_pool.disconnect()
+            except Exception:  # pragma: no cover
+                pass
+
+
+__all__ = ["ENV_URL", "LedgerUnavailableError", "RedisStorage", "lease_name", "redact"]

@@ -1,0 +1,244 @@
+"""A throwaway ``redis-server`` on 127.0.0.1 for tests and benchmarks.
+
+    server = RedisServer().start()       # free port, no persistence, temp dir
+    ... server.url ...
+    server.freeze(); server.thaw()       # SIGSTOP / SIGCONT
+    server.kill(); server.start()        # crash and restart on the same port
+    server.stop()                        # by PID, always
+
+Started with ``--save "" --appendonly no`` (nothing written to disk) and ``--bind
+127.0.0.1``; ready once it answers PING (raw RESP over a socket, so no client library is
+needed). Pytest fixtures: ``redis_server_or_skip()`` skips with a clear reason when the
+binary is missing (``apt-get install -y redis-server``).
+
+Also holds the worker functions that multi-process tests and the benchmark run in child
+processes (spawned: they must be importable from a module without test-only imports).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from typing import Any
+
+REDIS_SERVER = shutil.which("redis-server") or (
+    "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None
+)
+SKIP_REASON = "redis-server not installed (apt-get install -y redis-server)"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def ping(port: int, timeout: float = 0.2) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class RedisServer:
+    def __init__(self, port: int | None = None, binary: str | None = None) -> None:
+        self.binary = binary or REDIS_SERVER
+        if self.binary is None:
+            raise FileNotFoundError(SKIP_REASON)
+        self.port = port or free_port()
+        self.dir = tempfile.mkdtemp(prefix="otb-redis-")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.frozen = False
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        log = open(os.path.join(self.dir, "redis.log"), "ab")
+        self.proc = subprocess.Popen(
+            [
+                self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+                "--save", "", "--appendonly", "no", "--dir", self.dir,
+                "--daemonize", "no", "--loglevel", "warning", "--protected-mode", "yes",
+            ],  # fmt: skip
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        log.close()
+        self.frozen = False
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited at start: {self.log_tail()}")
+            if ping(self.port):
+                return self
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"redis-server did not answer PING in {timeout}s: {self.log_tail()}")
+
+    def log_tail(self) -> str:
+        try:
+            with open(os.path.join(self.dir, "redis.log"), "rb") as f:
+                return f.read()[-500:].decode(errors="replace")
+        except OSError:
+            return ""
+
+    def _signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def freeze(self) -> None:
+        self._signal(signal.SIGSTOP)
+        self.frozen = True
+
+    def thaw(self) -> None:
+        self._signal(signal.SIGCONT)
+        self.frozen = False
+
+    def kill(self) -> None:
+        """Crash it (SIGKILL by PID); nothing is persisted."""
+        if self.proc is None:
+            return
+        self.thaw()
+        self._signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.thaw()
+            self._signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._signal(signal.SIGKILL)
+                self.proc.wait(timeout=5)
+        self.proc = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> RedisServer:
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.cleanup()
+
+
+# -- child-process workers (spawn) ---------------------------------------------------------
+def contention_worker(
+    url: str, prefix: str, index: int, threads: int, rounds: int, limit: int
+) -> tuple[int, int]:
+    """``threads`` threads reserve random amounts on one hot trace (plus a daily cap) and
+    commit at most what they reserved; returns (admitted, nano-USD committed)."""
+    from otel_budget.storage import ScopeLimit
+    from otel_budget.storage.redis import RedisStorage
+
+    store = RedisStorage(url, prefix=prefix, socket_timeout=2.0, socket_connect_timeout=2.0,
+                         breaker_failures=1000)  # fmt: skip
+    scopes = [
+        ScopeLimit("t:hot", limit, True, 3600.0),
+        ScopeLimit("user:x@d20261123", limit + 1, False, 2 * 86400.0),
+    ]
+    admitted = [0] * threads
+    committed = [0] * threads
+
+    def work(t: int) -> None:
+        rng = random.Random(index * 1000 + t)
+        for n in range(rounds):
+            lease = (index << 48) | (t << 32) | n
+            amount = rng.randint(1, 20_000_000)
+            if store.reserve(lease, scopes, amount).ok:
+                admitted[t] += 1
+                if rng.random() < 0.1:
+                    store.release(lease)
+                else:
+                    actual = rng.randint(0, amount)
+                    store.commit(lease, actual)
+                    store.commit(lease, actual)  # a retried commit counts once
+                    committed[t] += actual
+
+    pool = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    store.close()
+    return sum(admitted), sum(committed)
+
+
+def pause_probe_worker(url: str, prefix: str, conn: Any) -> None:
+    """A separate process that reserves on request: receives a lease id, answers the status."""
+    from otel_budget.storage import ScopeLimit
+    from otel_budget.storage.redis import RedisStorage
+
+    store = RedisStorage(url, prefix=prefix, socket_timeout=2.0, socket_connect_timeout=2.0)
+    scope = ScopeLimit("user:alice", 10**12)
+    while True:
+        lease = conn.recv()
+        if lease is None:
+            break
+        result = store.reserve(lease, [scope], 1, ("user:alice", "user:*"))
+        if result.ok:
+            store.commit(lease, 1)
+        conn.send(result.status.value)
+    store.close()
+
+
+def bench_worker(
+    backend: str, url: str, prefix: str, index: int, pairs: int, start_at: float, warmup: int = 200
+) -> tuple[list[int], float, float]:
+    """Sequential reserve+commit pairs (a trace, 20 calls each, plus a daily cap), started at
+    wall time ``start_at`` so that parallel workers overlap; returns (each pair's ns, start,
+    end) of the measured part."""
+    from otel_budget.storage import MemoryStorage, ScopeLimit
+
+    if backend == "redis":
+        from otel_budget.storage.redis import RedisStorage
+
+        store: Any = RedisStorage(url, prefix=prefix, socket_timeout=1.0,
+                                  socket_connect_timeout=1.0)  # fmt: skip
+    else:
+        store = MemoryStorage()
+    cap = ScopeLimit(f"user:u{index}@d20261123", 10**15, False, 2 * 86400.0)
+    clock = time.perf_counter_ns
+
+    def pair(n: int) -> None:
+        lease = (index << 40) | n
+        scopes = (ScopeLimit(f"t:{index}:{n // 20}", 10**12, True, 3600.0), cap)
+        store.reserve(lease, scopes, 1_000_000)
+        store.commit(lease, 700_000)
+
+    for n in range(pairs, pairs + warmup):  # connections, script load
+        pair(n)
+    delay = start_at - time.time()
+    if delay > 0:
+        time.sleep(delay)
+    out = []
+    begin = time.time()
+    for n in range(pairs):
+        start = clock()
+        pair(n)
+        out.append(clock() - start)
+    end = time.time()
+    store.close()
+    return out, begin, end
