@@ -44,7 +44,7 @@ def binary() -> str | None:
 
 
 def version(path: str) -> str:
-    out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10)
+    out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10, check=False)
     first = (out.stdout or out.stderr).splitlines()
     return first[0] if first else "unknown"
 
@@ -150,7 +150,7 @@ class PrometheusServer:
     def __enter__(self) -> PrometheusServer:
         return self.start()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     def log(self) -> str:

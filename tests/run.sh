@@ -5,6 +5,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The integration tests run real servers from Debian's packages (redis-server, prometheus).
+# Install them when missing and we may; without them those tests skip and say why.
+need=()
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
+if [ ${#need[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+              --no-install-recommends "${need[@]}"; } >/dev/null 2>&1 \
+            || echo "tests/run.sh: WARNING: could not install ${need[*]}; their tests will skip" >&2
+    else
+        echo "tests/run.sh: ${need[*]} not installed (needs root/apt); their tests will skip" >&2
+    fi
+fi
+
 VENV="${OTEL_BUDGET_VENV:-.venv}"
 if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"

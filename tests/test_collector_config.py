@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 
-yaml = pytest.importorskip("yaml", reason="needs pyyaml (the test extra)")
+from otel_budget import attributes as attrs
+from otel_budget.report import TERMINATED_BY_BUDGET
 
-from otel_budget import attributes as attrs  # noqa: E402
-from otel_budget.report import TERMINATED_BY_BUDGET  # noqa: E402
+yaml = pytest.importorskip("yaml", reason="needs pyyaml (the test extra)")
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "collector-config.yaml"

@@ -110,9 +110,8 @@ def run_workload(processor: Any, tracer: Any, user: str) -> None:
             refused("big-model", "anthropic", 1000, 500)  # $2 > $0.8: trace / limit
         with tracer.start_as_current_span("run-e"):
             refused(UNKNOWN_MODEL, "openai", 10, 10)  # unknown / unknown_model
-        with tracer.start_as_current_span("run-f"):
-            with web_search:  # no threshold left to cross: the last thing recorded is a cost
-                pass
+        with tracer.start_as_current_span("run-f"), web_search:
+            pass  # no threshold left to cross: the last thing this run records is a cost
 
 
 # -- the dashboard ------------------------------------------------------------------------------
@@ -211,7 +210,7 @@ def expected(title: str, ref: str, span_s: float) -> dict[tuple[tuple[str, str],
         ("Tokens by type (per hour)", "A"): per_hour(tokens_by_type),
         ("Tokens by model and type in range", "A"): increase({
             (("gen_ai_request_model", m), ("gen_ai_token_type", t)): n for (m, t), n in RUN_TOKENS.items()
-        }),  # fmt: skip
+        }),
         # A ratio of rates: the stretch cancels; every call of a model is in one bucket.
         ("LLM call latency p95 by model", "A"): {(("gen_ai_request_model", m),): q for m, q in P95.items()},
         # Produced only by the Collector's connectors (collector-config.yaml):

@@ -5,6 +5,13 @@ pause across processes, a server killed, frozen (SIGSTOP) or gone, degraded mode
 A real ``redis-server`` is started on a free 127.0.0.1 port (tests/redis_server.py); tests
 that need one skip with a clear reason when the binary is missing. Each test gets its own
 key prefix, so tests share one server without flushing it.
+
+fakeredis (with lupa) runs the same behaviour tests, but it is not the reference
+(shared/notes/backends.md §1.6): it exposes ``os.*`` to scripts where Redis 7 does not, lacks
+``bit.*``, cannot load shebang flags, words its errors differently, and one script that
+writes a global poisons every later script on the same FakeServer. Hence: a script lint
+below (no os./bit./shebang/globals), a fresh FakeServer per store, no assertion on error
+texts, and every failure-mode test on the real server only.
 """
 
 from __future__ import annotations
@@ -786,6 +793,28 @@ def test_frozen_server_bounded_calls_no_lost_spend_no_double_count(
     finally:
         private_server.thaw()
         store.close()
+
+
+def test_frozen_server_through_the_processor_fail_closed_is_fast(
+    private_server: RedisServer, make_processor: Any, tracer: Any
+) -> None:
+    storage = RedisStorage(private_server.url, prefix=unique_prefix(), breaker_failures=2,
+                           breaker_reset_seconds=0.2, **FAST)  # fmt: skip
+    make_processor(max_usd=1.0, storage=storage, failure_policy="fail_closed")
+    with tracer.start_as_current_span("agent"):
+        llm_call(tracer, 0.1)
+        private_server.freeze()
+        try:
+            for _ in range(4):
+                took, result = _elapsed(lambda: llm_call(tracer, 0.1))
+                assert isinstance(result, BudgetExceededError), result
+                assert result.reason == "internal_error"
+                assert took < bound_of(storage)  # redis-py's defaults: 59.5 s
+        finally:
+            private_server.thaw()
+        time.sleep(0.25)
+        llm_call(tracer, 0.1)  # back to normal
+    assert storage.flush(timeout=10)
 
 
 def test_fallback_degrades_to_a_local_ledger_and_recovers(

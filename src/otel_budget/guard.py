@@ -161,13 +161,17 @@ def begin_call(
     try:
         ctx = span.get_span_context()
         charge = None
-        if ctx.is_valid:
+        if ctx.is_valid and span.is_recording():
             lease = lease_id_of(ctx.trace_id, ctx.span_id)
             charge = engine.open_charge(lease)
             trace_id = ctx.trace_id
         else:
+            # Not a real span of its own: the API's no-op tracer hands back the *parent's*
+            # context, so its id would be shared by every call under that parent.
             lease = engine.new_lease_id()
-            trace_id = parent_ctx.trace_id if parent_ctx.is_valid else 0
+            trace_id = ctx.trace_id if ctx.is_valid else (
+                parent_ctx.trace_id if parent_ctx.is_valid else 0
+            )
         if charge is None:
             charge = engine.reserve(
                 lease, trace_id, not parent_ctx.is_valid, attributes, projected_nanos,

@@ -48,6 +48,8 @@ def scope_kind(key: str) -> str:
         return "budget"
     if key == "process":
         return "process"
+    if key == "*":
+        return "global"  # the global kill switch
     return key.split(":", 1)[0] or "unknown"
 
 
@@ -109,7 +111,7 @@ class BudgetMetrics:
     def record_remaining(self, scope_key: str, remaining_usd: float) -> None:
         """Remember a named scope's remaining budget for the gauge (bounded)."""
         kind = scope_kind(scope_key)
-        if kind in ("trace", "budget"):
+        if kind in ("trace", "budget", "session"):
             return  # per-run scopes would be unbounded cardinality
         base = scope_key.split("@", 1)[0]
         with self._lock:

@@ -125,6 +125,10 @@ end
 local function incr(h, field, amount, sign)
   if amount ~= '0' then redis.call('HINCRBY', h, field, sign .. amount) end
 end
+-- A scope's spec, one ARGV: '<limit>:<lower_only 0|1>:<ttl ms, 0: none>'.
+local function spec(text)
+  return string.match(text, '^(%d+):([01]):(%d+)$')
+end
 -- Find or create a scope and apply the caller's limit: trace scopes only go down, named
 -- scopes follow the caller unless an operator override ('olimit') is stored.
 local function resolve(h, lim, lower, ttl)
@@ -150,13 +154,16 @@ end
 """
 
 # KEYS: pause set, lease record, then (scope hash, scope lease zset) per scope.
-# ARGV: lease, amount, lease_ms, clock offset ms, record ttl ms, sweep max, scope keys json,
-#       want usage (0/1), number of pause keys, pause keys..., then per scope:
-#       name, limit, lower_only (0/1), ttl ms (0: none).
+# ARGV: lease, amount, '<lease ms>:<clock offset ms>:<record ttl ms>:<sweep max>:<want usage>',
+#       scope keys json, number of pause keys, pause keys..., then one spec per scope.
+# (Few arguments: packing them is most of the client's CPU time per call.)
 _RESERVE = _HELPERS + r"""
-local now = now_ms(ARGV[4])
+local lease_ms, offset, record_ms, sweep, want =
+  string.match(ARGV[3], '^(%d+):(-?%d+):(%d+):(%d+):([01])$')
+lease_ms = tonumber(lease_ms)
+sweep = tonumber(sweep)
+local now = now_ms(offset)
 local n = (#KEYS - 2) / 2
-local sweep = tonumber(ARGV[6])
 local swept = 0
 for i = 1, n do
   local h, z = KEYS[1 + 2 * i], KEYS[2 + 2 * i]
@@ -172,27 +179,27 @@ for i = 1, n do
   end
 end
 if redis.call('EXISTS', KEYS[2]) == 1 then return {'dup', swept} end
-local np = tonumber(ARGV[9])
+local np = tonumber(ARGV[5])
 if np > 0 and redis.call('SCARD', KEYS[1]) > 0 then
-  for j = 10, 9 + np do
+  for j = 6, 5 + np do
     if redis.call('SISMEMBER', KEYS[1], ARGV[j]) == 1 then return {'paused', swept, ARGV[j]} end
   end
 end
-local base = 9 + np
+local base = 5 + np
 local amount = tonumber(ARGV[2])
-local lease_ms = tonumber(ARGV[3])
 local usage = {}
+local ttls = {}
 for i = 1, n do
-  local o = base + (i - 1) * 4
-  local h = KEYS[1 + 2 * i]
-  local limit, spent, reserved = resolve(h, ARGV[o + 2], ARGV[o + 3], ARGV[o + 4])
+  local lim, lower, ttl = spec(ARGV[base + i])
+  local limit, spent, reserved = resolve(KEYS[1 + 2 * i], lim, lower, ttl)
   usage[i] = {limit, spent, reserved}
+  ttls[i] = tonumber(ttl)
 end
 for i = 1, n do
   local u = usage[i]
   if tonumber(u[2]) + tonumber(u[3]) + amount > tonumber(u[1]) then
-    for j = 1, n do touch(KEYS[1 + 2 * j], tonumber(ARGV[base + (j - 1) * 4 + 4])) end
-    return {'denied', swept, ARGV[base + (i - 1) * 4 + 1], u[1], u[2], u[3]}
+    for j = 1, n do touch(KEYS[1 + 2 * j], ttls[j]) end
+    return {'denied', swept, i, u[1], u[2], u[3]}
   end
 end
 local deadline = string.format('%d', now + lease_ms)
@@ -202,22 +209,22 @@ for i = 1, n do
   local h, z = KEYS[1 + 2 * i], KEYS[2 + 2 * i]
   incr(h, 'reserved', ARGV[2], '')
   redis.call('ZADD', z, deadline, member)
-  local ttl = tonumber(ARGV[base + (i - 1) * 4 + 4])
+  local ttl = ttls[i]
   if ttl > 0 then
     local keep = math.max(ttl, lease_ms)
     touch(h, keep)
     touch(z, keep)
   end
-  if ARGV[8] == '1' then
+  if want == '1' then
     local u = usage[i]
     out[#out + 1] = u[1]
     out[#out + 1] = u[2]
     out[#out + 1] = string.format('%d', tonumber(u[3]) + amount)
   end
 end
-redis.call('HSET', KEYS[2], 'a', ARGV[2], 'st', 'r', 'k', ARGV[7], 'dl', deadline)
-redis.call('PEXPIRE', KEYS[2], ARGV[5])
-if ARGV[8] == '1' and redis.call('SCARD', KEYS[1]) > 0 then
+redis.call('HSET', KEYS[2], 'a', ARGV[2], 'st', 'r', 'k', ARGV[4], 'dl', deadline)
+redis.call('PEXPIRE', KEYS[2], record_ms)
+if want == '1' and redis.call('SCARD', KEYS[1]) > 0 then
   out[3] = table.concat(redis.call('SMEMBERS', KEYS[1]), '\n')
 end
 return out
@@ -226,6 +233,8 @@ return out
 # KEYS: lease record, then (scope hash, scope lease zset) per scope.
 # ARGV: lease, mode ('c' commit, 'r' release, 't' release leaving a tombstone), actual,
 #       settled ttl ms.
+# Returns 'dup', or one string: status, amount, then index limit spent reserved per scope
+# that still exists (one string: parsing a long reply array costs the client more).
 _SETTLE = _HELPERS + r"""
 local st = redis.call('HGET', KEYS[1], 'st')
 if not st then
@@ -233,9 +242,9 @@ if not st then
     redis.call('HSET', KEYS[1], 'st', 't')
     redis.call('PEXPIRE', KEYS[1], ARGV[4])
   end
-  return {'dup'}
+  return 'dup'
 end
-if st ~= 'r' then return {'dup'} end
+if st ~= 'r' then return 'dup' end
 local a = redis.call('HGET', KEYS[1], 'a')
 local member = ARGV[1] .. '|' .. a
 local commit = ARGV[2] == 'c'
@@ -269,20 +278,20 @@ else
   redis.call('HSET', KEYS[1], 'st', 'x')
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
-return out
+return table.concat(out, ' ')
 """
 
 # KEYS: lease record, then one scope hash per scope.
-# ARGV: lease, amount, settled ttl ms, then per scope: name, limit, lower_only, ttl ms.
+# ARGV: lease, amount, settled ttl ms, then one spec per scope.
 _CHARGE = _HELPERS + r"""
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'dup'} end
 local out = {'ok'}
 for i = 2, #KEYS do
-  local o = 3 + (i - 2) * 4
   local h = KEYS[i]
-  resolve(h, ARGV[o + 2], ARGV[o + 3], ARGV[o + 4])
+  local lim, lower, ttl = spec(ARGV[2 + i])
+  resolve(h, lim, lower, ttl)
   incr(h, 'spent', ARGV[2], '')
-  touch(h, tonumber(ARGV[o + 4]))
+  touch(h, tonumber(ttl))
   local u = redis.call('HMGET', h, 'limit', 'spent', 'reserved')
   out[#out + 1] = u[1]
   out[#out + 1] = u[2]
@@ -400,6 +409,13 @@ def _ttl_ms(ttl: float | None) -> int:
     if ttl is None:
         return 0
     return max(1, math.ceil(ttl * 1000))
+
+
+def _spec(scope: ScopeLimit) -> str:
+    limit = int(scope.limit)
+    if limit < 0:
+        raise ValueError(f"scope {scope.key!r} has a negative limit")
+    return f"{limit}:{1 if scope.lower_only else 0}:{_ttl_ms(scope.ttl)}"
 
 
 def redact(url: str) -> str:
@@ -649,16 +665,15 @@ class RedisStorage(LedgerStorage):
     ) -> Any:  # fmt: skip
         keys = [self._pause_key, self._rkey(name)]
         keys.extend(self._scope_keys([s.key for s in scopes]))
+        config = (
+            f"{self._lease_ms}:{self._clock_offset_ms}:{self._record_ms}:{self._sweep}:"
+            f"{1 if want else 0}"
+        )
         args: list[Any] = [
-            name, str(amount), self._lease_ms, self._clock_offset_ms, self._record_ms,
-            self._sweep, json.dumps([s.key for s in scopes]), "1" if want else "0",
+            name, str(amount), config, json.dumps([s.key for s in scopes]),
             len(pause_keys) + 1, GLOBAL_PAUSE_KEY, *pause_keys,
         ]  # fmt: skip
-        for spec in scopes:
-            args.extend(
-                (spec.key, str(int(spec.limit)), "1" if spec.lower_only else "0",
-                 _ttl_ms(spec.ttl))
-            )  # fmt: skip
+        args.extend(_spec(s) for s in scopes)
         return self._scripts["reserve"](keys=keys, args=args, client=self.client)
 
     def _settle_once(self, name: str, keys: Sequence[str] | None, mode: str, actual: int) -> Any:
@@ -669,16 +684,12 @@ class RedisStorage(LedgerStorage):
         reply = self._scripts["settle"](
             keys=redis_keys, args=[name, mode, str(actual), self._settled_ms], client=self.client
         )
-        return [keys, *reply]
+        return [keys, *_text(reply).split(" ")]
 
     def _charge_once(self, name: str, specs: Sequence[ScopeLimit], amount: int) -> Any:
         keys = [self._rkey(name), *(self.scope_key(s.key) for s in specs)]
         args: list[Any] = [name, str(amount), self._settled_ms]
-        for spec in specs:
-            args.extend(
-                (spec.key, str(int(spec.limit)), "1" if spec.lower_only else "0",
-                 _ttl_ms(spec.ttl))
-            )  # fmt: skip
+        args.extend(_spec(s) for s in specs)
         return self._scripts["charge"](keys=keys, args=args, client=self.client)
 
     # -- degraded mode -----------------------------------------------------------------------
@@ -793,7 +804,8 @@ class RedisStorage(LedgerStorage):
             return ReserveResult(ReserveStatus.OK)
         if status == "paused":
             return ReserveResult(ReserveStatus.PAUSED, ScopeUsage(_text(reply[2]), 0, 0, 0))
-        usage = ScopeUsage(_text(reply[2]), int(reply[3]), int(reply[4]), int(reply[5]))
+        usage = ScopeUsage(scopes[int(reply[2]) - 1].key, int(reply[3]), int(reply[4]),
+                           int(reply[5]))  # fmt: skip
         self._remember([usage])
         return ReserveResult(ReserveStatus.DENIED, usage)
 

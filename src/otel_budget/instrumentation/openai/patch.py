@@ -166,6 +166,8 @@ def responses_usage(usage: Any) -> TokenUsage | None:
 def _parsed(result: Any) -> Any:
     """``with_raw_response`` returns an HTTP wrapper; its parsed body carries the usage."""
     if _get(result, "usage") is None and hasattr(result, "http_response") and hasattr(result, "parse"):
+        if inspect.iscoroutinefunction(result.parse):
+            return None  # AsyncAPIResponse: parsed (awaited) by the async wrapper, or not at all
         try:
             return result.parse()
         except Exception:
@@ -607,7 +609,10 @@ def make_async_wrapper(
                         raw_class = _AsyncRawStreamResponse if async_parse else _RawStreamResponse
                         return raw_class(result, proxy)
                 elif async_parse:
-                    body = await result.parse()  # cached: the caller's parse() gets the same
+                    try:
+                        body = await result.parse()  # cached: the caller's parse() gets the same
+                    except Exception:
+                        body = None  # the caller's own parse() raises it; charged as estimated
         except BaseException as exc:
             call.fail(exc)
             raise
