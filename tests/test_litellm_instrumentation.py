@@ -328,7 +328,9 @@ def test_stream_closed_early_is_settled_from_what_was_streamed(
     for span in spans:
         assert span.end_time is not None
         assert span.attributes[attrs.COST_USD] > 0  # input + what was streamed, never zero
-        assert span.attributes[attrs.COST_USD] < span.attributes[attrs.COST_PROJECTED_USD]
+        # Closed early without usage: charged its reservation (the provider may have generated
+        # more than was read), never more.
+        assert span.attributes[attrs.COST_USD] <= span.attributes[attrs.COST_PROJECTED_USD]
 
 
 # -- exactly once ------------------------------------------------------------------------------

@@ -127,9 +127,11 @@ class LLMCall:
         response_model: str | None = None,
         output_text: str | None = None,
         output_units: int = 0,
+        floor_nanos: int = 0,
     ) -> None:
         """Commit the actual cost. Without usage (the provider did not report it), the cost
-        is estimated from the input estimate and the output seen, never zero."""
+        is estimated from the input estimate and the output seen, never zero, and never
+        below ``floor_nanos`` (a stream left early is charged its reservation)."""
         out: dict[str, Any] = dict(response_attributes or {})
         try:
             if usage is None:
@@ -143,6 +145,8 @@ class LLMCall:
                 if self.processor is not None:
                     self.processor.engine.log_once("price after call", exc)
                 actual = self.budgeted.projected_nanos
+            if actual < floor_nanos:
+                actual = floor_nanos
         except Exception as exc:
             if self.processor is not None:
                 self.processor.engine.internal_error("LLMCall.succeed", exc)
@@ -308,9 +312,10 @@ def start_call(
                     processor, request, request.model, estimate.tokens, cap * choices
                 ).nanos
         if request.output_param is not None:
-            span_attributes[attrs.GEN_AI_REQUEST_MAX_TOKENS] = out_tokens
-            if assumed:
+            if assumed:  # projected with a default the request does not carry
                 span_attributes[attrs.COST_OUTPUT_ASSUMED] = True
+            else:
+                span_attributes[attrs.GEN_AI_REQUEST_MAX_TOKENS] = out_tokens
     except BudgetExceededError:
         raise
     except ValueError as exc:
@@ -322,7 +327,7 @@ def start_call(
         if error is not None:
             refusal = error
     if refusal is not None:
-        span_attributes[attrs.COST_PROJECTED_USD] = 0.0
+        # (No projected cost on this span: the processor must not reserve it again.)
         span = tracer.start_span(span_name, kind=SpanKind.CLIENT, attributes=span_attributes)
         mark_refused(span, refusal)
         raise refusal

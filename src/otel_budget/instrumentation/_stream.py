@@ -44,15 +44,23 @@ class Accumulator(Protocol):
     def attributes(self) -> dict[str, Any]: ...
 
 
-def settle(call: LLMCall, acc: Accumulator, error: BaseException | None) -> None:
-    """Settle a stream's call once; never raises (it may run in a finalizer)."""
+def settle(
+    call: LLMCall, acc: Accumulator, error: BaseException | None, complete: bool = True
+) -> None:
+    """Settle a stream's call once; never raises (it may run in a finalizer).
+
+    ``complete=False`` (closed early, left, abandoned): without usage, what the caller read
+    under-states the bill (SDKs buffer ahead, and a provider may keep generating after the
+    client stops reading), so the call is charged at least its reservation.
+    """
     if call.done:
         return
     try:
         if error is None:
+            floor = 0 if complete or acc.usage is not None else call.budgeted.projected_nanos
             call.succeed(
                 acc.usage, acc.attributes(), response_model=acc.response_model,
-                output_text=acc.text(), output_units=acc.units,
+                output_text=acc.text(), output_units=acc.units, floor_nanos=floor,
             )  # fmt: skip
         else:
             call.fail_after_output(error, acc.usage, acc.text(), acc.units)
@@ -62,7 +70,7 @@ def settle(call: LLMCall, acc: Accumulator, error: BaseException | None) -> None
 
 
 def _settle_abandoned(call: LLMCall, acc: Accumulator) -> None:
-    settle(call, acc, None)
+    settle(call, acc, None, complete=False)
 
 
 def _feed(call: LLMCall, acc: Accumulator, item: Any) -> None:
@@ -82,9 +90,9 @@ class SyncStreamProxy(wrapt.ObjectProxy):  # type: ignore[misc]
         self._self_acc = acc
         self._self_finalizer = weakref.finalize(self, _settle_abandoned, call, acc)
 
-    def _self_end(self, error: BaseException | None) -> None:
+    def _self_end(self, error: BaseException | None, complete: bool = True) -> None:
         self._self_finalizer.detach()
-        settle(self._self_call, self._self_acc, error)
+        settle(self._self_call, self._self_acc, error, complete)
 
     def __iter__(self) -> SyncStreamProxy:
         return self
@@ -114,13 +122,13 @@ class SyncStreamProxy(wrapt.ObjectProxy):  # type: ignore[misc]
         finally:
             # An exception here is the caller's own (stream errors settle in __next__):
             # the call itself ended early, not in error.
-            self._self_end(None)
+            self._self_end(None, complete=False)
 
     def close(self) -> None:
         try:
             self.__wrapped__.close()
         finally:
-            self._self_end(None)
+            self._self_end(None, complete=False)
 
 
 class AsyncStreamProxy(wrapt.ObjectProxy):  # type: ignore[misc]
@@ -132,9 +140,9 @@ class AsyncStreamProxy(wrapt.ObjectProxy):  # type: ignore[misc]
         self._self_acc = acc
         self._self_finalizer = weakref.finalize(self, _settle_abandoned, call, acc)
 
-    def _self_end(self, error: BaseException | None) -> None:
+    def _self_end(self, error: BaseException | None, complete: bool = True) -> None:
         self._self_finalizer.detach()
-        settle(self._self_call, self._self_acc, error)
+        settle(self._self_call, self._self_acc, error, complete)
 
     def __aiter__(self) -> AsyncStreamProxy:
         return self
@@ -162,7 +170,7 @@ class AsyncStreamProxy(wrapt.ObjectProxy):  # type: ignore[misc]
             leave = getattr(self.__wrapped__, "__aexit__", None)
             return await leave(exc_type, exc, tb) if leave is not None else None
         finally:
-            self._self_end(None)  # the caller's exception, not the call's (see __exit__)
+            self._self_end(None, complete=False)  # the caller's exception (see __exit__)
 
     async def close(self) -> None:
         try:
@@ -170,7 +178,7 @@ class AsyncStreamProxy(wrapt.ObjectProxy):  # type: ignore[misc]
             if inspect.isawaitable(result):  # some SDK streams close synchronously
                 await result
         finally:
-            self._self_end(None)
+            self._self_end(None, complete=False)
 
     async def aclose(self) -> None:
         try:
@@ -179,4 +187,4 @@ class AsyncStreamProxy(wrapt.ObjectProxy):  # type: ignore[misc]
             if inspect.isawaitable(result):
                 await result
         finally:
-            self._self_end(None)
+            self._self_end(None, complete=False)

@@ -409,13 +409,13 @@ class AsyncLiteLLMStream(AsyncStreamProxy):
         try:
             self.__wrapped__.close()
         finally:
-            self._self_end(None)
+            self._self_end(None, complete=False)
 
     async def aclose(self) -> None:
         try:
             await self.__wrapped__.aclose()
         finally:
-            self._self_end(None)
+            self._self_end(None, complete=False)
 
 
 def _prepare_stream(params: dict[str, Any]) -> bool:

@@ -327,7 +327,7 @@ def _close_sync(stream: Any) -> None:
     if isinstance(stream, SyncStreamProxy):
         stream.close()
     else:
-        stream._self_end(None)
+        stream._self_end(None, complete=False)
 
 
 def _usage_only(chunk: Any) -> bool:
