@@ -11,9 +11,8 @@ from typing import Any
 
 import pytest
 
-from otel_budget import BudgetExceededError, BudgetInstrumentor
-from otel_budget.config import libraries_from_env, parse_scopes, settings_from_env
-from otel_budget.pricing import ModelPrice
+from otel_budget import BudgetInstrumentor
+from otel_budget.config import libraries_from_env, settings_from_env
 from otel_budget.testing import FakeLLMServer
 
 openai = pytest.importorskip("openai")

@@ -32,7 +32,6 @@ span carrying the metered span's context (its trace headers still propagate). Pa
 
 from __future__ import annotations
 
-import json
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -50,6 +49,10 @@ from otel_budget.instrumentation._call import (
     start_call,
     substitute_or_raise,
 )
+from otel_budget.instrumentation._util import content_attribute as _content_attribute
+from otel_budget.instrumentation._util import get as _get
+from otel_budget.instrumentation._util import given as _given
+from otel_budget.instrumentation._util import nonneg_int as _int
 from otel_budget.instrumentation._stream import AsyncStreamProxy, SyncStreamProxy
 from otel_budget.pricing import TokenUsage
 from otel_budget.tokens import bytes_rule, estimate_input_tokens
@@ -68,41 +71,6 @@ class StreamManagerNotEnteredError(Exception):
 
 
 # -- small readers ---------------------------------------------------------------------------
-def _given(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """kwargs without the SDK's ``omit`` / ``NOT_GIVEN`` sentinels."""
-    return {k: v for k, v in kwargs.items() if type(v).__name__ not in ("Omit", "NotGiven")}
-
-
-def _get(obj: Any, name: str) -> Any:
-    if obj is None:
-        return None
-    if isinstance(obj, dict):
-        return obj.get(name)
-    return getattr(obj, name, None)
-
-
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
-
-
-def _content_attribute(value: Any) -> str:
-    try:
-        return json.dumps(value, default=_jsonable, ensure_ascii=False)
-    except Exception:
-        return str(value)
-
-
-def _jsonable(value: Any) -> Any:
-    dump = getattr(value, "model_dump", None)
-    if callable(dump):
-        try:
-            return dump(mode="json", exclude_none=True)
-        except Exception:
-            pass
-    if isinstance(value, (set, frozenset, tuple)):
-        return list(value)
-    return str(value)  # never iterate anything else: an iterator is the SDK's to consume
-
 
 def _client_info(instance: Any) -> tuple[str, str | None, int | None]:
     """(provider, server.address, server.port) of a resource's client. Bedrock and Vertex

@@ -15,7 +15,6 @@ This module never imports litellm: the instrumentor wraps it once it is imported
 from __future__ import annotations
 
 import inspect
-import json
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,6 +31,11 @@ from otel_budget.instrumentation._call import (
     start_call,
     substitute_or_raise,
 )
+from otel_budget.instrumentation._util import ChatChunkAccumulator
+from otel_budget.instrumentation._util import content_attribute as _content_attribute
+from otel_budget.instrumentation._util import get as _get
+from otel_budget.instrumentation._util import nonneg_int as _int
+from otel_budget.instrumentation._util import usage_only as _usage_only
 from otel_budget.instrumentation._stream import AsyncStreamProxy, SyncStreamProxy
 from otel_budget.pricing import TokenUsage
 from otel_budget.processor import get_active_processor
@@ -83,28 +87,6 @@ _ASYNC_FLAGS = {KIND_CHAT: "acompletion", KIND_EMBEDDINGS: "aembedding"}
 
 
 # -- small readers ---------------------------------------------------------------------------
-def _get(obj: Any, name: str) -> Any:
-    if obj is None:
-        return None
-    if isinstance(obj, dict):
-        return obj.get(name)
-    try:
-        return getattr(obj, name, None)
-    except Exception:  # pydantic models may raise something else for unknown fields
-        return None
-
-
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
-
-
-def _content_attribute(value: Any) -> str:
-    try:
-        return json.dumps(value, default=str, ensure_ascii=False)
-    except Exception:
-        return str(value)
-
-
 def _provider_ids() -> frozenset[str]:
     """litellm's provider ids (``litellm.provider_list``), read once litellm is imported."""
     global _PROVIDER_IDS
@@ -317,70 +299,10 @@ def _settle_response(call: LLMCall, result: Any, kind: str) -> None:
 
 
 # -- streams ---------------------------------------------------------------------------------
-class StreamAccumulator:
-    """Reads litellm ``ModelResponseStream`` chunks (OpenAI chunk shape, for every provider)."""
-
-    __slots__ = ("usage", "response_model", "units", "_parts", "_id", "_reasons")
-
-    def __init__(self) -> None:
-        self.usage: TokenUsage | None = None
-        self.response_model: str | None = None
-        self.units = 0
-        self._parts: list[str] = []
-        self._id: str | None = None
-        self._reasons: list[str] = []
-
-    def add(self, chunk: Any) -> None:
-        if self._id is None:
-            rid = _get(chunk, "id")
-            self._id = rid if isinstance(rid, str) else None
-            model = _get(chunk, "model")
-            self.response_model = model if isinstance(model, str) and model else None
-        for choice in _get(chunk, "choices") or ():
-            delta = _get(choice, "delta")
-            for text in (_get(delta, "content"), _get(delta, "reasoning_content"), _get(delta, "refusal")):
-                if isinstance(text, str) and text:
-                    self._parts.append(text)
-                    self.units += 1
-            for tool_call in _get(delta, "tool_calls") or ():
-                arguments = _get(_get(tool_call, "function"), "arguments")
-                if isinstance(arguments, str) and arguments:
-                    self._parts.append(arguments)
-                    self.units += 1
-            reason = _get(choice, "finish_reason")
-            if isinstance(reason, str):
-                self._reasons.append(reason)
-        usage = _get(chunk, "usage")
-        if usage is not None:
-            self.usage = litellm_usage(usage)
-
-    def text(self) -> str:
-        return "".join(self._parts)
-
-    def attributes(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        if self._id:
-            out[attrs.GEN_AI_RESPONSE_ID] = self._id
-        if self.response_model:
-            out[attrs.GEN_AI_RESPONSE_MODEL] = self.response_model
-        if self._reasons:
-            out[attrs.GEN_AI_RESPONSE_FINISH_REASONS] = self._reasons
-        if capture_content() and self._parts:
-            out["gen_ai.output.messages"] = _content_attribute(
-                [{"role": "assistant", "parts": [{"type": "text", "content": self.text()}]}]
-            )
-        return out
-
-
-def _usage_only(chunk: Any) -> bool:
-    """The trailing chunk ``stream_options.include_usage`` adds: usage and no choices."""
-    return _get(chunk, "usage") is not None and not (_get(chunk, "choices") or ())
-
-
 class LiteLLMStream(SyncStreamProxy):
     """A sync ``CustomStreamWrapper``; hides the usage chunk we asked for, if the caller did not."""
 
-    def __init__(self, stream: Any, call: LLMCall, acc: StreamAccumulator, hide_usage: bool) -> None:
+    def __init__(self, stream: Any, call: LLMCall, acc: ChatChunkAccumulator, hide_usage: bool) -> None:
         super().__init__(stream, call, acc)
         self._self_hide_usage = hide_usage
 
@@ -395,7 +317,7 @@ class AsyncLiteLLMStream(AsyncStreamProxy):
     """An async ``CustomStreamWrapper``: ``async for``, ``async with``, ``aclose()``, and its
     synchronous ``close()``."""
 
-    def __init__(self, stream: Any, call: LLMCall, acc: StreamAccumulator, hide_usage: bool) -> None:
+    def __init__(self, stream: Any, call: LLMCall, acc: ChatChunkAccumulator, hide_usage: bool) -> None:
         super().__init__(stream, call, acc)
         self._self_hide_usage = hide_usage
 
@@ -495,9 +417,9 @@ def _begin(
 def _after(call: LLMCall, result: Any, kind: str, hide: bool, asynchronous: bool) -> Any:
     if call.request.stream:
         if asynchronous and hasattr(result, "__anext__"):
-            return AsyncLiteLLMStream(result, call, StreamAccumulator(), hide)
+            return AsyncLiteLLMStream(result, call, ChatChunkAccumulator(litellm_usage, ("content", "reasoning_content", "refusal"), capture_content()), hide)
         if not asynchronous and hasattr(result, "__next__"):
-            return LiteLLMStream(result, call, StreamAccumulator(), hide)
+            return LiteLLMStream(result, call, ChatChunkAccumulator(litellm_usage, ("content", "reasoning_content", "refusal"), capture_content()), hide)
     _settle_response(call, result, kind)
     return result
 

@@ -17,7 +17,6 @@ not passed on: the caller sees the stream it asked for, and the usual
 from __future__ import annotations
 
 import inspect
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +33,12 @@ from otel_budget.instrumentation._call import (
     start_call,
     substitute_or_raise,
 )
+from otel_budget.instrumentation._util import ChatChunkAccumulator
+from otel_budget.instrumentation._util import content_attribute as _content_attribute
+from otel_budget.instrumentation._util import get as _get
+from otel_budget.instrumentation._util import given as _given
+from otel_budget.instrumentation._util import nonneg_int as _int
+from otel_budget.instrumentation._util import usage_only as _usage_only
 from otel_budget.instrumentation._stream import AsyncStreamProxy, SyncStreamProxy
 from otel_budget.pricing import TokenUsage
 from otel_budget.processor import get_active_processor
@@ -49,18 +54,6 @@ _REQUEST_ATTRIBUTES = {
     "presence_penalty": "gen_ai.request.presence_penalty",
     "seed": "gen_ai.request.seed",
 }
-
-
-def _given(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """kwargs without the SDK's ``omit`` / ``NOT_GIVEN`` sentinels (its helpers pass every
-    parameter, given or not)."""
-    out = {}
-    for key, value in kwargs.items():
-        kind = type(value).__name__
-        if kind in ("Omit", "NotGiven"):
-            continue
-        out[key] = value
-    return out
 
 
 def _is_azure(client: Any) -> bool:
@@ -109,25 +102,6 @@ def _common_attributes(params: dict[str, Any]) -> dict[str, Any]:
     if params.get("stream"):
         out["gen_ai.request.stream"] = True
     return out
-
-
-def _content_attribute(value: Any) -> str:
-    try:
-        return json.dumps(value, default=str, ensure_ascii=False)
-    except Exception:
-        return str(value)
-
-
-def _get(obj: Any, name: str) -> Any:
-    if obj is None:
-        return None
-    if isinstance(obj, dict):
-        return obj.get(name)
-    return getattr(obj, name, None)
-
-
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 def _choices(params: dict[str, Any], *names: str) -> int:
@@ -201,58 +175,6 @@ def _response_attributes(result: Any, choices: bool) -> dict[str, Any]:
 
 
 # -- stream accumulators ---------------------------------------------------------------------
-class ChatAccumulator:
-    __slots__ = ("usage", "response_model", "units", "_parts", "_id", "_reasons")
-
-    def __init__(self) -> None:
-        self.usage: TokenUsage | None = None
-        self.response_model: str | None = None
-        self.units = 0
-        self._parts: list[str] = []
-        self._id: str | None = None
-        self._reasons: list[str] = []
-
-    def add(self, chunk: Any) -> None:
-        if self._id is None:
-            self._id = _get(chunk, "id")
-            self.response_model = _get(chunk, "model")
-        for choice in _get(chunk, "choices") or ():
-            delta = _get(choice, "delta")
-            # chat: delta.content / delta.refusal; legacy completions: choice.text
-            for text in (_get(delta, "content"), _get(delta, "refusal"), _get(choice, "text")):
-                if isinstance(text, str) and text:
-                    self._parts.append(text)
-                    self.units += 1
-            for tool_call in _get(delta, "tool_calls") or ():
-                arguments = _get(_get(tool_call, "function"), "arguments")
-                if isinstance(arguments, str) and arguments:
-                    self._parts.append(arguments)
-                    self.units += 1
-            reason = _get(choice, "finish_reason")
-            if isinstance(reason, str):
-                self._reasons.append(reason)
-        usage = _get(chunk, "usage")
-        if usage is not None:
-            self.usage = chat_usage(usage)
-
-    def text(self) -> str:
-        return "".join(self._parts)
-
-    def attributes(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        if isinstance(self._id, str):
-            out[attrs.GEN_AI_RESPONSE_ID] = self._id
-        if isinstance(self.response_model, str):
-            out[attrs.GEN_AI_RESPONSE_MODEL] = self.response_model
-        if self._reasons:
-            out[attrs.GEN_AI_RESPONSE_FINISH_REASONS] = self._reasons
-        if capture_content() and self._parts:
-            out["gen_ai.output.messages"] = _content_attribute(
-                [{"role": "assistant", "parts": [{"type": "text", "content": self.text()}]}]
-            )
-        return out
-
-
 class ResponsesAccumulator:
     __slots__ = ("usage", "response_model", "units", "_parts", "_id", "_status")
 
@@ -330,11 +252,6 @@ def _close_sync(stream: Any) -> None:
         stream._self_end(None, complete=False)
 
 
-def _usage_only(chunk: Any) -> bool:
-    """The chunk ``include_usage`` adds at the end of a chat stream: usage, no choices."""
-    return not _get(chunk, "choices") and _get(chunk, "usage") is not None
-
-
 class _SyncStream(SyncStreamProxy):
     def __init__(self, stream: Any, call: LLMCall, acc: Any, hide_usage: bool = False) -> None:
         super().__init__(stream, call, acc)
@@ -408,7 +325,7 @@ def _is_raw(result: Any) -> bool:
 
 
 def _accumulator(kind: str) -> Any:
-    return ResponsesAccumulator() if kind == "responses" else ChatAccumulator()
+    return ResponsesAccumulator() if kind == "responses" else ChatChunkAccumulator(chat_usage, capture=capture_content())
 
 
 # -- request readers -------------------------------------------------------------------------

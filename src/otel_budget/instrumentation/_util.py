@@ -1,0 +1,142 @@
+"""Small readers shared by the provider patches: SDK objects and dicts alike.
+
+    usage = get(response, "usage")                  # works on a pydantic model or a dict
+    tokens = nonneg_int(get(usage, "prompt_tokens"))
+    params = given(kwargs)                          # without the SDKs' omit/NOT_GIVEN
+
+``ChatChunkAccumulator`` reads OpenAI-compatible chat stream chunks (the openai SDK's and
+LiteLLM's), for the stream proxies.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from otel_budget import attributes as attrs
+from otel_budget.pricing import TokenUsage
+
+_SENTINELS = ("Omit", "NotGiven")
+
+
+def given(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """kwargs without the SDKs' ``omit`` / ``NOT_GIVEN`` sentinels (their helpers pass every
+    parameter, given or not)."""
+    return {k: v for k, v in kwargs.items() if type(v).__name__ not in _SENTINELS}
+
+
+def is_given(value: Any) -> bool:
+    return value is not None and type(value).__name__ not in _SENTINELS
+
+
+def get(obj: Any, name: str) -> Any:
+    """``obj[name]`` for a dict, ``obj.name`` otherwise; None when absent or unreadable."""
+    if obj is None:
+        return None
+    if isinstance(obj, dict):
+        return obj.get(name)
+    try:
+        return getattr(obj, name, None)
+    except Exception:  # some pydantic models raise other errors for unknown fields
+        return None
+
+
+def nonneg_int(value: Any) -> int:
+    """A token count from a response: non-negative ints only (bools and garbage are 0)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _jsonable(value: Any) -> Any:
+    dump = getattr(value, "model_dump", None)
+    if callable(dump):
+        try:
+            return dump(mode="json", exclude_none=True)
+        except Exception:
+            pass
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    return str(value)  # never iterate anything else: an iterator is the SDK's to consume
+
+
+def content_attribute(value: Any) -> str:
+    """Messages as a JSON string attribute (only ever called when content capture is on)."""
+    try:
+        return json.dumps(value, default=_jsonable, ensure_ascii=False)
+    except Exception:
+        return str(value)
+
+
+def output_messages(text: str) -> str:
+    return content_attribute([{"role": "assistant", "parts": [{"type": "text", "content": text}]}])
+
+
+class ChatChunkAccumulator:
+    """Reads OpenAI-compatible chat completion chunks: text, tool-call arguments, finish
+    reasons, the final usage chunk. ``delta_fields`` name the delta keys holding text."""
+
+    __slots__ = ("usage", "response_model", "units", "_parts", "_id", "_reasons",
+                 "_read_usage", "_fields", "_capture")  # fmt: skip
+
+    def __init__(
+        self,
+        read_usage: Callable[[Any], TokenUsage | None],
+        delta_fields: tuple[str, ...] = ("content", "refusal"),
+        capture: bool = False,
+    ) -> None:
+        self.usage: TokenUsage | None = None
+        self.response_model: str | None = None
+        self.units = 0
+        self._parts: list[str] = []
+        self._id: str | None = None
+        self._reasons: list[str] = []
+        self._read_usage = read_usage
+        self._fields = delta_fields
+        self._capture = capture
+
+    def add(self, chunk: Any) -> None:
+        if self._id is None:
+            rid = get(chunk, "id")
+            self._id = rid if isinstance(rid, str) else None
+            model = get(chunk, "model")
+            self.response_model = model if isinstance(model, str) and model else None
+        for choice in get(chunk, "choices") or ():
+            delta = get(choice, "delta")
+            # chat: delta.<field>; legacy completions: choice.text
+            texts = [get(delta, name) for name in self._fields]
+            texts.append(get(choice, "text"))
+            for text in texts:
+                if isinstance(text, str) and text:
+                    self._parts.append(text)
+                    self.units += 1
+            for tool_call in get(delta, "tool_calls") or ():
+                arguments = get(get(tool_call, "function"), "arguments")
+                if isinstance(arguments, str) and arguments:
+                    self._parts.append(arguments)
+                    self.units += 1
+            reason = get(choice, "finish_reason")
+            if isinstance(reason, str):
+                self._reasons.append(reason)
+        usage = get(chunk, "usage")
+        if usage is not None:
+            self.usage = self._read_usage(usage)
+
+    def text(self) -> str:
+        return "".join(self._parts)
+
+    def attributes(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self._id:
+            out[attrs.GEN_AI_RESPONSE_ID] = self._id
+        if self.response_model:
+            out[attrs.GEN_AI_RESPONSE_MODEL] = self.response_model
+        if self._reasons:
+            out[attrs.GEN_AI_RESPONSE_FINISH_REASONS] = self._reasons
+        if self._capture and self._parts:
+            out["gen_ai.output.messages"] = output_messages(self.text())
+        return out
+
+
+def usage_only(chunk: Any) -> bool:
+    """The chunk ``include_usage`` adds at the end of a chat stream: usage, no choices."""
+    return not get(chunk, "choices") and get(chunk, "usage") is not None
