@@ -26,7 +26,7 @@ import os
 import sys
 from collections.abc import Sequence
 from decimal import Decimal
-from typing import Any, TextIO
+from typing import TextIO
 
 from otel_budget.money import parse_usd
 from otel_budget.storage import GLOBAL_PAUSE_KEY, LedgerStorage

@@ -110,6 +110,19 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any
         out["stream_include_usage"] = _bool(env.OTEL_BUDGET_STREAM_INCLUDE_USAGE, value)
     prices_file = get(env.OTEL_BUDGET_PRICES_FILE)
     unknown = get(env.OTEL_BUDGET_UNKNOWN_MODEL)
+    if (value := get(env.OTEL_BUDGET_REDIS_URL)) is not None:
+        from otel_budget.storage import MemoryStorage
+        from otel_budget.storage.redis import RedisStorage
+
+        fallback = get(env.OTEL_BUDGET_REDIS_FALLBACK)
+        if fallback is not None and fallback.strip() != "local":
+            raise ValueError(f"{env.OTEL_BUDGET_REDIS_FALLBACK}={fallback!r}: expected 'local' or unset")
+        try:
+            out["storage"] = RedisStorage(
+                value.strip(), fallback=MemoryStorage() if fallback is not None else None
+            )
+        except ValueError as exc:
+            raise ValueError(f"{env.OTEL_BUDGET_REDIS_URL}: {exc}") from None
     if prices_file is not None and unknown is not None:
         raise ValueError(
             f"set the unknown-model policy in {env.OTEL_BUDGET_PRICES_FILE} ('unknown_model') "

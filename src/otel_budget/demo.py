@@ -14,7 +14,6 @@ tree by default, the SDK's console exporter with ``--spans console``, or OTLP).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any

@@ -192,14 +192,16 @@ class BudgetEngine:
             self._traces[trace_id] = stats
             self._traces.move_to_end(trace_id)
 
-    def finish_trace(self, trace_id: int) -> TraceStats | None:
-        """The trace's local root ended: forget it here and in the ledger."""
+    def finish_trace(self, trace_id: int, evict: bool = True) -> TraceStats | None:
+        """The trace's local root ended: forget its totals here and, when it was the trace's
+        root (``evict``), its ledger scope."""
         with self._lock:
             stats = self._traces.pop(trace_id, None)
         if stats is not None:
             stats.ended = time.time()
             stats.root_span = None
-        self.storage.evict(trace_key(trace_id))
+        if evict:
+            self.storage.evict(trace_key(trace_id))
         return stats
 
     def new_lease_id(self) -> int:

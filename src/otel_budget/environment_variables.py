@@ -91,3 +91,19 @@ OTEL_BUDGET_INSTRUMENT = "OTEL_BUDGET_INSTRUMENT"
 Which libraries to instrument, comma separated (default: every supported one installed:
 ``openai,anthropic,litellm``).
 """
+
+OTEL_BUDGET_REDIS_URL = "OTEL_BUDGET_REDIS_URL"
+"""
+.. envvar:: OTEL_BUDGET_REDIS_URL
+
+A shared ledger on Redis (``redis://host:6379/0``; needs ``otel-budget[redis]``): every
+process using the same URL enforces the same budgets. Unset: the in-process ledger.
+"""
+
+OTEL_BUDGET_REDIS_FALLBACK = "OTEL_BUDGET_REDIS_FALLBACK"
+"""
+.. envvar:: OTEL_BUDGET_REDIS_FALLBACK
+
+``local``: while Redis is unreachable, keep enforcing on an in-process ledger (budgets become
+per process for the outage). Unset: the failure policy decides (fail_open / fail_closed).
+"""

@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from opentelemetry.context import Context
@@ -58,6 +58,15 @@ _ACTIVE: list[BudgetSpanProcessor] = []
 
 _ABORTED = "BudgetExceededError"
 _HUGE = 1e12  # USD; anything above goes through the strict parser (and its error)
+
+
+def _attribute_dict(span: Any) -> Mapping[str, Any]:
+    """A span's attributes for reading. The SDK keeps them in ``BoundedAttributes._dict``:
+    reading that plain dict directly saves ~0.5 us per lookup over the public mapping proxy,
+    and the processor makes about ten lookups per GenAI span. Falls back to the public API."""
+    bounded = getattr(span, "_attributes", None)
+    raw = getattr(bounded, "_dict", None)
+    return raw if type(raw) is dict else span.attributes
 
 
 def get_active_processor() -> BudgetSpanProcessor | None:
@@ -147,7 +156,7 @@ class BudgetSpanProcessor(SpanProcessor):
             parent = span.parent
             if parent is None or parent.is_remote:
                 self._track_root(span)
-            attributes = span.attributes
+            attributes = _attribute_dict(span)
             projected = attributes.get(attrs.COST_PROJECTED_USD)
             if projected is None:
                 if (
@@ -239,14 +248,17 @@ class BudgetSpanProcessor(SpanProcessor):
         if self._shutdown:
             return
         try:
-            attributes = span.attributes
+            attributes = _attribute_dict(span)
             operation = attributes.get(attrs.GEN_AI_OPERATION_NAME)
             ctx = span.context
             if operation is not None and ctx is not None:
                 self._settle_at_end(span, attributes, operation, ctx.trace_id, ctx.span_id)
             parent = span.parent
             if (parent is None or parent.is_remote) and ctx is not None:
-                self.engine.finish_trace(ctx.trace_id)
+                # Only the trace's true root ends the trace everywhere; a service's local root
+                # (remote parent) ends its part, while the trace may go on elsewhere on a
+                # shared ledger, or come back here: its ledger scope then expires by TTL.
+                self.engine.finish_trace(ctx.trace_id, evict=parent is None)
         except Exception as exc:  # never raise from on_end: it would break other exporters
             self.engine.internal_error("BudgetSpanProcessor.on_end", exc)
 

@@ -1,4 +1,4 @@
-"""Ledger storage: one small interface, an in-memory implementation (and Redis, later).
+"""Ledger storage: one small interface, an in-memory and a Redis implementation.
 
     >>> from otel_budget.storage import MemoryStorage, ScopeLimit
     >>> store = MemoryStorage()
@@ -22,6 +22,15 @@ from otel_budget.storage.base import (
     ScopeUsage,
 )
 from otel_budget.storage.memory import MemoryStorage
+
+
+def __getattr__(name: str) -> object:
+    # RedisStorage needs the optional redis-py: imported only when asked for.
+    if name in ("RedisStorage", "LedgerUnavailableError"):
+        from otel_budget.storage import redis as _redis_storage
+
+        return getattr(_redis_storage, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "GLOBAL_PAUSE_KEY",

@@ -186,7 +186,7 @@ class MemoryStorage(LedgerStorage):
                 for key in (GLOBAL_PAUSE_KEY, *pause_keys):
                     if key in self._paused:
                         return ReserveResult(ReserveStatus.PAUSED, ScopeUsage(key, 0, 0, 0))
-            resolved = tuple(self._scope(spec, now) for spec in scopes)
+            resolved = tuple([self._scope(spec, now) for spec in scopes])
             for scope in resolved:
                 if scope.spent + scope.reserved + amount > scope.limit:
                     return ReserveResult(ReserveStatus.DENIED, scope.snapshot())
@@ -245,7 +245,7 @@ class MemoryStorage(LedgerStorage):
             if lease_id in self._settled or lease_id in self._leases:
                 return CommitResult(CommitStatus.DUPLICATE)
             now = self._clock()
-            resolved = tuple(self._scope(spec, now) for spec in scopes)
+            resolved = tuple([self._scope(spec, now) for spec in scopes])
             for scope in resolved:
                 scope.spent += amount
             self._mark_settled(lease_id)

@@ -816,7 +816,7 @@ class RedisStorage(LedgerStorage):
         keys = list(entry[0]) if entry is not None else None
         try:
             reply = self._call(lambda: self._settle_once(name, keys, mode, actual))
-        except LedgerUnavailableError as exc:
+        except LedgerUnavailableError:
             # Never lose spend: replay when Redis answers (idempotent: a ghost counts once).
             self._journal_add(("settle", name, keys, mode, actual))
             amount = entry[1] if entry is not None else 0
