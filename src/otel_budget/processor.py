@@ -154,9 +154,13 @@ class BudgetSpanProcessor(SpanProcessor):
             return
         try:
             parent = span.parent
-            if parent is None or parent.is_remote:
-                self._track_root(span)
             attributes = _attribute_dict(span)
+            if (parent is None or parent.is_remote) and (
+                attributes.get(attrs.GEN_AI_OPERATION_NAME) is None
+            ):
+                # A GenAI span that is its own root (a bare script's call) carries its cost
+                # itself; a breakdown of one call would only repeat it.
+                self._track_root(span)
             projected = attributes.get(attrs.COST_PROJECTED_USD)
             if projected is None:
                 if (
