@@ -71,9 +71,21 @@ def parse_baggage_budget(raw: Any) -> int | None:
     return value
 
 
+# The context key under which the baggage API keeps its entries: read directly, this skips
+# the read-only mapping the public ``get_baggage`` builds on every call (this runs on every
+# GenAI span). Falls back to the public API if the SDK ever stops exposing it.
+_CONTEXT_KEY: str | None = getattr(baggage, "_BAGGAGE_KEY", None)
+
+
 def baggage_limit(ctx: context.Context | None = None) -> int | None:
     """The trace budget carried in the current (or given) context's baggage, if valid."""
-    raw = baggage.get_baggage(BAGGAGE_KEY, ctx)
+    if _CONTEXT_KEY is not None:
+        entries = context.get_value(_CONTEXT_KEY, ctx)
+        if not entries:
+            return None
+        raw = entries.get(BAGGAGE_KEY) if isinstance(entries, dict) else None
+    else:  # pragma: no cover - older/newer API without the private key
+        raw = baggage.get_baggage(BAGGAGE_KEY, ctx)
     if raw is None:
         return None
     return parse_baggage_budget(raw)

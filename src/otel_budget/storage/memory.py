@@ -40,6 +40,8 @@ from otel_budget.storage.base import (
 )
 
 _SWEEP_PER_OP = 8  # bound on expired leases/scopes handled per call: no latency spikes
+_RESERVED = ReserveResult(ReserveStatus.OK)  # immutable: one instance for every success
+_DUPLICATE = ReserveResult(ReserveStatus.DUPLICATE)
 
 
 class _Scope:
@@ -181,7 +183,7 @@ class MemoryStorage(LedgerStorage):
             now = self._clock()
             self._sweep(now)
             if lease_id in self._leases or lease_id in self._settled:
-                return ReserveResult(ReserveStatus.DUPLICATE)
+                return _DUPLICATE
             if self._paused:
                 for key in (GLOBAL_PAUSE_KEY, *pause_keys):
                     if key in self._paused:
@@ -195,7 +197,7 @@ class MemoryStorage(LedgerStorage):
             deadline = now + self._lease_seconds
             self._leases[lease_id] = _Lease(amount, resolved, deadline)
             self._deadlines.append((deadline, lease_id))
-            return ReserveResult(ReserveStatus.OK)
+            return _RESERVED
 
     def commit(self, lease_id: LeaseId, actual: int) -> CommitResult:
         if actual < 0:
