@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${BENCH_VENV:-/work/bench-venv}"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-"$VENV/bin/python" -m pip install --quiet -e '.[openai,tokens]' opentelemetry-instrumentation-genai-openai
+"$VENV/bin/python" -m pip install --quiet -e '.[openai]' opentelemetry-instrumentation-genai-openai
 echo "benchmarks: $VENV/bin/python bench/bench_processor.py | bench_instrumentation.py"

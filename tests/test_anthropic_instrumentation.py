@@ -21,13 +21,11 @@ import anthropic
 import pytest
 import wrapt
 from opentelemetry import trace
-from opentelemetry.sdk.trace import SpanProcessor
 from opentelemetry.trace import SpanKind, StatusCode
 from pydantic import BaseModel
 
 from otel_budget import BudgetExceededError, PriceBook, Substitute, budget
 from otel_budget import attributes as attrs
-from otel_budget.engine import PROCESS_SCOPE
 from otel_budget.instrumentation._call import COST_OUTPUT_CAPPED, IN_METERED_CALL
 from otel_budget.instrumentation.anthropic import (
     _SDK_SPANS,
@@ -38,6 +36,17 @@ from otel_budget.instrumentation.anthropic.patch import MessagesAccumulator, ant
 from otel_budget.pricing import TokenUsage
 from otel_budget.testing import Behaviour, FakeLLMServer
 from otel_budget.tokens import estimate_input_tokens
+from tests.conftest import SWITCH
+from tests.helpers import (
+    NANOS,
+    StartRecorder,
+    assert_error_span,
+    assert_settled_from_server,
+    ledger,
+    nanos,
+    only_span,
+    spans_named,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:The model .* is deprecated:DeprecationWarning")
 
@@ -49,29 +58,9 @@ MESSAGES = [{"role": "user", "content": "Say something short about budgets."}]
 CAPTURE_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 # genai-prices: (input, output, cache read, cache write 5m) USD per MTok.
 SERVER_PRICES = {CLAUDE: (3.0, 15.0, 0.3, 3.75)}
-NANOS = 1_000_000_000
 
 
 # -- fixtures ----------------------------------------------------------------------------------
-def _switch() -> Any:
-    """conftest's switchable processor chain, found on the global SDK provider."""
-    provider = trace.get_tracer_provider()
-    for processor in provider._active_span_processor._span_processors:
-        if hasattr(processor, "chain"):
-            return processor
-    raise AssertionError("conftest's SwitchProcessor is not on the global provider")
-
-
-class StartRecorder(SpanProcessor):
-    """Keeps a copy of every span's attributes as they are when the span starts."""
-
-    def __init__(self) -> None:
-        self.at_start: dict[int, dict[str, Any]] = {}
-
-    def on_start(self, span: Any, parent_context: Any = None) -> None:
-        self.at_start[span.get_span_context().span_id] = dict(span.attributes or {})
-
-
 @pytest.fixture(scope="module")
 def shared_server() -> Iterator[FakeLLMServer]:
     with FakeLLMServer(prices=SERVER_PRICES) as srv:
@@ -109,7 +98,7 @@ def setup(make_processor: Any, starts: StartRecorder, instrumented: Any) -> Any:
     def make(max_usd: Any = None, **kwargs: Any) -> Any:
         kwargs.setdefault("prices", PriceBook())
         processor = make_processor(max_usd, **kwargs)
-        _switch().chain.insert(0, starts)  # first: sees spans a refusal in on_start would hide
+        SWITCH.chain.insert(0, starts)  # first: sees spans a refusal in on_start would hide
         return processor
 
     return make
@@ -131,40 +120,11 @@ def aclient(server: FakeLLMServer) -> anthropic.AsyncAnthropic:
     return anthropic.AsyncAnthropic(base_url=server.anthropic_base_url, api_key="test", max_retries=0)
 
 
-# -- helpers -----------------------------------------------------------------------------------
-def spans_named(exporter: Any, name: str) -> list[Any]:
-    return [s for s in exporter.get_finished_spans() if s.name == name]
-
-
 def only(exporter: Any, name: str = SPAN) -> Any:
-    found = spans_named(exporter, name)
-    assert len(found) == 1, [s.name for s in exporter.get_finished_spans()]
-    return found[0]
+    return only_span(exporter, name)
 
 
-def nanos(usd: float) -> int:
-    return round(usd * NANOS)
-
-
-def ledger(processor: Any, key: str = PROCESS_SCOPE) -> tuple[int, int]:
-    usage = processor.storage.usage(key)
-    return (0, 0) if usage is None else (usage.spent, usage.reserved)
-
-
-def assert_error_span(span: Any, error_type: str) -> None:
-    assert span.status.status_code is StatusCode.ERROR
-    assert span.attributes[attrs.ERROR_TYPE] == error_type
-    assert any(event.name == "exception" for event in span.events)
-
-
-def assert_settled_from_server(span: Any, server: FakeLLMServer) -> None:
-    """The span's cost is exactly what the fake provider billed for that request."""
-    record = server.last_call
-    assert record is not None and record.billed
-    assert span.attributes[attrs.COST_USD] == pytest.approx(record.billed_nanos / NANOS, abs=1e-9)
-    assert nanos(span.attributes[attrs.COST_USD]) == record.billed_nanos
-
-
+# -- helpers -----------------------------------------------------------------------------------
 def create(c: Any, **kwargs: Any) -> Any:
     kwargs.setdefault("max_tokens", 300)
     kwargs.setdefault("messages", MESSAGES)

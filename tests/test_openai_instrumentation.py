@@ -27,48 +27,39 @@ import openai
 import pytest
 import wrapt
 from opentelemetry import trace
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanKind, StatusCode
 from pydantic import BaseModel
 
 from otel_budget import BudgetExceededError, PriceBook, Substitute, budget
 from otel_budget import attributes as attrs
-from otel_budget.engine import PROCESS_SCOPE, trace_key
+from otel_budget.engine import trace_key
 from otel_budget.instrumentation._call import COST_OUTPUT_CAPPED
 from otel_budget.instrumentation.openai import _TARGETS, OpenAIBudgetInstrumentor
 from otel_budget.pricing import TokenUsage
 from otel_budget.testing import Behaviour, FakeLLMServer
 from otel_budget.tokens import estimate_input_tokens
+from tests.conftest import SWITCH
+from tests.helpers import (
+    NANOS,
+    StartRecorder,
+    assert_error_span,
+    assert_settled_from_server,
+    ledger,
+    nanos,
+    only_span,
+    spans_named,
+)
 
 MINI = "gpt-4o-mini"
 MESSAGES = [{"role": "user", "content": "Say something short about budgets."}]
 CAPTURE_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 # genai-prices' prices, cache reads included: (input, output, cache read) USD per MTok.
 SERVER_PRICES = {MINI: (0.15, 0.60, 0.075), "gpt-4o": (2.5, 10.0, 1.25)}
-NANOS = 1_000_000_000
 
 
 # -- fixtures ----------------------------------------------------------------------------------
-def _switch() -> Any:
-    """conftest's switchable processor chain, found on the global SDK provider."""
-    provider = trace.get_tracer_provider()
-    for processor in provider._active_span_processor._span_processors:
-        if hasattr(processor, "chain"):
-            return processor
-    raise AssertionError("conftest's SwitchProcessor is not on the global provider")
-
-
-class StartRecorder(SpanProcessor):
-    """Keeps a copy of every span's attributes as they are when the span starts."""
-
-    def __init__(self) -> None:
-        self.at_start: dict[int, dict[str, Any]] = {}
-
-    def on_start(self, span: Any, parent_context: Any = None) -> None:
-        self.at_start[span.get_span_context().span_id] = dict(span.attributes or {})
-
-
 @pytest.fixture
 def server() -> Iterator[FakeLLMServer]:
     with FakeLLMServer(prices=SERVER_PRICES) as srv:
@@ -107,7 +98,7 @@ def setup(make_processor: Any, starts: StartRecorder, instrumented: Any) -> Any:
     def make(max_usd: Any = None, **kwargs: Any) -> Any:
         kwargs.setdefault("prices", PriceBook())
         processor = make_processor(max_usd, **kwargs)
-        _switch().chain.insert(0, starts)  # first: sees spans a refusal in on_start would hide
+        SWITCH.chain.insert(0, starts)  # first: sees spans a refusal in on_start would hide
         return processor
 
     return make
@@ -152,46 +143,17 @@ class AsyncRedirect(httpx2.AsyncHTTPTransport):
         return await super().handle_async_request(request)
 
 
-# -- helpers -----------------------------------------------------------------------------------
-def spans_named(exporter: Any, name: str) -> list[Any]:
-    return [s for s in exporter.get_finished_spans() if s.name == name]
-
-
 def only(exporter: Any, name: str = f"chat {MINI}") -> Any:
-    found = spans_named(exporter, name)
-    assert len(found) == 1, [s.name for s in exporter.get_finished_spans()]
-    return found[0]
+    return only_span(exporter, name)
 
 
-def nanos(usd: float) -> int:
-    return round(usd * NANOS)
-
-
-def ledger(processor: Any, key: str = PROCESS_SCOPE) -> tuple[int, int]:
-    usage = processor.storage.usage(key)
-    return (0, 0) if usage is None else (usage.spent, usage.reserved)
-
-
+# -- helpers -----------------------------------------------------------------------------------
 def closed_port() -> int:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
     return port
-
-
-def assert_error_span(span: Any, error_type: str) -> None:
-    assert span.status.status_code is StatusCode.ERROR
-    assert span.attributes[attrs.ERROR_TYPE] == error_type
-    assert any(event.name == "exception" for event in span.events)
-
-
-def assert_settled_from_server(span: Any, server: FakeLLMServer) -> None:
-    """The span's cost is exactly what the fake provider billed for that request."""
-    record = server.last_call
-    assert record is not None and record.billed
-    assert span.attributes[attrs.COST_USD] == pytest.approx(record.billed_nanos / NANOS, abs=1e-9)
-    assert nanos(span.attributes[attrs.COST_USD]) == record.billed_nanos
 
 
 # == 1. chat JSON: attributes at start and at end ============================================
