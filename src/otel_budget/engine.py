@@ -71,6 +71,7 @@ _TERMINATION = {
 }
 _MAX_NAMED_THRESHOLD_STATE = 100_000
 _LOGGED_ONCE_MAX = 1024
+_MAX_OPEN_CHARGES = 100_000
 
 
 class LogOnce:
@@ -341,7 +342,12 @@ class BudgetEngine:
         result = self.storage.reserve(lease_id, scopes, projected, pause_keys)
         if result.ok:
             charge.reserved = True
-            self._open[lease_id] = charge
+            opened = self._open
+            opened[lease_id] = charge
+            if len(opened) > _MAX_OPEN_CHARGES:
+                # A call whose span never ends (an instrumentation bug elsewhere) must not
+                # grow memory forever; its ledger lease expires on its own.
+                opened.pop(next(iter(opened)), None)
             return charge
         usage = result.denied
         assert usage is not None
