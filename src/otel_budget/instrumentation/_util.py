@@ -42,6 +42,13 @@ def get(obj: Any, name: str) -> Any:
         return None
 
 
+def _attr(obj: Any, name: str) -> Any:
+    try:
+        return getattr(obj, name, None)
+    except Exception:
+        return None
+
+
 def nonneg_int(value: Any) -> int:
     """A token count from a response: non-negative ints only (bools and garbage are 0)."""
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
@@ -95,29 +102,43 @@ class ChatChunkAccumulator:
         self._capture = capture
 
     def add(self, chunk: Any) -> None:
+        # Runs for every chunk of every stream: plain getattr on SDK objects (the common
+        # case), the generic reader only for dicts and odd shapes.
+        g = get if type(chunk) is dict else _attr
         if self._id is None:
-            rid = get(chunk, "id")
+            rid = g(chunk, "id")
             self._id = rid if isinstance(rid, str) else None
-            model = get(chunk, "model")
+            model = g(chunk, "model")
             self.response_model = model if isinstance(model, str) and model else None
-        for choice in get(chunk, "choices") or ():
-            delta = get(choice, "delta")
-            # chat: delta.<field>; legacy completions: choice.text
-            texts = [get(delta, name) for name in self._fields]
-            texts.append(get(choice, "text"))
-            for text in texts:
-                if isinstance(text, str) and text:
-                    self._parts.append(text)
-                    self.units += 1
-            for tool_call in get(delta, "tool_calls") or ():
-                arguments = get(get(tool_call, "function"), "arguments")
-                if isinstance(arguments, str) and arguments:
-                    self._parts.append(arguments)
-                    self.units += 1
-            reason = get(choice, "finish_reason")
-            if isinstance(reason, str):
-                self._reasons.append(reason)
-        usage = get(chunk, "usage")
+        choices = g(chunk, "choices")
+        if choices:
+            parts = self._parts
+            for choice in choices:
+                gc = get if type(choice) is dict else _attr
+                delta = gc(choice, "delta")
+                if delta is not None:
+                    gd = get if type(delta) is dict else _attr
+                    for name in self._fields:
+                        text = gd(delta, name)
+                        if text and type(text) is str:
+                            parts.append(text)
+                            self.units += 1
+                    tool_calls = gd(delta, "tool_calls")
+                    if tool_calls:
+                        for tool_call in tool_calls:
+                            arguments = get(get(tool_call, "function"), "arguments")
+                            if isinstance(arguments, str) and arguments:
+                                parts.append(arguments)
+                                self.units += 1
+                else:  # legacy completions: text on the choice, no delta
+                    text = gc(choice, "text")
+                    if text and type(text) is str:
+                        parts.append(text)
+                        self.units += 1
+                reason = gc(choice, "finish_reason")
+                if reason is not None and isinstance(reason, str):
+                    self._reasons.append(reason)
+        usage = g(chunk, "usage")
         if usage is not None:
             self.usage = self._read_usage(usage)
 
