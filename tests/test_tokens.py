@@ -1396,3 +1396,21 @@ def test_module_docstring_example() -> None:
 def test_bmp_symbols_and_emoji_are_not_undercounted(text: str, real: dict[str, Any]) -> None:
     for enc in real.values():
         assert bytes_rule(text) >= len(enc.encode_ordinary(text)), text
+
+
+def test_exact_counts_are_remembered_per_text() -> None:
+    from otel_budget import tokens as tk
+
+    calls: list[str] = []
+
+    class Enc:
+        def encode_ordinary(self, text: str) -> list[int]:
+            calls.append(text)
+            return [0] * (len(text) // 4)
+
+    count = tk._counter_from(Enc())
+    long_text = "an agent re-sends its conversation every turn " * 10
+    assert count(long_text) == count(long_text) == len(long_text) // 4
+    assert calls == [long_text]  # encoded once
+    count("tiny"), count("tiny")
+    assert calls.count("tiny") == 2  # short texts are not worth remembering
