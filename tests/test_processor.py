@@ -323,3 +323,23 @@ def test_unsampled_root_and_processor_on_separate_provider(make_processor: Any) 
         llm_call(own, 0.1)
     root = [s for s in exporter.get_finished_spans() if s.name == "agent"][0]
     assert root.attributes[attrs.TRACE_SPENT_USD] == pytest.approx(0.1)
+
+
+class ReserveDown(MemoryStorage):
+    """A ledger whose reservations fail (an outage) but whose other operations work."""
+
+    def reserve(self, *args: Any, **kwargs: Any) -> Any:
+        raise ConnectionError("reserve unavailable")
+
+
+def test_fail_open_still_records_the_spend(make_processor: Any, tracer: Any) -> None:
+    processor = make_processor(max_usd=10, storage=ReserveDown(), failure_policy="fail_open")
+    with tracer.start_as_current_span("agent") as root:
+        key = f"t:{root.get_span_context().trace_id:032x}"
+        for _ in range(3):
+            llm_call(tracer, 0.05, 0.04)  # through the processor's on_start
+        noop = trace.NoOpTracerProvider().get_tracer("noop")
+        llm_call(noop, 0.05, 0.02, processor=processor)  # through begin_call's own path
+        report = processor.trace_report(root.get_span_context().trace_id)
+        assert processor.spent_usd(key) == pytest.approx(0.14)
+    assert report.total_usd == pytest.approx(0.14)

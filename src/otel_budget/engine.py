@@ -379,15 +379,19 @@ class BudgetEngine:
 
     def unmetered(
         self, lease_id: Any, trace_id: int, projected: int, *, kind: str, name: str,
-        provider: str, operation: str,
+        provider: str, operation: str, parentless: bool = False,
+        attributes: Mapping[str, Any] | None = None,
     ) -> Charge:  # fmt: skip
-        """A call let through without a reservation (fail_open after an internal error):
-        its cost still shows in the run's report, the ledger is not touched."""
-        stats = self.trace_stats(trace_id) if trace_id else self._process_stats
-        charge = Charge(
-            lease_id, trace_id, (), projected, kind, name, provider, operation,
-            (stats,) if stats is not None else (),
-        )  # fmt: skip
+        """A call let through without a reservation (fail_open after an internal error).
+        Its cost still shows in the run's report and, best effort, is charged to the ledger
+        when the call settles (a shared ledger journals it until it is reachable again)."""
+        try:
+            scopes, stats, _ = self.scopes_for(trace_id, parentless, attributes)
+        except Exception:
+            scopes = ()
+            one = self.trace_stats(trace_id) if trace_id else self._process_stats
+            stats = (one,) if one is not None else ()
+        charge = Charge(lease_id, trace_id, scopes, projected, kind, name, provider, operation, stats)
         self._open[lease_id] = charge
         return charge
 
@@ -460,6 +464,11 @@ class BudgetEngine:
         else:
             overshoot = actual - charge.projected if actual > charge.projected else 0
             usages = ()
+            if charge.scopes:  # let through unmetered (fail_open): record the spend anyway
+                try:
+                    usages = self.storage.charge(charge.lease_id, charge.scopes, actual).scopes
+                except Exception as exc:
+                    self.log_once("charge after fail_open", exc)
         self._account(charge, actual, overshoot)
         if overshoot:
             logger.info(

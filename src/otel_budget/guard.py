@@ -158,6 +158,8 @@ def begin_call(
         # Another GenAI instrumentation's span around ours describes the same call: the
         # processor must not charge it again when it ends.
         engine.note_metered_parent(lease_id_of(parent_ctx.trace_id, parent_ctx.span_id))
+    lease: Any = None
+    trace_id = 0
     try:
         ctx = span.get_span_context()
         charge = None
@@ -185,5 +187,12 @@ def begin_call(
         if refusal is not None:
             mark_refused(span, refusal)
             raise refusal from exc
+        # fail_open: the call goes ahead unmetered, its cost recorded when it settles.
         charge = None
+        if lease is not None:
+            charge = engine.unmetered(
+                lease, trace_id, projected_nanos, kind=charge_kind, name=name,
+                provider=provider, operation=operation, parentless=not parent_ctx.is_valid,
+                attributes=attributes,
+            )  # fmt: skip
     return BudgetedCall(span, charge, processor)

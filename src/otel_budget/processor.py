@@ -222,7 +222,7 @@ class BudgetSpanProcessor(SpanProcessor):
             # does not try (and wait on a dead ledger) a second time.
             self.engine.unmetered(
                 lease, ctx.trace_id, amount, kind=kind, name=name, provider=provider,
-                operation=operation,
+                operation=operation, parentless=parentless, attributes=attributes,
             )  # fmt: skip
 
     def _track_root(self, span: Span) -> None:
