@@ -18,6 +18,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from otel_budget import BudgetSpanProcessor, ModelPrice, PriceBook
 from otel_budget.processor import _ACTIVE
+from tests.helpers import StartRecorder
 
 
 class SwitchProcessor(SpanProcessor):
@@ -79,3 +80,22 @@ def make_processor(exporter: InMemorySpanExporter) -> Iterator[Any]:
 @pytest.fixture
 def tracer() -> trace.Tracer:
     return trace.get_tracer("tests")
+
+
+@pytest.fixture
+def starts() -> StartRecorder:
+    return StartRecorder()
+
+
+@pytest.fixture
+def setup(make_processor: Any, starts: StartRecorder, instrumented: Any) -> Any:
+    """For the instrumentor suites (each defines ``instrumented``): a budget processor on the
+    global provider, a recorder of span attributes at start, the library instrumented."""
+
+    def make(max_usd: Any = None, **kwargs: Any) -> Any:
+        kwargs.setdefault("prices", PriceBook())
+        processor = make_processor(max_usd, **kwargs)
+        SWITCH.chain.insert(0, starts)  # first: sees spans a refusal in on_start would hide
+        return processor
+
+    return make

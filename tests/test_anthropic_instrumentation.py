@@ -36,7 +36,6 @@ from otel_budget.instrumentation.anthropic.patch import MessagesAccumulator, ant
 from otel_budget.pricing import TokenUsage
 from otel_budget.testing import Behaviour, FakeLLMServer
 from otel_budget.tokens import estimate_input_tokens
-from tests.conftest import SWITCH
 from tests.helpers import (
     NANOS,
     StartRecorder,
@@ -84,24 +83,6 @@ def instrumented() -> Iterator[AnthropicBudgetInstrumentor]:
     instrumentor.instrument()
     yield instrumentor
     instrumentor.uninstrument()
-
-
-@pytest.fixture
-def starts() -> StartRecorder:
-    return StartRecorder()
-
-
-@pytest.fixture
-def setup(make_processor: Any, starts: StartRecorder, instrumented: Any) -> Any:
-    """A budget processor (global, via conftest's switch), the start recorder, instrumented."""
-
-    def make(max_usd: Any = None, **kwargs: Any) -> Any:
-        kwargs.setdefault("prices", PriceBook())
-        processor = make_processor(max_usd, **kwargs)
-        SWITCH.chain.insert(0, starts)  # first: sees spans a refusal in on_start would hide
-        return processor
-
-    return make
 
 
 @pytest.fixture(scope="module")
