@@ -74,6 +74,19 @@ def content_attribute(value: Any) -> str:
         return str(value)
 
 
+def response_attributes(rid: Any, model: Any, reasons: Any = None) -> dict[str, Any]:
+    """``gen_ai.response.{id,model,finish_reasons}`` from what a response or stream carried;
+    values of the wrong type are left out."""
+    out: dict[str, Any] = {}
+    if isinstance(rid, str):
+        out[attrs.GEN_AI_RESPONSE_ID] = rid
+    if isinstance(model, str):
+        out[attrs.GEN_AI_RESPONSE_MODEL] = model
+    if reasons:
+        out[attrs.GEN_AI_RESPONSE_FINISH_REASONS] = list(reasons)
+    return out
+
+
 def output_messages(text: str) -> str:
     return content_attribute([{"role": "assistant", "parts": [{"type": "text", "content": text}]}])
 
@@ -146,13 +159,7 @@ class ChatChunkAccumulator:
         return "".join(self._parts)
 
     def attributes(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        if self._id:
-            out[attrs.GEN_AI_RESPONSE_ID] = self._id
-        if self.response_model:
-            out[attrs.GEN_AI_RESPONSE_MODEL] = self.response_model
-        if self._reasons:
-            out[attrs.GEN_AI_RESPONSE_FINISH_REASONS] = self._reasons
+        out = response_attributes(self._id or None, self.response_model, self._reasons)
         if self._capture and self._parts:
             out["gen_ai.output.messages"] = output_messages(self.text())
         return out

@@ -50,6 +50,7 @@ from otel_budget.instrumentation._call import (
     substitute_or_raise,
 )
 from otel_budget.instrumentation._util import content_attribute as _content_attribute
+from otel_budget.instrumentation._util import response_attributes
 from otel_budget.instrumentation._util import get as _get
 from otel_budget.instrumentation._util import given as _given
 from otel_budget.instrumentation._util import nonneg_int as _int
@@ -263,13 +264,7 @@ class MessagesAccumulator:
         return "".join(self._parts)
 
     def attributes(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        if isinstance(self._id, str):
-            out[attrs.GEN_AI_RESPONSE_ID] = self._id
-        if isinstance(self.response_model, str):
-            out[attrs.GEN_AI_RESPONSE_MODEL] = self.response_model
-        if self._reasons:
-            out[attrs.GEN_AI_RESPONSE_FINISH_REASONS] = list(self._reasons)
+        out = response_attributes(self._id, self.response_model, self._reasons)
         if self._seen and self.estimated:
             out[attrs.COST_ESTIMATED] = True
         if capture_content() and self._parts:

@@ -31,7 +31,7 @@ from otel_budget.instrumentation._call import (
     start_call,
     substitute_or_raise,
 )
-from otel_budget.instrumentation._util import ChatChunkAccumulator
+from otel_budget.instrumentation._util import ChatChunkAccumulator, response_attributes
 from otel_budget.instrumentation._util import content_attribute as _content_attribute
 from otel_budget.instrumentation._util import get as _get
 from otel_budget.instrumentation._util import nonneg_int as _int
@@ -256,20 +256,12 @@ def litellm_usage(usage: Any) -> TokenUsage | None:
 
 
 def _response_attributes(result: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    rid = _get(result, "id")
-    if isinstance(rid, str) and rid:
-        out[attrs.GEN_AI_RESPONSE_ID] = rid
-    model = _get(result, "model")
-    if isinstance(model, str) and model:
-        out[attrs.GEN_AI_RESPONSE_MODEL] = model
     reasons = [
         r for r in (_get(c, "finish_reason") for c in (_get(result, "choices") or ()))
         if isinstance(r, str)
     ]  # fmt: skip
-    if reasons:
-        out[attrs.GEN_AI_RESPONSE_FINISH_REASONS] = reasons
-    return out
+    # (empty ids and models, which some providers send through litellm, are left out)
+    return response_attributes(_get(result, "id") or None, _get(result, "model") or None, reasons)
 
 
 def _settle_response(call: LLMCall, result: Any, kind: str) -> None:

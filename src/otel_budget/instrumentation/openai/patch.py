@@ -33,7 +33,7 @@ from otel_budget.instrumentation._call import (
     start_call,
     substitute_or_raise,
 )
-from otel_budget.instrumentation._util import ChatChunkAccumulator
+from otel_budget.instrumentation._util import ChatChunkAccumulator, response_attributes
 from otel_budget.instrumentation._util import content_attribute as _content_attribute
 from otel_budget.instrumentation._util import get as _get
 from otel_budget.instrumentation._util import given as _given
@@ -150,24 +150,15 @@ def _parsed(result: Any) -> Any:
 
 
 def _response_attributes(result: Any, choices: bool) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    rid = _get(result, "id")
-    if isinstance(rid, str):
-        out[attrs.GEN_AI_RESPONSE_ID] = rid
-    model = _get(result, "model")
-    if isinstance(model, str):
-        out[attrs.GEN_AI_RESPONSE_MODEL] = model
     if choices:
-        reasons = [
+        reasons: list[str] | None = [
             r for r in (_get(c, "finish_reason") for c in (_get(result, "choices") or []))
             if isinstance(r, str)
         ]  # fmt: skip
-        if reasons:
-            out[attrs.GEN_AI_RESPONSE_FINISH_REASONS] = reasons
     else:
         status = _get(result, "status")
-        if isinstance(status, str):
-            out[attrs.GEN_AI_RESPONSE_FINISH_REASONS] = [status]
+        reasons = [status] if isinstance(status, str) else None
+    out = response_attributes(_get(result, "id"), _get(result, "model"), reasons)
     tier = _get(result, "service_tier")
     if isinstance(tier, str):
         out["openai.response.service_tier"] = tier
@@ -207,14 +198,10 @@ class ResponsesAccumulator:
         return "".join(self._parts)
 
     def attributes(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        if isinstance(self._id, str):
-            out[attrs.GEN_AI_RESPONSE_ID] = self._id
-        if isinstance(self.response_model, str):
-            out[attrs.GEN_AI_RESPONSE_MODEL] = self.response_model
-        if isinstance(self._status, str):
-            out[attrs.GEN_AI_RESPONSE_FINISH_REASONS] = [self._status]
-        return out
+        status = self._status
+        return response_attributes(
+            self._id, self.response_model, [status] if isinstance(status, str) else None
+        )
 
 
 # -- stream proxies that also settle when the SDK's helpers close the response -------------------
