@@ -74,6 +74,30 @@ def content_attribute(value: Any) -> str:
         return str(value)
 
 
+def request_attributes(params: dict[str, Any], numeric: dict[str, str]) -> dict[str, Any]:
+    """The GenAI request attributes of an OpenAI-style request (``numeric`` maps parameter
+    names to attribute names), plus stop sequences, choice count, service tier, stream."""
+    out: dict[str, Any] = {}
+    for key, name in numeric.items():
+        value = params.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = value
+    stop = params.get("stop")
+    if isinstance(stop, str):
+        out["gen_ai.request.stop_sequences"] = [stop]
+    elif isinstance(stop, (list, tuple)) and stop and all(isinstance(s, str) for s in stop):
+        out["gen_ai.request.stop_sequences"] = list(stop)
+    n = params.get("n")
+    if isinstance(n, int) and not isinstance(n, bool) and n != 1:
+        out["gen_ai.request.choice.count"] = n
+    tier = params.get("service_tier")
+    if isinstance(tier, str):
+        out[attrs.OPENAI_REQUEST_SERVICE_TIER] = tier
+    if params.get("stream"):
+        out["gen_ai.request.stream"] = True
+    return out
+
+
 def response_attributes(rid: Any, model: Any, reasons: Any = None) -> dict[str, Any]:
     """``gen_ai.response.{id,model,finish_reasons}`` from what a response or stream carried;
     values of the wrong type are left out."""

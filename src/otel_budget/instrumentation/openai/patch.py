@@ -33,7 +33,11 @@ from otel_budget.instrumentation._call import (
     start_call,
     substitute_or_raise,
 )
-from otel_budget.instrumentation._util import ChatChunkAccumulator, response_attributes
+from otel_budget.instrumentation._util import (
+    ChatChunkAccumulator,
+    request_attributes,
+    response_attributes,
+)
 from otel_budget.instrumentation._util import content_attribute as _content_attribute
 from otel_budget.instrumentation._util import get as _get
 from otel_budget.instrumentation._util import given as _given
@@ -83,25 +87,7 @@ def _client_info(instance: Any) -> tuple[str, str | None, int | None]:
 
 
 def _common_attributes(params: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, name in _REQUEST_ATTRIBUTES.items():
-        value = params.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[name] = value
-    stop = params.get("stop")
-    if isinstance(stop, str):
-        out["gen_ai.request.stop_sequences"] = [stop]
-    elif isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop):
-        out["gen_ai.request.stop_sequences"] = list(stop)
-    n = params.get("n")
-    if isinstance(n, int) and not isinstance(n, bool) and n != 1:
-        out["gen_ai.request.choice.count"] = n
-    tier = params.get("service_tier")
-    if isinstance(tier, str):
-        out[attrs.OPENAI_REQUEST_SERVICE_TIER] = tier
-    if params.get("stream"):
-        out["gen_ai.request.stream"] = True
-    return out
+    return request_attributes(params, _REQUEST_ATTRIBUTES)
 
 
 def _choices(params: dict[str, Any], *names: str) -> int:
