@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import random
+from collections.abc import Sequence
+
 import pytest
 from opentelemetry.sdk.trace import SpanProcessor
 from opentelemetry.trace import StatusCode
@@ -57,3 +60,26 @@ def assert_settled_from_server(span: Any, server: FakeLLMServer) -> None:
     assert record is not None and record.billed
     assert span.attributes[attrs.COST_USD] == pytest.approx(record.billed_nanos / NANOS, abs=1e-9)
     assert nanos(span.attributes[attrs.COST_USD]) == record.billed_nanos
+
+
+def hammer(
+    store: Any, scopes: Sequence[Any], seed: int, lease_base: int, rounds: int
+) -> tuple[int, int]:
+    """One concurrent client of a ledger: reserve a random amount, then release 10 % of the
+    admitted calls and commit the rest twice (a retried commit must count once). Returns
+    (calls admitted, nano-USD committed)."""
+    rng = random.Random(seed)
+    admitted = committed = 0
+    for n in range(rounds):
+        lease = lease_base | n
+        amount = rng.randint(1, 20_000_000)
+        if store.reserve(lease, scopes, amount).ok:
+            admitted += 1
+            if rng.random() < 0.1:
+                store.release(lease)
+            else:
+                actual = rng.randint(0, amount)
+                store.commit(lease, actual)
+                store.commit(lease, actual)
+                committed += actual
+    return admitted, committed

@@ -18,7 +18,6 @@ processes (spawned: they must be importable from a module without test-only impo
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import signal
 import socket
@@ -152,6 +151,7 @@ def contention_worker(
     commit at most what they reserved; returns (admitted, nano-USD committed)."""
     from otel_budget.storage import ScopeLimit
     from otel_budget.storage.redis import RedisStorage
+    from tests.helpers import hammer
 
     store = RedisStorage(url, prefix=prefix, socket_timeout=2.0, socket_connect_timeout=2.0,
                          breaker_failures=1000)  # fmt: skip
@@ -163,19 +163,9 @@ def contention_worker(
     committed = [0] * threads
 
     def work(t: int) -> None:
-        rng = random.Random(index * 1000 + t)
-        for n in range(rounds):
-            lease = (index << 48) | (t << 32) | n
-            amount = rng.randint(1, 20_000_000)
-            if store.reserve(lease, scopes, amount).ok:
-                admitted[t] += 1
-                if rng.random() < 0.1:
-                    store.release(lease)
-                else:
-                    actual = rng.randint(0, amount)
-                    store.commit(lease, actual)
-                    store.commit(lease, actual)  # a retried commit counts once
-                    committed[t] += actual
+        admitted[t], committed[t] = hammer(
+            store, scopes, index * 1000 + t, (index << 48) | (t << 32), rounds
+        )
 
     pool = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
     for thread in pool:

@@ -16,6 +16,7 @@ from otel_budget.storage import (
     ReserveStatus,
     ScopeLimit,
 )
+from tests.helpers import hammer
 
 USD = 1_000_000_000
 
@@ -271,19 +272,9 @@ def test_32_threads_never_exceed_and_count_every_nano() -> None:
                 violations.append((usage.spent, usage.reserved, usage.limit))
 
     def worker(index: int) -> None:
-        rng = random.Random(index)
-        for n in range(400):
-            lease = (index << 32) | n
-            amount = rng.randint(1, 20_000_000)
-            if store.reserve(lease, scopes, amount).ok:
-                admitted[index] += 1
-                if rng.random() < 0.1:
-                    store.release(lease)
-                else:
-                    actual = rng.randint(0, amount)
-                    store.commit(lease, actual)
-                    store.commit(lease, actual)  # a retried commit counts once
-                    committed[index] += actual
+        admitted[index], committed[index] = hammer(
+            store, scopes, index, index << 32, 400
+        )
 
     watcher = threading.Thread(target=monitor)
     watcher.start()

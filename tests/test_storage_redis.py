@@ -50,6 +50,7 @@ from otel_budget.storage.redis import (  # noqa: E402
     lease_name,
     redact,
 )
+from tests.helpers import hammer  # noqa: E402
 from tests.redis_server import (  # noqa: E402
     REDIS_SERVER,
     SKIP_REASON,
@@ -354,19 +355,9 @@ def test_threads_never_exceed_and_count_every_nano(backend: Backend) -> None:
             time.sleep(0.001)
 
     def worker(index: int) -> None:
-        rng = random.Random(index)
-        for n in range(rounds):
-            lease = (index << 32) | n
-            amount = rng.randint(1, 20_000_000)
-            if store.reserve(lease, scopes, amount).ok:
-                admitted[index] += 1
-                if rng.random() < 0.1:
-                    store.release(lease)
-                else:
-                    actual = rng.randint(0, amount)
-                    store.commit(lease, actual)
-                    store.commit(lease, actual)  # a retried commit counts once
-                    committed[index] += actual
+        admitted[index], committed[index] = hammer(
+            store, scopes, index, index << 32, rounds
+        )
 
     watcher = threading.Thread(target=monitor)
     watcher.start()
