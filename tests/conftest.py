@@ -18,6 +18,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from otel_budget import BudgetSpanProcessor, ModelPrice, PriceBook
 from otel_budget.processor import _ACTIVE
+from otel_budget.runtime import _CURRENT
 from tests.helpers import StartRecorder
 
 
@@ -75,6 +76,7 @@ def make_processor(exporter: InMemorySpanExporter) -> Iterator[Any]:
     for processor in created:
         processor.shutdown()
     _ACTIVE.clear()
+    _CURRENT.clear()
 
 
 @pytest.fixture

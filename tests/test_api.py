@@ -11,7 +11,7 @@ from opentelemetry import trace
 import otel_budget
 from otel_budget import BudgetExceededError, budget, track_tool
 from otel_budget import attributes as attrs
-from otel_budget.guard import begin_call
+from otel_budget.metered import begin_call
 from otel_budget.money import parse_usd
 
 

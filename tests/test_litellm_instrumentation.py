@@ -381,7 +381,7 @@ def test_exactly_once_with_the_openai_instrumentor_also_active(
     report = run.report()
     assert report.calls == 5
     assert _nanos(report.total_usd) == fake.stats()["billed_nanos"]
-    assert IN_METERED_CALL.get() is False
+    assert IN_METERED_CALL.get() is None
 
 
 # -- entry points ------------------------------------------------------------------------------

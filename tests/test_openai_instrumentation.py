@@ -422,7 +422,7 @@ def test_threads_under_one_budget_block_never_overshoot(setup: Any, server: Fake
     assert len(stopped) == 32
     assert 0.8 * 10_000_000 <= billed <= 10_000_000
     assert nanos(run.report().total_usd) == billed
-    assert not processor.engine._open  # no call left holding a reservation
+    assert not len(processor.runtime.calls)  # no call left open
 
 
 # == 5. streams ===============================================================================

@@ -15,7 +15,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from otel_budget import BudgetExceededError, ScopeRule, scope
 from otel_budget import attributes as attrs
-from otel_budget.guard import begin_call
+from otel_budget.metered import begin_call
 from otel_budget.money import parse_usd
 from otel_budget.storage import MemoryStorage
 
@@ -206,7 +206,7 @@ def test_raising_callbacks_do_not_break_enforcement(make_processor: Any, tracer:
 
 
 class BrokenStorage(MemoryStorage):
-    def reserve(self, *args: Any, **kwargs: Any) -> Any:
+    def reserve_up_to(self, *args: Any, **kwargs: Any) -> Any:
         raise ConnectionError("ledger down")
 
 
@@ -328,7 +328,7 @@ def test_unsampled_root_and_processor_on_separate_provider(make_processor: Any) 
 class ReserveDown(MemoryStorage):
     """A ledger whose reservations fail (an outage) but whose other operations work."""
 
-    def reserve(self, *args: Any, **kwargs: Any) -> Any:
+    def reserve_up_to(self, *args: Any, **kwargs: Any) -> Any:
         raise ConnectionError("reserve unavailable")
 
 

@@ -15,7 +15,7 @@ from opentelemetry import baggage, context, propagate
 
 from otel_budget import BudgetExceededError
 from otel_budget import attributes as attrs
-from otel_budget.guard import begin_call
+from otel_budget.metered import begin_call
 from otel_budget.money import parse_usd
 from otel_budget.propagation import BAGGAGE_KEY, parse_baggage_budget, set_trace_budget, trace_budget
 
@@ -125,7 +125,7 @@ SERVICE = textwrap.dedent(
     from opentelemetry import context, propagate, trace
     from opentelemetry.sdk.trace import TracerProvider
     from otel_budget import BudgetExceededError, BudgetSpanProcessor, ModelPrice, PriceBook
-    from otel_budget.guard import begin_call
+    from otel_budget.metered import begin_call
 
     import os
     storage = None

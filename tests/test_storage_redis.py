@@ -34,7 +34,7 @@ from hypothesis.stateful import run_state_machine_as_test
 pytest.importorskip("redis")
 
 from otel_budget import BudgetExceededError, ScopeRule, scope  # noqa: E402
-from otel_budget.guard import begin_call  # noqa: E402
+from otel_budget.metered import begin_call  # noqa: E402
 from otel_budget.money import parse_usd  # noqa: E402
 from otel_budget.storage import (  # noqa: E402
     CommitStatus,

@@ -38,7 +38,7 @@ from otel_budget import attributes as attrs
 from otel_budget.context import BUDGET_FRAMES, BudgetFrame
 from otel_budget.engine import KIND_TOOL
 from otel_budget.errors import BudgetExceededError
-from otel_budget.guard import BudgetedCall, begin_call
+from otel_budget.metered import MeteredCall, begin_call
 from otel_budget.money import parse_usd, usd_to_nanos
 from otel_budget.processor import BudgetSpanProcessor, get_active_processor
 from otel_budget.report import CostReport, TraceStats
@@ -110,8 +110,8 @@ class budget:  # noqa: N801 - a context manager/decorator reads best in lower ca
         stats = TraceStats(f"{trace_id:032x}" if trace_id else None, self.limit_nanos)
         if self._span is not None and trace_id:
             processor.engine.adopt_trace(trace_id, stats)
-            if stats.root_span is None and self._span.is_recording():
-                stats.root_span = self._span
+            if self._span.is_recording():
+                processor.runtime.track_root(self._span, trace_id)
         self._stats = stats
         block_key = f"b:{next(_block_ids)}"
         stats.label = f"{block_key} ({self.name})"
@@ -133,11 +133,7 @@ class budget:  # noqa: N801 - a context manager/decorator reads best in lower ca
                     self._span.set_status(Status(StatusCode.ERROR, str(exc)))
                     self._span.set_attribute(attrs.ERROR_TYPE, type(exc).__qualname__)
             finally:
-                if stats is not None and self._span.is_recording():
-                    # Also written by the processor's root hook; here for providers where
-                    # the processor is not registered.
-                    self._span.set_attributes(stats.root_attributes())
-                self._span.end()
+                self._span.end()  # the runtime's root hook writes the breakdown
                 if self._ctx_token is not None:
                     otel_context.detach(self._ctx_token)  # type: ignore[arg-type]
         if frame is not None and processor is not None:
@@ -199,7 +195,7 @@ class _ToolCall:
 
     __slots__ = ("call", "result", "cost_usd")
 
-    def __init__(self, call: BudgetedCall) -> None:
+    def __init__(self, call: MeteredCall) -> None:
         self.call = call
         self.result: Any = None
         self.cost_usd: Any = None

@@ -36,6 +36,7 @@ from otel_budget.context import BUDGET_FRAMES, SCOPE_IDENTITIES, BudgetFrame
 from otel_budget.errors import (
     Substitute,
     REASON_INTERNAL_ERROR,
+    REASON_INVALID_REQUEST,
     REASON_LIMIT,
     REASON_PAUSED,
     REASON_UNKNOWN_MODEL,
@@ -45,11 +46,13 @@ from otel_budget.money import NANOS_PER_USD, format_usd, to_usd
 from otel_budget.report import (
     TERMINATED_BY_BUDGET,
     TERMINATED_BY_INTERNAL_ERROR,
+    TERMINATED_BY_INVALID_REQUEST,
     TERMINATED_BY_PAUSE,
     TERMINATED_BY_UNKNOWN_MODEL,
     TraceStats,
 )
 from otel_budget.settings import FAIL_CLOSED, BudgetSettings
+from otel_budget.steps import Op, Steps, run
 from otel_budget.storage import (
     CommitStatus,
     LedgerStorage,
@@ -68,10 +71,22 @@ _TERMINATION = {
     REASON_PAUSED: TERMINATED_BY_PAUSE,
     REASON_UNKNOWN_MODEL: TERMINATED_BY_UNKNOWN_MODEL,
     REASON_INTERNAL_ERROR: TERMINATED_BY_INTERNAL_ERROR,
+    REASON_INVALID_REQUEST: TERMINATED_BY_INVALID_REQUEST,
 }
 _MAX_NAMED_THRESHOLD_STATE = 100_000
 _LOGGED_ONCE_MAX = 1024
-_MAX_OPEN_CHARGES = 100_000
+# The largest amount a single call may move (nano-USD, about $9M): a ledger whose numbers are
+# doubles (Lua) stays exact below 2**53, and an absurd reported usage never fails a commit.
+MAX_AMOUNT = (1 << 53) - 1
+
+
+def clamp_amount(amount: Any) -> int:
+    """An amount the ledger can always record: an int in ``[0, MAX_AMOUNT]``."""
+    try:
+        value = int(amount)
+    except (TypeError, ValueError, OverflowError):
+        return MAX_AMOUNT
+    return 0 if value < 0 else MAX_AMOUNT if value > MAX_AMOUNT else value
 
 
 class LogOnce:
@@ -159,12 +174,10 @@ class BudgetEngine:
         self.log_once = LogOnce()
         self._lock = threading.Lock()
         self._traces: OrderedDict[int, TraceStats] = OrderedDict()
-        self._open: dict[Any, Charge] = {}
         self._named_thresholds: OrderedDict[str, int] = OrderedDict()
         self._scope_overrides: dict[tuple[str, str], int] = {}
         self._process_stats = TraceStats(None, settings.limit_nanos)
         self.metrics: Any = None  # a BudgetMetrics, set by the processor
-        self._metered_parents: dict[Any, None] = {}
 
     # -- trace bookkeeping --------------------------------------------------------------------
     def trace_stats(self, trace_id: int, create: bool = True) -> TraceStats | None:
@@ -210,22 +223,6 @@ class BudgetEngine:
         Random, so that processes sharing a ledger cannot collide; negative, so that it
         cannot collide with span-derived ids."""
         return -(random.getrandbits(126) + 1)
-
-    def open_charge(self, lease_id: Any) -> Charge | None:
-        return self._open.get(lease_id)
-
-    # A GenAI span that wraps one of our metered calls (another instrumentation outside
-    # ours), or that one of our calls wraps (an SDK's own span inside ours), describes the
-    # same money: it is never charged again. Bounded: entries leave when the span ends.
-    def note_metered_parent(self, lease_id: Any) -> None:
-        metered = self._metered_parents
-        metered[lease_id] = None
-        if len(metered) > _MAX_NAMED_THRESHOLD_STATE:
-            metered.pop(next(iter(metered)), None)
-
-    def is_duplicate_span(self, lease_id: Any) -> bool:
-        """True once for a GenAI span that wrapped one of our metered calls."""
-        return bool(self._metered_parents) and self._metered_parents.pop(lease_id, 0) is None
 
     # -- scope resolution ---------------------------------------------------------------------
     def scopes_for(
@@ -323,31 +320,33 @@ class BudgetEngine:
                 self.storage.set_limit(key, limit_nanos)
 
     # -- the decision -------------------------------------------------------------------------
-    def reserve(
+    # Each ledger decision is written once, as a generator of storage operations (see
+    # ``otel_budget.steps``); ``reserve``/``areserve`` etc. drive it sync or async.
+    def reserve_steps(
         self,
         lease_id: Any,
         trace_id: int,
         parentless: bool,
         attributes: Mapping[str, Any] | None,
-        projected: int,
+        minimum: int,
+        maximum: int | None = None,
         *,
         kind: str = KIND_LLM,
         name: str = "unknown",
         provider: str = "unknown",
         operation: str = "chat",
-    ) -> Charge:
-        """Reserve ``projected`` nano-USD for one call, or raise ``BudgetExceededError``."""
+    ) -> Steps[Charge]:
+        """Reserve between ``minimum`` and ``maximum`` nano-USD for one call, as much as every
+        scope affords, in one atomic ledger step; or raise ``BudgetExceededError``. The
+        charge's ``projected`` is what was granted."""
+        if maximum is None:
+            maximum = minimum
         scopes, stats, pause_keys = self.scopes_for(trace_id, parentless, attributes)
-        charge = Charge(lease_id, trace_id, scopes, projected, kind, name, provider, operation, stats)
-        result = self.storage.reserve(lease_id, scopes, projected, pause_keys)
+        charge = Charge(lease_id, trace_id, scopes, minimum, kind, name, provider, operation, stats)
+        result = yield Op("reserve_up_to", (lease_id, scopes, minimum, maximum, pause_keys))
         if result.ok:
             charge.reserved = True
-            opened = self._open
-            opened[lease_id] = charge
-            if len(opened) > _MAX_OPEN_CHARGES:
-                # A call whose span never ends (an instrumentation bug elsewhere) must not
-                # grow memory forever; its ledger lease expires on its own.
-                opened.pop(next(iter(opened)), None)
+            charge.projected = result.granted if result.granted else maximum
             return charge
         usage = result.denied
         assert usage is not None
@@ -358,24 +357,18 @@ class BudgetEngine:
             )  # fmt: skip
         raise self.refusal(
             REASON_LIMIT, charge, usage,
-            f"otel-budget: {name} call projected at {format_usd(projected)} would exceed the "
+            f"otel-budget: {name} call projected at {format_usd(minimum)} would exceed the "
             f"budget of scope {usage.key!r}: {format_usd(usage.spent)} spent + "
             f"{format_usd(usage.reserved)} reserved of {format_usd(usage.limit)}",
         )  # fmt: skip
 
-    def remaining(
-        self, trace_id: int, parentless: bool, attributes: Mapping[str, Any] | None
-    ) -> int | None:
-        """The smallest room left among the scopes a call would reserve in (None: no limit).
-        Advisory (another call may reserve meanwhile); the reservation stays the decision."""
-        scopes, _, _ = self.scopes_for(trace_id, parentless, attributes)
-        room: int | None = None
-        for spec in scopes:
-            usage = self.storage.usage(spec.key)
-            left = spec.limit if usage is None else min(usage.limit, spec.limit) - usage.spent - usage.reserved
-            if room is None or left < room:
-                room = left
-        return room
+    def reserve(self, lease_id: Any, trace_id: int, parentless: bool,
+                attributes: Mapping[str, Any] | None, projected: int, **kw: Any) -> Charge:  # fmt: skip
+        """Reserve exactly ``projected`` (blocking)."""
+        return run(
+            self.reserve_steps(lease_id, trace_id, parentless, attributes, projected, **kw),
+            self.storage,
+        )  # fmt: skip
 
     def unmetered(
         self, lease_id: Any, trace_id: int, projected: int, *, kind: str, name: str,
@@ -391,9 +384,17 @@ class BudgetEngine:
             scopes = ()
             one = self.trace_stats(trace_id) if trace_id else self._process_stats
             stats = (one,) if one is not None else ()
-        charge = Charge(lease_id, trace_id, scopes, projected, kind, name, provider, operation, stats)
-        self._open[lease_id] = charge
-        return charge
+        return Charge(lease_id, trace_id, scopes, projected, kind, name, provider, operation, stats)
+
+    def unreserved(
+        self, lease_id: Any, trace_id: int, parentless: bool,
+        attributes: Mapping[str, Any] | None, *, kind: str, name: str, provider: str,
+        operation: str,
+    ) -> Charge:  # fmt: skip
+        """A call seen only when it ended (another instrumentation's span that started before
+        this processor saw it): settling it charges the ledger without a reservation."""
+        scopes, stats, _ = self.scopes_for(trace_id, parentless, attributes)
+        return Charge(lease_id, trace_id, scopes, 0, kind, name, provider, operation, stats)
 
     def refusal(
         self, reason: str, charge: Charge, usage: ScopeUsage | None, message: str
@@ -445,30 +446,35 @@ class BudgetEngine:
                 self.log_once("on_exceeded callback", exc)
         return error
 
-    def settle(
+    def settle_steps(
         self, charge: Charge, actual: int, input_tokens: int = 0, output_tokens: int = 0
-    ) -> int:
-        """Commit the actual cost of a reserved call; returns the overshoot (nano-USD)."""
+    ) -> Steps[int]:
+        """Commit the actual cost of a call (reserved or not); returns the overshoot. The one
+        place where spend reaches the ledger."""
         if charge.settled:
             return 0
         charge.settled = True
         charge.input_tokens = input_tokens
         charge.output_tokens = output_tokens
-        self._open.pop(charge.lease_id, None)
+        actual = clamp_amount(actual)
+        usages: tuple[ScopeUsage, ...] = ()
         if charge.reserved:
-            result = self.storage.commit(charge.lease_id, actual)
+            result = yield Op("commit", (charge.lease_id, actual))
             if result.status is CommitStatus.DUPLICATE:
                 return 0
             overshoot = result.overshoot
             usages = result.scopes
         else:
+            # Unreserved: let through under fail_open, or seen only at span end.
             overshoot = actual - charge.projected if actual > charge.projected else 0
-            usages = ()
-            if charge.scopes:  # let through unmetered (fail_open): record the spend anyway
+            if charge.scopes:
                 try:
-                    usages = self.storage.charge(charge.lease_id, charge.scopes, actual).scopes
+                    result = yield Op("charge", (charge.lease_id, charge.scopes, actual))
+                    if result.status is CommitStatus.DUPLICATE:
+                        return 0
+                    usages = result.scopes
                 except Exception as exc:
-                    self.log_once("charge after fail_open", exc)
+                    self.log_once("charge without reservation", exc)
         self._account(charge, actual, overshoot)
         if overshoot:
             logger.info(
@@ -479,44 +485,22 @@ class BudgetEngine:
             self._check_thresholds(charge, usages)
         return overshoot
 
-    def release(self, charge: Charge) -> None:
+    def settle(
+        self, charge: Charge, actual: int, input_tokens: int = 0, output_tokens: int = 0
+    ) -> int:
+        return run(self.settle_steps(charge, actual, input_tokens, output_tokens), self.storage)
+
+    def release_steps(self, charge: Charge) -> Steps[None]:
         """The call failed before it was billed: give the reservation back, charge nothing."""
         if charge.settled:
-            return
+            return None
         charge.settled = True
-        self._open.pop(charge.lease_id, None)
         if charge.reserved:
-            self.storage.release(charge.lease_id)
+            yield Op("release", (charge.lease_id,))
+        return None
 
-    def charge_unreserved(
-        self,
-        lease_id: Any,
-        trace_id: int,
-        parentless: bool,
-        attributes: Mapping[str, Any] | None,
-        actual: int,
-        *,
-        kind: str,
-        name: str,
-        provider: str,
-        operation: str,
-        input_tokens: int = 0,
-        output_tokens: int = 0,
-    ) -> None:
-        """Record a cost seen only at span end (e.g. another instrumentation's span)."""
-        scopes, stats, _ = self.scopes_for(trace_id, parentless, attributes)
-        charge = Charge(lease_id, trace_id, scopes, 0, kind, name, provider, operation, stats)
-        charge.settled = True
-        charge.input_tokens = input_tokens
-        charge.output_tokens = output_tokens
-        usages: tuple[ScopeUsage, ...] = ()
-        if scopes:
-            result = self.storage.charge(lease_id, scopes, actual)
-            if result.status is CommitStatus.DUPLICATE:
-                return
-            usages = result.scopes
-        self._account(charge, actual, 0)
-        self._check_thresholds(charge, usages)
+    def release(self, charge: Charge) -> None:
+        run(self.release_steps(charge), self.storage)
 
     def _account(self, charge: Charge, actual: int, overshoot: int) -> None:
         if self.metrics is not None:

@@ -26,8 +26,10 @@ What it does with each span:
 Nothing but ``BudgetExceededError`` ever leaves these methods: internal failures follow the
 ``failure_policy`` setting and are logged once.
 
-Enforcement does not depend on this processor seeing a span: our instrumentors call the same
-engine directly when a span is not sampled or no SDK provider is configured (``guard.py``).
+The processor is a thin adapter over a ``BudgetRuntime``: reserving, settling and de-duplicating
+happen on the one metered-call path (``otel_budget.metered``), which our instrumentors use
+directly, so enforcement does not depend on this processor seeing a span (a sampler that
+drops it, or no SDK provider at all).
 """
 
 from __future__ import annotations
@@ -40,23 +42,24 @@ from typing import Any
 
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
-from opentelemetry.trace import Status, StatusCode
+from opentelemetry.trace import StatusCode
 
 from otel_budget import attributes as attrs
 from otel_budget.costing import model_of, price_span, provider_of, usage_from_attributes
-from otel_budget.engine import KIND_LLM, KIND_TOOL, BudgetEngine, Charge
+from otel_budget.engine import KIND_LLM, KIND_TOOL, BudgetEngine
 from otel_budget.errors import BudgetExceededError
+from otel_budget.metered import STARTING, MeteredCall, adopt_span, is_nested, mark_refused
 from otel_budget.metrics import BudgetMetrics
-from otel_budget.money import NANOS_PER_USD, parse_usd, to_usd, usd_to_nanos
+from otel_budget.money import NANOS_PER_USD, parse_usd, to_usd
 from otel_budget.pricing import PriceBook
 from otel_budget.report import TraceStats
+from otel_budget.runtime import BudgetRuntime, register_runtime, span_lease, unregister_runtime
 from otel_budget.settings import DEFAULT_THRESHOLDS, FAIL_OPEN, BudgetSettings, ScopeRule
-from otel_budget.storage import LedgerStorage, MemoryStorage
+from otel_budget.storage import LedgerStorage
 
 _ACTIVE_LOCK = threading.Lock()
 _ACTIVE: list[BudgetSpanProcessor] = []
 
-_ABORTED = "BudgetExceededError"
 _HUGE = 1e12  # USD; anything above goes through the strict parser (and its error)
 
 
@@ -70,38 +73,29 @@ def _attribute_dict(span: Any) -> Mapping[str, Any]:
 
 
 def get_active_processor() -> BudgetSpanProcessor | None:
-    """The processor instrumentors and ``budget()`` use: the most recently created one
-    that is not shut down."""
+    """The most recently created processor that is not shut down."""
     return _ACTIVE[-1] if _ACTIVE else None
 
 
 def lease_id_of(trace_id: int, span_id: int) -> int:
-    return (trace_id << 64) | span_id
+    return span_lease(trace_id, span_id)
 
 
-def mark_refused(span: Any, error: BudgetExceededError) -> None:
-    """Record a refusal on a span the way the GenAI conventions record errors, and end it."""
-    try:
-        if span.is_recording():
-            span.set_attributes({
-                attrs.ERROR_TYPE: _ABORTED,
-                attrs.BUDGET_SCOPE: error.scope,
-                "otel_budget.budget.reason": error.reason,
-                **({attrs.BUDGET_LIMIT_USD: error.budget_usd} if error.budget_usd is not None else {}),
-                **({attrs.BUDGET_REMAINING_USD: error.remaining_usd}
-                   if error.remaining_usd is not None else {}),
-            })  # fmt: skip
-            span.record_exception(error)
-            span.set_status(Status(StatusCode.ERROR, str(error)))
-    finally:
-        span.end()
+def _usd_nanos(value: Any, what: str) -> int:
+    """A USD amount from a span attribute (untrusted: NaN/negative raise ValueError)."""
+    if type(value) is float and 0.0 <= value < _HUGE:
+        return math.ceil(value * NANOS_PER_USD)  # hot path: skip Decimal
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what} must be a number, got {value!r}")
+    return parse_usd(value, what=what, allow_huge=True)
 
 
 class BudgetSpanProcessor(SpanProcessor):
     """Keeps budgets per trace (and per named scope) and enforces them at GenAI span start.
 
     ``max_usd`` is the budget of each trace (None: no per-trace limit, only ``scopes`` and
-    ``budget()`` blocks). See ``BudgetSettings`` for the other arguments.
+    ``budget()`` blocks). See ``BudgetSettings`` for the other arguments. The processor is a
+    thin OpenTelemetry adapter over one ``BudgetRuntime`` (``processor.runtime``).
     """
 
     def __init__(
@@ -124,7 +118,7 @@ class BudgetSpanProcessor(SpanProcessor):
         meter_provider: Any = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.settings = BudgetSettings(
+        settings = BudgetSettings(
             max_usd=max_usd,
             scopes=scopes,
             thresholds=thresholds,
@@ -138,221 +132,171 @@ class BudgetSpanProcessor(SpanProcessor):
             min_output_tokens=min_output_tokens,
             stream_include_usage=stream_include_usage,
         )
-        self.prices = prices if prices is not None else PriceBook()
-        self.storage = storage if storage is not None else MemoryStorage()
-        self.engine = BudgetEngine(self.settings, self.storage, self.prices, clock=clock)
-        self.metrics = BudgetMetrics(meter_provider)
-        self.engine.metrics = self.metrics
+        self.runtime = BudgetRuntime(
+            settings, prices=prices, storage=storage, meter_provider=meter_provider, clock=clock
+        )
         self._shutdown = False
-        self._nested: set[int] = set()  # GenAI spans inside our metered calls (not charged)
+        register_runtime(self.runtime)
         with _ACTIVE_LOCK:
             _ACTIVE.append(self)
+
+    # The runtime's parts, under the names users and tests know.
+    @property
+    def settings(self) -> BudgetSettings:
+        return self.runtime.settings
+
+    @property
+    def prices(self) -> PriceBook:
+        return self.runtime.prices
+
+    @property
+    def storage(self) -> LedgerStorage:
+        return self.runtime.storage
+
+    @property
+    def engine(self) -> BudgetEngine:
+        return self.runtime.engine
+
+    @property
+    def metrics(self) -> BudgetMetrics:
+        return self.runtime.metrics
 
     # -- SpanProcessor ------------------------------------------------------------------------
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
         if self._shutdown:
             return
+        runtime = self.runtime
         try:
-            parent = span.parent
+            if STARTING.get():
+                return  # one of our metered spans: it reserved before it started
             attributes = _attribute_dict(span)
-            if (parent is None or parent.is_remote) and (
-                attributes.get(attrs.GEN_AI_OPERATION_NAME) is None
-            ):
-                # A GenAI span that is its own root (a bare script's call) carries its cost
-                # itself; a breakdown of one call would only repeat it.
-                self._track_root(span)
-            projected = attributes.get(attrs.COST_PROJECTED_USD)
-            if projected is None:
-                if (
-                    parent is not None
-                    and not parent.is_remote
-                    and attributes.get(attrs.GEN_AI_OPERATION_NAME) is not None
-                    and self.engine.open_charge(lease_id_of(parent.trace_id, parent.span_id))
-                ):
-                    # A GenAI span inside one of our metered calls (an SDK's own span, say)
-                    # describes the same money: never charge it again. Marked at start,
-                    # since for streams it may end after our call has settled.
-                    ctx = span.get_span_context()
-                    self._nested.add(lease_id_of(ctx.trace_id, ctx.span_id))
-                return
             operation = attributes.get(attrs.GEN_AI_OPERATION_NAME)
             if operation is None:
+                parent = span.parent
+                if parent is None or parent.is_remote:
+                    # A local root gets the trace's breakdown. (A GenAI span that is its own
+                    # root carries its cost itself: a breakdown of one call would repeat it.)
+                    runtime.track_root(span, span.get_span_context().trace_id)
                 return
-            self._reserve_at_start(span, parent is None, attributes, projected, operation)
+            if is_nested(runtime, span):
+                return
+            projected = self._projection(span, attributes, operation)
+            if projected is None:
+                return
+            kind, name, provider = _describe(attributes, operation)
+            adopt_span(
+                runtime, span, attributes, projected,
+                kind=kind, name=name, provider=provider, operation=operation,
+            )  # fmt: skip
         except BudgetExceededError:
             raise
         except Exception as exc:  # our bug must not reach the app
-            refusal = self.engine.internal_error("BudgetSpanProcessor.on_start", exc)
+            refusal = runtime.engine.internal_error("BudgetSpanProcessor.on_start", exc)
             if refusal is not None:
                 mark_refused(span, refusal)
                 raise refusal from exc
 
-    def _reserve_at_start(
-        self, span: Span, parentless: bool, attributes: Any, projected: Any, operation: str
-    ) -> None:
-        ctx = span.get_span_context()
-        lease = lease_id_of(ctx.trace_id, ctx.span_id)
-        # Untrusted if it comes from another instrumentation: NaN/negative -> ValueError.
-        if type(projected) is float and 0.0 <= projected < _HUGE:
-            amount = math.ceil(projected * NANOS_PER_USD)  # hot path: skip Decimal
-        elif isinstance(projected, bool) or not isinstance(projected, (int, float)):
-            raise ValueError(f"{attrs.COST_PROJECTED_USD} must be a number, got {projected!r}")
-        else:
-            amount = parse_usd(projected, what=attrs.COST_PROJECTED_USD, allow_huge=True)
-        if operation == attrs.OP_EXECUTE_TOOL:
-            kind, name, provider = KIND_TOOL, str(attributes.get(attrs.GEN_AI_TOOL_NAME, "tool")), "tool"
-        else:
-            kind = KIND_LLM
-            name = model_of(attributes) or "unknown"
-            provider = provider_of(attributes) or "unknown"
-        try:
-            self.engine.reserve(
-                lease, ctx.trace_id, parentless, attributes, amount,
-                kind=kind, name=name, provider=provider, operation=operation,
-            )  # fmt: skip
-        except BudgetExceededError as error:
-            mark_refused(span, error)
-            raise
-        except Exception as exc:
-            refusal = self.engine.internal_error("reserve", exc)
-            if refusal is not None:
-                mark_refused(span, refusal)
-                raise refusal from exc
-            # fail_open: the call goes ahead unmetered; remember that, so the instrumentor
-            # does not try (and wait on a dead ledger) a second time.
-            self.engine.unmetered(
-                lease, ctx.trace_id, amount, kind=kind, name=name, provider=provider,
-                operation=operation, parentless=parentless, attributes=attributes,
-            )  # fmt: skip
-
-    def _track_root(self, span: Span) -> None:
-        trace_id = span.get_span_context().trace_id
-        stats = self.engine.trace_stats(trace_id)
-        if stats is None or stats.root_span is not None:
-            return
-        stats.root_span = span
-        original_end = span.end
-        engine = self.engine
-
-        # Written just before the root ends, once, with the public API: the exported root
-        # then carries the final breakdown whatever the exporter and processor order. The
-        # stats are looked up at that moment because ``budget()`` may have adopted the trace.
-        def end(end_time: int | None = None) -> None:
-            try:
-                current = engine.trace_stats(trace_id, create=False)
-                if current is not None and span.is_recording():
-                    span.set_attributes(current.root_attributes())
-            except Exception as exc:
-                engine.log_once("root breakdown", exc)
-            original_end(end_time)
-
-        span.end = end  # type: ignore[method-assign]
+    def _projection(self, span: Span, attributes: Mapping[str, Any], operation: str) -> int | None:
+        """What another instrumentation's GenAI span may cost, from what it carries at start."""
+        projected = attributes.get(attrs.COST_PROJECTED_USD)
+        if projected is not None:
+            return _usd_nanos(projected, attrs.COST_PROJECTED_USD)
+        return None
 
     def on_end(self, span: ReadableSpan) -> None:
         if self._shutdown:
             return
+        runtime = self.runtime
         try:
+            ctx = span.context
+            if ctx is None:
+                return
             attributes = _attribute_dict(span)
             operation = attributes.get(attrs.GEN_AI_OPERATION_NAME)
-            ctx = span.context
-            if operation is not None and ctx is not None:
-                self._settle_at_end(span, attributes, operation, ctx.trace_id, ctx.span_id)
+            if operation is not None:
+                entry = runtime.calls.pop(span_lease(ctx.trace_id, ctx.span_id))
+                if entry is None:
+                    self._settle_seen_at_end(span, attributes, operation, ctx.trace_id)
+                elif isinstance(entry, MeteredCall) and not entry.done:
+                    self._settle_adopted(entry, span, attributes, operation)
             parent = span.parent
-            if (parent is None or parent.is_remote) and ctx is not None:
+            if parent is None or parent.is_remote:
                 # Only the trace's true root ends the trace everywhere; a service's local root
                 # (remote parent) ends its part, while the trace may go on elsewhere on a
                 # shared ledger, or come back here: its ledger scope then expires by TTL.
-                self.engine.finish_trace(ctx.trace_id, evict=parent is None)
+                runtime.engine.finish_trace(ctx.trace_id, evict=parent is None)
         except Exception as exc:  # never raise from on_end: it would break other exporters
-            self.engine.internal_error("BudgetSpanProcessor.on_end", exc)
+            runtime.engine.internal_error("BudgetSpanProcessor.on_end", exc)
 
-    def _settle_at_end(
-        self, span: ReadableSpan, attributes: Any, operation: str, trace_id: int, span_id: int
-    ) -> None:
-        lease = lease_id_of(trace_id, span_id)
-        engine = self.engine
-        if self._nested:
-            try:
-                self._nested.remove(lease)
-                return
-            except KeyError:
-                pass
-        charge = engine.open_charge(lease)
-        if charge is None and engine.is_duplicate_span(lease):
-            return  # it wrapped one of our metered calls, which was charged
-        if attributes.get(attrs.ERROR_TYPE) == _ABORTED and charge is None:
-            return  # refused before it was sent: nothing was spent
+    def _actual_cost(
+        self, attributes: Mapping[str, Any], operation: str, fallback: int | None
+    ) -> tuple[int | None, int, int]:
+        """(actual nano-USD or None when unknown, input tokens, output tokens) of a span."""
         cost = attributes.get(attrs.COST_USD)
-        if charge is None and cost is not None:
-            return  # settled by our own instrumentation before the span ended
-        status = span.status
         if cost is not None or operation == attrs.OP_EXECUTE_TOOL:
-            # The span states its actual cost (a tool, or an instrumentation that priced
-            # its own call): trust it if it is a sane number, else keep the projection.
-            if type(cost) is float and 0.0 <= cost < _HUGE:
-                actual: int | None = math.ceil(cost * NANOS_PER_USD)
-            elif isinstance(cost, (int, float)) and not isinstance(cost, bool) and cost >= 0:
-                actual = usd_to_nanos(cost)
-            else:
-                actual = charge.projected if charge is not None else None
-            if actual is None:
-                return
+            # The span states its actual cost (a tool, or an instrumentation that priced its
+            # own call): trust it if it is a sane number, else keep the projection.
+            try:
+                actual: int | None = _usd_nanos(cost, attrs.COST_USD) if cost is not None else None
+            except ValueError:
+                actual = None
             inp = attributes.get(attrs.GEN_AI_USAGE_INPUT_TOKENS)
             out = attributes.get(attrs.GEN_AI_USAGE_OUTPUT_TOKENS)
-            self._settle(
-                charge, span, attributes, operation, trace_id, lease, actual,
-                inp if type(inp) is int else 0, out if type(out) is int else 0,
-            )  # fmt: skip
-            return
+            return (
+                actual if actual is not None else fallback,
+                inp if type(inp) is int else 0,
+                out if type(out) is int else 0,
+            )
         usage = usage_from_attributes(attributes)
         if usage is None:
-            if charge is not None:
-                if status is not None and status.status_code is StatusCode.ERROR:
-                    engine.release(charge)  # failed call with no usage: nothing billed
-                else:
-                    # Success without usage: never count it as free; keep the projection.
-                    engine.settle(charge, charge.projected)
-            return
+            return None, 0, 0
         try:
-            quote = price_span(self.prices, attributes, usage)
-            actual = quote.nanos
+            return price_span(self.prices, attributes, usage).nanos, usage.input_tokens, usage.output_tokens
         except LookupError as exc:
-            engine.log_once(
+            self.engine.log_once(
                 "price", None,
                 f"no price for model {model_of(attributes)!r} ({exc}); charging its projection",
             )  # fmt: skip
-            actual = charge.projected if charge is not None else 0
-            if charge is None:
-                return
-        self._settle(
-            charge, span, attributes, operation, trace_id, lease, actual,
-            usage.input_tokens, usage.output_tokens,
-        )  # fmt: skip
+            return fallback, usage.input_tokens, usage.output_tokens
 
-    def _settle(
-        self, charge: Charge | None, span: ReadableSpan, attributes: Any, operation: str,
-        trace_id: int, lease: int, actual: int, inp: int, out: int,
-    ) -> None:  # fmt: skip
-        if charge is not None:
-            self.engine.settle(charge, actual, inp, out)
+    def _settle_adopted(
+        self, call: MeteredCall, span: ReadableSpan, attributes: Mapping[str, Any], operation: str
+    ) -> None:
+        """Another instrumentation's span we reserved at start has ended: settle it."""
+        actual, inp, out = self._actual_cost(attributes, operation, call.projected_nanos)
+        if actual is None:
+            status = span.status
+            if status is not None and status.status_code is StatusCode.ERROR:
+                call.fail(_SpanFailed(), end=False)  # failed with no usage: nothing billed
+                return
+            # Success without usage: never count it as free; keep the projection.
+            actual = call.projected_nanos
+        call.settle(actual, input_tokens=inp, output_tokens=out, end=False)
+
+    def _settle_seen_at_end(
+        self, span: ReadableSpan, attributes: Mapping[str, Any], operation: str, trace_id: int
+    ) -> None:
+        """A GenAI span this processor did not see start (it was added later): charge what
+        the span reports, without a reservation."""
+        if attributes.get(attrs.ERROR_TYPE) == "BudgetExceededError":
+            return  # refused before it was sent: nothing was spent
+        actual, inp, out = self._actual_cost(attributes, operation, None)
+        if not actual:
             return
-        tool = operation == attrs.OP_EXECUTE_TOOL
-        parent = span.parent
-        self.engine.charge_unreserved(
-            lease, trace_id, parent is None, attributes, actual,
-            kind=KIND_TOOL if tool else KIND_LLM,
-            name=str(attributes.get(attrs.GEN_AI_TOOL_NAME, "tool")) if tool
-            else (model_of(attributes) or "unknown"),
-            provider="tool" if tool else (provider_of(attributes) or "unknown"),
-            operation=operation, input_tokens=inp, output_tokens=out,
+        kind, name, provider = _describe(attributes, operation)
+        charge = self.engine.unreserved(
+            lease_id_of(trace_id, span.context.span_id), trace_id, span.parent is None,
+            attributes, kind=kind, name=name, provider=provider, operation=operation,
         )  # fmt: skip
+        self.engine.settle(charge, actual, inp, out)
 
     def shutdown(self) -> None:
         self._shutdown = True
         with _ACTIVE_LOCK:
             if self in _ACTIVE:
                 _ACTIVE.remove(self)
-        self.storage.close()
+        unregister_runtime(self.runtime)
+        self.runtime.close()
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return True
@@ -381,6 +325,17 @@ class BudgetSpanProcessor(SpanProcessor):
     def spent_usd(self, key: str) -> float:
         usage = self.storage.usage(key)
         return 0.0 if usage is None else to_usd(usage.spent)
+
+
+class _SpanFailed(Exception):
+    """Stands for the error of a span another instrumentation ended with ERROR status."""
+
+
+def _describe(attributes: Mapping[str, Any], operation: str) -> tuple[str, str, str]:
+    """(charge kind, name, provider) of a GenAI span."""
+    if operation == attrs.OP_EXECUTE_TOOL:
+        return KIND_TOOL, str(attributes.get(attrs.GEN_AI_TOOL_NAME, "tool")), "tool"
+    return KIND_LLM, model_of(attributes) or "unknown", provider_of(attributes) or "unknown"
 
 
 __all__ = ["BudgetSpanProcessor", "TraceStats", "get_active_processor", "mark_refused"]

@@ -94,7 +94,7 @@ class BudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 libraries = SUPPORTED_LIBRARIES
         self._instrumented: list[BaseInstrumentor] = []
         for name in libraries:
-            self._instrument_library(name, provider)
+            self._instrument_library(name, provider, processor)
 
     def _processor_from_env(self) -> BudgetSpanProcessor:
         try:
@@ -128,14 +128,17 @@ class BudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
         trace.set_tracer_provider = set_tracer_provider
 
-    def _instrument_library(self, name: str, provider: Any) -> None:
+    def _instrument_library(self, name: str, provider: Any, processor: BudgetSpanProcessor) -> None:
         if importlib.util.find_spec(name) is None:
             logger.debug("otel-budget: %s is not installed; skipped", name)
             return
         module_name, class_name = _INSTRUMENTORS[name]
         try:
             instrumentor = getattr(importlib.import_module(module_name), class_name)()
-            kwargs = {"tracer_provider": provider} if provider is not None else {}
+            # The wrappers get the runtime they enforce in their closure.
+            kwargs: dict[str, Any] = {"runtime": processor.runtime}
+            if provider is not None:
+                kwargs["tracer_provider"] = provider
             instrumentor.instrument(**kwargs)
             if instrumentor.is_instrumented_by_opentelemetry:
                 self._instrumented.append(instrumentor)

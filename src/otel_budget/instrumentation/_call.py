@@ -20,11 +20,9 @@ recorded truthfully when it happens).
 
 from __future__ import annotations
 
-import contextvars
-import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,22 +30,26 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from otel_budget import attributes as attrs
-from otel_budget.engine import KIND_LLM
-from otel_budget.errors import REASON_UNKNOWN_MODEL, BudgetExceededError
-from otel_budget.guard import BudgetedCall, begin_call
+from otel_budget.engine import KIND_LLM, Charge
+from otel_budget.errors import REASON_INVALID_REQUEST, REASON_UNKNOWN_MODEL, BudgetExceededError
+from otel_budget.metered import (
+    CURRENT_CALL,
+    MeteredCall,
+    begin_steps,
+    refuse,
+    start_span,
+)
 from otel_budget.pricing import TokenUsage, UnknownModelError
-from otel_budget.processor import BudgetSpanProcessor, get_active_processor, mark_refused
-from otel_budget.tokens import InputEstimate, bytes_rule
+from otel_budget.runtime import BudgetRuntime
+from otel_budget.steps import Steps, arun, run
+from otel_budget.tokens import InputEstimate, bytes_rule, output_bound
 
 CAPTURE_CONTENT_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 COST_OUTPUT_CAPPED = "otel_budget.cost.output_capped"
 _MTOK = 1_000_000
 
-# Set while one instrumented call is in flight, so that a library instrumented at two levels
-# (litellm calling the openai SDK) is charged once, by the outer wrapper.
-IN_METERED_CALL: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "otel_budget_in_metered_call", default=False
-)
+# Kept under its earlier name: set while a metered call is being sent (see CURRENT_CALL).
+IN_METERED_CALL = CURRENT_CALL
 
 
 def capture_content() -> bool:
@@ -62,7 +64,7 @@ class LLMRequest:
     provider: str
     operation: str
     model: str
-    estimate: Callable[[], InputEstimate]
+    estimate: Any  # Callable[[], InputEstimate]
     output_param: str | None = None  # kwarg that caps output tokens; None for embeddings
     server_address: str | None = None
     server_port: int | None = None
@@ -73,22 +75,27 @@ class LLMRequest:
 
 
 class LLMCall:
-    """A started, reserved call. Settle it once: ``succeed`` or ``fail``."""
+    """A started, reserved call. Settle it once: ``succeed`` or ``fail`` (or their async
+    twins ``asucceed``/``afail``, which never block the event loop on the ledger)."""
 
     __slots__ = (
         "budgeted", "request", "processor", "input_tokens", "input_method", "started",
     )  # fmt: skip
 
     def __init__(
-        self, budgeted: BudgetedCall, request: LLMRequest, processor: BudgetSpanProcessor | None,
+        self, budgeted: MeteredCall, request: LLMRequest, runtime: BudgetRuntime | None,
         input_tokens: int, input_method: str,
     ) -> None:  # fmt: skip
         self.budgeted = budgeted
         self.request = request
-        self.processor = processor
+        self.processor = runtime  # the runtime (it has the processor's engine/prices/metrics)
         self.input_tokens = input_tokens
         self.input_method = input_method
         self.started = time.monotonic()
+
+    @property
+    def runtime(self) -> BudgetRuntime | None:
+        return self.processor
 
     @property
     def span(self) -> Any:
@@ -98,28 +105,32 @@ class LLMCall:
     def done(self) -> bool:
         return self.budgeted.done
 
+    def _storage(self) -> Any:
+        return self.processor.storage if self.processor is not None else None
+
     def price(self, usage: TokenUsage, response_model: str | None = None) -> tuple[int, dict[str, Any]]:
         """Actual cost of ``usage`` (nano-USD) and the provenance attributes."""
-        processor = self.processor
-        if processor is None:
+        runtime = self.processor
+        if runtime is None:
             return 0, {}
         request = self.request
         model = response_model or request.model
         try:
-            quote = processor.prices.quote(
+            quote = runtime.prices.quote(
                 request.provider, model, usage, server_address=request.server_address,
                 service_tier=request.service_tier,
             )  # fmt: skip
         except UnknownModelError:
             if model == request.model:
                 raise
-            quote = processor.prices.quote(
+            quote = runtime.prices.quote(
                 request.provider, request.model, usage, server_address=request.server_address,
                 service_tier=request.service_tier,
             )  # fmt: skip
         return quote.nanos, {attrs.PRICE_SOURCE: quote.source, attrs.PRICE_MODEL: quote.model}
 
-    def succeed(
+    # -- settling: each written once, driven sync or async -------------------------------------
+    def succeed_steps(
         self,
         usage: TokenUsage | None,
         response_attributes: Mapping[str, Any] | None = None,
@@ -128,7 +139,7 @@ class LLMCall:
         output_text: str | None = None,
         output_units: int = 0,
         floor_nanos: int = 0,
-    ) -> None:
+    ) -> Steps[None]:
         """Commit the actual cost. Without usage (the provider did not report it), the cost
         is estimated from the input estimate and the output seen, never zero, and never
         below ``floor_nanos`` (a stream left early is charged its reservation)."""
@@ -152,47 +163,35 @@ class LLMCall:
                 self.processor.engine.internal_error("LLMCall.succeed", exc)
             actual = self.budgeted.projected_nanos
             usage = TokenUsage()
-        self.budgeted.finish(
+        yield from self.budgeted.settle_steps(
             actual, input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
             attributes=out,
         )  # fmt: skip
         self.record_metrics(usage, out.get(attrs.GEN_AI_RESPONSE_MODEL), None)
 
-    def record_metrics(
-        self, usage: TokenUsage | None, response_model: Any, error: BaseException | None
-    ) -> None:
-        """The GenAI client metrics: duration always, token usage on success."""
-        processor = self.processor
-        if processor is None:
-            return
-        request = self.request
-        try:
-            processor.metrics.record_call(
-                operation=request.operation, provider=request.provider, model=request.model,
-                response_model=response_model if isinstance(response_model, str) else None,
-                server_address=request.server_address, server_port=request.server_port,
-                duration_s=time.monotonic() - self.started,
-                input_tokens=usage.input_tokens if usage is not None else None,
-                output_tokens=usage.output_tokens if usage is not None else None,
-                error_type=type(error).__qualname__ if error is not None else None,
-            )  # fmt: skip
-        except Exception as exc:
-            processor.engine.log_once("metrics", exc)
+    def succeed(self, usage: TokenUsage | None, *args: Any, **kw: Any) -> None:
+        run(self.succeed_steps(usage, *args, **kw), self._storage())
 
-    def estimated_usage(self, output_text: str | None, output_units: int) -> TokenUsage:
-        output = max(output_units, bytes_rule(output_text) if output_text else 0)
-        return TokenUsage(input_tokens=self.input_tokens, output_tokens=output)
+    async def asucceed(self, usage: TokenUsage | None, *args: Any, **kw: Any) -> None:
+        await arun(self.succeed_steps(usage, *args, **kw), self._storage())
 
-    def fail(self, exc: BaseException) -> None:
+    def fail_steps(self, exc: BaseException) -> Steps[None]:
         """The provider answered an error (or none at all): nothing billed, nothing charged."""
         if self.budgeted.done:
-            return
-        self.budgeted.fail(exc)
+            return None
+        yield from self.budgeted.release_steps(exc)
         self.record_metrics(None, None, exc)
+        return None
 
-    def fail_after_output(
+    def fail(self, exc: BaseException) -> None:
+        run(self.fail_steps(exc), self._storage())
+
+    async def afail(self, exc: BaseException) -> None:
+        await arun(self.fail_steps(exc), self._storage())
+
+    def fail_after_output_steps(
         self, exc: BaseException, usage: TokenUsage | None, output_text: str | None, units: int
-    ) -> None:
+    ) -> Steps[None]:
         """A stream broke after producing output: that output was billed, so charge it."""
         out: dict[str, Any] = {}
         try:
@@ -205,13 +204,44 @@ class LLMCall:
         except Exception:
             actual = self.budgeted.projected_nanos
         if self.budgeted.done:
-            return
-        self.budgeted.fail(
-            exc, billed_nanos=actual, attributes=out,
+            return None
+        yield from self.budgeted.settle_steps(
+            actual, attributes=out, error=exc,
             input_tokens=usage.input_tokens if usage is not None else 0,
             output_tokens=usage.output_tokens if usage is not None else 0,
         )  # fmt: skip
         self.record_metrics(None, None, exc)
+        return None
+
+    def fail_after_output(
+        self, exc: BaseException, usage: TokenUsage | None, output_text: str | None, units: int
+    ) -> None:
+        run(self.fail_after_output_steps(exc, usage, output_text, units), self._storage())
+
+    def record_metrics(
+        self, usage: TokenUsage | None, response_model: Any, error: BaseException | None
+    ) -> None:
+        """The GenAI client metrics: duration always, token usage on success."""
+        runtime = self.processor
+        if runtime is None:
+            return
+        request = self.request
+        try:
+            runtime.metrics.record_call(
+                operation=request.operation, provider=request.provider, model=request.model,
+                response_model=response_model if isinstance(response_model, str) else None,
+                server_address=request.server_address, server_port=request.server_port,
+                duration_s=time.monotonic() - self.started,
+                input_tokens=usage.input_tokens if usage is not None else None,
+                output_tokens=usage.output_tokens if usage is not None else None,
+                error_type=type(error).__qualname__ if error is not None else None,
+            )  # fmt: skip
+        except Exception as exc:
+            runtime.engine.log_once("metrics", exc)
+
+    def estimated_usage(self, output_text: str | None, output_units: int) -> TokenUsage:
+        output = max(output_units, bytes_rule(output_text) if output_text else 0)
+        return TokenUsage(input_tokens=self.input_tokens, output_tokens=output)
 
 
 def usage_attributes(usage: TokenUsage) -> dict[str, Any]:
@@ -228,19 +258,17 @@ def usage_attributes(usage: TokenUsage) -> dict[str, Any]:
     return out
 
 
-def _quote(processor: BudgetSpanProcessor, request: LLMRequest, model: str, inp: int, out: int) -> Any:
-    return processor.prices.quote(
-        request.provider, model, TokenUsage(input_tokens=inp, output_tokens=out),
+def _quote(runtime: BudgetRuntime, request: LLMRequest, inp: int, out: int) -> Any:
+    return runtime.prices.quote(
+        request.provider, request.model, TokenUsage(input_tokens=inp, output_tokens=out),
         server_address=request.server_address, service_tier=request.service_tier,
     )  # fmt: skip
 
 
-def _affordable_output(
-    processor: BudgetSpanProcessor, request: LLMRequest, inp: int, room: int
-) -> int:
+def _affordable_output(runtime: BudgetRuntime, request: LLMRequest, inp: int, room: int) -> int:
     """Output tokens whose cost, with the input, fits in ``room`` nano-USD."""
-    base = _quote(processor, request, request.model, inp, 0).nanos
-    per_mtok = _quote(processor, request, request.model, inp, _MTOK).nanos - base
+    base = _quote(runtime, request, inp, 0).nanos
+    per_mtok = _quote(runtime, request, inp, _MTOK).nanos - base
     if per_mtok <= 0:
         return 1 << 30  # output is free for this model
     if room <= base:
@@ -248,16 +276,19 @@ def _affordable_output(
     return ((room - base) * _MTOK) // per_mtok
 
 
-def start_call(
+def start_steps(
+    runtime: BudgetRuntime | None,
     tracer: trace.Tracer,
     request: LLMRequest,
     kwargs: dict[str, Any],
-    *,
-    processor: BudgetSpanProcessor | None = None,
-) -> LLMCall:
-    """Project, cap, start the span and reserve. Raises ``BudgetExceededError`` (after
-    recording it on an ended span) when the call may not be sent."""
-    processor = processor if processor is not None else get_active_processor()
+) -> Steps[LLMCall]:
+    """Project, reserve up to the worst case (at least the smallest useful call), derive the
+    output cap from what the ledger granted, start the span. Raises ``BudgetExceededError``
+    (after recording it on an ended span) when the call may not be sent.
+
+    The hard cap: a request without an output cap gets one (the configured default); one
+    whose cap costs more than the budget affords is lowered to what the ledger granted (the
+    span says so); when not even ``min_output_tokens`` fit, the call is refused."""
     span_attributes: dict[str, Any] = {
         attrs.GEN_AI_OPERATION_NAME: request.operation,
         attrs.GEN_AI_PROVIDER_NAME: request.provider,
@@ -269,88 +300,131 @@ def start_call(
         span_attributes[attrs.SERVER_PORT] = request.server_port
     span_attributes.update(request.attributes)
     span_name = f"{request.operation} {request.model}"
-    if processor is None:  # only tracing: no budget configured anywhere
-        span = tracer.start_span(span_name, kind=SpanKind.CLIENT, attributes=span_attributes)
-        return LLMCall(BudgetedCall(span, None, None), request, None, 0, "none")
+    if runtime is None:  # only tracing: no budget configured anywhere
+        span = start_span(tracer, span_name, span_attributes, SpanKind.CLIENT)
+        return LLMCall(MeteredCall(span, None, None), request, None, 0, "none")
 
-    settings = processor.settings
-    projected = 0
+    settings = runtime.settings
     estimate = InputEstimate(0, "none")
     refusal: BudgetExceededError | None = None
+    minimum = maximum = 0
+    out_tokens, assumed = 0, False
+    choices = max(1, request.choices)
+    capping = False
     try:
         estimate = request.estimate()
         span_attributes[attrs.COST_INPUT_ESTIMATED] = estimate.method
-        if request.output_param is None:
-            out_tokens, assumed = 0, False
-        else:
-            from otel_budget.tokens import output_bound
-
+        if request.output_param is not None:
             out_tokens, assumed = output_bound(kwargs, settings.default_max_output_tokens)
-        choices = max(1, request.choices)
+        capping = request.output_param is not None and settings.cap_output_tokens
         try:
-            projected = _quote(
-                processor, request, request.model, estimate.tokens, out_tokens * choices
-            ).nanos
+            maximum = _quote(runtime, request, estimate.tokens, out_tokens * choices).nanos
+            minimum = maximum
+            if capping and out_tokens > settings.min_output_tokens:
+                minimum = _quote(
+                    runtime, request, estimate.tokens, settings.min_output_tokens * choices
+                ).nanos
         except UnknownModelError as exc:
-            refusal = _unknown_model_refusal(processor, request, exc)
-        if refusal is None and request.output_param is not None and settings.cap_output_tokens:
+            refusal = _unknown_model_refusal(runtime, request, exc)
+    except ValueError as exc:
+        # A request we cannot project (a malformed max_tokens, say) is never sent unmetered.
+        refusal = _invalid_request_refusal(runtime, request, exc)
+    except Exception as exc:
+        refusal = runtime.engine.internal_error("projection", exc)
+        # fail_open: reserve nothing up front; the cost is charged when the call settles.
+    if refusal is not None:
+        # (No projected cost on this span: nothing was reserved for it.)
+        raise refuse(tracer, span_name, span_attributes, refusal)
+
+    def on_grant(granted: int) -> int:
+        """Shape the request to what the ledger granted; returns its projected cost."""
+        nonlocal out_tokens, assumed
+        if request.output_param is None:
+            return granted
+        projected = maximum
+        if capping:
             cap = out_tokens
-            parent = trace.get_current_span().get_span_context()
-            room = processor.engine.remaining(
-                parent.trace_id if parent.is_valid else 0, not parent.is_valid, span_attributes
-            )
-            if room is not None and projected > room:
-                affordable = _affordable_output(processor, request, estimate.tokens, room) // choices
-                if affordable >= settings.min_output_tokens:
-                    cap = min(out_tokens, affordable)
-                    span_attributes[COST_OUTPUT_CAPPED] = cap
+            if granted < maximum:
+                affordable = _affordable_output(runtime, request, estimate.tokens, granted)
+                cap = max(min(out_tokens, affordable // choices), 0)
+                projected = _quote(runtime, request, estimate.tokens, cap * choices).nanos
+                while cap > 0 and projected > granted:  # rounding: stay within the grant
+                    cap -= 1
+                    projected = _quote(runtime, request, estimate.tokens, cap * choices).nanos
+                span_attributes[COST_OUTPUT_CAPPED] = cap
             if cap != out_tokens or assumed:
                 kwargs[request.output_param] = cap
                 out_tokens = cap
                 assumed = False
-                projected = _quote(
-                    processor, request, request.model, estimate.tokens, cap * choices
-                ).nanos
-        if request.output_param is not None:
-            if assumed:  # projected with a default the request does not carry
-                span_attributes[attrs.COST_OUTPUT_ASSUMED] = True
-            else:
-                span_attributes[attrs.GEN_AI_REQUEST_MAX_TOKENS] = out_tokens
-    except BudgetExceededError:
-        raise
-    except ValueError as exc:
-        # A request we cannot project (a malformed max_tokens, say): the SDK will reject it
-        # too; let it, without reserving, rather than raising a different error.
-        processor.engine.log_once("projection", exc)
-    except Exception as exc:
-        error = processor.engine.internal_error("projection", exc)
-        if error is not None:
-            refusal = error
-    if refusal is not None:
-        # (No projected cost on this span: the processor must not reserve it again.)
-        span = tracer.start_span(span_name, kind=SpanKind.CLIENT, attributes=span_attributes)
-        mark_refused(span, refusal)
-        raise refusal
-    budgeted = begin_call(
-        tracer, span_name, attributes=span_attributes, projected_nanos=projected,
+        if assumed:  # projected with a default the request does not carry
+            span_attributes[attrs.COST_OUTPUT_ASSUMED] = True
+        else:
+            span_attributes[attrs.GEN_AI_REQUEST_MAX_TOKENS] = out_tokens
+        return projected
+
+    budgeted = yield from begin_steps(
+        runtime, tracer, span_name, span_attributes, minimum=minimum, maximum=maximum,
         name=request.model, provider=request.provider, operation=request.operation,
-        span_kind=SpanKind.CLIENT, charge_kind=KIND_LLM, processor=processor,
+        span_kind=SpanKind.CLIENT, charge_kind=KIND_LLM, on_grant=on_grant,
     )  # fmt: skip
-    return LLMCall(budgeted, request, processor, estimate.tokens, estimate.method)
+    return LLMCall(budgeted, request, runtime, estimate.tokens, estimate.method)
+
+
+def start_call(
+    tracer: trace.Tracer,
+    request: LLMRequest,
+    kwargs: dict[str, Any],
+    *,
+    runtime: BudgetRuntime | None = None,
+    processor: Any = None,
+) -> LLMCall:
+    """``start_steps`` with blocking ledger calls."""
+    if runtime is None and processor is not None:
+        runtime = processor.runtime
+    return run(
+        start_steps(runtime, tracer, request, kwargs),
+        runtime.storage if runtime is not None else None,
+    )  # fmt: skip
+
+
+async def astart_call(
+    tracer: trace.Tracer,
+    request: LLMRequest,
+    kwargs: dict[str, Any],
+    *,
+    runtime: BudgetRuntime | None = None,
+) -> LLMCall:
+    """``start_steps`` with the ledger's coroutines."""
+    return await arun(
+        start_steps(runtime, tracer, request, kwargs),
+        runtime.storage if runtime is not None else None,
+    )  # fmt: skip
+
+
+def _scopeless_charge(runtime: BudgetRuntime, request: LLMRequest) -> Charge:
+    parent = trace.get_current_span().get_span_context()
+    _, stats, _ = runtime.engine.scopes_for(
+        parent.trace_id if parent.is_valid else 0, not parent.is_valid, None
+    )
+    return Charge(None, parent.trace_id, (), 0, KIND_LLM, request.model, request.provider,
+                  request.operation, stats)  # fmt: skip
 
 
 def _unknown_model_refusal(
-    processor: BudgetSpanProcessor, request: LLMRequest, exc: UnknownModelError
+    runtime: BudgetRuntime, request: LLMRequest, exc: UnknownModelError
 ) -> BudgetExceededError:
-    from otel_budget.engine import Charge
+    charge = _scopeless_charge(runtime, request)
+    return runtime.engine.refusal(REASON_UNKNOWN_MODEL, charge, None, str(exc))
 
-    parent = trace.get_current_span().get_span_context()
-    _, stats, _ = processor.engine.scopes_for(
-        parent.trace_id if parent.is_valid else 0, not parent.is_valid, None
-    )
-    charge = Charge(None, parent.trace_id, (), 0, KIND_LLM, request.model, request.provider,
-                    request.operation, stats)  # fmt: skip
-    return processor.engine.refusal(REASON_UNKNOWN_MODEL, charge, None, str(exc))
+
+def _invalid_request_refusal(
+    runtime: BudgetRuntime, request: LLMRequest, exc: ValueError
+) -> BudgetExceededError:
+    charge = _scopeless_charge(runtime, request)
+    return runtime.engine.refusal(
+        REASON_INVALID_REQUEST, charge, None,
+        f"otel-budget cannot project this {request.model} request, so it is not sent: {exc}",
+    )  # fmt: skip
 
 
 def substitute_or_raise(error: BudgetExceededError) -> Any:
@@ -365,12 +439,14 @@ def ceil_div(a: int, b: int) -> int:
 
 
 __all__ = [
+    "CURRENT_CALL",
     "IN_METERED_CALL",
     "LLMCall",
     "LLMRequest",
+    "astart_call",
     "capture_content",
-    "math",
     "start_call",
+    "start_steps",
     "substitute_or_raise",
     "usage_attributes",
 ]

@@ -62,6 +62,7 @@ class ReserveResult(NamedTuple):
     status: ReserveStatus
     # For DENIED/PAUSED: the usage of the scope that refused; otherwise None.
     denied: ScopeUsage | None = None
+    granted: int = 0  # OK: what was reserved; DUPLICATE: what the lease holds
 
     @property
     def ok(self) -> bool:
@@ -98,6 +99,48 @@ class LedgerStorage(ABC):
     ) -> ReserveResult:
         """Reserve ``amount`` in every scope, or in none. Checks the global kill switch
         and each of ``pause_keys`` first."""
+
+    def reserve_up_to(
+        self,
+        lease_id: LeaseId,
+        scopes: Sequence[ScopeLimit],
+        minimum: int,
+        maximum: int,
+        pause_keys: Sequence[str] = (),
+    ) -> ReserveResult:
+        """Reserve as much as fits between ``minimum`` and ``maximum``, atomically."""
+        raise NotImplementedError
+
+    async def areserve_up_to(
+        self,
+        lease_id: LeaseId,
+        scopes: Sequence[ScopeLimit],
+        minimum: int,
+        maximum: int,
+        pause_keys: Sequence[str] = (),
+    ) -> ReserveResult:
+        import asyncio
+
+        return await asyncio.to_thread(
+            self.reserve_up_to, lease_id, scopes, minimum, maximum, pause_keys
+        )
+
+    async def acommit(self, lease_id: LeaseId, actual: int) -> CommitResult:
+        import asyncio
+
+        return await asyncio.to_thread(self.commit, lease_id, actual)
+
+    async def arelease(self, lease_id: LeaseId) -> CommitResult:
+        import asyncio
+
+        return await asyncio.to_thread(self.release, lease_id)
+
+    async def acharge(
+        self, lease_id: LeaseId, scopes: Sequence[ScopeLimit], amount: int
+    ) -> CommitResult:
+        import asyncio
+
+        return await asyncio.to_thread(self.charge, lease_id, scopes, amount)
 
     @abstractmethod
     def commit(self, lease_id: LeaseId, actual: int) -> CommitResult:

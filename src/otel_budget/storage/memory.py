@@ -177,36 +177,75 @@ class MemoryStorage(LedgerStorage):
         amount: int,
         pause_keys: Sequence[str] = (),
     ) -> ReserveResult:
-        if amount < 0:
-            raise ValueError("a reservation cannot be negative")
+        return self.reserve_up_to(lease_id, scopes, amount, amount, pause_keys)
+
+    def reserve_up_to(
+        self,
+        lease_id: LeaseId,
+        scopes: Sequence[ScopeLimit],
+        minimum: int,
+        maximum: int,
+        pause_keys: Sequence[str] = (),
+    ) -> ReserveResult:
+        if minimum < 0 or maximum < minimum:
+            raise ValueError("a reservation needs 0 <= minimum <= maximum")
         with self._lock:
             now = self._clock()
             deadlines = self._deadlines
             self._ops += 1
-            # The sweep only has work when a lease is due, the FIFO needs compacting, or
-            # every 16th call (idle scopes); checked inline, it costs no call otherwise.
             if (
                 (deadlines and deadlines[0][0] <= now)
                 or not self._ops & 15
                 or len(deadlines) > 2 * len(self._leases) + 1024
             ):
                 self._sweep(now)
-            if lease_id in self._leases or lease_id in self._settled:
+            held = self._leases.get(lease_id)
+            if held is not None:
+                return ReserveResult(ReserveStatus.DUPLICATE, None, held.amount)
+            if lease_id in self._settled:
                 return _DUPLICATE
             if self._paused:
                 for key in (GLOBAL_PAUSE_KEY, *pause_keys):
                     if key in self._paused:
                         return ReserveResult(ReserveStatus.PAUSED, ScopeUsage(key, 0, 0, 0))
             resolved = tuple([self._scope(spec, now) for spec in scopes])
+            amount = maximum
+            tightest = None
             for scope in resolved:
-                if scope.spent + scope.reserved + amount > scope.limit:
-                    return ReserveResult(ReserveStatus.DENIED, scope.snapshot())
+                room = scope.limit - scope.spent - scope.reserved
+                if room < amount:
+                    amount = room
+                    tightest = scope
+            if amount < minimum:
+                assert tightest is not None
+                return ReserveResult(ReserveStatus.DENIED, tightest.snapshot())
             for scope in resolved:
                 scope.reserved += amount
             deadline = now + self._lease_seconds
             self._leases[lease_id] = _Lease(amount, resolved, deadline)
             self._deadlines.append((deadline, lease_id))
-            return _RESERVED
+            return ReserveResult(ReserveStatus.OK, None, amount)
+
+    async def areserve_up_to(
+        self,
+        lease_id: LeaseId,
+        scopes: Sequence[ScopeLimit],
+        minimum: int,
+        maximum: int,
+        pause_keys: Sequence[str] = (),
+    ) -> ReserveResult:
+        return self.reserve_up_to(lease_id, scopes, minimum, maximum, pause_keys)
+
+    async def acommit(self, lease_id: LeaseId, actual: int) -> CommitResult:
+        return self.commit(lease_id, actual)
+
+    async def arelease(self, lease_id: LeaseId) -> CommitResult:
+        return self.release(lease_id)
+
+    async def acharge(
+        self, lease_id: LeaseId, scopes: Sequence[ScopeLimit], amount: int
+    ) -> CommitResult:
+        return self.charge(lease_id, scopes, amount)
 
     def commit(self, lease_id: LeaseId, actual: int) -> CommitResult:
         if actual < 0:

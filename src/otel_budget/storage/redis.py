@@ -809,6 +809,26 @@ class RedisStorage(LedgerStorage):
         self._remember([usage])
         return ReserveResult(ReserveStatus.DENIED, usage)
 
+    def reserve_up_to(  # TEMPORARY (replaced by the storage branch): not atomic
+        self,
+        lease_id: LeaseId,
+        scopes: Sequence[ScopeLimit],
+        minimum: int,
+        maximum: int,
+        pause_keys: Sequence[str] = (),
+    ) -> ReserveResult:
+        result = self.reserve(lease_id, scopes, maximum, pause_keys)
+        if result.status is ReserveStatus.OK:
+            return ReserveResult(ReserveStatus.OK, None, maximum)
+        if result.status is ReserveStatus.DENIED and minimum < maximum and result.denied:
+            room = result.denied.limit - result.denied.spent - result.denied.reserved
+            if room >= minimum:
+                again = self.reserve(lease_id, scopes, room, pause_keys)
+                if again.status is ReserveStatus.OK:
+                    return ReserveResult(ReserveStatus.OK, None, room)
+                return again
+        return result
+
     def _settle(self, lease_id: LeaseId, mode: str, actual: int) -> CommitResult:
         name = lease_name(lease_id)
         with self._lock:

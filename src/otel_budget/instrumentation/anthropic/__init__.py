@@ -30,6 +30,7 @@ from opentelemetry.instrumentation.utils import unwrap
 from wrapt import wrap_function_wrapper
 
 from otel_budget.instrumentation.anthropic import patch
+from otel_budget.runtime import RuntimeSource
 
 _INSTRUMENTS = ("anthropic >= 0.40",)
 
@@ -67,13 +68,14 @@ class AnthropicBudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             __name__, __version__, kwargs.get("tracer_provider"),
             schema_url="https://opentelemetry.io/schemas/1.37.0",
         )  # fmt: skip
+        source = RuntimeSource(kwargs.get("runtime"))  # the runtime the wrappers enforce
         self._wrapped: list[tuple[str, str | None, str]] = []
         for module, cls, method, factory in _TARGETS:
             try:
                 owner = getattr(importlib.import_module(module), cls)
                 if not callable(getattr(owner, method, None)):
                     continue  # an SDK without this API
-                wrap_function_wrapper(module, f"{cls}.{method}", factory(tracer))
+                wrap_function_wrapper(module, f"{cls}.{method}", factory(tracer, source))
                 self._wrapped.append((module, cls, method))
             except (ImportError, AttributeError):
                 continue

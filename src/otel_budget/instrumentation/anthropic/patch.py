@@ -42,10 +42,11 @@ from opentelemetry import trace
 from otel_budget import attributes as attrs
 from otel_budget.errors import BudgetExceededError
 from otel_budget.instrumentation._call import (
-    IN_METERED_CALL,
+    CURRENT_CALL,
     LLMCall,
     LLMRequest,
     capture_content,
+    astart_call,
     start_call,
     substitute_or_raise,
 )
@@ -56,6 +57,7 @@ from otel_budget.instrumentation._util import given as _given
 from otel_budget.instrumentation._util import nonneg_int as _int
 from otel_budget.instrumentation._stream import AsyncStreamProxy, SyncStreamProxy
 from otel_budget.pricing import TokenUsage
+from otel_budget.runtime import BudgetRuntime, RuntimeSource
 from otel_budget.tokens import bytes_rule, estimate_input_tokens
 
 PROVIDER_ANTHROPIC = "anthropic"
@@ -310,20 +312,35 @@ def messages_request(instance: Any, kwargs: dict[str, Any], stream: bool | None 
 _MIN_THINKING_BUDGET = 1024  # Anthropic's minimum thinking.budget_tokens
 
 
-def _start(tracer: trace.Tracer, request: LLMRequest, kwargs: dict[str, Any]) -> LLMCall:
-    """``start_call``, then keep extended thinking valid under a lowered ``max_tokens``:
-    ``thinking.budget_tokens`` counts inside ``max_tokens`` and must stay below it, so when
-    the budget lowered the cap under it, the thinking budget is lowered too (when the cap is
-    too small for the API's minimum, the request is left for the API to reject: nothing is
-    billed and the reservation is released)."""
-    asked = kwargs.get("max_tokens")
-    call = start_call(tracer, request, kwargs)
+def _fit_thinking(asked: Any, kwargs: dict[str, Any]) -> None:
+    """Keep extended thinking valid under a lowered ``max_tokens``: ``thinking.budget_tokens``
+    counts inside ``max_tokens`` and must stay below it, so when the budget lowered the cap
+    under it, the thinking budget is lowered too (when the cap is too small for the API's
+    minimum, the request is left for the API to reject: nothing is billed and the
+    reservation is released)."""
     cap = kwargs.get("max_tokens")
     thinking = kwargs.get("thinking")
     if cap != asked and isinstance(cap, int) and isinstance(thinking, dict):
         budget = thinking.get("budget_tokens")
         if isinstance(budget, int) and budget >= cap and cap - 1 >= _MIN_THINKING_BUDGET:
             kwargs["thinking"] = {**thinking, "budget_tokens": cap - 1}  # the caller's dict is kept
+
+
+def _start(
+    tracer: trace.Tracer, runtime: BudgetRuntime | None, request: LLMRequest, kwargs: dict[str, Any]
+) -> LLMCall:
+    asked = kwargs.get("max_tokens")
+    call = start_call(tracer, request, kwargs, runtime=runtime)
+    _fit_thinking(asked, kwargs)
+    return call
+
+
+async def _astart(
+    tracer: trace.Tracer, runtime: BudgetRuntime | None, request: LLMRequest, kwargs: dict[str, Any]
+) -> LLMCall:
+    asked = kwargs.get("max_tokens")
+    call = await astart_call(tracer, request, kwargs, runtime=runtime)
+    _fit_thinking(asked, kwargs)
     return call
 
 
@@ -333,13 +350,21 @@ def _is_raw_response(result: Any) -> bool:
     return _get(result, "usage") is None and hasattr(result, "http_response") and hasattr(result, "parse")
 
 
-def _settle_message(call: LLMCall, message: Any) -> None:
+def _message_outcome(message: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     attributes = _message_attributes(message) if message is not None else {}
     text = _message_text(message) if message is not None else None
-    call.succeed(
-        anthropic_usage(_get(message, "usage")), attributes,
-        response_model=attributes.get(attrs.GEN_AI_RESPONSE_MODEL), output_text=text,
-    )  # fmt: skip
+    extra = {"response_model": attributes.get(attrs.GEN_AI_RESPONSE_MODEL), "output_text": text}
+    return anthropic_usage(_get(message, "usage")), attributes, extra
+
+
+def _settle_message(call: LLMCall, message: Any) -> None:
+    usage, attributes, extra = _message_outcome(message)
+    call.succeed(usage, attributes, **extra)
+
+
+async def _asettle_message(call: LLMCall, message: Any) -> None:
+    usage, attributes, extra = _message_outcome(message)
+    await call.asucceed(usage, attributes, **extra)
 
 
 def _settle_unreadable(call: LLMCall, exc: BaseException) -> None:
@@ -398,18 +423,18 @@ def _use_span(call: LLMCall) -> Any:
 
 
 # -- create / parse --------------------------------------------------------------------------
-def messages_create(tracer: trace.Tracer) -> Callable[..., Any]:
+def messages_create(tracer: trace.Tracer, source: RuntimeSource) -> Callable[..., Any]:
     """``Messages.create`` / ``parse`` (and the beta ones): JSON or ``stream=True``."""
 
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if IN_METERED_CALL.get() or args:
+        if CURRENT_CALL.get() is not None or args:
             # Metered by an outer wrapper (litellm), or a positional call we cannot read.
             return wrapped(*args, **kwargs)
         try:
-            call = _start(tracer, messages_request(instance, kwargs), kwargs)
+            call = _start(tracer, source.get(), messages_request(instance, kwargs), kwargs)
         except BudgetExceededError as error:
             return substitute_or_raise(error)
-        token = IN_METERED_CALL.set(True)
+        token = CURRENT_CALL.set(call.budgeted)
         try:
             with _use_span(call):
                 result = wrapped(*args, **kwargs)
@@ -417,7 +442,7 @@ def messages_create(tracer: trace.Tracer) -> Callable[..., Any]:
             call.fail(exc)
             raise
         finally:
-            IN_METERED_CALL.reset(token)
+            CURRENT_CALL.reset(token)
         if call.request.stream:
             if hasattr(result, "__next__"):
                 return SyncStreamProxy(result, call, MessagesAccumulator(call.input_tokens))
@@ -434,23 +459,23 @@ def messages_create(tracer: trace.Tracer) -> Callable[..., Any]:
     return wrapper
 
 
-def async_messages_create(tracer: trace.Tracer) -> Callable[..., Any]:
+def async_messages_create(tracer: trace.Tracer, source: RuntimeSource) -> Callable[..., Any]:
     async def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if IN_METERED_CALL.get() or args:
+        if CURRENT_CALL.get() is not None or args:
             return await wrapped(*args, **kwargs)
         try:
-            call = _start(tracer, messages_request(instance, kwargs), kwargs)
+            call = await _astart(tracer, source.get(), messages_request(instance, kwargs), kwargs)
         except BudgetExceededError as error:
             return substitute_or_raise(error)
-        token = IN_METERED_CALL.set(True)
+        token = CURRENT_CALL.set(call.budgeted)
         try:
             with _use_span(call):
                 result = await wrapped(*args, **kwargs)
         except BaseException as exc:
-            call.fail(exc)
+            await call.afail(exc)
             raise
         finally:
-            IN_METERED_CALL.reset(token)
+            CURRENT_CALL.reset(token)
         if call.request.stream:
             if hasattr(result, "__anext__"):
                 return AsyncStreamProxy(result, call, MessagesAccumulator(call.input_tokens))
@@ -461,7 +486,7 @@ def async_messages_create(tracer: trace.Tracer) -> Callable[..., Any]:
         except Exception as exc:
             _settle_unreadable(call, exc)
             return result
-        _settle_message(call, message)
+        await _asettle_message(call, message)
         return result
 
     return wrapper
@@ -502,15 +527,16 @@ def _unhookable(call: LLMCall) -> None:
     call.budgeted.finish(call.budgeted.projected_nanos, attributes={attrs.COST_ESTIMATED: True})
 
 
-def messages_stream(tracer: trace.Tracer) -> Callable[..., Any]:
+def messages_stream(tracer: trace.Tracer, source: RuntimeSource) -> Callable[..., Any]:
     """``Messages.stream`` (and beta): returns a manager that sends on ``__enter__``."""
 
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if IN_METERED_CALL.get() or args:
+        if CURRENT_CALL.get() is not None or args:
             return wrapped(*args, **kwargs)
         request = messages_request(instance, kwargs, stream=True)
+        runtime = source.get()
         try:
-            call = _start(tracer, request, kwargs)  # before the body is built: the cap lands in it
+            call = _start(tracer, runtime, request, kwargs)  # before the body is built: the cap lands in it
         except BudgetExceededError as error:
             return substitute_or_raise(error)
         try:
@@ -533,8 +559,8 @@ def messages_stream(tracer: trace.Tracer) -> Callable[..., Any]:
             else:
                 # The manager entered again: a new request, metered on its own (the cap goes
                 # into the body the partial sends).
-                current = _start(tracer, request, body if isinstance(body, dict) else {})
-            token = IN_METERED_CALL.set(True)
+                current = _start(tracer, runtime, request, body if isinstance(body, dict) else {})
+            token = CURRENT_CALL.set(current.budgeted)
             try:
                 with _use_span(current):
                     raw = original()
@@ -542,7 +568,7 @@ def messages_stream(tracer: trace.Tracer) -> Callable[..., Any]:
                 current.fail(exc)
                 raise
             finally:
-                IN_METERED_CALL.reset(token)
+                CURRENT_CALL.reset(token)
             return SyncStreamProxy(raw, current, MessagesAccumulator(current.input_tokens))
 
         finalizer = weakref.finalize(manager, _release_unsent, call)
@@ -552,14 +578,14 @@ def messages_stream(tracer: trace.Tracer) -> Callable[..., Any]:
     return wrapper
 
 
-def async_messages_stream(tracer: trace.Tracer) -> Callable[..., Any]:
+def async_messages_stream(tracer: trace.Tracer, source: RuntimeSource) -> Callable[..., Any]:
     """``AsyncMessages.stream`` (and beta): the manager awaits a ``_post`` coroutine."""
 
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if IN_METERED_CALL.get() or args:
+        if CURRENT_CALL.get() is not None or args:
             return wrapped(*args, **kwargs)
         try:
-            call = _start(tracer, messages_request(instance, kwargs, stream=True), kwargs)
+            call = _start(tracer, source.get(), messages_request(instance, kwargs, stream=True), kwargs)
         except BudgetExceededError as error:
             return substitute_or_raise(error)
         try:
@@ -575,7 +601,7 @@ def async_messages_stream(tracer: trace.Tracer) -> Callable[..., Any]:
 
         async def api_request() -> Any:
             finalizer.detach()
-            token = IN_METERED_CALL.set(True)
+            token = CURRENT_CALL.set(call.budgeted)
             try:
                 with _use_span(call):
                     raw = await original
@@ -583,7 +609,7 @@ def async_messages_stream(tracer: trace.Tracer) -> Callable[..., Any]:
                 call.fail(exc)
                 raise
             finally:
-                IN_METERED_CALL.reset(token)
+                CURRENT_CALL.reset(token)
             return AsyncStreamProxy(raw, call, MessagesAccumulator(call.input_tokens))
 
         hooked = api_request()
@@ -601,7 +627,7 @@ def sdk_span_guard(
     """Wraps ``anthropic._base_client.start_api_call_span``: inside a metered call the SDK
     gets a non-recording span with the metered span's context (so its trace headers still
     name the call), instead of a second GenAI span the processor would charge again."""
-    if IN_METERED_CALL.get():
+    if CURRENT_CALL.get() is not None:
         context = trace.get_current_span().get_span_context()
         return trace.NonRecordingSpan(context) if context.is_valid else None
     return wrapped(*args, **kwargs)

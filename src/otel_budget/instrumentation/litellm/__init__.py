@@ -48,6 +48,7 @@ from opentelemetry import trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 
 from otel_budget.instrumentation.litellm import patch
+from otel_budget.runtime import RuntimeSource
 
 logger = logging.getLogger("otel_budget")
 
@@ -111,6 +112,7 @@ class LiteLLMBudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             schema_url="https://opentelemetry.io/schemas/1.37.0",
         )  # fmt: skip
         self._switch = patch._Switch()
+        self._source = RuntimeSource(kwargs.get("runtime"))  # the runtime the wrappers enforce
         self._lock = threading.Lock()
         # (module object, attribute, original, wrapper) of every attribute we replaced.
         self._wrapped: list[tuple[Any, str, Any, Any]] = []
@@ -145,7 +147,7 @@ class LiteLLMBudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         original = getattr(module, attribute, None)
         if not callable(original):
             return  # absent in this litellm version
-        wrapper = wrapt.FunctionWrapper(original, factory(self._tracer, switch))
+        wrapper = wrapt.FunctionWrapper(original, factory(self._tracer, self._source, switch))
         setattr(module, attribute, wrapper)
         self._wrapped.append((module, attribute, original, wrapper))
 

@@ -4,7 +4,7 @@
 
 Every wrapper reads the litellm request (``"provider/model"`` or ``custom_llm_provider``,
 ``api_base``), lets ``_call.start_call`` project and reserve (it may set or lower
-``max_tokens`` in the kwargs), sends with ``IN_METERED_CALL`` set (so the openai / anthropic
+``max_tokens`` in the kwargs), sends with ``CURRENT_CALL`` set (so the openai / anthropic
 wrappers litellm may reach underneath pass through: one span, one charge), then settles from
 ``ModelResponse.usage``; streams (``CustomStreamWrapper``) are wrapped in a proxy that settles
 however they end.
@@ -24,10 +24,11 @@ from opentelemetry import trace
 from otel_budget import attributes as attrs
 from otel_budget.errors import BudgetExceededError
 from otel_budget.instrumentation._call import (
-    IN_METERED_CALL,
+    CURRENT_CALL,
     LLMCall,
     LLMRequest,
     capture_content,
+    astart_call,
     start_call,
     substitute_or_raise,
 )
@@ -42,7 +43,7 @@ from otel_budget.instrumentation._util import nonneg_int as _int
 from otel_budget.instrumentation._util import usage_only as _usage_only
 from otel_budget.instrumentation._stream import AsyncStreamProxy, SyncStreamProxy
 from otel_budget.pricing import TokenUsage
-from otel_budget.processor import get_active_processor
+from otel_budget.runtime import BudgetRuntime, RuntimeSource
 from otel_budget.tokens import estimate_input_tokens
 
 KIND_CHAT = "chat"
@@ -318,13 +319,12 @@ class AsyncLiteLLMStream(AsyncStreamProxy):
             self._self_end(None, complete=False)
 
 
-def _prepare_stream(params: dict[str, Any]) -> bool:
+def _prepare_stream(params: dict[str, Any], runtime: BudgetRuntime | None) -> bool:
     """Ask for the usage chunk (litellm honours ``stream_options`` for every provider and never
     rejects it); True when the caller did not ask for it, so the proxy hides it again."""
     if params.get("stream") is not True:
         return False
-    processor = get_active_processor()
-    if processor is None or not processor.settings.stream_include_usage:
+    if runtime is None or not runtime.settings.stream_include_usage:
         return False
     options = params.get("stream_options")
     if options is None:
@@ -377,19 +377,37 @@ class _Switch:
         self.on = True
 
 
+def _started(
+    call: LLMCall, request: LLMRequest, kind: str, params: dict[str, Any],
+    runtime: BudgetRuntime | None,
+) -> tuple[LLMCall, Any, bool]:  # fmt: skip
+    if request.output_param is not None:
+        _sync_output_caps(request, params)
+    return call, None, _prepare_stream(params, runtime) if kind == KIND_CHAT else False
+
+
 def _begin(
-    tracer: trace.Tracer, kind: str, params: dict[str, Any]
+    tracer: trace.Tracer, runtime: BudgetRuntime | None, kind: str, params: dict[str, Any]
 ) -> tuple[LLMCall | None, Any, bool]:
     """``(call, substitute, hide_usage)``: a started call, or an ``on_exceeded`` substitute."""
     request = _READERS[kind](params)
     try:
-        call = start_call(tracer, request, params)
+        call = start_call(tracer, request, params, runtime=runtime)
     except BudgetExceededError as error:
         return None, substitute_or_raise(error), False
-    if request.output_param is not None:
-        _sync_output_caps(request, params)
-    hide = _prepare_stream(params) if kind == KIND_CHAT else False
-    return call, None, hide
+    return _started(call, request, kind, params, runtime)
+
+
+async def _abegin(
+    tracer: trace.Tracer, runtime: BudgetRuntime | None, kind: str, params: dict[str, Any]
+) -> tuple[LLMCall | None, Any, bool]:
+    """``_begin`` without blocking the event loop on the ledger."""
+    request = _READERS[kind](params)
+    try:
+        call = await astart_call(tracer, request, params, runtime=runtime)
+    except BudgetExceededError as error:
+        return None, substitute_or_raise(error), False
+    return _started(call, request, kind, params, runtime)
 
 
 def _after(call: LLMCall, result: Any, kind: str, hide: bool, asynchronous: bool) -> Any:
@@ -403,20 +421,20 @@ def _after(call: LLMCall, result: Any, kind: str, hide: bool, asynchronous: bool
 
 
 async def _run_async(
-    tracer: trace.Tracer, kind: str, switch: _Switch, binder: _Binder,
+    tracer: trace.Tracer, source: RuntimeSource, kind: str, switch: _Switch, binder: _Binder,
     wrapped: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
 ) -> Any:  # fmt: skip
-    if IN_METERED_CALL.get() or not switch.on:
+    if CURRENT_CALL.get() is not None or not switch.on:
         result = wrapped(*args, **kwargs)
         return await result if inspect.isawaitable(result) else result
     params = binder(wrapped, args, kwargs)
     if params is None:
         result = wrapped(*args, **kwargs)
         return await result if inspect.isawaitable(result) else result
-    call, substitute, hide = _begin(tracer, kind, params)
+    call, substitute, hide = await _abegin(tracer, source.get(), kind, params)
     if call is None:
         return substitute
-    token = IN_METERED_CALL.set(True)
+    token = CURRENT_CALL.set(call.budgeted)
     try:
         with trace.use_span(call.span, end_on_exit=False, record_exception=False,
                             set_status_on_exception=False):  # fmt: skip
@@ -424,29 +442,32 @@ async def _run_async(
             if inspect.isawaitable(result):
                 result = await result
     except BaseException as exc:
-        call.fail(exc)
+        await call.afail(exc)
         raise
     finally:
-        IN_METERED_CALL.reset(token)
+        CURRENT_CALL.reset(token)
     return _after(call, result, kind, hide, asynchronous=True)
 
 
-def make_sync_wrapper(tracer: trace.Tracer, kind: str, switch: _Switch) -> Callable[..., Any]:
+def make_sync_wrapper(
+    tracer: trace.Tracer, source: RuntimeSource, kind: str, switch: _Switch
+) -> Callable[..., Any]:
     binder = _Binder()
     async_flag = _ASYNC_FLAGS[kind]
 
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if IN_METERED_CALL.get() or not switch.on:
+        if CURRENT_CALL.get() is not None or not switch.on:
             return wrapped(*args, **kwargs)
         if kwargs.get(async_flag) is True:  # returns a coroutine: meter it when awaited
-            return _run_async(tracer, kind, switch, binder, wrapped, args, kwargs)
+            return _run_async(tracer, source, kind, switch, binder, wrapped, args, kwargs)
         params = binder(wrapped, args, kwargs)
         if params is None:
             return wrapped(*args, **kwargs)
-        call, substitute, hide = _begin(tracer, kind, params)
+        runtime = source.get()
+        call, substitute, hide = _begin(tracer, runtime, kind, params)
         if call is None:
             return substitute
-        token = IN_METERED_CALL.set(True)
+        token = CURRENT_CALL.set(call.budgeted)
         try:
             with trace.use_span(call.span, end_on_exit=False, record_exception=False,
                                 set_status_on_exception=False):  # fmt: skip
@@ -455,32 +476,34 @@ def make_sync_wrapper(tracer: trace.Tracer, kind: str, switch: _Switch) -> Calla
             call.fail(exc)
             raise
         finally:
-            IN_METERED_CALL.reset(token)
+            CURRENT_CALL.reset(token)
         return _after(call, result, kind, hide, asynchronous=False)
 
     return wrapper
 
 
-def make_async_wrapper(tracer: trace.Tracer, kind: str, switch: _Switch) -> Callable[..., Any]:
+def make_async_wrapper(
+    tracer: trace.Tracer, source: RuntimeSource, kind: str, switch: _Switch
+) -> Callable[..., Any]:
     binder = _Binder()
 
     async def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        return await _run_async(tracer, kind, switch, binder, wrapped, args, kwargs)
+        return await _run_async(tracer, source, kind, switch, binder, wrapped, args, kwargs)
 
     return wrapper
 
 
-def completion(tracer: trace.Tracer, switch: _Switch) -> Callable[..., Any]:
-    return make_sync_wrapper(tracer, KIND_CHAT, switch)
+def completion(tracer: trace.Tracer, source: RuntimeSource, switch: _Switch) -> Callable[..., Any]:
+    return make_sync_wrapper(tracer, source, KIND_CHAT, switch)
 
 
-def acompletion(tracer: trace.Tracer, switch: _Switch) -> Callable[..., Any]:
-    return make_async_wrapper(tracer, KIND_CHAT, switch)
+def acompletion(tracer: trace.Tracer, source: RuntimeSource, switch: _Switch) -> Callable[..., Any]:
+    return make_async_wrapper(tracer, source, KIND_CHAT, switch)
 
 
-def embedding(tracer: trace.Tracer, switch: _Switch) -> Callable[..., Any]:
-    return make_sync_wrapper(tracer, KIND_EMBEDDINGS, switch)
+def embedding(tracer: trace.Tracer, source: RuntimeSource, switch: _Switch) -> Callable[..., Any]:
+    return make_sync_wrapper(tracer, source, KIND_EMBEDDINGS, switch)
 
 
-def aembedding(tracer: trace.Tracer, switch: _Switch) -> Callable[..., Any]:
-    return make_async_wrapper(tracer, KIND_EMBEDDINGS, switch)
+def aembedding(tracer: trace.Tracer, source: RuntimeSource, switch: _Switch) -> Callable[..., Any]:
+    return make_async_wrapper(tracer, source, KIND_EMBEDDINGS, switch)

@@ -26,6 +26,7 @@ from opentelemetry.instrumentation.utils import unwrap
 from wrapt import wrap_function_wrapper
 
 from otel_budget.instrumentation.openai import patch
+from otel_budget.runtime import RuntimeSource
 
 _INSTRUMENTS = ("openai >= 1.40",)
 
@@ -59,6 +60,9 @@ class OpenAIBudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             __name__, __version__, kwargs.get("tracer_provider"),
             schema_url="https://opentelemetry.io/schemas/1.37.0",
         )  # fmt: skip
+        # The runtime these wrappers enforce, in their closure (instrument(runtime=...));
+        # without one they follow the process's current runtime.
+        source = RuntimeSource(kwargs.get("runtime"))
         self._wrapped: list[tuple[str, str, str]] = []
         import importlib
 
@@ -67,7 +71,7 @@ class OpenAIBudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 owner = getattr(importlib.import_module(module), cls)
                 if not hasattr(owner, method):
                     continue  # an older SDK without this API
-                wrap_function_wrapper(module, f"{cls}.{method}", factory(tracer))
+                wrap_function_wrapper(module, f"{cls}.{method}", factory(tracer, source))
                 self._wrapped.append((module, cls, method))
             except (ImportError, AttributeError):
                 continue

@@ -26,9 +26,10 @@ from opentelemetry import trace
 from otel_budget import attributes as attrs
 from otel_budget.errors import BudgetExceededError
 from otel_budget.instrumentation._call import (
-    IN_METERED_CALL,
+    CURRENT_CALL,
     LLMCall,
     LLMRequest,
+    astart_call,
     capture_content,
     start_call,
     substitute_or_raise,
@@ -45,7 +46,7 @@ from otel_budget.instrumentation._util import nonneg_int as _int
 from otel_budget.instrumentation._util import usage_only as _usage_only
 from otel_budget.instrumentation._stream import AsyncStreamProxy, SyncStreamProxy
 from otel_budget.pricing import TokenUsage
-from otel_budget.processor import get_active_processor
+from otel_budget.runtime import BudgetRuntime, RuntimeSource
 from otel_budget.tokens import estimate_input_tokens
 
 PROVIDER_OPENAI = "openai"
@@ -386,9 +387,9 @@ def _embeddings_request(instance: Any, kwargs: dict[str, Any]) -> LLMRequest:
 
 
 # -- wrapper factories -----------------------------------------------------------------------
-def _settle_response(call: LLMCall, result: Any, kind: str, body: Any = None) -> None:
-    """Settle a non-stream call from its body; never raises into the caller's code (the call
-    succeeded: a response shape we do not know is charged as estimated, not lost)."""
+def _response_outcome(call: LLMCall, result: Any, kind: str, body: Any = None) -> tuple[Any, dict[str, Any], Any]:
+    """(usage, attributes, output text) of a non-stream response; never raises into the
+    caller's code (the call succeeded: a shape we do not know is charged as estimated)."""
     try:
         if body is None:
             body = _parsed(result)
@@ -414,21 +415,33 @@ def _settle_response(call: LLMCall, result: Any, kind: str, body: Any = None) ->
         if call.processor is not None:
             call.processor.engine.log_once("openai response", exc)
         usage, attributes, text = None, {}, None
+    return usage, attributes, text if isinstance(text, str) else None
+
+
+def _settle_response(call: LLMCall, result: Any, kind: str, body: Any = None) -> None:
+    usage, attributes, text = _response_outcome(call, result, kind, body)
     call.succeed(
         usage, attributes, response_model=attributes.get(attrs.GEN_AI_RESPONSE_MODEL),
-        output_text=text if isinstance(text, str) else None,
+        output_text=text,
     )  # fmt: skip
 
 
-def _prepare_stream(kwargs: dict[str, Any], kind: str) -> bool:
+async def _asettle_response(call: LLMCall, result: Any, kind: str, body: Any = None) -> None:
+    usage, attributes, text = _response_outcome(call, result, kind, body)
+    await call.asucceed(
+        usage, attributes, response_model=attributes.get(attrs.GEN_AI_RESPONSE_MODEL),
+        output_text=text,
+    )  # fmt: skip
+
+
+def _prepare_stream(kwargs: dict[str, Any], kind: str, runtime: BudgetRuntime | None) -> bool:
     """Ask a chat (or legacy completions) stream for its usage; True when it was asked here
     (the caller did not set ``stream_options``), so the usage chunk is ours to hide."""
-    processor = get_active_processor()
     if (
         kind in ("chat", "completions")
         and kwargs.get("stream") is True
-        and processor is not None
-        and processor.settings.stream_include_usage
+        and runtime is not None
+        and runtime.settings.stream_include_usage
         and type(kwargs.get("stream_options")).__name__ in ("NoneType", "Omit", "NotGiven")
     ):
         # Without usage a stream's cost must be estimated; ask for it (opt-out setting).
@@ -438,18 +451,20 @@ def _prepare_stream(kwargs: dict[str, Any], kind: str) -> bool:
 
 
 def make_sync_wrapper(
-    tracer: trace.Tracer, read: Callable[[Any, dict[str, Any]], LLMRequest], kind: str
-) -> Callable[..., Any]:
+    tracer: trace.Tracer, source: RuntimeSource,
+    read: Callable[[Any, dict[str, Any]], LLMRequest], kind: str,
+) -> Callable[..., Any]:  # fmt: skip
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if IN_METERED_CALL.get() or args:
+        if CURRENT_CALL.get() is not None or args:
             # Metered by an outer wrapper (litellm), or a positional call we cannot read.
             return wrapped(*args, **kwargs)
+        runtime = source.get()
         try:
-            call = start_call(tracer, read(instance, kwargs), kwargs)
+            call = start_call(tracer, read(instance, kwargs), kwargs, runtime=runtime)
         except BudgetExceededError as error:
             return substitute_or_raise(error)
-        hide_usage = _prepare_stream(kwargs, kind)
-        token = IN_METERED_CALL.set(True)
+        hide_usage = _prepare_stream(kwargs, kind, runtime)
+        token = CURRENT_CALL.set(call.budgeted)
         try:
             with trace.use_span(call.span, end_on_exit=False, record_exception=False,
                                 set_status_on_exception=False):  # fmt: skip
@@ -463,7 +478,7 @@ def make_sync_wrapper(
             call.fail(exc)
             raise
         finally:
-            IN_METERED_CALL.reset(token)
+            CURRENT_CALL.reset(token)
         if call.request.stream and hasattr(result, "__next__"):
             return _SyncStream(result, call, _accumulator(kind), hide_usage)
         _settle_response(call, result, kind)
@@ -473,17 +488,19 @@ def make_sync_wrapper(
 
 
 def make_async_wrapper(
-    tracer: trace.Tracer, read: Callable[[Any, dict[str, Any]], LLMRequest], kind: str
-) -> Callable[..., Any]:
+    tracer: trace.Tracer, source: RuntimeSource,
+    read: Callable[[Any, dict[str, Any]], LLMRequest], kind: str,
+) -> Callable[..., Any]:  # fmt: skip
     async def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if IN_METERED_CALL.get() or args:
+        if CURRENT_CALL.get() is not None or args:
             return await wrapped(*args, **kwargs)
+        runtime = source.get()
         try:
-            call = start_call(tracer, read(instance, kwargs), kwargs)
+            call = await astart_call(tracer, read(instance, kwargs), kwargs, runtime=runtime)
         except BudgetExceededError as error:
             return substitute_or_raise(error)
-        hide_usage = _prepare_stream(kwargs, kind)
-        token = IN_METERED_CALL.set(True)
+        hide_usage = _prepare_stream(kwargs, kind, runtime)
+        token = CURRENT_CALL.set(call.budgeted)
         body: Any = None
         try:
             with trace.use_span(call.span, end_on_exit=False, record_exception=False,
@@ -504,45 +521,45 @@ def make_async_wrapper(
                     except Exception:
                         body = None  # the caller's own parse() raises it; charged as estimated
         except BaseException as exc:
-            call.fail(exc)
+            await call.afail(exc)
             raise
         finally:
-            IN_METERED_CALL.reset(token)
+            CURRENT_CALL.reset(token)
         if call.request.stream and hasattr(result, "__anext__"):
             return _AsyncStream(result, call, _accumulator(kind), hide_usage)
-        _settle_response(call, result, kind, body)
+        await _asettle_response(call, result, kind, body)
         return result
 
     return wrapper
 
 
-def chat_create(tracer: trace.Tracer) -> Callable[..., Any]:
-    return make_sync_wrapper(tracer, _chat_request, "chat")
+def chat_create(tracer: trace.Tracer, source: RuntimeSource) -> Callable[..., Any]:
+    return make_sync_wrapper(tracer, source, _chat_request, "chat")
 
 
-def async_chat_create(tracer: trace.Tracer) -> Callable[..., Any]:
-    return make_async_wrapper(tracer, _chat_request, "chat")
+def async_chat_create(tracer: trace.Tracer, source: RuntimeSource) -> Callable[..., Any]:
+    return make_async_wrapper(tracer, source, _chat_request, "chat")
 
 
-def responses_create(tracer: trace.Tracer) -> Callable[..., Any]:
-    return make_sync_wrapper(tracer, _responses_request, "responses")
+def responses_create(tracer: trace.Tracer, source: RuntimeSource) -> Callable[..., Any]:
+    return make_sync_wrapper(tracer, source, _responses_request, "responses")
 
 
-def async_responses_create(tracer: trace.Tracer) -> Callable[..., Any]:
-    return make_async_wrapper(tracer, _responses_request, "responses")
+def async_responses_create(tracer: trace.Tracer, source: RuntimeSource) -> Callable[..., Any]:
+    return make_async_wrapper(tracer, source, _responses_request, "responses")
 
 
-def completions_create(tracer: trace.Tracer) -> Callable[..., Any]:
-    return make_sync_wrapper(tracer, _completions_request, "completions")
+def completions_create(tracer: trace.Tracer, source: RuntimeSource) -> Callable[..., Any]:
+    return make_sync_wrapper(tracer, source, _completions_request, "completions")
 
 
-def async_completions_create(tracer: trace.Tracer) -> Callable[..., Any]:
-    return make_async_wrapper(tracer, _completions_request, "completions")
+def async_completions_create(tracer: trace.Tracer, source: RuntimeSource) -> Callable[..., Any]:
+    return make_async_wrapper(tracer, source, _completions_request, "completions")
 
 
-def embeddings_create(tracer: trace.Tracer) -> Callable[..., Any]:
-    return make_sync_wrapper(tracer, _embeddings_request, "embeddings")
+def embeddings_create(tracer: trace.Tracer, source: RuntimeSource) -> Callable[..., Any]:
+    return make_sync_wrapper(tracer, source, _embeddings_request, "embeddings")
 
 
-def async_embeddings_create(tracer: trace.Tracer) -> Callable[..., Any]:
-    return make_async_wrapper(tracer, _embeddings_request, "embeddings")
+def async_embeddings_create(tracer: trace.Tracer, source: RuntimeSource) -> Callable[..., Any]:
+    return make_async_wrapper(tracer, source, _embeddings_request, "embeddings")

@@ -1,0 +1,424 @@
+"""The one metered-call path: reserve, start the span, settle or release, exactly once.
+
+    call = begin(runtime, tracer, "chat gpt-4o-mini", attributes, minimum=floor,
+                 maximum=worst_case, name="gpt-4o-mini", provider="openai")
+    try:
+        response = send()                 # only reached when the ledger granted the call
+    except Exception as exc:
+        call.fail(exc)                    # releases the reservation, records the error
+        raise
+    call.settle(actual_nanos, input_tokens=..., output_tokens=...)
+
+Every kind of call goes through here: our provider wrappers (``instrumentation._call``),
+``track_tool``, and the processor's handling of other instrumentations' spans
+(``adopt_span``). One place reserves (``BudgetEngine.reserve_steps``, an atomic "reserve up
+to" in the ledger), one settles (``BudgetEngine.settle_steps``), one registry
+(``BudgetRuntime.calls``) knows which spans are metered so that nothing is charged twice.
+
+``begin`` reserves *before* the span starts, so that an output cap derived from what the
+ledger granted is on the span from its start. It is written once as a generator of ledger
+operations (``otel_budget.steps``): ``begin`` runs it with blocking storage calls,
+``abegin`` with the storage's coroutines, so a slow shared ledger never blocks an event loop.
+
+Enforcement does not depend on a span processor seeing the span: a sampler that drops the
+span, or a process without an SDK ``TracerProvider``, still reserves and settles here.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from otel_budget import attributes as attrs
+from otel_budget.engine import KIND_LLM, Charge
+from otel_budget.errors import BudgetExceededError
+from otel_budget.money import to_usd
+from otel_budget.runtime import BudgetRuntime, CallRegistry, current_runtime, span_lease
+from otel_budget.steps import Steps, arun, run
+
+_ABORTED = "BudgetExceededError"
+
+# True while one of our metered spans is being started: span processors (ours, on any
+# provider) leave that span to this module.
+STARTING: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "otel_budget_starting", default=False
+)
+# The metered call whose request is being sent: an instrumented library that calls another
+# instrumented library (litellm calling the openai SDK) is metered once, by the outer call.
+CURRENT_CALL: contextvars.ContextVar[MeteredCall | None] = contextvars.ContextVar(
+    "otel_budget_current_call", default=None
+)
+
+
+def mark_refused(span: Any, error: BudgetExceededError) -> None:
+    """Record a refusal on a span the way the GenAI conventions record errors, and end it."""
+    try:
+        if span.is_recording():
+            span.set_attributes({
+                attrs.ERROR_TYPE: _ABORTED,
+                attrs.BUDGET_SCOPE: error.scope,
+                "otel_budget.budget.reason": error.reason,
+                **({attrs.BUDGET_LIMIT_USD: error.budget_usd} if error.budget_usd is not None else {}),
+                **({attrs.BUDGET_REMAINING_USD: error.remaining_usd}
+                   if error.remaining_usd is not None else {}),
+            })  # fmt: skip
+            span.record_exception(error)
+            span.set_status(Status(StatusCode.ERROR, str(error)))
+    finally:
+        span.end()
+
+
+def start_span(
+    tracer: trace.Tracer, name: str, attributes: Mapping[str, Any], kind: SpanKind
+) -> Any:
+    """Start one of our metered spans (span processors leave it to this module)."""
+    token = STARTING.set(True)
+    try:
+        return tracer.start_span(name, kind=kind, attributes=attributes)
+    finally:
+        STARTING.reset(token)
+
+
+def refuse(
+    tracer: trace.Tracer, name: str, attributes: Mapping[str, Any], error: BudgetExceededError,
+    kind: SpanKind = SpanKind.CLIENT,
+) -> BudgetExceededError:  # fmt: skip
+    """Record a call refused before any reservation on an ended span; returns the error."""
+    mark_refused(start_span(tracer, name, attributes, kind), error)
+    return error
+
+
+class MeteredCall:
+    """A span plus its charge; settle it exactly once (``settle`` or ``fail``)."""
+
+    __slots__ = ("runtime", "span", "charge", "done", "span_lease", "delegated")
+
+    def __init__(self, span: Any, charge: Charge | None, runtime: BudgetRuntime | None) -> None:
+        self.runtime = runtime
+        self.span = span
+        self.charge = charge
+        self.done = False
+        self.span_lease = 0
+        self.delegated = False  # another metered call (ours, inside this span) took it over
+
+    @property
+    def processor(self) -> BudgetRuntime | None:
+        """The runtime (named as the processor was: it has the same ``engine``/``prices``)."""
+        return self.runtime
+
+    @property
+    def projected_nanos(self) -> int:
+        return self.charge.projected if self.charge is not None else 0
+
+    # -- settling: written once, driven sync or async -------------------------------------------
+    def settle_steps(
+        self,
+        actual_nanos: int,
+        *,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        attributes: Mapping[str, Any] | None = None,
+        end: bool = True,
+        error: BaseException | None = None,
+    ) -> Steps[None]:
+        """Commit the actual cost, record it on the span (with ``error``, if the call failed
+        after it was billed), end the span."""
+        if self.done:
+            return None
+        self.done = True
+        span = self.span
+        runtime = self.runtime
+        try:
+            overshoot = 0
+            if self.charge is not None and runtime is not None:
+                overshoot = yield from runtime.engine.settle_steps(
+                    self.charge, actual_nanos, input_tokens, output_tokens
+                )
+            if span.is_recording():
+                extra: dict[str, Any] = dict(attributes) if attributes else {}
+                extra[attrs.COST_USD] = to_usd(actual_nanos)
+                if overshoot:
+                    extra[attrs.COST_OVERSHOOT_USD] = to_usd(overshoot)
+                span.set_attributes(extra)
+                if error is not None:
+                    _record_error(span, error)
+        except Exception as exc:
+            if runtime is not None:
+                runtime.engine.internal_error("MeteredCall.settle", exc)
+        finally:
+            if end:
+                span.end()
+        return None
+
+    def release_steps(self, error: BaseException, *, end: bool = True) -> Steps[None]:
+        """The call failed before it was billed: give the reservation back, charge nothing,
+        record the error on the span."""
+        if self.done:
+            return None
+        self.done = True
+        span = self.span
+        runtime = self.runtime
+        try:
+            if self.charge is not None and runtime is not None:
+                yield from runtime.engine.release_steps(self.charge)
+            if span.is_recording():
+                span.set_attribute(attrs.COST_USD, 0.0)
+                _record_error(span, error)
+        except Exception as exc:
+            if runtime is not None:
+                runtime.engine.internal_error("MeteredCall.release", exc)
+        finally:
+            if end:
+                span.end()
+        return None
+
+    def _storage(self) -> Any:
+        return self.runtime.storage if self.runtime is not None else None
+
+    def settle(self, actual_nanos: int, **kw: Any) -> None:
+        run(self.settle_steps(actual_nanos, **kw), self._storage())
+
+    async def asettle(self, actual_nanos: int, **kw: Any) -> None:
+        await arun(self.settle_steps(actual_nanos, **kw), self._storage())
+
+    def fail(self, error: BaseException, *, billed_nanos: int | None = None, **kw: Any) -> None:
+        """Failed: release, or (``billed_nanos``) charge what was billed anyway."""
+        if billed_nanos is None:
+            run(self.release_steps(error, end=kw.get("end", True)), self._storage())
+        else:
+            self.settle(billed_nanos, error=error, **kw)
+
+    async def afail(
+        self, error: BaseException, *, billed_nanos: int | None = None, **kw: Any
+    ) -> None:
+        if billed_nanos is None:
+            await arun(self.release_steps(error, end=kw.get("end", True)), self._storage())
+        else:
+            await self.asettle(billed_nanos, error=error, **kw)
+
+    # Compatibility with the earlier ``BudgetedCall`` name of the same operation.
+    def finish(self, actual_nanos: int, **kw: Any) -> None:
+        self.settle(actual_nanos, **kw)
+
+
+def _record_error(span: Any, error: BaseException) -> None:
+    span.set_attribute(attrs.ERROR_TYPE, type(error).__qualname__)
+    span.record_exception(error)
+    span.set_status(Status(StatusCode.ERROR, str(error)))
+
+
+def _is_gen_ai_span(span: Any) -> bool:
+    try:
+        attributes = getattr(span, "attributes", None)
+        return bool(attributes) and attributes.get(attrs.GEN_AI_OPERATION_NAME) is not None
+    except Exception:
+        return False
+
+
+def begin_steps(
+    runtime: BudgetRuntime | None,
+    tracer: trace.Tracer,
+    span_name: str,
+    attributes: dict[str, Any],
+    *,
+    minimum: int,
+    maximum: int | None = None,
+    name: str,
+    provider: str,
+    operation: str | None = None,
+    span_kind: SpanKind = SpanKind.CLIENT,
+    charge_kind: str = KIND_LLM,
+    on_grant: Callable[[int], int] | None = None,
+) -> Steps[MeteredCall]:
+    """Reserve between ``minimum`` and ``maximum`` (as much as the budget affords), let
+    ``on_grant(granted)`` shape the request to what was granted (it returns the request's
+    final projected cost), then start the span. Raises ``BudgetExceededError`` after
+    recording the refusal on an ended span. Without a runtime the call is only traced."""
+    if maximum is None:
+        maximum = minimum
+    if runtime is None:
+        attributes[attrs.COST_PROJECTED_USD] = to_usd(maximum)
+        return MeteredCall(start_span(tracer, span_name, attributes, span_kind), None, None)
+    operation = operation or attributes.get(attrs.GEN_AI_OPERATION_NAME) or "chat"
+    engine = runtime.engine
+    calls = runtime.calls
+    parent_span = trace.get_current_span()
+    parent_ctx = parent_span.get_span_context()
+    parentless = not parent_ctx.is_valid
+    trace_id = 0 if parentless else parent_ctx.trace_id
+    if not parentless and len(calls):
+        outer = calls.get(span_lease(parent_ctx.trace_id, parent_ctx.span_id))
+        if isinstance(outer, MeteredCall) and outer.charge is not None and not outer.done:
+            # Another instrumentation's GenAI span around ours describes the same call: this
+            # call, which knows the request, meters it; the outer span is charged nothing.
+            outer.delegated = True
+            outer.done = True
+            yield from engine.release_steps(outer.charge)
+    lease = engine.new_lease_id()
+    refusal: BudgetExceededError | None = None
+    charge: Charge | None = None
+    try:
+        charge = yield from engine.reserve_steps(
+            lease, trace_id, parentless, attributes, minimum, maximum,
+            kind=charge_kind, name=name, provider=provider, operation=operation,
+        )  # fmt: skip
+        if on_grant is not None:
+            charge.projected = on_grant(charge.projected)
+    except BudgetExceededError as error:
+        refusal = error
+    except Exception as exc:
+        refusal = engine.internal_error("reserve", exc)
+        if refusal is None:
+            # fail_open: the call goes ahead unmetered, its cost recorded when it settles.
+            projected = maximum
+            if on_grant is not None:
+                try:
+                    projected = on_grant(maximum)
+                except Exception as inner:
+                    engine.log_once("on_grant", inner)
+            charge = engine.unmetered(
+                lease, trace_id, projected, kind=charge_kind, name=name, provider=provider,
+                operation=operation, parentless=parentless, attributes=attributes,
+            )  # fmt: skip
+        else:
+            refusal.__cause__ = exc
+    attributes[attrs.COST_PROJECTED_USD] = to_usd(
+        charge.projected if charge is not None else minimum
+    )
+    span = start_span(tracer, span_name, attributes, span_kind)
+    if refusal is not None:
+        mark_refused(span, refusal)
+        raise refusal
+    call = MeteredCall(span, charge, runtime)
+    ctx = span.get_span_context()
+    if ctx.is_valid and span.is_recording():
+        call.span_lease = span_lease(ctx.trace_id, ctx.span_id)
+        calls.add(call.span_lease, call)
+        if parentless and charge is not None:
+            # A bare call starts its own trace: its totals are kept for trace_report().
+            stats = engine.trace_stats(ctx.trace_id)
+            if stats is not None:
+                charge.trace_id = ctx.trace_id
+                charge.stats = (*charge.stats, stats)
+    return call
+
+
+def begin(runtime: BudgetRuntime | None, tracer: trace.Tracer, span_name: str,
+          attributes: dict[str, Any], **kw: Any) -> MeteredCall:  # fmt: skip
+    """``begin_steps`` with blocking ledger calls."""
+    return run(
+        begin_steps(runtime, tracer, span_name, attributes, **kw),
+        runtime.storage if runtime is not None else None,
+    )  # fmt: skip
+
+
+async def abegin(runtime: BudgetRuntime | None, tracer: trace.Tracer, span_name: str,
+                 attributes: dict[str, Any], **kw: Any) -> MeteredCall:  # fmt: skip
+    """``begin_steps`` with the ledger's coroutines: never blocks the event loop."""
+    return await arun(
+        begin_steps(runtime, tracer, span_name, attributes, **kw),
+        runtime.storage if runtime is not None else None,
+    )  # fmt: skip
+
+
+def begin_call(
+    tracer: trace.Tracer,
+    span_name: str,
+    *,
+    attributes: dict[str, Any],
+    projected_nanos: int,
+    name: str,
+    provider: str,
+    operation: str | None = None,
+    span_kind: SpanKind = SpanKind.CLIENT,
+    charge_kind: str = KIND_LLM,
+    runtime: BudgetRuntime | None = None,
+    processor: Any = None,
+) -> MeteredCall:
+    """Begin a call of a known projected cost (a tool, a hand-made GenAI call), on the given
+    runtime (or processor's), else the process's current one."""
+    if runtime is None:
+        runtime = processor.runtime if processor is not None else current_runtime()
+    return begin(
+        runtime, tracer, span_name, attributes, minimum=projected_nanos, name=name,
+        provider=provider, operation=operation, span_kind=span_kind, charge_kind=charge_kind,
+    )  # fmt: skip
+
+
+def adopt_span(
+    runtime: BudgetRuntime,
+    span: Any,
+    attributes: Mapping[str, Any],
+    projected: int,
+    *,
+    kind: str,
+    name: str,
+    provider: str,
+    operation: str,
+) -> MeteredCall:
+    """Meter a span another instrumentation started (the processor's ``on_start``): reserve
+    its projection, or end it as refused and raise ``BudgetExceededError``."""
+    engine = runtime.engine
+    ctx = span.get_span_context()
+    parent = span.parent
+    parentless = parent is None
+    lease = engine.new_lease_id()
+    try:
+        charge = engine.reserve(
+            lease, ctx.trace_id, parentless, attributes, projected,
+            kind=kind, name=name, provider=provider, operation=operation,
+        )  # fmt: skip
+    except BudgetExceededError as error:
+        mark_refused(span, error)
+        raise
+    except Exception as exc:
+        refusal = engine.internal_error("reserve", exc)
+        if refusal is not None:
+            mark_refused(span, refusal)
+            raise refusal from exc
+        charge = engine.unmetered(
+            lease, ctx.trace_id, projected, kind=kind, name=name, provider=provider,
+            operation=operation, parentless=parentless, attributes=attributes,
+        )  # fmt: skip
+    call = MeteredCall(span, charge, runtime)
+    call.span_lease = span_lease(ctx.trace_id, ctx.span_id)
+    runtime.calls.add(call.span_lease, call)
+    return call
+
+
+def is_nested(runtime: BudgetRuntime, span: Any) -> bool:
+    """A GenAI span started inside one of our metered calls (an SDK's own span, or another
+    instrumentation under ours) describes the same money: note it, so it is not charged."""
+    calls = runtime.calls
+    nested = CURRENT_CALL.get() is not None
+    if not nested and len(calls):
+        parent = span.parent
+        nested = (
+            parent is not None
+            and not parent.is_remote
+            and calls.get(span_lease(parent.trace_id, parent.span_id)) is not None
+        )
+    if nested:
+        ctx = span.get_span_context()
+        calls.add(span_lease(ctx.trace_id, ctx.span_id), CallRegistry.NESTED)
+    return nested
+
+
+__all__ = [
+    "CURRENT_CALL",
+    "STARTING",
+    "MeteredCall",
+    "abegin",
+    "adopt_span",
+    "begin",
+    "begin_call",
+    "begin_steps",
+    "is_nested",
+    "mark_refused",
+    "refuse",
+    "start_span",
+]
