@@ -12,11 +12,11 @@ Values that are not non-negative integers are treated as missing, never as zero 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from otel_budget import attributes as attrs
-from otel_budget.pricing import PriceQuote, TokenUsage
+from otel_budget.pricing import PriceQuote, TokenUsage, UnknownModelError
 
 
 def _count(attributes: Mapping[str, Any], *keys: str) -> int | None:
@@ -86,15 +86,49 @@ def provider_of(attributes: Mapping[str, Any]) -> str | None:
     return None
 
 
+def price_call(
+    prices: Any,
+    provider: str | None,
+    usage: TokenUsage,
+    models: Sequence[str | None],
+    *,
+    server_address: str | None = None,
+    service_tier: str | None = None,
+) -> PriceQuote:
+    """The one pricing of a call's usage, for our calls and other instrumentations' spans:
+    by the first of ``models`` the price book knows (the response model, usually dated and
+    exact, then the requested one). Raises the price book's ``UnknownModelError`` when it
+    knows none of them (the caller then keeps the call's reservation: never free)."""
+    tried: list[str] = []
+    error: Exception | None = None
+    for model in models:
+        if not model or model in tried:
+            continue
+        tried.append(model)
+        try:
+            return prices.quote(  # type: ignore[no-any-return]
+                provider, model, usage, server_address=server_address, service_tier=service_tier
+            )
+        except UnknownModelError as exc:
+            error = exc
+    if error is None:
+        return prices.quote(  # type: ignore[no-any-return]
+            provider, "unknown", usage, server_address=server_address, service_tier=service_tier
+        )
+    raise error
+
+
 def price_span(prices: Any, attributes: Mapping[str, Any], usage: TokenUsage) -> PriceQuote:
     """Price a span's usage (raises the price book's UnknownModelError when unpriced)."""
-    model = model_of(attributes) or "unknown"
     server = attributes.get(attrs.SERVER_ADDRESS)
     tier = attributes.get(attrs.OPENAI_REQUEST_SERVICE_TIER)
-    return prices.quote(
+    response = attributes.get(attrs.GEN_AI_RESPONSE_MODEL)
+    request = attributes.get(attrs.GEN_AI_REQUEST_MODEL)
+    return price_call(
+        prices,
         provider_of(attributes),
-        model,
         usage,
+        [m if isinstance(m, str) else None for m in (response, request)],
         server_address=server if isinstance(server, str) else None,
         service_tier=tier if isinstance(tier, str) and tier != "auto" else None,
     )

@@ -30,6 +30,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from otel_budget import attributes as attrs
+from otel_budget.costing import price_call
 from otel_budget.engine import KIND_LLM, Charge
 from otel_budget.errors import REASON_INVALID_REQUEST, REASON_UNKNOWN_MODEL, BudgetExceededError
 from otel_budget.metered import (
@@ -114,19 +115,10 @@ class LLMCall:
         if runtime is None:
             return 0, {}
         request = self.request
-        model = response_model or request.model
-        try:
-            quote = runtime.prices.quote(
-                request.provider, model, usage, server_address=request.server_address,
-                service_tier=request.service_tier,
-            )  # fmt: skip
-        except UnknownModelError:
-            if model == request.model:
-                raise
-            quote = runtime.prices.quote(
-                request.provider, request.model, usage, server_address=request.server_address,
-                service_tier=request.service_tier,
-            )  # fmt: skip
+        quote = price_call(
+            runtime.prices, request.provider, usage, (response_model, request.model),
+            server_address=request.server_address, service_tier=request.service_tier,
+        )  # fmt: skip
         return quote.nanos, {attrs.PRICE_SOURCE: quote.source, attrs.PRICE_MODEL: quote.model}
 
     # -- settling: each written once, driven sync or async -------------------------------------
