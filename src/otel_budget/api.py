@@ -13,7 +13,7 @@
     print(run.report().format())
 
 ``budget()`` opens a budget for the current trace: calls inside the block (and in asyncio
-tasks it starts) reserve against it. With no current span it starts a root span, so the whole
+tasks, threads and ``ThreadPoolExecutor`` workers it starts) reserve against it. With no current span it starts a root span, so the whole
 run is one trace whose root carries the cost breakdown. Blocks nest: an inner block can
 only spend within what its outer block has left. Inside a block, the block's limit replaces
 the processor's default per-trace ``max_usd``.
@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import functools
 import inspect
-import itertools
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from contextvars import Token
 from typing import Any, TypeVar
@@ -35,6 +35,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from otel_budget import attributes as attrs
+from otel_budget import threads
 from otel_budget.context import BUDGET_FRAMES, BudgetFrame
 from otel_budget.engine import KIND_TOOL
 from otel_budget.errors import BudgetExceededError
@@ -45,8 +46,13 @@ from otel_budget.report import CostReport, TraceStats
 
 F = TypeVar("F", bound=Callable[..., Any])
 _TRACER_NAME = "otel_budget"
-_block_ids = itertools.count(1)
 _default_lock = threading.Lock()
+
+
+def new_block_key() -> str:
+    """A ledger key for one ``budget()`` block: 128 random bits, so that blocks in other
+    processes and hosts sharing a ledger (Redis) can never share a key."""
+    return f"b:{uuid.uuid4().hex}"
 
 
 def _tracer() -> trace.Tracer:
@@ -100,6 +106,9 @@ class budget:  # noqa: N801 - a context manager/decorator reads best in lower ca
             raise RuntimeError("this budget() block is already open; use a new budget() per run")
         processor = self._processor or ensure_processor()
         self._processor = processor
+        if not threads.is_installed("budget"):
+            # Threads and executor workers started inside a block carry it (and the trace).
+            threads.install("budget")
         current = trace.get_current_span().get_span_context()
         if not current.is_valid:
             # No trace yet: this run becomes one, and its root gets the breakdown.
@@ -113,7 +122,7 @@ class budget:  # noqa: N801 - a context manager/decorator reads best in lower ca
             if self._span.is_recording():
                 processor.runtime.track_root(self._span, trace_id)
         self._stats = stats
-        block_key = f"b:{next(_block_ids)}"
+        block_key = new_block_key()
         stats.label = f"{block_key} ({self.name})"
         self._frame = BudgetFrame(block_key, self.limit_nanos, stats, processor.engine)
         self._frames_token = BUDGET_FRAMES.set((*BUDGET_FRAMES.get(), self._frame))
@@ -136,8 +145,12 @@ class budget:  # noqa: N801 - a context manager/decorator reads best in lower ca
                 self._span.end()  # the runtime's root hook writes the breakdown
                 if self._ctx_token is not None:
                     otel_context.detach(self._ctx_token)  # type: ignore[arg-type]
-        if frame is not None and processor is not None:
-            processor.storage.evict(frame.key)
+        if frame is not None:
+            frame.open = False
+            if processor is not None:
+                # Open, the block's scope had no TTL: it goes now (on the ledger of the
+                # engine that enforced it).
+                processor.engine.storage.evict(frame.key)
         self._last = stats
         self._frame = None
         self._span = None

@@ -5,7 +5,9 @@
     ...     agent.run()            # doctest: +SKIP  (calls count against alice's and s-42's caps)
 
 Both live in ``contextvars``, like the OpenTelemetry context itself, so they follow asyncio
-tasks and ``contextvars.copy_context()`` exactly as the current span does.
+tasks and ``contextvars.copy_context()`` exactly as the current span does, and (with
+``otel_budget.threads`` installed, as ``budget()`` and ``BudgetInstrumentor`` do) threads and
+``ThreadPoolExecutor`` workers started inside a block or scope.
 """
 
 from __future__ import annotations
@@ -22,10 +24,30 @@ if TYPE_CHECKING:  # pragma: no cover
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 
 
-class BudgetFrame:
-    """One open ``budget()`` block: its ledger key, limit and running totals."""
+MAX_IDENTITY_CHARS = 256
+# The identity a scope rule charges when the span attribute it reads holds something that
+# cannot be a ledger key (a newline, an escape sequence, 10k characters, a list...).
+INVALID_IDENTITY = "<invalid>"
+# Set on a span whose identity attribute was invalid: the attribute names, comma-separated.
+INVALID_IDENTITY_ATTRIBUTE = "otel_budget.scope.invalid_identity"
 
-    __slots__ = ("key", "limit", "stats", "owner")
+
+def valid_identity(value: object) -> bool:
+    """True for what may name a scope: a printable string of 1 to 256 characters.
+
+    The one check for every identity, from ``scope()`` or from a span attribute."""
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= MAX_IDENTITY_CHARS
+        and value.isprintable()
+    )
+
+
+class BudgetFrame:
+    """One ``budget()`` block: its ledger key, limit and running totals; ``open`` until the
+    block exits (a thread the block started may outlive it)."""
+
+    __slots__ = ("key", "limit", "open", "owner", "stats")
 
     def __init__(self, key: str, limit: int, stats: TraceStats, owner: object) -> None:
         self.key = key
@@ -34,6 +56,7 @@ class BudgetFrame:
         # The engine that enforces this block: another budget processor in the same
         # process (one per tracer provider, say) must not count the block's calls twice.
         self.owner = owner
+        self.open = True
 
 
 BUDGET_FRAMES: ContextVar[tuple[BudgetFrame, ...]] = ContextVar("otel_budget_frames", default=())
@@ -48,8 +71,11 @@ def scope(**identities: str) -> Iterator[Mapping[str, str]]:
     non-empty strings without control characters; anything else is a ``ValueError``.
     """
     for kind, ident in identities.items():
-        if not isinstance(ident, str) or not ident or len(ident) > 256 or not ident.isprintable():
-            raise ValueError(f"scope identity {kind}={ident!r} must be a printable string (1-256 chars)")
+        if not valid_identity(ident):
+            raise ValueError(
+                f"scope identity {kind}={ident!r:.80} must be a printable string "
+                f"(1-{MAX_IDENTITY_CHARS} chars)"
+            )
     merged = MappingProxyType({**SCOPE_IDENTITIES.get(), **identities})
     token = SCOPE_IDENTITIES.set(merged)
     try:

@@ -32,7 +32,15 @@ from typing import Any
 
 from otel_budget import attributes as attrs
 from otel_budget.propagation import baggage_limit
-from otel_budget.context import BUDGET_FRAMES, SCOPE_IDENTITIES, BudgetFrame
+from otel_budget.context import (
+    BUDGET_FRAMES,
+    INVALID_IDENTITY,
+    INVALID_IDENTITY_ATTRIBUTE,
+    MAX_IDENTITY_CHARS,
+    SCOPE_IDENTITIES,
+    BudgetFrame,
+    valid_identity,
+)
 from otel_budget.errors import (
     Substitute,
     REASON_INTERNAL_ERROR,
@@ -263,7 +271,10 @@ class BudgetEngine:
         if frames:
             ttl = settings.trace_ttl_seconds
             for frame in frames:
-                scopes.append(ScopeLimit(frame.key, frame.limit, True, ttl))
+                # An open block never forgets its spend, however long it idles (no TTL; the
+                # block evicts its scope when it exits). A thread the block started that
+                # outlives it stays bounded by the block's limit, on a scope that expires.
+                scopes.append(ScopeLimit(frame.key, frame.limit, True, None if frame.open else ttl))
                 stats.append(frame.stats)
             if carried is not None and trace_id:
                 scopes.append(ScopeLimit(trace_key(trace_id), carried, True, ttl))
@@ -296,9 +307,7 @@ class BudgetEngine:
             for rule in settings.scopes:
                 ident = identities.get(rule.kind)
                 if ident is None and attributes is not None and rule.attribute:
-                    value = attributes.get(rule.attribute)
-                    if isinstance(value, str) and value:
-                        ident = value
+                    ident = self._identity_from(attributes, rule.kind, rule.attribute)
                 if ident is None:
                     continue
                 base = f"{rule.kind}:{ident}"
@@ -310,6 +319,37 @@ class BudgetEngine:
                 pause_keys.append(base)
                 pause_keys.append(f"{rule.kind}:*")
         return tuple(scopes), tuple(stats), tuple(pause_keys)
+
+    def _identity_from(self, attributes: Mapping[str, Any], kind: str, name: str) -> str | None:
+        """The identity a span attribute names for a scope rule, validated as ``scope()``
+        validates it. A value that cannot be a ledger key (control characters, too long, not
+        a string) is never used as one: the call is charged to ``<kind>:<invalid>``, which
+        still has the rule's limit, the span is marked, and the fact is logged once."""
+        value = attributes.get(name)
+        if value is None:
+            return None
+        if type(value) is int:  # a numeric user id is an id too
+            value = str(value)
+        if valid_identity(value):
+            return value  # type: ignore[no-any-return]
+        self.log_once(  # once per attribute: the value itself is never logged
+            f"identity {name}", message=(
+                f"span attribute {name!r} held an identity that cannot be a scope key (it must "
+                f"be a printable string of 1-{MAX_IDENTITY_CHARS} chars); such calls are "
+                f"charged to scope {kind}:{INVALID_IDENTITY} and marked "
+                f"{INVALID_IDENTITY_ATTRIBUTE}"
+            ),
+        )  # fmt: skip
+        if type(attributes) is dict:  # the span's own attributes at start: mark the span
+            try:
+                marked = attributes.get(INVALID_IDENTITY_ATTRIBUTE)
+                if not isinstance(marked, str) or not marked:
+                    attributes[INVALID_IDENTITY_ATTRIBUTE] = name
+                elif name not in marked.split(","):
+                    attributes[INVALID_IDENTITY_ATTRIBUTE] = f"{marked},{name}"
+            except Exception as exc:  # pragma: no cover - a read-only mapping
+                self.log_once("mark invalid identity", exc)
+        return INVALID_IDENTITY
 
     def set_scope_limit(self, kind: str, ident: str, limit_nanos: int) -> None:
         """Give one identity its own cap (e.g. a paying tenant); applies to new windows too."""

@@ -28,7 +28,12 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 
-from otel_budget.config import SUPPORTED_LIBRARIES, libraries_from_env, settings_from_env
+from otel_budget import threads
+from otel_budget.config import (
+    SUPPORTED_LIBRARIES,
+    libraries_from_env,
+    settings_from_env,
+)
 from otel_budget.processor import BudgetSpanProcessor
 from otel_budget.settings import FAIL_CLOSED
 
@@ -79,6 +84,8 @@ class BudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             else:
                 processor = self._processor_from_env()
         self.processor = processor
+        # Threads and executor tasks started inside a budget() block carry it.
+        threads.install("instrumentor")
         target = provider if provider is not None else trace.get_tracer_provider()
         if not _attach(processor, target):
             logger.info(
@@ -146,6 +153,7 @@ class BudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             logger.error("otel-budget: could not instrument %s: %s", name, exc, exc_info=exc)
 
     def _uninstrument(self, **kwargs: Any) -> None:
+        threads.uninstall("instrumentor")
         for instrumentor in getattr(self, "_instrumented", []):
             instrumentor.uninstrument()
         self._instrumented = []
