@@ -253,8 +253,9 @@ def test_max_tokens_is_lowered_to_what_the_budget_affords(
     body = server.last_call.body
     span = only(exporter)
     at_start = starts.at_start[span.context.span_id]
-    cap = at_start[COST_OUTPUT_CAPPED]
-    assert body["max_tokens"] == cap == at_start[attrs.GEN_AI_REQUEST_MAX_TOKENS]
+    assert at_start[attrs.GEN_AI_REQUEST_MAX_TOKENS] == 1000  # what the caller asked for
+    cap = span.attributes[COST_OUTPUT_CAPPED]  # set before sending
+    assert body["max_tokens"] == cap == span.attributes[attrs.GEN_AI_REQUEST_MAX_TOKENS]
     assert 16 <= cap < 1000
     estimate = estimate_input_tokens(CLAUDE, messages=MESSAGES).tokens
 

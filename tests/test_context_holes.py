@@ -165,7 +165,7 @@ def test_thread_pool_inside_a_block_is_budgeted_and_reported(
     chat = spans_named(exporter, f"chat {MINI}")
     assert len(chat) == 100
     assert {s.context.trace_id for s in chat} == {root.context.trace_id}
-    assert not processor.engine._open
+    assert not processor.runtime.calls
 
 
 class Worker(threading.Thread):
@@ -202,7 +202,7 @@ def test_raw_threads_inside_a_block_are_budgeted_and_reported(
     assert 0.8 * 10_000_000 <= billed <= 10_000_000
     assert nanos(live.total_usd) == billed
     assert live.calls == answers.count("ok") == server.stats()["billed_requests"]
-    assert not processor.engine._open
+    assert not processor.runtime.calls
     assert all("run" not in t.__dict__ for t in pool)  # nothing of ours left on the threads
 
 

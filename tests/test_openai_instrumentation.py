@@ -236,10 +236,11 @@ def test_cap_is_injected_when_the_request_has_none(
     assert reply.choices[0].finish_reason == "length"
     span = only(exporter)
     at_start = starts.at_start[span.context.span_id]
-    assert at_start[attrs.GEN_AI_REQUEST_MAX_TOKENS] == 123
-    # The cap is in the request, so the output is bounded, not assumed.
-    assert attrs.COST_OUTPUT_ASSUMED not in at_start
-    assert COST_OUTPUT_CAPPED not in at_start
+    assert span.attributes[attrs.GEN_AI_REQUEST_MAX_TOKENS] == 123  # set before sending
+    # The bound was defaulted (the request had none): flagged, even though the injected cap
+    # now bounds the output; not lowered by the budget.
+    assert at_start[attrs.COST_OUTPUT_ASSUMED] is True
+    assert COST_OUTPUT_CAPPED not in span.attributes
     assert attrs.COST_OVERSHOOT_USD not in span.attributes
     assert nanos(span.attributes[attrs.COST_USD]) <= nanos(at_start[attrs.COST_PROJECTED_USD])
     assert_settled_from_server(span, server)
@@ -287,8 +288,9 @@ def test_cap_is_lowered_to_what_the_budget_affords(
     body = server.last_call.body
     span = only(exporter)
     at_start = starts.at_start[span.context.span_id]
-    cap = at_start[COST_OUTPUT_CAPPED]
-    assert body["max_tokens"] == cap == at_start[attrs.GEN_AI_REQUEST_MAX_TOKENS]
+    assert at_start[attrs.GEN_AI_REQUEST_MAX_TOKENS] == 1000  # what the caller asked for
+    cap = span.attributes[COST_OUTPUT_CAPPED]  # set before sending
+    assert body["max_tokens"] == cap == span.attributes[attrs.GEN_AI_REQUEST_MAX_TOKENS]
     assert 16 <= cap < 1000
     # The largest cap that fits: one more token would not.
     estimate = estimate_input_tokens(MINI, messages=MESSAGES).tokens
@@ -724,7 +726,7 @@ def test_responses_create_json_and_stream(
     span = only(exporter)
     at_start = starts.at_start[span.context.span_id]
     assert at_start[attrs.GEN_AI_OPERATION_NAME] == "chat"
-    assert at_start[attrs.GEN_AI_REQUEST_MAX_TOKENS] == 64
+    assert span.attributes[attrs.GEN_AI_REQUEST_MAX_TOKENS] == 64  # injected before sending
     assert span.attributes[attrs.GEN_AI_RESPONSE_ID] == reply.id
     assert list(span.attributes[attrs.GEN_AI_RESPONSE_FINISH_REASONS]) == ["completed"]
     assert span.attributes[attrs.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS] == 16

@@ -219,6 +219,21 @@ def _is_gen_ai_span(span: Any) -> bool:
         return False
 
 
+def _live_attributes(span: Any, fallback: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The span's attributes as the SDK holds them right after start, with what span
+    processors added (a baggage processor copying ``user.id``, say): scope identities are
+    read from there. Falls back to the attributes we started it with."""
+    bounded = getattr(span, "_attributes", None)
+    raw = getattr(bounded, "_dict", None)
+    if type(raw) is dict:
+        return raw
+    try:
+        live = span.attributes
+    except Exception:
+        live = None
+    return live if isinstance(live, Mapping) and live else fallback
+
+
 def begin_steps(
     runtime: BudgetRuntime | None,
     tracer: trace.Tracer,
@@ -232,25 +247,24 @@ def begin_steps(
     operation: str | None = None,
     span_kind: SpanKind = SpanKind.CLIENT,
     charge_kind: str = KIND_LLM,
-    on_grant: Callable[[int], int] | None = None,
+    on_grant: Callable[[int, dict[str, Any]], int] | None = None,
 ) -> Steps[MeteredCall]:
-    """Reserve between ``minimum`` and ``maximum`` (as much as the budget affords), let
-    ``on_grant(granted)`` shape the request to what was granted (it returns the request's
-    final projected cost), then start the span. Raises ``BudgetExceededError`` after
-    recording the refusal on an ended span. Without a runtime the call is only traced."""
+    """Start the span, reserve between ``minimum`` and ``maximum`` (as much as the budget
+    affords, in one atomic ledger step), and let ``on_grant(granted, late)`` shape the
+    request to what was granted: it returns the request's final projected cost and puts the
+    attributes that say so (the output cap) in ``late``, which are set on the span before
+    anything is sent. Raises ``BudgetExceededError`` after recording the refusal on the
+    ended span. Without a runtime the call is only traced."""
     if maximum is None:
         maximum = minimum
+    attributes[attrs.COST_PROJECTED_USD] = to_usd(maximum)
     if runtime is None:
-        attributes[attrs.COST_PROJECTED_USD] = to_usd(maximum)
         return MeteredCall(start_span(tracer, span_name, attributes, span_kind), None, None)
     operation = operation or attributes.get(attrs.GEN_AI_OPERATION_NAME) or "chat"
     engine = runtime.engine
     calls = runtime.calls
-    parent_span = trace.get_current_span()
-    parent_ctx = parent_span.get_span_context()
-    parentless = not parent_ctx.is_valid
-    trace_id = 0 if parentless else parent_ctx.trace_id
-    if not parentless and len(calls):
+    parent_ctx = trace.get_current_span().get_span_context()
+    if parent_ctx.is_valid and len(calls):
         outer = calls.get(span_lease(parent_ctx.trace_id, parent_ctx.span_id))
         if isinstance(outer, MeteredCall) and outer.charge is not None and not outer.done:
             # Another instrumentation's GenAI span around ours describes the same call: this
@@ -258,16 +272,30 @@ def begin_steps(
             outer.delegated = True
             outer.done = True
             yield from engine.release_steps(outer.charge)
-    lease = engine.new_lease_id()
+    span = start_span(tracer, span_name, attributes, span_kind)
+    ctx = span.get_span_context()
+    recording = ctx.is_valid and span.is_recording()
+    if recording:
+        lease: int = span_lease(ctx.trace_id, ctx.span_id)
+        trace_id = ctx.trace_id
+        seen = _live_attributes(span, attributes)
+    else:
+        # Not a real span of its own: the API's no-op tracer hands back the *parent's*
+        # context, whose id every call under that parent would share.
+        lease = engine.new_lease_id()
+        trace_id = parent_ctx.trace_id if parent_ctx.is_valid else 0
+        seen = attributes
+    parentless = not parent_ctx.is_valid
+    late: dict[str, Any] = {}
     refusal: BudgetExceededError | None = None
     charge: Charge | None = None
     try:
         charge = yield from engine.reserve_steps(
-            lease, trace_id, parentless, attributes, minimum, maximum,
+            lease, trace_id, parentless, seen, minimum, maximum,
             kind=charge_kind, name=name, provider=provider, operation=operation,
         )  # fmt: skip
         if on_grant is not None:
-            charge.projected = on_grant(charge.projected)
+            charge.projected = on_grant(charge.projected, late)
     except BudgetExceededError as error:
         refusal = error
     except Exception as exc:
@@ -277,33 +305,27 @@ def begin_steps(
             projected = maximum
             if on_grant is not None:
                 try:
-                    projected = on_grant(maximum)
+                    projected = on_grant(maximum, late)
                 except Exception as inner:
                     engine.log_once("on_grant", inner)
             charge = engine.unmetered(
                 lease, trace_id, projected, kind=charge_kind, name=name, provider=provider,
-                operation=operation, parentless=parentless, attributes=attributes,
+                operation=operation, parentless=parentless, attributes=seen,
             )  # fmt: skip
         else:
             refusal.__cause__ = exc
-    attributes[attrs.COST_PROJECTED_USD] = to_usd(
-        charge.projected if charge is not None else minimum
-    )
-    span = start_span(tracer, span_name, attributes, span_kind)
     if refusal is not None:
         mark_refused(span, refusal)
         raise refusal
+    assert charge is not None
     call = MeteredCall(span, charge, runtime)
-    ctx = span.get_span_context()
-    if ctx.is_valid and span.is_recording():
-        call.span_lease = span_lease(ctx.trace_id, ctx.span_id)
-        calls.add(call.span_lease, call)
-        if parentless and charge is not None:
-            # A bare call starts its own trace: its totals are kept for trace_report().
-            stats = engine.trace_stats(ctx.trace_id)
-            if stats is not None:
-                charge.trace_id = ctx.trace_id
-                charge.stats = (*charge.stats, stats)
+    if recording:
+        if charge.projected != maximum:
+            late[attrs.COST_PROJECTED_USD] = to_usd(charge.projected)
+        if late:
+            span.set_attributes(late)
+        call.span_lease = lease
+        calls.add(lease, call)
     return call
 
 

@@ -328,30 +328,30 @@ def start_steps(
         # (No projected cost on this span: nothing was reserved for it.)
         raise refuse(tracer, span_name, span_attributes, refusal)
 
-    def on_grant(granted: int) -> int:
-        """Shape the request to what the ledger granted; returns its projected cost."""
-        nonlocal out_tokens, assumed
-        if request.output_param is None:
-            return granted
-        projected = maximum
-        if capping:
-            cap = out_tokens
-            if granted < maximum:
-                affordable = _affordable_output(runtime, request, estimate.tokens, granted)
-                cap = max(min(out_tokens, affordable // choices), 0)
-                projected = _quote(runtime, request, estimate.tokens, cap * choices).nanos
-                while cap > 0 and projected > granted:  # rounding: stay within the grant
-                    cap -= 1
-                    projected = _quote(runtime, request, estimate.tokens, cap * choices).nanos
-                span_attributes[COST_OUTPUT_CAPPED] = cap
-            if cap != out_tokens or assumed:
-                kwargs[request.output_param] = cap
-                out_tokens = cap
-                assumed = False
+    if request.output_param is not None:
         if assumed:  # projected with a default the request does not carry
             span_attributes[attrs.COST_OUTPUT_ASSUMED] = True
         else:
             span_attributes[attrs.GEN_AI_REQUEST_MAX_TOKENS] = out_tokens
+
+    def on_grant(granted: int, late: dict[str, Any]) -> int:
+        """Shape the request to what the ledger granted; returns its projected cost."""
+        if request.output_param is None or not capping:
+            return granted if request.output_param is None else maximum
+        cap = out_tokens
+        projected = maximum
+        if granted < maximum:
+            affordable = _affordable_output(runtime, request, estimate.tokens, granted)
+            cap = max(min(out_tokens, affordable // choices), 0)
+            projected = _quote(runtime, request, estimate.tokens, cap * choices).nanos
+            while cap > 0 and projected > granted:  # rounding: stay within the grant
+                cap -= 1
+                projected = _quote(runtime, request, estimate.tokens, cap * choices).nanos
+            late[COST_OUTPUT_CAPPED] = cap
+        if cap != out_tokens or assumed:
+            # The cap is what the request now carries: it was injected or lowered.
+            kwargs[request.output_param] = cap
+            late[attrs.GEN_AI_REQUEST_MAX_TOKENS] = cap
         return projected
 
     budgeted = yield from begin_steps(
