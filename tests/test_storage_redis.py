@@ -340,13 +340,20 @@ def test_reserve_up_to_grants_the_smallest_room(backend: Backend) -> None:
     # Exactly like reserve() when minimum == maximum; granted is the amount.
     ok = store.reserve(4, [trace, user], USD)
     assert ok.status is ReserveStatus.OK and ok.granted == USD
-    # The denial names the scope with the least room, not the first one listed.
+    # The denial names the first scope (in the caller's order) that refuses the minimum.
     tight = ScopeLimit("t:tight", USD // 2, True)
     denied = store.reserve_up_to(5, [ScopeLimit("user:v", 3 * USD), tight], USD, USD)
     assert denied.denied == (tight.key, USD // 2, 0, 0)
+    denied = store.reserve_up_to(5, [ScopeLimit("user:v", 3 * USD), tight], 4 * USD, 4 * USD)
+    assert denied.denied == ("user:v", 3 * USD, 0, 0)  # both refuse: the first one
+    assert store.reserve_up_to(5, [ScopeLimit("user:v", 3 * USD), tight], 0, USD).granted == (
+        USD // 2
+    )
+    store.release(5)
     # No scope at all: the maximum; a huge maximum: the room.
     assert store.reserve_up_to(6, [], 0, 7).granted == 7
     assert store.reserve_up_to(7, [tight], 0, 10**30).granted == USD // 2
+    assert store.reserve_up_to(8, [], 0, float("inf")).granted == MAX_AMOUNT
     assert store.usage("t:tight").reserved == USD // 2
 
 

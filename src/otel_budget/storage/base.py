@@ -7,7 +7,8 @@ Contract (what the property and concurrency tests check for every implementation
 
 * Money is integer nano-USD. ``reserve_up_to`` is all-or-nothing across the scopes it is
   given: in one atomic step it grants ``g = min(maximum, smallest room over the scopes)``
-  when ``g >= minimum`` and reserves ``g`` in every scope, or reserves nothing; so
+  when ``g >= minimum`` and reserves ``g`` in every scope, or reserves nothing (``DENIED``
+  names the first scope, in the caller's order, whose room is below ``minimum``); so
   ``spent + reserved <= limit`` holds in each scope at every instant (as long as commits do
   not exceed their reservation). ``reserve(lease, scopes, amount)`` is exactly
   ``reserve_up_to(lease, scopes, amount, amount)``.
@@ -87,7 +88,7 @@ def reserve_range(minimum: int, maximum: int) -> tuple[int, int]:
         raise ValueError("a reservation cannot be negative")
     if minimum > maximum:
         raise ValueError(f"a reservation's minimum ({minimum}) is above its maximum ({maximum})")
-    return min(int(minimum), MAX_AMOUNT), min(int(maximum), MAX_AMOUNT)
+    return int(min(minimum, MAX_AMOUNT)), int(min(maximum, MAX_AMOUNT))
 
 
 class ScopeLimit(NamedTuple):
@@ -123,14 +124,15 @@ class ScopeUsage(NamedTuple):
 class ReserveStatus(enum.Enum):
     OK = "ok"
     DUPLICATE = "duplicate"  # this lease id already holds a reservation: nothing added
-    DENIED = "denied"  # ``minimum`` does not fit in ``denied`` (the scope with least room)
+    DENIED = "denied"  # ``minimum`` does not fit in ``denied`` (the first scope that refused)
     PAUSED = "paused"  # a kill switch is on (``denied.key`` names it)
 
 
 class ReserveResult(NamedTuple):
     status: ReserveStatus
-    # For DENIED: the usage of the scope with the least room, its ``limit`` being the one
-    # that applied to this check (min(stored, cap)); PAUSED: ``key`` names the switch.
+    # For DENIED: the usage of the first scope (in the caller's order) whose room is below
+    # ``minimum``, its ``limit`` being the one that applied to this check (min(stored, cap));
+    # PAUSED: ``key`` names the switch.
     denied: ScopeUsage | None = None
     # OK: what was reserved; DUPLICATE: what that lease id was granted; otherwise 0.
     granted: int = 0
@@ -176,7 +178,7 @@ class LedgerStorage(ABC):
     ) -> ReserveResult:
         """In one atomic step, reserve ``g = min(maximum, smallest room over scopes)`` in
         every scope when ``g >= minimum`` (``OK``, ``granted=g``), else nothing (``DENIED``,
-        with the scope that had the least room). Checks the global kill switch and each of
+        with the first scope, in the given order, whose room is below ``minimum``). Checks the global kill switch and each of
         ``pause_keys`` first (``PAUSED``). ``ValueError`` if an amount is negative or
         ``minimum > maximum``; both are clamped to ``MAX_AMOUNT``."""
 

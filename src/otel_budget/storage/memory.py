@@ -252,24 +252,19 @@ class MemoryStorage(LedgerStorage):
                         return ReserveResult(ReserveStatus.PAUSED, ScopeUsage(key, 0, 0, 0))
             resolved = tuple([self._scope(spec, now) for spec in specs])
             grant = maximum
-            tightest: _Scope | None = None
-            tight_limit = tight_room = 0
             for spec, scope in zip(specs, resolved):
                 limit = scope.limit
                 cap = spec.cap
                 if cap is not None and cap < limit:
                     limit = cap
                 room = limit - scope.spent - scope.reserved
-                if tightest is None or room < tight_room:
-                    tightest, tight_limit, tight_room = scope, limit, room
-            if tightest is not None and tight_room < grant:
-                grant = tight_room
-            if grant < minimum:
-                assert tightest is not None  # no scope: the grant is the maximum
-                return ReserveResult(
-                    ReserveStatus.DENIED,
-                    ScopeUsage(tightest.key, tight_limit, tightest.spent, tightest.reserved),
-                )
+                if room < minimum:  # the first scope (in the caller's order) that refuses
+                    return ReserveResult(
+                        ReserveStatus.DENIED,
+                        ScopeUsage(scope.key, limit, scope.spent, scope.reserved),
+                    )
+                if room < grant:
+                    grant = room
             for scope in resolved:
                 scope.reserved += grant
             deadline = now + self._lease_seconds

@@ -1,12 +1,13 @@
 -- reserve_up_to: one call checks the kill switches, sweeps expired leases, and grants
 -- g = min(maximum, smallest room) in every scope when g >= minimum, else nothing.
+-- Room of a scope: min(stored limit, cap) - spent - reserved.
 -- KEYS: pause set, lease record, then (scope hash, scope lease zset) per scope.
 -- ARGV: lease, '<minimum>:<maximum>',
 --       '<lease ms>:<clock offset ms>:<record ttl ms>:<sweep max>:<want usage>',
 --       scope keys json, number of pause keys, pause keys..., then one spec per scope.
 -- (Few arguments: packing them is most of the client's CPU time per call.)
 -- Returns {'dup', swept, granted} | {'paused', swept, key} |
---   {'denied', swept, index, stored limit, spent, reserved} (the scope with least room) |
+--   {'denied', swept, index, stored limit, spent, reserved} (the first scope that refuses) |
 --   {'ok', swept, pauses or '', granted, then limit spent reserved per scope if wanted}.
 local lease_ms, offset, record_ms, sweep, want =
   string.match(ARGV[3], '^(%d+):(-?%d+):(%d+):(%d+):([01])$')
@@ -39,9 +40,11 @@ if np > 0 and redis.call('SCARD', KEYS[1]) > 0 then
 end
 local base = 5 + np
 local minimum, maximum = string.match(ARGV[2], '^(%d+):(%d+)$')
+minimum = tonumber(minimum)
 local usage = {}
 local ttls = {}
-local tight, tight_room = 0, 0
+local refused = 0
+local least = tonumber(maximum)
 for i = 1, n do
   local lim, lower, ttl, cap = spec(ARGV[base + i])
   local limit, spent, reserved = resolve(KEYS[1 + 2 * i], lim, lower, ttl)
@@ -50,19 +53,17 @@ for i = 1, n do
   local eff = tonumber(limit)
   if cap ~= '' and tonumber(cap) < eff then eff = tonumber(cap) end
   local room = eff - tonumber(spent) - tonumber(reserved)
-  if tight == 0 or room < tight_room then
-    tight, tight_room = i, room
-  end
+  if refused == 0 and room < minimum then refused = i end
+  if room < least then least = room end
+end
+if refused > 0 then
+  -- The first scope (in the caller's order) that refuses; every scope is resolved first.
+  for j = 1, n do touch(KEYS[1 + 2 * j], ttls[j]) end
+  local u = usage[refused]
+  return {'denied', swept, refused, u[1], u[2], u[3]}
 end
 local grant = maximum
-if tight > 0 and tight_room < tonumber(maximum) then
-  grant = string.format('%d', tight_room)
-end
-if tonumber(grant) < tonumber(minimum) then
-  for j = 1, n do touch(KEYS[1 + 2 * j], ttls[j]) end
-  local u = usage[tight]
-  return {'denied', swept, tight, u[1], u[2], u[3]}
-end
+if least < tonumber(maximum) then grant = string.format('%d', least) end
 local deadline = string.format('%d', now + lease_ms)
 local member = ARGV[1] .. '|' .. grant
 local out = {'ok', swept, '', grant}
