@@ -263,8 +263,7 @@ class MemoryStorage(LedgerStorage):
                         ReserveStatus.DENIED,
                         ScopeUsage(scope.key, limit, scope.spent, scope.reserved),
                     )
-                if room < grant:
-                    grant = room
+                grant = min(grant, room)
             for scope in resolved:
                 scope.reserved += grant
             deadline = now + self._lease_seconds
