@@ -11,10 +11,12 @@ from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from otel_budget.storage import (
+    MAX_AMOUNT,
     CommitStatus,
     MemoryStorage,
     ReserveStatus,
     ScopeLimit,
+    settle_amount,
 )
 from tests.helpers import hammer
 
@@ -127,13 +129,22 @@ def test_expired_lease_frees_budget_and_late_commit_counts() -> None:
     assert store.commit(1, 5 * USD).status is CommitStatus.DUPLICATE
 
 
-def test_bad_amounts_are_rejected() -> None:
+def test_bad_amounts() -> None:
     store = MemoryStorage()
     with pytest.raises(ValueError):
         store.reserve(1, [ScopeLimit("s", USD)], -1)
-    store.reserve(2, [ScopeLimit("s", USD)], 1)
     with pytest.raises(ValueError):
-        store.commit(2, -5)
+        store.reserve_up_to(1, [ScopeLimit("s", USD)], 2, 1)
+    store.reserve(2, [ScopeLimit("s", USD)], 1)
+    assert store.commit(2, -5).status is CommitStatus.OK  # counts 0, lease settled
+    assert store.usage("s") == ("s", USD, 0, 0)
+    assert store.sizes()["leases"] == 0
+    store.reserve(3, [ScopeLimit("s", USD)], 1)
+    assert store.commit(3, float("inf")).status is CommitStatus.OK
+    assert store.usage("s") == ("s", USD, MAX_AMOUNT, 0)
+    assert settle_amount(10**30) == MAX_AMOUNT < 2**53
+    assert settle_amount(None) == settle_amount(float("nan")) == settle_amount(-1) == 0
+    assert settle_amount(1.2) == 2  # rounded up: money is integers
     with pytest.raises(ValueError):
         MemoryStorage(lease_seconds=0)
 
@@ -141,7 +152,7 @@ def test_bad_amounts_are_rejected() -> None:
 def test_memory_stays_bounded_over_many_traces() -> None:
     store = MemoryStorage(max_scopes=1000, max_settled=1000)
     for i in range(100_000):
-        scope = ScopeLimit(f"t:{i}", USD, True, 3600.0)
+        scope = ScopeLimit(f"t:{i}", USD, True, 3600.0, evictable=True)
         store.reserve(i, [scope], 10)
         store.commit(i, 7)
         if i % 2:  # half the roots end (evicted), half never do (unsampled): both bounded
@@ -151,6 +162,65 @@ def test_memory_stays_bounded_over_many_traces() -> None:
     assert sizes["leases"] == 0
     assert sizes["settled"] <= 1000
     assert sizes["deadlines"] <= 1024
+
+
+def test_size_cap_never_evicts_named_or_windowed_scopes(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    store = MemoryStorage(max_scopes=100, clock=clock)
+    daily = ScopeLimit("user:u@d20261202", USD // 100, ttl=2 * 86400.0)  # $0.01 a day
+    forever = ScopeLimit("tenant:t", USD)  # ttl=None: never expires
+    assert store.reserve(1, [daily, forever], USD // 100).ok
+    store.commit(1, USD // 100)
+    for i in range(2000):  # many traces later (the cap is 100)
+        trace = ScopeLimit(f"t:{i}", USD, True, 3600.0, evictable=True)
+        store.reserve(100 + i, [trace], 10)
+        store.commit(100 + i, 7)
+    assert store.sizes()["scopes"] <= 100
+    assert store.usage(daily.key) == (daily.key, USD // 100, USD // 100, 0)  # still spent
+    assert store.reserve(5000, [daily], 1).status is ReserveStatus.DENIED  # no second budget
+    assert store.usage(forever.key).spent == USD // 100
+    # Only scopes that must be kept: the ledger grows past the cap (logged once).
+    with caplog.at_level("WARNING", logger="otel_budget.storage.memory"):
+        for i in range(150):
+            store.charge(6000 + i, [ScopeLimit(f"user:{i}@d20261202", USD, ttl=86400.0)], 1)
+    assert store.sizes()["scopes"] >= 150
+    assert store.usage("user:0@d20261202").spent == 1
+    assert len([r for r in caplog.records if "max_scopes" in r.getMessage()]) == 1
+    # Each leaves when its own window ends; a scope without a TTL stays for good.
+    clock.now += 3 * 86400
+    for i in range(64):
+        store.reserve(7000 + i, [ScopeLimit("t:tick", USD, True, 60.0, evictable=True)], 0)
+    assert store.usage("user:0@d20261202") is None and store.usage(daily.key) is None
+    assert store.usage(forever.key).spent == USD // 100
+
+
+def test_a_key_anyone_must_keep_is_never_evictable() -> None:
+    store = MemoryStorage(max_scopes=10)
+    shared_key = ScopeLimit("budget:b", USD, ttl=60.0)
+    store.charge(1, [shared_key._replace(evictable=True)], 5)
+    store.charge(2, [shared_key], 5)  # a caller that must keep it
+    for i in range(100):
+        store.charge(10 + i, [ScopeLimit(f"t:{i}", USD, True, 60.0, evictable=True)], 1)
+    assert store.usage("budget:b").spent == 10
+
+
+def test_async_methods_are_direct_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_thread(*args: object, **kwargs: object) -> None:
+        raise AssertionError("MemoryStorage must not hop to a thread")
+
+    monkeypatch.setattr(asyncio, "to_thread", no_thread)
+    store = MemoryStorage()
+    scope = ScopeLimit("t:a", 10 * USD, True)
+
+    async def main() -> None:
+        assert (await store.areserve_up_to(1, [scope], 0, 20 * USD)).granted == 10 * USD
+        assert (await store.acommit(1, USD)).status is CommitStatus.OK
+        assert (await store.areserve(2, [scope], USD)).granted == USD
+        assert (await store.arelease(2)).status is CommitStatus.RELEASED
+        assert (await store.acharge(3, [scope], USD)).status is CommitStatus.OK
+
+    asyncio.run(main())
+    assert store.usage("t:a") == ("t:a", 10 * USD, 2 * USD, 0)
 
 
 def test_ttl_scopes_are_dropped_when_idle() -> None:

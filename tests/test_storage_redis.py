@@ -37,6 +37,8 @@ from otel_budget import BudgetExceededError, ScopeRule, scope  # noqa: E402
 from otel_budget.metered import begin_call  # noqa: E402
 from otel_budget.money import parse_usd  # noqa: E402
 from otel_budget.storage import (  # noqa: E402
+    MAX_AMOUNT,
+    UNLIMITED,
     CommitStatus,
     LedgerStorage,
     MemoryStorage,
@@ -284,15 +286,122 @@ def test_expired_lease_frees_budget_and_late_commit_counts(
     assert store.commit(1, 5 * USD).status is CommitStatus.DUPLICATE
 
 
-def test_bad_amounts_are_rejected(backend: Backend) -> None:
+def test_bad_amounts_never_fail_a_commit(backend: Backend) -> None:
     store = backend.store
+    scope_ = ScopeLimit("s", USD)
     with pytest.raises(ValueError):
-        store.reserve(1, [ScopeLimit("s", USD)], -1)
-    store.reserve(2, [ScopeLimit("s", USD)], 1)
+        store.reserve(1, [scope_], -1)
     with pytest.raises(ValueError):
-        store.commit(2, -5)
-    with pytest.raises(ValueError):
-        store.charge(3, [ScopeLimit("s", USD)], -5)
+        store.reserve_up_to(1, [scope_], 5, 4)
+    assert store.reserve(2, [scope_], 100).ok
+    result = store.commit(2, -5)  # a negative cost commits 0 and settles the lease
+    assert result.status is CommitStatus.OK and result.reserved == 100
+    assert store.usage("s") == ("s", USD, 0, 0)
+    assert store.reserve(3, [scope_], 100).ok
+    assert store.commit(3, 10**30).status is CommitStatus.OK  # clamped, still recorded
+    assert store.usage("s") == ("s", USD, MAX_AMOUNT, 0)
+    big = ScopeLimit("big", UNLIMITED)
+    assert store.reserve(4, [big], 7).ok
+    assert store.commit(4, float("inf")).status is CommitStatus.OK
+    assert store.reserve(5, [big], 0).ok  # full: only a zero reservation fits
+    assert store.commit(5, float("nan")).status is CommitStatus.OK  # not a number: 0
+    assert store.usage("big") == ("big", UNLIMITED, MAX_AMOUNT, 0)
+    assert store.charge(6, [scope_], -5).status is CommitStatus.OK
+    assert store.charge(7, [scope_], float("-inf")).status is CommitStatus.OK
+    assert store.usage("s").spent == MAX_AMOUNT
+    # Absurd amounts again and again: spend saturates (Redis) instead of overflowing.
+    for i in range(1030):
+        assert store.charge(1000 + i, [big], 10**40).status is CommitStatus.OK
+    assert getattr(store, "pending", 0) == 0  # none failed (nothing journaled for later)
+    assert store.usage("big").reserved == 0 and store.usage("big").spent >= 2**61
+    assert store.reserve(9, [ScopeLimit("other", USD)], 0).ok
+    assert store.commit(9, float("inf")).status is CommitStatus.OK
+    assert store.usage("other") == ("other", USD, MAX_AMOUNT, 0)
+
+
+def test_reserve_up_to_grants_the_smallest_room(backend: Backend) -> None:
+    store = backend.store
+    trace = ScopeLimit("t:u", 10 * USD, True)
+    user = ScopeLimit("user:u", 3 * USD)
+    result = store.reserve_up_to(1, [trace, user], USD, 5 * USD)
+    assert result.status is ReserveStatus.OK and result.granted == 3 * USD
+    assert store.usage("t:u").reserved == 3 * USD and store.usage("user:u").reserved == 3 * USD
+    zero = store.reserve_up_to(2, [trace, user], 0, 5 * USD)  # no room left, none asked
+    assert zero.status is ReserveStatus.OK and zero.granted == 0
+    denied = store.reserve_up_to(3, [trace, user], 1, 5 * USD)
+    assert denied.status is ReserveStatus.DENIED and denied.granted == 0
+    assert denied.denied == (user.key, 3 * USD, 0, 3 * USD)
+    assert store.usage("t:u").reserved == 3 * USD  # all or nothing
+    dup = store.reserve_up_to(1, [trace, user], 1, 1)
+    assert dup.status is ReserveStatus.DUPLICATE and dup.granted == 3 * USD
+    commit = store.commit(1, 2 * USD)
+    assert commit.reserved == 3 * USD and commit.overshoot == 0
+    assert store.reserve_up_to(1, [trace, user], 0, 1).granted == 3 * USD  # settled id
+    # Exactly like reserve() when minimum == maximum; granted is the amount.
+    ok = store.reserve(4, [trace, user], USD)
+    assert ok.status is ReserveStatus.OK and ok.granted == USD
+    # The denial names the first scope (in the caller's order) that refuses the minimum.
+    tight = ScopeLimit("t:tight", USD // 2, True)
+    denied = store.reserve_up_to(5, [ScopeLimit("user:v", 3 * USD), tight], USD, USD)
+    assert denied.denied == (tight.key, USD // 2, 0, 0)
+    denied = store.reserve_up_to(5, [ScopeLimit("user:v", 3 * USD), tight], 4 * USD, 4 * USD)
+    assert denied.denied == ("user:v", 3 * USD, 0, 0)  # both refuse: the first one
+    assert store.reserve_up_to(5, [ScopeLimit("user:v", 3 * USD), tight], 0, USD).granted == (
+        USD // 2
+    )
+    store.release(5)
+    # No scope at all: the maximum; a huge maximum: the room.
+    assert store.reserve_up_to(6, [], 0, 7).granted == 7
+    assert store.reserve_up_to(7, [tight], 0, 10**30).granted == USD // 2
+    assert store.reserve_up_to(8, [], 0, float("inf")).granted == MAX_AMOUNT
+    assert store.usage("t:tight").reserved == USD // 2
+
+
+def test_cap_narrows_one_check_and_is_never_stored(backend: Backend) -> None:
+    store = backend.store
+    trace = ScopeLimit("t:c", 10 * USD, True, 60.0)  # the trace's configured budget
+    assert store.reserve(1, [trace], USD).ok
+    # A request forging this trace id with a zero budget in baggage: refused itself...
+    forged = ScopeLimit("t:c", UNLIMITED, True, 60.0, cap=0)
+    denied = store.reserve(2, [forged], 1)
+    assert denied.status is ReserveStatus.DENIED
+    assert denied.denied == ("t:c", 0, 0, USD)  # the limit that applied: the cap
+    # ... but the trace's stored limit and every other caller are untouched.
+    assert store.usage("t:c") == ("t:c", 10 * USD, 0, USD)
+    assert store.reserve(3, [trace], 9 * USD).ok
+    store.release(3)
+    # A cap above what is used grants only what it leaves.
+    capped = ScopeLimit("t:c", UNLIMITED, True, 60.0, cap=3 * USD)
+    assert store.reserve_up_to(4, [capped], 0, 5 * USD).granted == 2 * USD
+    assert store.usage("t:c") == ("t:c", 10 * USD, 0, 3 * USD)
+    assert store.reserve_up_to(5, [trace], 0, 100 * USD).granted == 7 * USD
+    # A scope that exists only because of a cap: UNLIMITED stored, the cap checked.
+    only = ScopeLimit("t:only", UNLIMITED, True, 60.0, cap=USD)
+    assert store.reserve(6, [only], 2 * USD).status is ReserveStatus.DENIED
+    assert store.reserve(7, [only], USD).ok
+    assert store.usage("t:only") == ("t:only", UNLIMITED, 0, USD)
+    assert store.reserve(8, [ScopeLimit("t:only", 50 * USD, True, 60.0)], 40 * USD).ok
+    assert store.usage("t:only").limit == 50 * USD  # configuration still lowers it
+    # A cap on a named scope does not rewrite its configured limit either.
+    named = ScopeLimit("user:n", 5 * USD, cap=USD)
+    assert store.reserve(9, [named], 2 * USD).status is ReserveStatus.DENIED
+    assert store.usage("user:n").limit == 5 * USD
+
+
+def test_async_interface(backend: Backend) -> None:
+    store = backend.store
+    trace = ScopeLimit("t:a", 10 * USD, True)
+
+    async def main() -> None:
+        result = await store.areserve_up_to(1, [trace], 0, 4 * USD)
+        assert result.status is ReserveStatus.OK and result.granted == 4 * USD
+        assert (await store.areserve(2, [trace], USD)).granted == USD
+        assert (await store.acommit(1, 3 * USD)).status is CommitStatus.OK
+        assert (await store.arelease(2)).status is CommitStatus.RELEASED
+        assert (await store.acharge(3, [trace], USD)).status is CommitStatus.OK
+
+    asyncio.run(main())
+    assert store.usage("t:a") == ("t:a", 10 * USD, 4 * USD, 0)
 
 
 def test_huge_projection_is_refused_not_an_error(backend: Backend) -> None:
@@ -670,8 +779,12 @@ def test_daily_window_rolls_over_through_the_processor(
     assert processor.spent_usd("user:alice@d20231115") == pytest.approx(0.9)
     ttl = storage.client.pttl(storage.scope_key("user:alice@d20231115"))
     assert 2 * 86400_000 - 60_000 < ttl <= 2 * 86400_000  # the window's key goes by itself
-    # the finished traces were evicted from the ledger
-    assert [u.key for u in storage.scopes("t:")] == []
+    # the finished traces stay on the shared ledger (other services may still call in
+    # them) and go by their TTL
+    traces = [u.key for u in storage.scopes("t:")]
+    assert len(traces) == 2
+    for key in traces:
+        assert 0 < storage.client.pttl(storage.scope_key(key)) <= 3600_000
 
 
 # -- failures ----------------------------------------------------------------------------------
@@ -873,3 +986,88 @@ def test_operator_calls_raise_when_redis_is_down(private_server: RedisServer) ->
     charged = store.charge(1, [ScopeLimit("user:z", USD)], 5)
     assert charged.status is CommitStatus.OK and store.pending == 1  # journaled
     store.close()
+
+
+# -- shared ledger: trace scopes end by TTL, the async path never blocks the loop -------------
+def test_one_services_root_ending_keeps_the_shared_trace_scope(server: RedisServer) -> None:
+    from otel_budget.engine import BudgetEngine, trace_key
+    from otel_budget.settings import BudgetSettings
+
+    prefix = unique_prefix()
+    service_a = RedisStorage(server.url, prefix=prefix)
+    service_b = RedisStorage(server.url, prefix=prefix)
+    assert service_a.shared and not MemoryStorage.shared
+    engine_a = BudgetEngine(BudgetSettings(max_usd=1), service_a, prices=None)
+    trace_id = 0xABCDEF
+    key = trace_key(trace_id)
+    spec = ScopeLimit(key, USD, True, 3600.0)
+    try:
+        assert service_a.reserve(1, [spec], USD // 2).ok
+        service_a.commit(1, 6 * USD // 10)
+        engine_a.finish_trace(trace_id)  # service A's local root ends
+        # Service B, still inside the same trace, sees the spend and the limit.
+        assert service_b.usage(key) == (key, USD, 6 * USD // 10, 0)
+        assert service_b.reserve(2, [spec], USD // 2).status is ReserveStatus.DENIED
+        assert service_b.reserve(3, [spec], 4 * USD // 10).ok
+        assert service_a.client.pttl(service_a.scope_key(key)) > 3000 * 1000  # ends by TTL
+    finally:
+        service_a.close()
+        service_b.close()
+    # A process's own ledger still forgets the trace when its root ends.
+    local = MemoryStorage()
+    engine = BudgetEngine(BudgetSettings(max_usd=1), local, prices=None)
+    local.charge(1, [spec], 5)
+    engine.finish_trace(trace_id)
+    assert local.usage(key) is None
+
+
+def test_async_reserve_never_blocks_the_event_loop_on_a_frozen_server(
+    private_server: RedisServer,
+) -> None:
+    store = RedisStorage(private_server.url, prefix=unique_prefix(), socket_timeout=0.3,
+                         socket_connect_timeout=0.3, retries=1)  # fmt: skip
+    trace = ScopeLimit("t:loop", 10 * USD, True, 60.0)
+
+    async def main() -> tuple[int, float, Any]:
+        assert (await store.areserve_up_to(1, [trace], 0, USD)).granted == USD
+        private_server.freeze()
+        ticks = 0
+        done = asyncio.Event()
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not done.is_set():
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        start = time.monotonic()
+        try:
+            outcome: Any = await store.areserve_up_to(2, [trace], 0, USD)
+        except LedgerUnavailableError as exc:
+            outcome = exc
+        took = time.monotonic() - start
+        done.set()
+        await task
+        return ticks, took, outcome
+
+    try:
+        ticks, took, outcome = asyncio.run(main())
+        assert isinstance(outcome, LedgerUnavailableError)
+        assert took >= 0.3
+        assert ticks >= took / 0.01 / 3, (ticks, took)  # the loop kept running meanwhile
+    finally:
+        private_server.thaw()
+        store.close()
+
+
+def test_lua_scripts_are_package_data() -> None:
+    from importlib import resources
+
+    lua = resources.files("otel_budget.storage").joinpath("lua")
+    for name, source in SCRIPTS.items():
+        text = lua.joinpath(f"{name}.lua").read_text(encoding="utf-8")
+        assert source.endswith(text), name
+    assert SCRIPTS["reserve"].startswith(lua.joinpath("helpers.lua").read_text(encoding="utf-8"))
+    python = resources.files("otel_budget.storage").joinpath("redis.py").read_text("utf-8")
+    assert "KEYS[" not in python and "local function" not in python  # none left embedded

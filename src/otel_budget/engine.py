@@ -216,13 +216,15 @@ class BudgetEngine:
 
     def finish_trace(self, trace_id: int, evict: bool = True) -> TraceStats | None:
         """The trace's local root ended: forget its totals here and, when it was the trace's
-        root (``evict``), its ledger scope."""
+        root (``evict``) and the ledger is this process's own, its ledger scope. On a shared
+        ledger (``storage.shared``) other services of the trace may still call: the scope
+        ends by its TTL."""
         with self._lock:
             stats = self._traces.pop(trace_id, None)
         if stats is not None:
             stats.ended = time.time()
             stats.root_span = None
-        if evict:
+        if evict and not self.storage.shared:
             self.storage.evict(trace_key(trace_id))
         return stats
 

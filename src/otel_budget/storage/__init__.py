@@ -13,6 +13,8 @@ Modelled on the ``limits`` library: the storage only moves integers atomically; 
 
 from otel_budget.storage.base import (
     GLOBAL_PAUSE_KEY,
+    MAX_AMOUNT,
+    UNLIMITED,
     CommitResult,
     CommitStatus,
     LedgerStorage,
@@ -20,6 +22,7 @@ from otel_budget.storage.base import (
     ReserveStatus,
     ScopeLimit,
     ScopeUsage,
+    settle_amount,
 )
 from otel_budget.storage.memory import MemoryStorage
 
@@ -34,6 +37,8 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "GLOBAL_PAUSE_KEY",
+    "MAX_AMOUNT",
+    "UNLIMITED",
     "CommitResult",
     "CommitStatus",
     "LedgerStorage",
@@ -42,4 +47,5 @@ __all__ = [
     "ReserveStatus",
     "ScopeLimit",
     "ScopeUsage",
+    "settle_amount",
 ]

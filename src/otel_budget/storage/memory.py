@@ -11,10 +11,16 @@ Why this shape:
 * One ``threading.Lock`` held for a handful of dict operations: the critical section is a
   few hundred nanoseconds, so 32 threads do not queue behind it, and it is safe to call
   from asyncio code (nothing awaits while it is held).
-* Scopes live in an ``OrderedDict`` in least-recently-used order. Scopes with a TTL (traces,
-  budget blocks, sessions) that stay idle are dropped from the front, a bounded number per
-  operation, and a hard cap evicts the least recently used idle scope: memory stays flat
-  over millions of traces even when root spans never end (unsampled traces).
+* Scopes live in a dict; two ``OrderedDict`` keep them in least-recently-used order: the
+  ``evictable`` ones (traces) and the others that have a TTL (named, windowed, blocks).
+  Scopes whose TTL has run out while idle are dropped from the front of each, a bounded
+  number per operation (the order is by last use, so a scope with a longer TTL in front may
+  delay a shorter one behind it). The size cap ``max_scopes`` drops the least recently used
+  idle *evictable* scope only: memory stays flat over millions of traces even when root
+  spans never end (unsampled traces), and a user's daily budget is never forgotten before
+  its day is over. When only scopes that must be kept are left, the ledger grows past
+  ``max_scopes`` (logged once): the bound is then the number of live named scopes, each
+  still dropped when its own TTL runs out (a scope with ``ttl=None`` stays for good).
 * Leases expire: their deadlines go into a FIFO (the lease time is constant, so deadlines
   are in order). Settled leases leave stale FIFO entries, which are skipped, and the FIFO
   is compacted when it holds more than twice the open leases.
@@ -22,6 +28,7 @@ Why this shape:
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict, deque
@@ -37,24 +44,30 @@ from otel_budget.storage.base import (
     ReserveStatus,
     ScopeLimit,
     ScopeUsage,
+    reserve_range,
+    settle_amount,
 )
 
+logger = logging.getLogger("otel_budget.storage.memory")
+
 _SWEEP_PER_OP = 8  # bound on expired leases/scopes handled per call: no latency spikes
-_RESERVED = ReserveResult(ReserveStatus.OK)  # immutable: one instance for every success
-_DUPLICATE = ReserveResult(ReserveStatus.DUPLICATE)
 _NOTHING = CommitResult(CommitStatus.DUPLICATE)
 
 
 class _Scope:
-    __slots__ = ("key", "limit", "spent", "reserved", "ttl", "expires_at")
+    __slots__ = ("key", "limit", "spent", "reserved", "ttl", "expires_at", "home")
 
-    def __init__(self, key: str, limit: int, ttl: float | None, now: float) -> None:
+    def __init__(
+        self, key: str, limit: int, ttl: float | None, now: float,
+        home: OrderedDict[str, _Scope] | None,
+    ) -> None:  # fmt: skip
         self.key = key
         self.limit = limit
         self.spent = 0
         self.reserved = 0
         self.ttl = ttl
         self.expires_at = now + ttl if ttl is not None else None
+        self.home = home  # the LRU order it lives in (None: no TTL, never evictable)
 
     def snapshot(self) -> ScopeUsage:
         return ScopeUsage(self.key, self.limit, self.spent, self.reserved)
@@ -72,6 +85,8 @@ class _Lease:
 class MemoryStorage(LedgerStorage):
     """The default ledger: exact, thread-safe, bounded; shared only within one process."""
 
+    shared = False  # one process: a trace scope is evicted when its local root ends
+
     def __init__(
         self,
         *,
@@ -87,28 +102,48 @@ class MemoryStorage(LedgerStorage):
         self._lease_seconds = float(lease_seconds)
         self._max_scopes = int(max_scopes)
         self._max_settled = int(max_settled)
-        self._scopes: OrderedDict[str, _Scope] = OrderedDict()
+        self._scopes: dict[str, _Scope] = {}
+        self._evictable: OrderedDict[str, _Scope] = OrderedDict()  # LRU: cap and TTL
+        self._kept: OrderedDict[str, _Scope] = OrderedDict()  # LRU, not evictable: TTL only
         self._leases: dict[LeaseId, _Lease] = {}
         self._deadlines: deque[tuple[float, LeaseId]] = deque()
         # Leases that expired before their commit: a late commit still counts as spend.
         self._expired: OrderedDict[LeaseId, _Lease] = OrderedDict()
-        # Recently settled lease ids, so a retried reserve/commit/charge counts nothing twice.
-        self._settled: OrderedDict[LeaseId, None] = OrderedDict()
+        # Recently settled lease ids (-> what they were granted), so a retried
+        # reserve/commit/charge counts nothing twice.
+        self._settled: OrderedDict[LeaseId, int] = OrderedDict()
         self._paused: set[str] = set()
         self._ops = 0
         self.expired_leases = 0  # counters, for tests and metrics
         self.evicted_scopes = 0
+        self._warned_full = False
 
     # -- internals (called with the lock held) ------------------------------------------------
     def _scope(self, spec: ScopeLimit, now: float) -> _Scope:
         scope = self._scopes.get(spec.key)
         if scope is None:
-            scope = _Scope(spec.key, spec.limit, spec.ttl, now)
+            if spec.evictable:
+                home: OrderedDict[str, _Scope] | None = self._evictable
+            else:
+                home = self._kept if spec.ttl is not None else None
+            scope = _Scope(spec.key, spec.limit, spec.ttl, now, home)
             self._scopes[spec.key] = scope
+            if home is not None:
+                home[spec.key] = scope
             if len(self._scopes) > self._max_scopes:
                 self._evict_lru(now)
         else:
-            self._scopes.move_to_end(spec.key)
+            home = scope.home
+            if home is not None:
+                if home is self._evictable and not spec.evictable:
+                    # Someone must keep it (e.g. a named scope sharing the key): never
+                    # evictable again.
+                    del home[spec.key]
+                    home = scope.home = self._kept if scope.ttl is not None else None
+                    if home is not None:
+                        home[spec.key] = scope
+                else:
+                    home.move_to_end(spec.key)
             if spec.lower_only:
                 if spec.limit < scope.limit:
                     scope.limit = spec.limit
@@ -116,18 +151,31 @@ class MemoryStorage(LedgerStorage):
                 scope.expires_at = now + scope.ttl
         return scope
 
+    def _drop(self, scope: _Scope) -> None:
+        del self._scopes[scope.key]
+        if scope.home is not None:
+            del scope.home[scope.key]
+
     def _evict_lru(self, now: float) -> None:
-        # Evict idle scopes from the LRU end; a scope with open reservations, or one without
-        # a TTL (a named cap), is never dropped by the cap: it is moved to the back instead.
+        # Evict idle evictable scopes from the LRU end; one with open reservations is moved
+        # to the back instead. Scopes that are not evictable are never dropped by the cap.
+        lru = self._evictable
         for _ in range(_SWEEP_PER_OP):
-            if len(self._scopes) <= self._max_scopes:
-                return
-            key, scope = next(iter(self._scopes.items()))
-            if scope.reserved == 0 and scope.ttl is not None:
-                del self._scopes[key]
+            if len(self._scopes) <= self._max_scopes or not lru:
+                break
+            key, scope = next(iter(lru.items()))
+            if scope.reserved == 0:
+                self._drop(scope)
                 self.evicted_scopes += 1
             else:
-                self._scopes.move_to_end(key)
+                lru.move_to_end(key)
+        if not lru and len(self._scopes) > self._max_scopes and not self._warned_full:
+            self._warned_full = True
+            logger.warning(
+                "otel-budget: the in-memory ledger holds more than max_scopes=%d scopes that "
+                "must be kept (named or windowed budgets); it grows past the cap, each scope "
+                "still leaves when its own TTL runs out", self._max_scopes,
+            )  # fmt: skip
 
     def _sweep(self, now: float) -> None:
         deadlines = self._deadlines
@@ -154,31 +202,22 @@ class MemoryStorage(LedgerStorage):
         # only, which is plenty for a TTL measured in minutes.
         if self._ops & 15:
             return
-        scopes = self._scopes
-        for _ in range(_SWEEP_PER_OP):
-            if not scopes:
-                break
-            key, scope = next(iter(scopes.items()))
-            if scope.expires_at is None or scope.expires_at > now or scope.reserved:
-                break
-            del scopes[key]
-            self.evicted_scopes += 1
+        for order in (self._evictable, self._kept):
+            for _ in range(_SWEEP_PER_OP):
+                if not order:
+                    break
+                scope = next(iter(order.values()))
+                if scope.expires_at is None or scope.expires_at > now or scope.reserved:
+                    break
+                self._drop(scope)
+                self.evicted_scopes += 1
 
-    def _mark_settled(self, lease_id: LeaseId) -> None:
-        self._settled[lease_id] = None
+    def _mark_settled(self, lease_id: LeaseId, granted: int) -> None:
+        self._settled[lease_id] = granted
         if len(self._settled) > self._max_settled:
             self._settled.popitem(last=False)
 
     # -- LedgerStorage ------------------------------------------------------------------------
-    def reserve(
-        self,
-        lease_id: LeaseId,
-        scopes: Sequence[ScopeLimit],
-        amount: int,
-        pause_keys: Sequence[str] = (),
-    ) -> ReserveResult:
-        return self.reserve_up_to(lease_id, scopes, amount, amount, pause_keys)
-
     def reserve_up_to(
         self,
         lease_id: LeaseId,
@@ -187,12 +226,14 @@ class MemoryStorage(LedgerStorage):
         maximum: int,
         pause_keys: Sequence[str] = (),
     ) -> ReserveResult:
-        if minimum < 0 or maximum < minimum:
-            raise ValueError("a reservation needs 0 <= minimum <= maximum")
+        minimum, maximum = reserve_range(minimum, maximum)
+        specs = scopes if isinstance(scopes, (tuple, list)) else tuple(scopes)
         with self._lock:
             now = self._clock()
             deadlines = self._deadlines
             self._ops += 1
+            # The sweep only has work when a lease is due, the FIFO needs compacting, or
+            # every 16th call (idle scopes); checked inline, it costs no call otherwise.
             if (
                 (deadlines and deadlines[0][0] <= now)
                 or not self._ops & 15
@@ -202,54 +243,45 @@ class MemoryStorage(LedgerStorage):
             held = self._leases.get(lease_id)
             if held is not None:
                 return ReserveResult(ReserveStatus.DUPLICATE, None, held.amount)
-            if lease_id in self._settled:
-                return _DUPLICATE
+            granted = self._settled.get(lease_id)
+            if granted is not None:
+                return ReserveResult(ReserveStatus.DUPLICATE, None, granted)
             if self._paused:
                 for key in (GLOBAL_PAUSE_KEY, *pause_keys):
                     if key in self._paused:
                         return ReserveResult(ReserveStatus.PAUSED, ScopeUsage(key, 0, 0, 0))
-            resolved = tuple([self._scope(spec, now) for spec in scopes])
-            amount = maximum
-            tightest = None
+            resolved = tuple([self._scope(spec, now) for spec in specs])
+            grant = maximum
+            for spec, scope in zip(specs, resolved):
+                limit = scope.limit
+                cap = spec.cap
+                if cap is not None and cap < limit:
+                    limit = cap
+                room = limit - scope.spent - scope.reserved
+                if room < minimum:  # the first scope (in the caller's order) that refuses
+                    return ReserveResult(
+                        ReserveStatus.DENIED,
+                        ScopeUsage(scope.key, limit, scope.spent, scope.reserved),
+                    )
+                grant = min(grant, room)
             for scope in resolved:
-                room = scope.limit - scope.spent - scope.reserved
-                if room < amount:
-                    amount = room
-                    tightest = scope
-            if amount < minimum:
-                assert tightest is not None
-                return ReserveResult(ReserveStatus.DENIED, tightest.snapshot())
-            for scope in resolved:
-                scope.reserved += amount
+                scope.reserved += grant
             deadline = now + self._lease_seconds
-            self._leases[lease_id] = _Lease(amount, resolved, deadline)
+            self._leases[lease_id] = _Lease(grant, resolved, deadline)
             self._deadlines.append((deadline, lease_id))
-            return ReserveResult(ReserveStatus.OK, None, amount)
+            return ReserveResult(ReserveStatus.OK, None, grant)
 
-    async def areserve_up_to(
+    def reserve(
         self,
         lease_id: LeaseId,
         scopes: Sequence[ScopeLimit],
-        minimum: int,
-        maximum: int,
+        amount: int,
         pause_keys: Sequence[str] = (),
     ) -> ReserveResult:
-        return self.reserve_up_to(lease_id, scopes, minimum, maximum, pause_keys)
-
-    async def acommit(self, lease_id: LeaseId, actual: int) -> CommitResult:
-        return self.commit(lease_id, actual)
-
-    async def arelease(self, lease_id: LeaseId) -> CommitResult:
-        return self.release(lease_id)
-
-    async def acharge(
-        self, lease_id: LeaseId, scopes: Sequence[ScopeLimit], amount: int
-    ) -> CommitResult:
-        return self.charge(lease_id, scopes, amount)
+        return self.reserve_up_to(lease_id, scopes, amount, amount, pause_keys)
 
     def commit(self, lease_id: LeaseId, actual: int) -> CommitResult:
-        if actual < 0:
-            raise ValueError("an actual cost cannot be negative")
+        actual = settle_amount(actual)
         with self._lock:
             lease = self._leases.pop(lease_id, None)
             status = CommitStatus.OK
@@ -264,7 +296,7 @@ class MemoryStorage(LedgerStorage):
                 for scope in lease.scopes:
                     scope.reserved -= lease.amount
                     scope.spent += actual
-            self._mark_settled(lease_id)
+            self._mark_settled(lease_id, lease.amount)
             return CommitResult(
                 status,
                 lease.amount,
@@ -280,7 +312,7 @@ class MemoryStorage(LedgerStorage):
                 return CommitResult(CommitStatus.DUPLICATE)
             for scope in lease.scopes:
                 scope.reserved -= lease.amount
-            self._mark_settled(lease_id)
+            self._mark_settled(lease_id, lease.amount)
             return CommitResult(
                 CommitStatus.RELEASED,
                 lease.amount,
@@ -289,8 +321,7 @@ class MemoryStorage(LedgerStorage):
             )
 
     def charge(self, lease_id: LeaseId, scopes: Sequence[ScopeLimit], amount: int) -> CommitResult:
-        if amount < 0:
-            raise ValueError("a charge cannot be negative")
+        amount = settle_amount(amount)
         with self._lock:
             if lease_id in self._settled or lease_id in self._leases:
                 return CommitResult(CommitStatus.DUPLICATE)
@@ -298,7 +329,7 @@ class MemoryStorage(LedgerStorage):
             resolved = tuple([self._scope(spec, now) for spec in scopes])
             for scope in resolved:
                 scope.spent += amount
-            self._mark_settled(lease_id)
+            self._mark_settled(lease_id, 0)
             return CommitResult(
                 CommitStatus.OK, 0, amount, tuple(scope.snapshot() for scope in resolved)
             )
@@ -314,7 +345,7 @@ class MemoryStorage(LedgerStorage):
         with self._lock:
             scope = self._scopes.get(key)
             if scope is None:
-                scope = _Scope(key, limit, None, self._clock())
+                scope = _Scope(key, limit, None, self._clock(), None)
                 self._scopes[key] = scope
             scope.limit = limit
 
@@ -341,7 +372,38 @@ class MemoryStorage(LedgerStorage):
             scope = self._scopes.get(key)
             # A scope with open reservations stays until they settle or expire.
             if scope is not None and not scope.reserved:
-                del self._scopes[key]
+                self._drop(scope)
+
+    # -- asyncio: no I/O, so no thread hop (the lock is held for microseconds) ---------------
+    async def areserve_up_to(
+        self,
+        lease_id: LeaseId,
+        scopes: Sequence[ScopeLimit],
+        minimum: int,
+        maximum: int,
+        pause_keys: Sequence[str] = (),
+    ) -> ReserveResult:
+        return self.reserve_up_to(lease_id, scopes, minimum, maximum, pause_keys)
+
+    async def areserve(
+        self,
+        lease_id: LeaseId,
+        scopes: Sequence[ScopeLimit],
+        amount: int,
+        pause_keys: Sequence[str] = (),
+    ) -> ReserveResult:
+        return self.reserve_up_to(lease_id, scopes, amount, amount, pause_keys)
+
+    async def acommit(self, lease_id: LeaseId, actual: int) -> CommitResult:
+        return self.commit(lease_id, actual)
+
+    async def arelease(self, lease_id: LeaseId) -> CommitResult:
+        return self.release(lease_id)
+
+    async def acharge(
+        self, lease_id: LeaseId, scopes: Sequence[ScopeLimit], amount: int
+    ) -> CommitResult:
+        return self.charge(lease_id, scopes, amount)
 
     # -- introspection (tests, benchmarks) ----------------------------------------------------
     def sizes(self) -> dict[str, int]:

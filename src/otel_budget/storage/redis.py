@@ -10,19 +10,24 @@ Install with ``pip install 'otel-budget[redis]'`` (redis-py >= 5). The URL defau
 
 Design (measured in ``shared/notes/backends.md`` §1):
 
-* **One round trip per decision.** ``reserve`` is one ``EVALSHA`` that checks the kill
-  switches, sweeps expired leases, checks every scope and reserves in all or none of them:
+* **One round trip per decision.** ``reserve_up_to`` (and ``reserve``) is one ``EVALSHA``
+  that checks the kill switches, sweeps expired leases, computes the grant (the maximum, or
+  the smallest room of the scopes, ``min(limit, cap) - spent - reserved``) and reserves it in
+  all or none of them:
   Redis runs one script at a time, so ``spent + reserved <= limit`` holds in every scope at
   every instant, across processes and hosts. ``commit``/``release`` is a second script, one
-  round trip too. Scripts are loaded with ``register_script`` (``EVALSHA``, re-sent on
+  round trip too. Scripts are package data (``otel_budget/storage/lua/*.lua``, read with
+  ``importlib.resources``) loaded with ``register_script`` (``EVALSHA``, re-sent on
   ``NOSCRIPT`` after a server restart).
 * **Idempotent by lease id** (the span): each lease has a record key; a retried reserve
   returns ``DUPLICATE``, a retried commit counts nothing twice. This is what makes a retry
   after a timeout safe (a timed-out command may still run on the server later: a "ghost").
 * **Money is integer nano-USD**, stored with ``HINCRBY`` from the caller's decimal strings;
   the scripts never format a float. Lua compares amounts as doubles, exact up to 2**53
-  nano-USD (~$9M), far above ``MAX_BUDGET_USD``: a larger reservation is clamped to 2**53
-  (every limit refuses it anyway), a larger commit or charge is a ``ValueError``.
+  nano-USD (~$9M), far above ``MAX_BUDGET_USD``: every amount is clamped to ``MAX_AMOUNT``
+  (2**53 - 1; a reservation that large is refused by every limit anyway; a commit or charge
+  that large is a unit mistake, still recorded, never an error), a negative commit counts 0,
+  and spend saturates at 4e18 so ``HINCRBY`` never overflows: a commit never fails.
 * **Leases have server-time deadlines** (``redis.call('TIME')``: one clock for every
   client). A scope keeps its open leases in a sorted set scored by deadline; each script call
   sweeps at most ``sweep_per_scope`` expired ones per scope, so a crashed worker's
@@ -31,7 +36,12 @@ Design (measured in ``shared/notes/backends.md`` §1):
 * **Limits:** trace scopes (``lower_only``) keep ``min(stored, requested)``; named scopes
   follow the caller's configuration (a redeploy with a new limit takes effect) unless an
   operator set one with ``set_limit`` (``otel-budget set-limit``), which is stored as an
-  override and wins until it is changed.
+  override and wins until it is changed. A ``cap`` (e.g. carried in baggage) narrows one
+  reservation's check and is never written.
+* **Shared** (``shared = True``): a trace scope is not evicted when one service's local root
+  ends (other services of the trace may still call); it goes when its TTL runs out.
+* **asyncio:** the ``a*`` methods run the sync call in a worker thread (the default of
+  ``LedgerStorage``), bounded by the same timeouts and circuit breaker.
 * **TTLs** come from ``ScopeLimit.ttl`` and are set in the same script as the write
   (refreshed on use, never shortened below an open lease); scopes without a TTL persist.
 * **Every key a script touches is passed in ``KEYS``.** For Redis Cluster, use a prefix with
@@ -79,10 +89,12 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
+from importlib import resources
 from typing import Any
 
 from otel_budget.storage.base import (
     GLOBAL_PAUSE_KEY,
+    MAX_AMOUNT,
     CommitResult,
     CommitStatus,
     LeaseId,
@@ -91,6 +103,8 @@ from otel_budget.storage.base import (
     ReserveStatus,
     ScopeLimit,
     ScopeUsage,
+    reserve_range,
+    settle_amount,
 )
 
 try:  # optional dependency: pip install 'otel-budget[redis]'
@@ -103,229 +117,24 @@ except ImportError:  # pragma: no cover - exercised only without the extra
 logger = logging.getLogger("otel_budget.storage.redis")
 
 ENV_URL = "OTEL_BUDGET_REDIS_URL"
-# Lua numbers are doubles: integers are exact up to 2**53 (nano-USD: ~$9.0M).
-MAX_AMOUNT = 2**53
 
 # -- Lua ------------------------------------------------------------------------------------
-# Rules for every script (checked by a test): locals only (a global poisons fakeredis and
-# errors on Redis), no os./bit. (absent from Redis' Lua), no shebang flags (fakeredis cannot
-# load them), amounts written only from ARGV strings (never a formatted float).
+# The scripts are package data (``otel_budget/storage/lua/*.lua``, like the ``limits``
+# library's): ``helpers.lua`` is prepended to the scripts that use it.
+_WITH_HELPERS = ("reserve", "settle", "charge")
 
-_HELPERS = r"""
-local function now_ms(offset)
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(offset)
-end
--- Refresh a TTL on use; skip the write while it is within 1/64 of the target already.
-local function touch(k, ms)
-  if ms > 0 and redis.call('PTTL', k) < ms - math.floor(ms / 64) then
-    redis.call('PEXPIRE', k, string.format('%d', ms))
-  end
-end
-local function incr(h, field, amount, sign)
-  if amount ~= '0' then redis.call('HINCRBY', h, field, sign .. amount) end
-end
--- A scope's spec, one ARGV: '<limit>:<lower_only 0|1>:<ttl ms, 0: none>'.
-local function spec(text)
-  return string.match(text, '^(%d+):([01]):(%d+)$')
-end
--- Find or create a scope and apply the caller's limit: trace scopes only go down, named
--- scopes follow the caller unless an operator override ('olimit') is stored.
-local function resolve(h, lim, lower, ttl)
-  local cur = redis.call('HMGET', h, 'limit', 'spent', 'reserved', 'olimit')
-  local limit, spent, reserved = cur[1], cur[2] or '0', cur[3] or '0'
-  if not limit then
-    limit = cur[4] or lim
-    redis.call('HSET', h, 'limit', limit, 'spent', spent, 'reserved', reserved, 'ttl', ttl)
-  elseif lower == '1' then
-    if tonumber(lim) < tonumber(limit) then
-      limit = lim
-      redis.call('HSET', h, 'limit', limit)
-    end
-  else
-    local want = cur[4] or lim
-    if want ~= limit then
-      limit = want
-      redis.call('HSET', h, 'limit', limit)
-    end
-  end
-  return limit, spent, reserved
-end
-"""
 
-# KEYS: pause set, lease record, then (scope hash, scope lease zset) per scope.
-# ARGV: lease, amount, '<lease ms>:<clock offset ms>:<record ttl ms>:<sweep max>:<want usage>',
-#       scope keys json, number of pause keys, pause keys..., then one spec per scope.
-# (Few arguments: packing them is most of the client's CPU time per call.)
-_RESERVE = _HELPERS + r"""
-local lease_ms, offset, record_ms, sweep, want =
-  string.match(ARGV[3], '^(%d+):(-?%d+):(%d+):(%d+):([01])$')
-lease_ms = tonumber(lease_ms)
-sweep = tonumber(sweep)
-local now = now_ms(offset)
-local n = (#KEYS - 2) / 2
-local swept = 0
-for i = 1, n do
-  local h, z = KEYS[1 + 2 * i], KEYS[2 + 2 * i]
-  local due = redis.call('ZRANGEBYSCORE', z, '-inf', string.format('%d', now), 'LIMIT', 0, sweep)
-  if #due > 0 then
-    local live = redis.call('EXISTS', h) == 1
-    for _, m in ipairs(due) do
-      local a = string.match(m, '|(%d+)$')
-      if live and a then incr(h, 'reserved', a, '-') end
-      redis.call('ZREM', z, m)
-      swept = swept + 1
-    end
-  end
-end
-if redis.call('EXISTS', KEYS[2]) == 1 then return {'dup', swept} end
-local np = tonumber(ARGV[5])
-if np > 0 and redis.call('SCARD', KEYS[1]) > 0 then
-  for j = 6, 5 + np do
-    if redis.call('SISMEMBER', KEYS[1], ARGV[j]) == 1 then return {'paused', swept, ARGV[j]} end
-  end
-end
-local base = 5 + np
-local amount = tonumber(ARGV[2])
-local usage = {}
-local ttls = {}
-for i = 1, n do
-  local lim, lower, ttl = spec(ARGV[base + i])
-  local limit, spent, reserved = resolve(KEYS[1 + 2 * i], lim, lower, ttl)
-  usage[i] = {limit, spent, reserved}
-  ttls[i] = tonumber(ttl)
-end
-for i = 1, n do
-  local u = usage[i]
-  if tonumber(u[2]) + tonumber(u[3]) + amount > tonumber(u[1]) then
-    for j = 1, n do touch(KEYS[1 + 2 * j], ttls[j]) end
-    return {'denied', swept, i, u[1], u[2], u[3]}
-  end
-end
-local deadline = string.format('%d', now + lease_ms)
-local member = ARGV[1] .. '|' .. ARGV[2]
-local out = {'ok', swept, ''}
-for i = 1, n do
-  local h, z = KEYS[1 + 2 * i], KEYS[2 + 2 * i]
-  incr(h, 'reserved', ARGV[2], '')
-  redis.call('ZADD', z, deadline, member)
-  local ttl = ttls[i]
-  if ttl > 0 then
-    local keep = math.max(ttl, lease_ms)
-    touch(h, keep)
-    touch(z, keep)
-  end
-  if want == '1' then
-    local u = usage[i]
-    out[#out + 1] = u[1]
-    out[#out + 1] = u[2]
-    out[#out + 1] = string.format('%d', tonumber(u[3]) + amount)
-  end
-end
-redis.call('HSET', KEYS[2], 'a', ARGV[2], 'st', 'r', 'k', ARGV[4], 'dl', deadline)
-redis.call('PEXPIRE', KEYS[2], record_ms)
-if want == '1' and redis.call('SCARD', KEYS[1]) > 0 then
-  out[3] = table.concat(redis.call('SMEMBERS', KEYS[1]), '\n')
-end
-return out
-"""
+def _load_scripts() -> dict[str, str]:
+    lua = resources.files("otel_budget.storage").joinpath("lua")
+    helpers = lua.joinpath("helpers.lua").read_text(encoding="utf-8")
+    scripts = {}
+    for name in ("reserve", "settle", "charge", "evict", "set_limit"):
+        source = lua.joinpath(f"{name}.lua").read_text(encoding="utf-8")
+        scripts[name] = helpers + source if name in _WITH_HELPERS else source
+    return scripts
 
-# KEYS: lease record, then (scope hash, scope lease zset) per scope.
-# ARGV: lease, mode ('c' commit, 'r' release, 't' release leaving a tombstone), actual,
-#       settled ttl ms.
-# Returns 'dup', or one string: status, amount, then index limit spent reserved per scope
-# that still exists (one string: parsing a long reply array costs the client more).
-_SETTLE = _HELPERS + r"""
-local st = redis.call('HGET', KEYS[1], 'st')
-if not st then
-  if ARGV[2] == 't' then
-    redis.call('HSET', KEYS[1], 'st', 't')
-    redis.call('PEXPIRE', KEYS[1], ARGV[4])
-  end
-  return 'dup'
-end
-if st ~= 'r' then return 'dup' end
-local a = redis.call('HGET', KEYS[1], 'a')
-local member = ARGV[1] .. '|' .. a
-local commit = ARGV[2] == 'c'
-local n = (#KEYS - 1) / 2
-local held, late = 0, 0
-local out = {'', a}
-for i = 1, n do
-  local h, z = KEYS[2 * i], KEYS[2 * i + 1]
-  local removed = redis.call('ZREM', z, member)
-  if redis.call('EXISTS', h) == 1 then
-    if removed == 1 then
-      held = held + 1
-      incr(h, 'reserved', a, '-')
-    else
-      late = late + 1
-    end
-    if commit then incr(h, 'spent', ARGV[3], '') end
-    local u = redis.call('HMGET', h, 'limit', 'spent', 'reserved', 'ttl')
-    if u[4] then touch(h, tonumber(u[4])) end
-    out[#out + 1] = i
-    out[#out + 1] = u[1]
-    out[#out + 1] = u[2]
-    out[#out + 1] = u[3]
-  end
-end
-if commit then
-  out[1] = late > 0 and 'late' or 'ok'
-  redis.call('HSET', KEYS[1], 'st', 'c')
-else
-  out[1] = (held == 0 and late > 0) and 'dup' or 'released'
-  redis.call('HSET', KEYS[1], 'st', 'x')
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-return table.concat(out, ' ')
-"""
 
-# KEYS: lease record, then one scope hash per scope.
-# ARGV: lease, amount, settled ttl ms, then one spec per scope.
-_CHARGE = _HELPERS + r"""
-if redis.call('EXISTS', KEYS[1]) == 1 then return {'dup'} end
-local out = {'ok'}
-for i = 2, #KEYS do
-  local h = KEYS[i]
-  local lim, lower, ttl = spec(ARGV[2 + i])
-  resolve(h, lim, lower, ttl)
-  incr(h, 'spent', ARGV[2], '')
-  touch(h, tonumber(ttl))
-  local u = redis.call('HMGET', h, 'limit', 'spent', 'reserved')
-  out[#out + 1] = u[1]
-  out[#out + 1] = u[2]
-  out[#out + 1] = u[3]
-end
-redis.call('HSET', KEYS[1], 'st', 'g')
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return out
-"""
-
-# KEYS: scope hash, scope lease zset. A scope with open reservations stays.
-_EVICT = r"""
-local r = redis.call('HGET', KEYS[1], 'reserved')
-if r and r ~= '0' then return 0 end
-redis.call('DEL', KEYS[1], KEYS[2])
-return 1
-"""
-
-# KEYS: scope hash. ARGV: limit. The operator's limit wins over callers' configuration.
-_SET_LIMIT = r"""
-redis.call('HSET', KEYS[1], 'limit', ARGV[1], 'olimit', ARGV[1])
-redis.call('HSETNX', KEYS[1], 'spent', '0')
-redis.call('HSETNX', KEYS[1], 'reserved', '0')
-redis.call('HSETNX', KEYS[1], 'ttl', '0')
-return 1
-"""
-
-SCRIPTS = {
-    "reserve": _RESERVE,
-    "settle": _SETTLE,
-    "charge": _CHARGE,
-    "evict": _EVICT,
-    "set_limit": _SET_LIMIT,
-}
+SCRIPTS = _load_scripts()
 
 _GLOB = re.compile(r"([*?\[\]\\])")
 
@@ -412,10 +221,22 @@ def _ttl_ms(ttl: float | None) -> int:
 
 
 def _spec(scope: ScopeLimit) -> str:
-    limit = int(scope.limit)
+    limit = min(int(scope.limit), MAX_AMOUNT)
     if limit < 0:
         raise ValueError(f"scope {scope.key!r} has a negative limit")
-    return f"{limit}:{1 if scope.lower_only else 0}:{_ttl_ms(scope.ttl)}"
+    cap = scope.cap
+    if cap is None:
+        text = ""
+    else:
+        if cap < 0:
+            raise ValueError(f"scope {scope.key!r} has a negative cap")
+        text = str(min(int(cap), MAX_AMOUNT))
+    return f"{limit}:{1 if scope.lower_only else 0}:{_ttl_ms(scope.ttl)}:{text}"
+
+
+def _effective(limit: int, scope: ScopeLimit) -> int:
+    cap = scope.cap
+    return limit if cap is None or cap >= limit else int(cap)
 
 
 def redact(url: str) -> str:
@@ -425,6 +246,8 @@ def redact(url: str) -> str:
 
 class RedisStorage(LedgerStorage):
     """The budget ledger in Redis, shared by every process and host that uses it."""
+
+    shared = True  # trace scopes end by their TTL, not when one service's root ends
 
     def __init__(
         self,
@@ -660,8 +483,8 @@ class RedisStorage(LedgerStorage):
 
     # -- scripts ---------------------------------------------------------------------------
     def _reserve_once(
-        self, name: str, scopes: Sequence[ScopeLimit], amount: int, pause_keys: Sequence[str],
-        want: bool,
+        self, name: str, scopes: Sequence[ScopeLimit], minimum: int, maximum: int,
+        pause_keys: Sequence[str], want: bool,
     ) -> Any:  # fmt: skip
         keys = [self._pause_key, self._rkey(name)]
         keys.extend(self._scope_keys([s.key for s in scopes]))
@@ -670,7 +493,7 @@ class RedisStorage(LedgerStorage):
             f"{1 if want else 0}"
         )
         args: list[Any] = [
-            name, str(amount), config, json.dumps([s.key for s in scopes]),
+            name, f"{minimum}:{maximum}", config, json.dumps([s.key for s in scopes]),
             len(pause_keys) + 1, GLOBAL_PAUSE_KEY, *pause_keys,
         ]  # fmt: skip
         args.extend(_spec(s) for s in scopes)
@@ -718,8 +541,8 @@ class RedisStorage(LedgerStorage):
             fallback.resume(key)
 
     def _fallback_reserve(
-        self, lease_id: LeaseId, name: str, scopes: tuple[ScopeLimit, ...], amount: int,
-        pause_keys: Sequence[str],
+        self, lease_id: LeaseId, name: str, scopes: tuple[ScopeLimit, ...], minimum: int,
+        maximum: int, pause_keys: Sequence[str],
     ) -> ReserveResult:  # fmt: skip
         fallback = self._fallback
         assert fallback is not None
@@ -734,13 +557,12 @@ class RedisStorage(LedgerStorage):
                 known = self._known.get(spec.key)
                 if known is not None:
                     seeds.append(
-                        (ScopeLimit(spec.key, known.limit, spec.lower_only, spec.ttl),
-                         known.spent + known.reserved)
-                    )  # fmt: skip
+                        (spec._replace(limit=known.limit, cap=None), known.spent + known.reserved)
+                    )
         for spec, spent in seeds:
             if fallback.usage(spec.key) is None:  # start from the last usage seen in Redis
                 fallback.charge(("otel-budget-seed", spec.key, outage), [spec], spent)
-        result = fallback.reserve(lease_id, scopes, amount, pause_keys)
+        result = fallback.reserve_up_to(lease_id, scopes, minimum, maximum, pause_keys)
         self.stats["fallback_reserves"] += 1
         if result.ok:
             with self._lock:
@@ -758,58 +580,7 @@ class RedisStorage(LedgerStorage):
             return self._fallback_leases.pop(lease_id, None)
 
     # -- LedgerStorage ---------------------------------------------------------------------
-    def reserve(
-        self,
-        lease_id: LeaseId,
-        scopes: Sequence[ScopeLimit],
-        amount: int,
-        pause_keys: Sequence[str] = (),
-    ) -> ReserveResult:
-        if amount < 0:
-            raise ValueError("a reservation cannot be negative")
-        # Above 2**53 Lua's doubles are not exact; such an amount is refused by any limit
-        # anyway (limits are at most MAX_BUDGET_USD), so clamping changes no decision.
-        amount = min(int(amount), MAX_AMOUNT)
-        scopes = tuple(scopes)
-        name = lease_name(lease_id)
-        want = self._fallback is not None
-        try:
-            reply = self._call(lambda: self._reserve_once(name, scopes, amount, pause_keys, want))
-        except LedgerUnavailableError as exc:
-            if exc.attempted:
-                # Unknown outcome: the command may still run when the server wakes up (a
-                # ghost). Release it later, leaving a tombstone against a later arrival.
-                self._journal_add(("settle", name, [s.key for s in scopes], "t", 0))
-            if self._fallback is None:
-                raise
-            return self._fallback_reserve(lease_id, name, scopes, amount, pause_keys)
-        status = _text(reply[0])
-        swept = int(reply[1])
-        if swept:
-            self.stats["expired_leases"] += swept
-        if status == "ok" or status == "dup":
-            with self._lock:
-                local = self._local
-                local[name] = (tuple(s.key for s in scopes), amount)
-                if len(local) > self._max_local:
-                    local.popitem(last=False)
-            if status == "dup":
-                return ReserveResult(ReserveStatus.DUPLICATE)
-            if want:
-                self._sync_pauses(_text(reply[2]))
-                values = [int(v) for v in reply[3:]]
-                self._remember(
-                    [ScopeUsage(s.key, *values[3 * i : 3 * i + 3]) for i, s in enumerate(scopes)]
-                )
-            return ReserveResult(ReserveStatus.OK)
-        if status == "paused":
-            return ReserveResult(ReserveStatus.PAUSED, ScopeUsage(_text(reply[2]), 0, 0, 0))
-        usage = ScopeUsage(scopes[int(reply[2]) - 1].key, int(reply[3]), int(reply[4]),
-                           int(reply[5]))  # fmt: skip
-        self._remember([usage])
-        return ReserveResult(ReserveStatus.DENIED, usage)
-
-    def reserve_up_to(  # TEMPORARY (replaced by the storage branch): not atomic
+    def reserve_up_to(
         self,
         lease_id: LeaseId,
         scopes: Sequence[ScopeLimit],
@@ -817,17 +588,63 @@ class RedisStorage(LedgerStorage):
         maximum: int,
         pause_keys: Sequence[str] = (),
     ) -> ReserveResult:
-        result = self.reserve(lease_id, scopes, maximum, pause_keys)
-        if result.status is ReserveStatus.OK:
-            return ReserveResult(ReserveStatus.OK, None, maximum)
-        if result.status is ReserveStatus.DENIED and minimum < maximum and result.denied:
-            room = result.denied.limit - result.denied.spent - result.denied.reserved
-            if room >= minimum:
-                again = self.reserve(lease_id, scopes, room, pause_keys)
-                if again.status is ReserveStatus.OK:
-                    return ReserveResult(ReserveStatus.OK, None, room)
-                return again
-        return result
+        # Above 2**53 Lua's doubles are not exact; such an amount is refused by any limit
+        # anyway (limits are at most MAX_BUDGET_USD), so clamping changes no decision.
+        minimum, maximum = reserve_range(minimum, maximum)
+        scopes = tuple(scopes)
+        name = lease_name(lease_id)
+        want = self._fallback is not None
+        try:
+            reply = self._call(
+                lambda: self._reserve_once(name, scopes, minimum, maximum, pause_keys, want)
+            )
+        except LedgerUnavailableError as exc:
+            if exc.attempted:
+                # Unknown outcome: the command may still run when the server wakes up (a
+                # ghost). Release it later, leaving a tombstone against a later arrival.
+                self._journal_add(("settle", name, [s.key for s in scopes], "t", 0))
+            if self._fallback is None:
+                raise
+            return self._fallback_reserve(
+                lease_id, name, scopes, minimum, maximum, pause_keys
+            )
+        status = _text(reply[0])
+        swept = int(reply[1])
+        if swept:
+            self.stats["expired_leases"] += swept
+        if status == "ok" or status == "dup":
+            granted = int(reply[3] if status == "ok" else reply[2])
+            with self._lock:
+                local = self._local
+                local[name] = (tuple(s.key for s in scopes), granted)
+                if len(local) > self._max_local:
+                    local.popitem(last=False)
+            if status == "dup":
+                return ReserveResult(ReserveStatus.DUPLICATE, None, granted)
+            if want:
+                self._sync_pauses(_text(reply[2]))
+                values = [int(v) for v in reply[4:]]
+                self._remember(
+                    [ScopeUsage(s.key, *values[3 * i : 3 * i + 3]) for i, s in enumerate(scopes)]
+                )
+            return ReserveResult(ReserveStatus.OK, None, granted)
+        if status == "paused":
+            return ReserveResult(ReserveStatus.PAUSED, ScopeUsage(_text(reply[2]), 0, 0, 0))
+        spec = scopes[int(reply[2]) - 1]
+        usage = ScopeUsage(spec.key, int(reply[3]), int(reply[4]), int(reply[5]))
+        self._remember([usage])  # the stored limit; the denial reports the one that applied
+        return ReserveResult(
+            ReserveStatus.DENIED, usage._replace(limit=_effective(usage.limit, spec))
+        )
+
+    def reserve(
+        self,
+        lease_id: LeaseId,
+        scopes: Sequence[ScopeLimit],
+        amount: int,
+        pause_keys: Sequence[str] = (),
+    ) -> ReserveResult:
+        return self.reserve_up_to(lease_id, scopes, amount, amount, pause_keys)
 
     def _settle(self, lease_id: LeaseId, mode: str, actual: int) -> CommitResult:
         name = lease_name(lease_id)
@@ -864,10 +681,7 @@ class RedisStorage(LedgerStorage):
         )
 
     def commit(self, lease_id: LeaseId, actual: int) -> CommitResult:
-        if actual < 0:
-            raise ValueError("an actual cost cannot be negative")
-        if actual > MAX_AMOUNT:
-            raise ValueError(f"an actual cost above {MAX_AMOUNT} nano-USD is a unit mistake")
+        actual = settle_amount(actual)  # never an error: the lease must be settled
         held = self._take_fallback_lease(lease_id)
         if held is not None:
             assert self._fallback is not None
@@ -888,10 +702,7 @@ class RedisStorage(LedgerStorage):
         return self._settle(lease_id, "r", 0)
 
     def charge(self, lease_id: LeaseId, scopes: Sequence[ScopeLimit], amount: int) -> CommitResult:
-        if amount < 0:
-            raise ValueError("a charge cannot be negative")
-        if amount > MAX_AMOUNT:
-            raise ValueError(f"a charge above {MAX_AMOUNT} nano-USD is a unit mistake")
+        amount = settle_amount(amount)
         specs = tuple(scopes)
         name = lease_name(lease_id)
         try:
