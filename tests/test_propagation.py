@@ -253,3 +253,62 @@ def test_two_processes_share_one_trace_budget_on_redis(
             worker.wait(timeout=30)
     finally:
         server.cleanup()
+
+
+def _remote_request(trace_id: int, span_id: int, carried: str | None) -> Any:
+    """The context a service sees for an incoming request of trace ``trace_id`` (as a W3C
+    propagator builds it), with an optional budget in its baggage."""
+    from opentelemetry import trace as otel_trace
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+    parent = SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(1))
+    ctx = otel_trace.set_span_in_context(NonRecordingSpan(parent))
+    if carried is not None:
+        ctx = baggage.set_baggage(BAGGAGE_KEY, carried, ctx)
+    return ctx
+
+
+@pytest.mark.parametrize("ledger", ["memory", "redis"])
+def test_forged_baggage_narrows_only_the_request_that_carries_it(
+    make_processor: Any, tracer: Any, ledger: str
+) -> None:
+    """A request forging another request's trace id with ``otel_budget.max_usd=0`` is refused
+    itself; the genuine requests of that trace keep their budget (hole 12)."""
+    storage = None
+    server = None
+    if ledger == "redis":
+        pytest.importorskip("redis")
+        from otel_budget.storage.redis import RedisStorage
+        from tests.redis_server import REDIS_SERVER, SKIP_REASON, RedisServer
+
+        if REDIS_SERVER is None:
+            pytest.skip(SKIP_REASON)
+        server = RedisServer().start()
+        storage = RedisStorage(server.url)
+    try:
+        processor = make_processor(max_usd=1.0, **({"storage": storage} if storage else {}))
+        victim = 0x1234_5678_9ABC_DEF0_1234_5678_9ABC_DEF0
+
+        def request(span_id: int, carried: str | None, usd: float) -> None:
+            token = context.attach(_remote_request(victim, span_id, carried))
+            try:
+                with tracer.start_as_current_span("handle"):
+                    llm(tracer, usd)
+            finally:
+                context.detach(token)
+
+        request(1, None, 0.2)  # the genuine request spends $0.20 of its $1
+        with pytest.raises(BudgetExceededError) as info:
+            request(2, "0", 0.01)  # forged: refused by its own carried limit
+        assert info.value.budget_usd == 0.0
+        request(3, None, 0.5)  # the trace's own budget is untouched
+        request(4, "0.9", 0.1)  # a carried limit still narrows the check that carries it
+        with pytest.raises(BudgetExceededError):
+            request(5, "0.9", 0.15)  # $0.80 spent + $0.15 > the carried $0.90
+        usage = processor.storage.usage(f"t:{victim:032x}")
+        assert usage is not None and usage.limit == parse_usd(1.0) and usage.spent == parse_usd(0.8)
+    finally:
+        if storage is not None:
+            storage.close()
+        if server is not None:
+            server.stop()

@@ -62,6 +62,7 @@ from otel_budget.report import (
 from otel_budget.settings import FAIL_CLOSED, BudgetSettings
 from otel_budget.steps import Op, Steps, run
 from otel_budget.storage import (
+    UNLIMITED,
     CommitStatus,
     LedgerStorage,
     ReserveStatus,
@@ -246,30 +247,13 @@ class BudgetEngine:
         elif trace_id and not parentless and not settings.scopes:
             # The common case (a call inside a trace, no budget() block, no named scopes),
             # kept allocation-light: it runs on every GenAI span.
-            trace_limit = settings.limit_nanos
-            carried = baggage_limit()
             trace_stats = self.trace_stats(trace_id)
-            if carried is not None and (trace_limit is None or carried < trace_limit):
-                trace_limit = carried
-                if trace_stats is not None and (trace_stats.limit is None or carried < trace_stats.limit):
-                    trace_stats.limit = carried
             stats_tuple = (trace_stats,) if trace_stats is not None else ()
-            if trace_limit is None:
-                return (), stats_tuple, ()
-            key = trace_stats.key if trace_stats is not None else trace_key(trace_id)
-            return (
-                (ScopeLimit(key, trace_limit, True, settings.trace_ttl_seconds),),
-                stats_tuple,
-                (),
-            )
+            spec = self._trace_scope(trace_id, trace_stats)
+            return ((spec,) if spec is not None else ()), stats_tuple, ()
         scopes: list[ScopeLimit] = []
         stats: list[TraceStats] = []
         pause_keys: list[str] = []
-        trace_limit = settings.limit_nanos
-        # A budget carried in baggage (untrusted, strictly parsed) can only lower the limit.
-        carried = baggage_limit()
-        if carried is not None and (trace_limit is None or carried < trace_limit):
-            trace_limit = carried
         if frames:
             ttl = settings.trace_ttl_seconds
             for frame in frames:
@@ -278,10 +262,13 @@ class BudgetEngine:
                 # outlives it stays bounded by the block's limit, on a scope that expires.
                 scopes.append(ScopeLimit(frame.key, frame.limit, True, None if frame.open else ttl))
                 stats.append(frame.stats)
-            if carried is not None and trace_id:
-                scopes.append(ScopeLimit(trace_key(trace_id), carried, True, ttl))
             if trace_id:
                 trace_stats = self.trace_stats(trace_id)
+                carried = baggage_limit()
+                if carried is not None:
+                    scopes.append(ScopeLimit(
+                        trace_key(trace_id), UNLIMITED, True, ttl, cap=carried, evictable=True
+                    ))  # fmt: skip
                 if trace_stats is not None and all(trace_stats is not s for s in stats):
                     stats.append(trace_stats)
         elif parentless or not trace_id:
@@ -294,14 +281,11 @@ class BudgetEngine:
                 if trace_stats is not None:
                     stats.append(trace_stats)
         else:
-            if trace_limit is not None:
-                scopes.append(
-                    ScopeLimit(trace_key(trace_id), trace_limit, True, settings.trace_ttl_seconds)
-                )
             trace_stats = self.trace_stats(trace_id)
+            spec = self._trace_scope(trace_id, trace_stats)
+            if spec is not None:
+                scopes.append(spec)
             if trace_stats is not None:
-                if carried is not None and (trace_stats.limit is None or carried < trace_stats.limit):
-                    trace_stats.limit = carried
                 stats.append(trace_stats)
         if settings.scopes:
             identities = SCOPE_IDENTITIES.get()
@@ -321,6 +305,23 @@ class BudgetEngine:
                 pause_keys.append(base)
                 pause_keys.append(f"{rule.kind}:*")
         return tuple(scopes), tuple(stats), tuple(pause_keys)
+
+    def _trace_scope(self, trace_id: int, trace_stats: TraceStats | None) -> ScopeLimit | None:
+        """The ledger scope of a trace: the configured per-trace limit (trusted: it may only
+        lower a stored limit), narrowed for this one check by a budget carried in baggage
+        (untrusted, strictly parsed: it narrows the check of the requests that carry it, and
+        never rewrites the stored limit another request of the trace sees). Evictable: a
+        trace is the one scope a full in-memory ledger may forget (least recently used)."""
+        limit = self.settings.limit_nanos
+        carried = baggage_limit()
+        if limit is None and carried is None:
+            return None
+        key = trace_stats.key if trace_stats is not None else trace_key(trace_id)
+        cap = carried if carried is not None and (limit is None or carried < limit) else None
+        return ScopeLimit(
+            key, UNLIMITED if limit is None else limit, True, self.settings.trace_ttl_seconds,
+            cap=cap, evictable=True,
+        )  # fmt: skip
 
     def _identity_from(self, attributes: Mapping[str, Any], kind: str, name: str) -> str | None:
         """The identity a span attribute names for a scope rule, validated as ``scope()``
