@@ -33,11 +33,12 @@ from opentelemetry.trace import SpanKind
 
 from otel_budget import attributes as attrs
 from otel_budget.engine import KIND_LLM
-from otel_budget.errors import REASON_UNKNOWN_MODEL, BudgetExceededError
+from otel_budget.errors import REASON_INVALID_REQUEST, REASON_UNKNOWN_MODEL, BudgetExceededError
 from otel_budget.guard import BudgetedCall, begin_call
 from otel_budget.pricing import TokenUsage, UnknownModelError
 from otel_budget.processor import BudgetSpanProcessor, get_active_processor, mark_refused
 from otel_budget.tokens import InputEstimate, bytes_rule
+from otel_budget.tokens import output_limits_are_ints as _int_limits
 
 CAPTURE_CONTENT_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 COST_OUTPUT_CAPPED = "otel_budget.cost.output_capped"
@@ -70,6 +71,12 @@ class LLMRequest:
     stream: bool = False
     attributes: dict[str, Any] = field(default_factory=dict)
     choices: int = 1  # completions requested (OpenAI ``n``): the output cap applies to each
+    # What the request sends (kwargs merged with ``extra_body``), for the output bound; None:
+    # the kwargs given to ``start_call``.
+    params: Mapping[str, Any] | None = None
+    # Writes the cap where it takes effect (``extra_body`` when it carries the key); None:
+    # ``kwargs[output_param] = cap``.
+    write_output: Callable[[dict[str, Any], int], None] | None = None
 
 
 class LLMCall:
@@ -285,7 +292,8 @@ def start_call(
         else:
             from otel_budget.tokens import output_bound
 
-            out_tokens, assumed = output_bound(kwargs, settings.default_max_output_tokens)
+            sent = request.params if request.params is not None else kwargs
+            out_tokens, assumed = output_bound(sent, settings.default_max_output_tokens)
         choices = max(1, request.choices)
         try:
             projected = _quote(
@@ -304,8 +312,12 @@ def start_call(
                 if affordable >= settings.min_output_tokens:
                     cap = min(out_tokens, affordable)
                     span_attributes[COST_OUTPUT_CAPPED] = cap
-            if cap != out_tokens or assumed:
-                kwargs[request.output_param] = cap
+            if cap != out_tokens or assumed or not _int_limits(sent):
+                # (a float or numeric-string limit is replaced by the int cap it rounds up to)
+                if request.write_output is not None:
+                    request.write_output(kwargs, cap)
+                else:
+                    kwargs[request.output_param] = cap
                 out_tokens = cap
                 assumed = False
                 projected = _quote(
@@ -319,9 +331,9 @@ def start_call(
     except BudgetExceededError:
         raise
     except ValueError as exc:
-        # A request we cannot project (a malformed max_tokens, say): the SDK will reject it
-        # too; let it, without reserving, rather than raising a different error.
-        processor.engine.log_once("projection", exc)
+        # A request we cannot project (max_tokens="lots", n=True, ...) is never sent
+        # unreserved: refused, with a message naming the parameter.
+        refusal = _invalid_request_refusal(processor, request, exc)
     except Exception as exc:
         error = processor.engine.internal_error("projection", exc)
         if error is not None:
@@ -351,6 +363,21 @@ def _unknown_model_refusal(
     charge = Charge(None, parent.trace_id, (), 0, KIND_LLM, request.model, request.provider,
                     request.operation, stats)  # fmt: skip
     return processor.engine.refusal(REASON_UNKNOWN_MODEL, charge, None, str(exc))
+
+
+def _invalid_request_refusal(
+    processor: BudgetSpanProcessor, request: LLMRequest, exc: ValueError
+) -> BudgetExceededError:
+    from otel_budget.engine import Charge
+
+    parent = trace.get_current_span().get_span_context()
+    _, stats, _ = processor.engine.scopes_for(
+        parent.trace_id if parent.is_valid else 0, not parent.is_valid, None
+    )
+    charge = Charge(None, parent.trace_id, (), 0, KIND_LLM, request.model, request.provider,
+                    request.operation, stats)  # fmt: skip
+    message = f"otel-budget: refused {request.operation} {request.model}: cannot project its cost: {exc}"
+    return processor.engine.refusal(REASON_INVALID_REQUEST, charge, None, message)
 
 
 def substitute_or_raise(error: BudgetExceededError) -> Any:
