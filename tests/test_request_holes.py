@@ -25,8 +25,7 @@ import pytest
 
 from otel_budget import BudgetExceededError
 from otel_budget.instrumentation.anthropic import AnthropicBudgetInstrumentor
-from otel_budget.instrumentation.openai import OpenAIBudgetInstrumentor
-from otel_budget.instrumentation.openai import history
+from otel_budget.instrumentation.openai import OpenAIBudgetInstrumentor, history
 from otel_budget.testing import FakeLLMServer
 from tests.helpers import ledger, spans_named
 
@@ -137,7 +136,7 @@ def test_numeric_output_limit_under_fail_closed_and_zero_budget_is_refused_in_th
             c.chat.completions.create(model=MINI, messages=MESSAGES, max_tokens=3000.0)
         except BudgetExceededError:
             refused.append(i)
-        except BaseException as exc:  # pragma: no cover - reported below
+        except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=contextvars.copy_context().run, args=(worker, i)) for i in range(32)]

@@ -72,7 +72,7 @@ class RequestParams:
     it never leaks into the next call that reuses the caller's dict.
     """
 
-    __slots__ = ("kwargs", "extra", "params", "_body_key")
+    __slots__ = ("_body_key", "extra", "kwargs", "params")
 
     def __init__(self, kwargs: dict[str, Any], body_key: str = "extra_body") -> None:
         self.kwargs = kwargs

@@ -42,7 +42,7 @@ def remember(response_id: Any, usage: TokenUsage | None) -> None:
         return
     try:
         total = int(usage.input_tokens) + int(usage.output_tokens)
-    except Exception:
+    except (TypeError, ValueError, AttributeError):
         return
     with _lock:
         _contexts[response_id] = max(0, total)
@@ -70,7 +70,7 @@ def context_window(provider: str, model: str) -> int | None:
 
         _, info = data_snapshot.get_snapshot().find_provider_model(model, None, provider, None)
         window = getattr(info, "context_window", None)
-    except Exception:
+    except Exception:  # noqa: BLE001 - no data, or a genai-prices we do not know: no window
         return None
     return window if isinstance(window, int) and window > 0 else None
 

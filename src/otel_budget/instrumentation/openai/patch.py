@@ -50,7 +50,7 @@ from otel_budget.instrumentation._stream import AsyncStreamProxy, SyncStreamProx
 from otel_budget.instrumentation.openai import history
 from otel_budget.pricing import TokenUsage
 from otel_budget.processor import get_active_processor
-from otel_budget.tokens import estimate_input_tokens
+from otel_budget.tokens import InputEstimate, estimate_input_tokens
 
 PROVIDER_OPENAI = "openai"
 PROVIDER_AZURE = "azure.ai.openai"
@@ -363,7 +363,10 @@ def _responses_request(instance: Any, kwargs: dict[str, Any]) -> LLMRequest:
         attributes[history.COST_HISTORY_TOKENS] = stored
     if assumed:
         attributes[history.COST_INPUT_ASSUMED] = True
-    estimate = lambda: estimate_input_tokens(model, input=inp, system=instructions, tools=tools)  # noqa: E731
+
+    def estimate() -> InputEstimate:
+        return estimate_input_tokens(model, input=inp, system=instructions, tools=tools)
+
     return LLMRequest(
         provider=provider, operation=attrs.OP_CHAT, model=model,
         estimate=with_history(estimate, stored), output_param="max_output_tokens",
