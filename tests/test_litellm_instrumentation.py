@@ -238,6 +238,66 @@ def test_max_completion_tokens_is_the_bound_when_the_caller_used_it(
     assert "max_tokens" not in fake.last_call.body or fake.last_call.body["max_tokens"] == 33
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"extra_body": {"max_tokens": 3000}},
+        {"max_tokens": 300, "extra_body": {"n": 8}},
+        {"max_tokens": 3000.0},
+        {"max_tokens": "3000"},
+    ],
+)
+def test_what_the_request_sends_enters_the_projection_and_the_cap(
+    make_processor: Any, fake: FakeLLMServer, instrumented: Any, extra: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    make_processor()
+    monkeypatch.setattr(fake, "default_output_tokens", 5000)  # the module's server: restored
+    limit = 0.01
+    body = dict(extra.get("extra_body", {}))
+    calls = 0
+    with pytest.raises(BudgetExceededError) as info, budget(max_usd=limit) as run:
+        for n in range(40):
+            messages = [{"role": "user", "content": f"call {n}"}]
+            litellm.completion(**_chat_kwargs(fake, messages=messages, **extra))
+            calls += 1
+    assert info.value.reason == "limit"
+    assert extra.get("extra_body", {}) == body  # the caller's dict was not changed
+    stats = fake.stats()
+    assert stats["errors"] == 0 and stats["billed_requests"] == calls >= 1
+    assert stats["billed_nanos"] <= _nanos(limit)
+    assert _nanos(run.report().total_usd) == stats["billed_nanos"]
+
+
+def test_generator_messages_are_projected_and_sent(
+    make_processor: Any, fake: FakeLLMServer, instrumented: Any
+) -> None:
+    make_processor()
+    text = " ".join(str(i) for i in range(30_000))  # ~43k billed tokens
+    limit = 0.05
+    calls = 0
+    with pytest.raises(BudgetExceededError), budget(max_usd=limit) as run:
+        for n in range(40):
+            messages = ({"role": "user", "content": f"{n} {text}"} for _ in range(1))
+            litellm.completion(**_chat_kwargs(fake, messages=messages, max_tokens=50))
+            calls += 1
+    stats = fake.stats()
+    assert calls >= 1 and all(r.input_tokens > 40_000 for r in fake.calls())
+    assert stats["billed_nanos"] <= _nanos(limit)
+    assert _nanos(run.report().total_usd) == stats["billed_nanos"]
+
+
+@pytest.mark.parametrize("extra", [{"max_tokens": "lots"}, {"max_tokens": 50, "n": True}])
+def test_unprojectable_request_is_refused_as_invalid(
+    make_processor: Any, fake: FakeLLMServer, instrumented: Any, extra: dict[str, Any]
+) -> None:
+    make_processor(max_usd=1)
+    with pytest.raises(BudgetExceededError) as info:
+        litellm.completion(**_chat_kwargs(fake, **extra))
+    assert info.value.reason == "invalid_request"
+    assert fake.stats()["requests"] == 0
+
+
 def test_provider_error_releases_the_reservation(
     make_processor: Any, exporter: Any, fake: FakeLLMServer, instrumented: Any
 ) -> None:

@@ -48,6 +48,7 @@ from otel_budget.tokens import (
     ensure_tiktoken_offline,
     estimate_input_tokens,
     output_bound,
+    output_limits_are_ints,
     strict_bound,
 )
 
@@ -1366,9 +1367,12 @@ def test_output_bound_accepts_integral_types() -> None:
     [
         ({"max_tokens": True}, "max_tokens"),
         ({"max_tokens": -1}, "max_tokens"),
-        ({"max_completion_tokens": 1.5}, "max_completion_tokens"),
-        ({"max_completion_tokens": 100.0}, "max_completion_tokens"),
-        ({"max_output_tokens": "100"}, "max_output_tokens"),
+        ({"max_completion_tokens": float("nan")}, "max_completion_tokens"),
+        ({"max_completion_tokens": float("inf")}, "max_completion_tokens"),
+        ({"max_output_tokens": "lots"}, "max_output_tokens"),
+        ({"max_output_tokens": "-5"}, "max_output_tokens"),
+        ({"max_output_tokens": "1e3"}, "max_output_tokens"),
+        ({"max_tokens": -0.5}, "max_tokens"),
         ({"max_tokens": [100]}, "max_tokens"),
         ({"generation_config": {"max_output_tokens": -5}}, "generation_config.max_output_tokens"),
         ({"max_tokens": 100, "max_completion_tokens": False}, "max_completion_tokens"),
@@ -1377,6 +1381,17 @@ def test_output_bound_accepts_integral_types() -> None:
 def test_output_bound_rejects_bad_values(params: dict[str, Any], key: str) -> None:
     with pytest.raises(ValueError, match=re.escape(key)):
         output_bound(params, 4096)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(100.0, 100), (1.5, 2), ("3000", 3000), (" 3000 ", 3000), ("12.25", 13), (0.0, 0)],
+)
+def test_output_bound_follows_numeric_values_rounded_up(value: Any, expected: int) -> None:
+    # The SDKs send a float or a numeric string as it is: project what a lenient server reads.
+    assert output_bound({"max_tokens": value}, 4096) == (expected, False)
+    assert not output_limits_are_ints({"max_tokens": value})
+    assert output_limits_are_ints({"max_tokens": expected}) and output_limits_are_ints({})
 
 
 @pytest.mark.parametrize("default", [-1, True, 2.0, None])

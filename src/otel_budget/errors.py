@@ -23,7 +23,8 @@ REASON_LIMIT = "limit"  # the projected cost does not fit in the remaining budge
 REASON_PAUSED = "paused"  # a kill switch is on for the scope or globally
 REASON_UNKNOWN_MODEL = "unknown_model"  # no price and the unknown-model policy is "block"
 REASON_INTERNAL_ERROR = "internal_error"  # failure_policy="fail_closed" and otel-budget failed
-REASON_INVALID_REQUEST = "invalid_request"  # the request cannot be projected (never sent unmetered)
+# A parameter the cost depends on is not a number we can project (max_tokens="lots", n=True).
+REASON_INVALID_REQUEST = "invalid_request"
 
 
 class BudgetExceededError(Exception):

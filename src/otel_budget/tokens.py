@@ -42,6 +42,7 @@ import hashlib
 import importlib
 import json
 import logging
+import math
 import numbers
 import os
 import re
@@ -60,6 +61,7 @@ __all__ = [
     "ensure_tiktoken_offline",
     "estimate_input_tokens",
     "output_bound",
+    "output_limits_are_ints",
     "strict_bound",
 ]
 
@@ -832,29 +834,62 @@ def _output_values(params: Any, where: str) -> list[tuple[str, Any]]:
     return found
 
 
+_NUMERIC_TEXT = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+
+
+def _limit(key: str, value: Any) -> int:
+    """One output limit as the tokens it allows: an int as it is, a finite non-negative
+    float or numeric ASCII string rounded up (the SDKs send those as they are, and lenient
+    servers read them as numbers). Anything else raises ``ValueError`` naming ``key``."""
+    # Integral admits numpy ints; bool is an int subclass but ``max_tokens=True`` is a bug.
+    if isinstance(value, bool):
+        raise ValueError(f"{key} must be a number of tokens, got {value!r}")
+    if isinstance(value, numbers.Integral):
+        if value < 0:
+            raise ValueError(f"{key} must not be negative, got {value!r}")
+        return int(value)
+    number: float | None = None
+    if isinstance(value, numbers.Real):
+        number = float(value)
+    elif isinstance(value, str) and _NUMERIC_TEXT.fullmatch(value.strip()):
+        number = float(value.strip())
+    if number is None or not math.isfinite(number):
+        raise ValueError(f"{key} must be a number of tokens, got {value!r}")
+    if number < 0:
+        raise ValueError(f"{key} must not be negative, got {value!r}")
+    return math.ceil(number)
+
+
+def _output_limits(params: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    found = _output_values(params, "")
+    for container in _OUTPUT_CONTAINERS:
+        nested = params.get(container) if isinstance(params, Mapping) else None
+        if not _is_absent(nested):
+            found.extend(_output_values(nested, f"{container}."))
+    return found
+
+
 def output_bound(params: Mapping[str, Any], default: int) -> tuple[int, bool]:
     """``(max output tokens, assumed)`` for a request's parameters.
 
     Reads ``max_completion_tokens`` / ``max_tokens`` / ``max_output_tokens`` (and Gemini's
     ``generation_config.max_output_tokens`` / ``maxOutputTokens``, google-genai ``config``,
     Bedrock ``inferenceConfig.maxTokens``). When none is set, returns ``(default, True)``.
-    A bool, negative, non-integer or non-numeric value raises ``ValueError``: a typo in the
-    limit must not silently become the default.
+    A float or numeric string (``3000.0``, ``"3000"``) counts as the tokens it allows, rounded
+    up. A bool, negative, NaN, infinite or non-numeric value raises ``ValueError`` naming the
+    parameter: a typo in the limit must not silently become the default.
     """
     default = _check_count(default, "default max output tokens")
-    found = _output_values(params, "")
-    for container in _OUTPUT_CONTAINERS:
-        nested = params.get(container) if isinstance(params, Mapping) else None
-        if not _is_absent(nested):
-            found.extend(_output_values(nested, f"{container}."))
+    found = _output_limits(params)
     if not found:
         return default, True
-    bound = 0
-    for key, value in found:
-        # Integral admits numpy ints; bool is an int subclass but ``max_tokens=True`` is a bug.
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise ValueError(f"{key} must be an int number of tokens, got {value!r}")
-        if value < 0:
-            raise ValueError(f"{key} must not be negative, got {value!r}")
-        bound = max(bound, int(value))
-    return bound, False
+    return max(_limit(key, value) for key, value in found), False
+
+
+def output_limits_are_ints(params: Mapping[str, Any]) -> bool:
+    """True when every output limit ``params`` carries is an int (or there is none): a
+    float or numeric string limit is one an enforced cap should replace with an int."""
+    return all(
+        isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        for _, value in _output_limits(params)
+    )

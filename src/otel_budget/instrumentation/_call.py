@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +44,7 @@ from otel_budget.pricing import TokenUsage, UnknownModelError
 from otel_budget.runtime import BudgetRuntime
 from otel_budget.steps import Steps, arun, run
 from otel_budget.tokens import InputEstimate, bytes_rule, output_bound
+from otel_budget.tokens import output_limits_are_ints as _int_limits
 
 CAPTURE_CONTENT_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 COST_OUTPUT_CAPPED = "otel_budget.cost.output_capped"
@@ -73,6 +74,12 @@ class LLMRequest:
     stream: bool = False
     attributes: dict[str, Any] = field(default_factory=dict)
     choices: int = 1  # completions requested (OpenAI ``n``): the output cap applies to each
+    # What the request sends (kwargs merged with ``extra_body``), for the output bound; None:
+    # the kwargs given to ``start_call``.
+    params: Mapping[str, Any] | None = None
+    # Writes the cap where it takes effect (``extra_body`` when it carries the key); None:
+    # ``kwargs[output_param] = cap``.
+    write_output: Callable[[dict[str, Any], int], None] | None = None
 
 
 class LLMCall:
@@ -303,11 +310,12 @@ def start_steps(
     out_tokens, assumed = 0, False
     choices = max(1, request.choices)
     capping = False
+    sent: Mapping[str, Any] = request.params if request.params is not None else kwargs
     try:
         estimate = request.estimate()
         span_attributes[attrs.COST_INPUT_ESTIMATED] = estimate.method
         if request.output_param is not None:
-            out_tokens, assumed = output_bound(kwargs, settings.default_max_output_tokens)
+            out_tokens, assumed = output_bound(sent, settings.default_max_output_tokens)
         capping = request.output_param is not None and settings.cap_output_tokens
         try:
             maximum = _quote(runtime, request, estimate.tokens, out_tokens * choices).nanos
@@ -319,7 +327,8 @@ def start_steps(
         except UnknownModelError as exc:
             refusal = _unknown_model_refusal(runtime, request, exc)
     except ValueError as exc:
-        # A request we cannot project (a malformed max_tokens, say) is never sent unmetered.
+        # A request we cannot project (max_tokens="lots", n=True, ...) is never sent
+        # unreserved: refused, with a message naming the parameter.
         refusal = _invalid_request_refusal(runtime, request, exc)
     except Exception as exc:
         refusal = runtime.engine.internal_error("projection", exc)
@@ -348,9 +357,13 @@ def start_steps(
                 cap -= 1
                 projected = _quote(runtime, request, estimate.tokens, cap * choices).nanos
             late[COST_OUTPUT_CAPPED] = cap
-        if cap != out_tokens or assumed:
-            # The cap is what the request now carries: it was injected or lowered.
-            kwargs[request.output_param] = cap
+        if cap != out_tokens or assumed or not _int_limits(sent):
+            # The cap is what the request now carries: injected, lowered, or the int a float
+            # or numeric-string limit rounds up to; written where it takes effect.
+            if request.write_output is not None:
+                request.write_output(kwargs, cap)
+            else:
+                kwargs[request.output_param] = cap
             late[attrs.GEN_AI_REQUEST_MAX_TOKENS] = cap
         return projected
 
@@ -415,7 +428,7 @@ def _invalid_request_refusal(
     charge = _scopeless_charge(runtime, request)
     return runtime.engine.refusal(
         REASON_INVALID_REQUEST, charge, None,
-        f"otel-budget cannot project this {request.model} request, so it is not sent: {exc}",
+        f"otel-budget: refused {request.operation} {request.model}: cannot project its cost: {exc}",
     )  # fmt: skip
 
 

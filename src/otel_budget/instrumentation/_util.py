@@ -3,6 +3,8 @@
     usage = get(response, "usage")                  # works on a pydantic model or a dict
     tokens = nonneg_int(get(usage, "prompt_tokens"))
     params = given(kwargs)                          # without the SDKs' omit/NOT_GIVEN
+    sent = RequestParams(kwargs)                    # what the request sends, extra_body merged
+    sent.materialise("messages", "tools")           # one-shot iterators become lists, once
 
 ``ChatChunkAccumulator`` reads OpenAI-compatible chat stream chunks (the openai SDK's and
 LiteLLM's), for the stream proxies.
@@ -11,11 +13,13 @@ LiteLLM's), for the stream proxies.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from otel_budget import attributes as attrs
 from otel_budget.pricing import TokenUsage
+from otel_budget.tokens import InputEstimate
+from otel_budget.tokens import _limit as _count
 
 _SENTINELS = ("Omit", "NotGiven")
 
@@ -28,6 +32,143 @@ def given(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 def is_given(value: Any) -> bool:
     return value is not None and type(value).__name__ not in _SENTINELS
+
+
+# -- what a request sends -------------------------------------------------------------------
+OUTPUT_KEYS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+_MATERIALISE_DEPTH = 8
+
+
+def materialised(value: Any, depth: int = 0) -> Any:
+    """``value`` with every one-shot iterator in it (a generator of messages, a content
+    generator inside a message dict) turned into a list; the same object when there is none.
+    Containers holding one are copied, never changed in place (they are the caller's)."""
+    if depth > _MATERIALISE_DEPTH or isinstance(value, (str, bytes, bytearray)):
+        return value
+    if isinstance(value, Iterator):
+        value = list(value)
+        items = [materialised(v, depth + 1) for v in value]
+        return items if any(a is not b for a, b in zip(items, value)) else value
+    if isinstance(value, (list, tuple)):
+        items = [materialised(v, depth + 1) for v in value]
+        if any(a is not b for a, b in zip(items, value)):
+            return items if isinstance(value, list) else tuple(items)
+        return value
+    if type(value) is dict:
+        changed = {k: materialised(v, depth + 1) for k, v in value.items()}
+        return changed if any(changed[k] is not v for k, v in value.items()) else value
+    return value
+
+
+class RequestParams:
+    """What a request sends: the SDK call's kwargs with ``extra_body`` merged over them, as the
+    openai and anthropic SDKs (and litellm, which hands it to them) merge it into the JSON body.
+
+        sent = RequestParams(kwargs)
+        sent.get("max_tokens")          # extra_body={"max_tokens": 3000} wins over the kwarg
+        sent.set("max_tokens", 300)     # written where it takes effect
+
+    The caller's ``extra_body`` dict is replaced in ``kwargs`` by a copy: a cap written into
+    it never leaks into the next call that reuses the caller's dict.
+    """
+
+    __slots__ = ("_body_key", "extra", "kwargs", "params")
+
+    def __init__(self, kwargs: dict[str, Any], body_key: str = "extra_body") -> None:
+        self.kwargs = kwargs
+        self._body_key = body_key
+        extra = kwargs.get(body_key)
+        if isinstance(extra, Mapping):
+            extra = dict(extra)
+            kwargs[body_key] = extra
+        else:
+            extra = None
+        self.extra: dict[str, Any] | None = extra
+        self.params: dict[str, Any] = given(kwargs)
+        if extra:
+            self.params.update((k, v) for k, v in extra.items() if type(v).__name__ not in _SENTINELS)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.params.get(key, default)
+
+    def set(self, key: str, value: Any) -> None:
+        """Write ``key`` where the request sends it from: ``extra_body`` when it carries the
+        key, and the kwargs when they do (both, so they agree); the kwargs otherwise."""
+        written = False
+        if self.extra is not None and key in self.extra:
+            self.extra[key] = value
+            written = True
+        if not written or is_given(self.kwargs.get(key)):
+            self.kwargs[key] = value
+        self.params[key] = value
+
+    def materialise(self, *keys: str) -> None:
+        """Turn one-shot iterators under ``keys`` into lists, written back, so the SDK sends
+        exactly what was projected (a generator read by the projection would be sent empty)."""
+        for key in keys:
+            value = self.params.get(key)
+            if value is None:
+                continue
+            new = materialised(value)
+            if new is not value:
+                self.set(key, new)
+
+    def output_writer(self, output_param: str) -> Callable[[dict[str, Any], int], None]:
+        """For ``LLMRequest.write_output``: the cap replaces every output limit the request
+        carries (where it carries it), or goes in as ``output_param`` when it carries none."""
+
+        def write(kwargs: dict[str, Any], cap: int) -> None:
+            if kwargs is not self.kwargs:  # another body (a re-entered stream manager)
+                kwargs[output_param] = cap
+                return
+            present = [k for k in OUTPUT_KEYS if self.params.get(k) is not None]
+            for key in present or [output_param]:
+                self.set(key, cap)
+
+        return write
+
+
+def count_param(params: Mapping[str, Any], *names: str) -> tuple[int, str | None]:
+    """``(n, problem)``: how many completions a request generates (OpenAI ``n``, legacy
+    ``best_of``: each may use the whole output cap, each is billed), at least 1. A float or
+    numeric string counts rounded up; a value that is no count (``n=True``, ``"eight"``) gives
+    a problem to refuse the call with (see ``refuse_if``)."""
+    n = 1
+    for name in names:
+        value = params.get(name)
+        if not is_given(value):
+            continue
+        try:
+            n = max(n, _count(name, value))
+        except ValueError as exc:
+            return 1, str(exc)
+    return n, None
+
+
+def refuse_if(problem: str | None, estimate: Callable[[], InputEstimate]) -> Callable[[], InputEstimate]:
+    """An ``LLMRequest.estimate`` that raises ``ValueError(problem)`` when the reader found a
+    parameter it cannot project: ``start_call`` refuses the call (``invalid_request``)."""
+    if problem is None:
+        return estimate
+
+    def refuse() -> InputEstimate:
+        raise ValueError(problem)
+
+    return refuse
+
+
+def with_history(
+    estimate: Callable[[], InputEstimate], extra_tokens: int
+) -> Callable[[], InputEstimate]:
+    """``estimate`` plus input tokens the request does not carry (a stored history)."""
+    if extra_tokens <= 0:
+        return estimate
+
+    def total() -> InputEstimate:
+        base = estimate()
+        return InputEstimate(base.tokens + extra_tokens, base.method)
+
+    return total
 
 
 def get(obj: Any, name: str) -> Any:

@@ -25,6 +25,8 @@ Endpoints (the ``/v1`` prefix is optional for the OpenAI ones):
   ``response.output_item.added``, ``response.content_part.added``,
   ``response.output_text.delta``..., ``...done``, then ``response.completed``, or
   ``response.incomplete`` when ``max_output_tokens`` cut the output, as the real API does).
+  ``previous_response_id`` bills that response's context (its input + output tokens) again
+  as input, as the real API does; an id it did not answer is a 400.
 * ``POST /v1/embeddings`` (float lists, or base64 as the SDK asks by default),
   ``POST /v1/completions`` (legacy), ``GET /v1/models``.
 * ``POST /v1/messages`` (Anthropic): JSON, or the real SSE event sequence (``message_start``,
@@ -78,7 +80,7 @@ import struct
 import sys
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, Decimal
@@ -454,6 +456,9 @@ class FakeLLMServer:
         self.default_retry_after_s = 0.05
         self.default_behaviour: Behaviour | None = None
         self.max_call_log = 10_000
+        #: Responses ids -> their context (input + output tokens), billed again as input by a
+        #: request that names it as ``previous_response_id`` (most recent kept).
+        self._response_contexts: OrderedDict[str, int] = OrderedDict()
 
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
@@ -775,6 +780,13 @@ class FakeLLMServer:
         counted = (
             beh.input_tokens if beh.input_tokens is not None else count_input_tokens(body, api)
         )
+        previous = body.get("previous_response_id") if api == "responses" else None
+        if previous is not None and beh.input_tokens is None:
+            with self._lock:
+                stored = self._response_contexts.get(previous) if isinstance(previous, str) else None
+            if stored is None:
+                raise _BadRequest(f"Previous response with id '{previous}' not found.")
+            counted += stored  # the stored conversation is input again, as the real API bills it
         plan = _Plan(
             model=beh.response_model or model,
             input=max(0, counted),
@@ -929,6 +941,10 @@ class FakeLLMServer:
 
     def _render_responses(self, body: Mapping[str, Any], plan: _Plan, beh: Behaviour, rid: int):
         resp_id, msg_id = f"resp_fake{rid:08d}", f"msg_fake{rid:08d}"
+        with self._lock:
+            self._response_contexts[resp_id] = plan.total_input + plan.output
+            while len(self._response_contexts) > self.max_call_log:
+                self._response_contexts.popitem(last=False)
         created = int(time.time())
         text_cfg = (
             body.get("text")

@@ -50,10 +50,10 @@ from otel_budget.instrumentation._call import (
     start_call,
     substitute_or_raise,
 )
+from otel_budget.instrumentation._util import RequestParams
 from otel_budget.instrumentation._util import content_attribute as _content_attribute
 from otel_budget.instrumentation._util import response_attributes
 from otel_budget.instrumentation._util import get as _get
-from otel_budget.instrumentation._util import given as _given
 from otel_budget.instrumentation._util import nonneg_int as _int
 from otel_budget.instrumentation._stream import AsyncStreamProxy, SyncStreamProxy
 from otel_budget.pricing import TokenUsage
@@ -278,8 +278,12 @@ class MessagesAccumulator:
 
 # -- request reader --------------------------------------------------------------------------
 def messages_request(instance: Any, kwargs: dict[str, Any], stream: bool | None = None) -> LLMRequest:
-    """What a Messages call (``create``/``parse``/``stream``, GA or beta) asks for."""
-    params = _given(kwargs)
+    """What a Messages call (``create``/``parse``/``stream``, GA or beta) sends: the kwargs
+    with ``extra_body`` merged over them (the SDK merges it into the JSON body), one-shot
+    iterators (a generator of messages) materialised into lists first, written back."""
+    sent = RequestParams(kwargs)
+    sent.materialise("messages", "system", "tools")
+    params = sent.params
     provider, host, port = _client_info(instance)
     model = str(params.get("model") or "unknown")
     messages = params.get("messages")
@@ -305,42 +309,49 @@ def messages_request(instance: Any, kwargs: dict[str, Any], stream: bool | None 
         provider=provider, operation=attrs.OP_CHAT, model=model,
         estimate=lambda: estimate_input_tokens(model, messages=messages, system=system, tools=tools),
         output_param="max_tokens", server_address=host, server_port=port,
-        stream=streaming, attributes=attributes,
+        stream=streaming, attributes=attributes, params=params,
+        write_output=sent.output_writer("max_tokens"),
     )  # fmt: skip
 
 
 _MIN_THINKING_BUDGET = 1024  # Anthropic's minimum thinking.budget_tokens
 
 
-def _fit_thinking(asked: Any, kwargs: dict[str, Any]) -> None:
+def _fit_thinking(request: LLMRequest, asked: Any, kwargs: dict[str, Any]) -> None:
     """Keep extended thinking valid under a lowered ``max_tokens``: ``thinking.budget_tokens``
     counts inside ``max_tokens`` and must stay below it, so when the budget lowered the cap
     under it, the thinking budget is lowered too (when the cap is too small for the API's
     minimum, the request is left for the API to reject: nothing is billed and the
-    reservation is released)."""
-    cap = kwargs.get("max_tokens")
-    thinking = kwargs.get("thinking")
+    reservation is released). Reads what is sent (extra_body wins)."""
+    sent = RequestParams(kwargs)
+    cap = sent.get("max_tokens")
+    thinking = sent.get("thinking")
     if cap != asked and isinstance(cap, int) and isinstance(thinking, dict):
         budget = thinking.get("budget_tokens")
         if isinstance(budget, int) and budget >= cap and cap - 1 >= _MIN_THINKING_BUDGET:
-            kwargs["thinking"] = {**thinking, "budget_tokens": cap - 1}  # the caller's dict is kept
+            sent.set("thinking", {**thinking, "budget_tokens": cap - 1})  # the caller's dict is kept
+
+
+def _asked(request: LLMRequest, kwargs: dict[str, Any]) -> Any:
+    # (extra_body wins, as in the body sent; the reader replaced it with our copy)
+    return (request.params if request.params is not None else kwargs).get("max_tokens")
 
 
 def _start(
     tracer: trace.Tracer, runtime: BudgetRuntime | None, request: LLMRequest, kwargs: dict[str, Any]
 ) -> LLMCall:
-    asked = kwargs.get("max_tokens")
+    asked = _asked(request, kwargs)
     call = start_call(tracer, request, kwargs, runtime=runtime)
-    _fit_thinking(asked, kwargs)
+    _fit_thinking(request, asked, kwargs)
     return call
 
 
 async def _astart(
     tracer: trace.Tracer, runtime: BudgetRuntime | None, request: LLMRequest, kwargs: dict[str, Any]
 ) -> LLMCall:
-    asked = kwargs.get("max_tokens")
+    asked = _asked(request, kwargs)
     call = await astart_call(tracer, request, kwargs, runtime=runtime)
-    _fit_thinking(asked, kwargs)
+    _fit_thinking(request, asked, kwargs)
     return call
 
 

@@ -34,6 +34,9 @@ from otel_budget.instrumentation._call import (
 )
 from otel_budget.instrumentation._util import (
     ChatChunkAccumulator,
+    RequestParams,
+    count_param,
+    refuse_if,
     request_attributes,
     response_attributes,
 )
@@ -182,32 +185,44 @@ def _sync_output_caps(request: LLMRequest, params: dict[str, Any]) -> None:
 
 
 # -- request readers -------------------------------------------------------------------------
+# What the request sends: litellm's kwargs with ``extra_body`` merged over them (litellm hands
+# it to the provider SDK, which merges it into the JSON body); one-shot iterators materialised
+# into lists, written back, then projected.
 def _chat_request(params: dict[str, Any]) -> LLMRequest:
-    provider, model, _ = resolve_provider(params.get("model"), params.get("custom_llm_provider"))
-    host, port = _server(params)
-    messages = params.get("messages")
-    tools = params.get("tools") or params.get("functions")
-    attributes = _common_attributes(params)
+    sent = RequestParams(params)
+    sent.materialise("messages", "tools", "functions")
+    merged = sent.params
+    provider, model, _ = resolve_provider(merged.get("model"), merged.get("custom_llm_provider"))
+    host, port = _server(merged)
+    messages = merged.get("messages")
+    tools = merged.get("tools") or merged.get("functions")
+    attributes = _common_attributes(merged)
     if capture_content() and messages is not None:
         attributes["gen_ai.input.messages"] = _content_attribute(messages)
-    tier = params.get("service_tier")
+    tier = merged.get("service_tier")
+    choices, problem = count_param(merged, "n")
+    output_param = _output_param(merged)
     return LLMRequest(
         provider=provider, operation=attrs.OP_CHAT, model=model,
-        estimate=lambda: estimate_input_tokens(model, messages=messages, tools=tools),
-        output_param=_output_param(params), server_address=host, server_port=port,
+        estimate=refuse_if(problem, lambda: estimate_input_tokens(model, messages=messages, tools=tools)),
+        output_param=output_param, server_address=host, server_port=port,
         service_tier=tier if isinstance(tier, str) and tier != "auto" else None,
-        stream=params.get("stream") is True, attributes=attributes,
+        stream=merged.get("stream") is True, attributes=attributes, choices=choices,
+        params=merged, write_output=sent.output_writer(output_param),
     )  # fmt: skip
 
 
 def _embeddings_request(params: dict[str, Any]) -> LLMRequest:
-    provider, model, _ = resolve_provider(params.get("model"), params.get("custom_llm_provider"))
-    host, port = _server(params)
-    inp = params.get("input")
+    sent = RequestParams(params)
+    sent.materialise("input")
+    merged = sent.params
+    provider, model, _ = resolve_provider(merged.get("model"), merged.get("custom_llm_provider"))
+    host, port = _server(merged)
+    inp = merged.get("input")
     return LLMRequest(
         provider=provider, operation=attrs.OP_EMBEDDINGS, model=model,
         estimate=lambda: estimate_input_tokens(model, input=inp), output_param=None,
-        server_address=host, server_port=port,
+        server_address=host, server_port=port, params=merged,
     )  # fmt: skip
 
 

@@ -36,18 +36,22 @@ from otel_budget.instrumentation._call import (
 )
 from otel_budget.instrumentation._util import (
     ChatChunkAccumulator,
+    RequestParams,
+    count_param,
+    refuse_if,
     request_attributes,
     response_attributes,
+    with_history,
 )
 from otel_budget.instrumentation._util import content_attribute as _content_attribute
 from otel_budget.instrumentation._util import get as _get
-from otel_budget.instrumentation._util import given as _given
 from otel_budget.instrumentation._util import nonneg_int as _int
 from otel_budget.instrumentation._util import usage_only as _usage_only
 from otel_budget.instrumentation._stream import AsyncStreamProxy, SyncStreamProxy
+from otel_budget.instrumentation.openai import history
 from otel_budget.pricing import TokenUsage
 from otel_budget.runtime import BudgetRuntime, RuntimeSource
-from otel_budget.tokens import estimate_input_tokens
+from otel_budget.tokens import InputEstimate, estimate_input_tokens
 
 PROVIDER_OPENAI = "openai"
 PROVIDER_AZURE = "azure.ai.openai"
@@ -91,10 +95,10 @@ def _common_attributes(params: dict[str, Any]) -> dict[str, Any]:
     return request_attributes(params, _REQUEST_ATTRIBUTES)
 
 
-def _choices(params: dict[str, Any], *names: str) -> int:
+def _choices(params: dict[str, Any], *names: str) -> tuple[int, str | None]:
     """How many completions the request generates (``n``, legacy ``best_of``): each may use
-    the whole output cap, and each is billed."""
-    return max([1, *(_int(params.get(name)) for name in names)])
+    the whole output cap, and each is billed. ``(1, problem)`` for a value that is no count."""
+    return count_param(params, *names)
 
 
 def chat_usage(usage: Any) -> TokenUsage | None:
@@ -180,6 +184,7 @@ class ResponsesAccumulator:
             usage = _get(response, "usage")
             if usage is not None:
                 self.usage = responses_usage(usage)
+                history.remember(self._id, self.usage)  # its context, for previous_response_id
 
     def text(self) -> str:
         return "".join(self._parts)
@@ -303,8 +308,19 @@ def _accumulator(kind: str) -> Any:
 
 
 # -- request readers -------------------------------------------------------------------------
+# Each reads what the request *sends*: the kwargs with ``extra_body`` merged over them (the SDK
+# merges it into the JSON body, so ``extra_body={"n": 8}`` generates 8 choices). One-shot
+# iterators (a generator of messages) are materialised into lists, written back, then
+# projected. The cap goes where it takes effect (``RequestParams.output_writer``).
+def _tier(sent: RequestParams) -> str | None:
+    tier = sent.get("service_tier")
+    return tier if isinstance(tier, str) and tier != "auto" else None
+
+
 def _chat_request(instance: Any, kwargs: dict[str, Any]) -> LLMRequest:
-    params = _given(kwargs)
+    sent = RequestParams(kwargs)
+    sent.materialise("messages", "tools", "functions")
+    params = sent.params
     provider, host, port = _client_info(instance)
     model = str(params.get("model") or "unknown")
     # An explicit None (frameworks pass every parameter) is as good as absent: injecting a
@@ -316,21 +332,24 @@ def _chat_request(instance: Any, kwargs: dict[str, Any]) -> LLMRequest:
     else:
         output_param = "max_tokens"  # what OpenAI-compatible servers (vLLM, ...) understand
     messages = params.get("messages")
-    tools = params.get("tools")
+    tools = params.get("tools") or params.get("functions")
     attributes = _common_attributes(params)
     if capture_content() and messages is not None:
         attributes["gen_ai.input.messages"] = _content_attribute(messages)
+    choices, problem = _choices(params, "n")
     return LLMRequest(
         provider=provider, operation=attrs.OP_CHAT, model=model,
-        estimate=lambda: estimate_input_tokens(model, messages=messages, tools=tools),
+        estimate=refuse_if(problem, lambda: estimate_input_tokens(model, messages=messages, tools=tools)),
         output_param=output_param, server_address=host, server_port=port,
-        service_tier=params.get("service_tier") if params.get("service_tier") != "auto" else None,
-        stream=bool(params.get("stream")), attributes=attributes, choices=_choices(params, "n"),
+        service_tier=_tier(sent), stream=bool(params.get("stream")), attributes=attributes,
+        choices=choices, params=params, write_output=sent.output_writer(output_param),
     )  # fmt: skip
 
 
 def _responses_request(instance: Any, kwargs: dict[str, Any]) -> LLMRequest:
-    params = _given(kwargs)
+    sent = RequestParams(kwargs)
+    sent.materialise("input", "tools")
+    params = sent.params
     provider, host, port = _client_info(instance)
     model = str(params.get("model") or "unknown")
     inp = params.get("input")
@@ -339,12 +358,22 @@ def _responses_request(instance: Any, kwargs: dict[str, Any]) -> LLMRequest:
     attributes = _common_attributes(params)
     if capture_content() and inp is not None:
         attributes["gen_ai.input.messages"] = _content_attribute(inp)
+    # previous_response_id / conversation: the provider bills the stored history as input.
+    stored, assumed = history.history_tokens(provider, model, params)
+    if stored:
+        attributes[history.COST_HISTORY_TOKENS] = stored
+    if assumed:
+        attributes[history.COST_INPUT_ASSUMED] = True
+
+    def estimate() -> InputEstimate:
+        return estimate_input_tokens(model, input=inp, system=instructions, tools=tools)
+
     return LLMRequest(
         provider=provider, operation=attrs.OP_CHAT, model=model,
-        estimate=lambda: estimate_input_tokens(model, input=inp, system=instructions, tools=tools),
-        output_param="max_output_tokens", server_address=host, server_port=port,
-        service_tier=params.get("service_tier") if params.get("service_tier") != "auto" else None,
-        stream=bool(params.get("stream")), attributes=attributes,
+        estimate=with_history(estimate, stored), output_param="max_output_tokens",
+        server_address=host, server_port=port, service_tier=_tier(sent),
+        stream=bool(params.get("stream")), attributes=attributes, params=params,
+        write_output=sent.output_writer("max_output_tokens"),
     )  # fmt: skip
 
 
@@ -353,36 +382,41 @@ _LEGACY_DEFAULT_MAX_TOKENS = 16  # what the completions API generates when max_t
 
 def _completions_request(instance: Any, kwargs: dict[str, Any]) -> LLMRequest:
     """Legacy ``completions.create`` (gpt-3.5-turbo-instruct, OpenAI-compatible servers)."""
-    params = _given(kwargs)
+    sent = RequestParams(kwargs)
+    sent.materialise("prompt")
+    params = sent.params
     provider, host, port = _client_info(instance)
     model = str(params.get("model") or "unknown")
     if params.get("max_tokens") is None:
         # Absent means 16 here, not "up to the model's limit": send that default explicitly, so
         # the bound is exact and the configured default cap does not lengthen the answer.
-        kwargs["max_tokens"] = _LEGACY_DEFAULT_MAX_TOKENS
+        sent.set("max_tokens", _LEGACY_DEFAULT_MAX_TOKENS)
     prompt = params.get("prompt")
     attributes = _common_attributes(params)
     if capture_content() and prompt is not None:
         attributes["gen_ai.input.messages"] = _content_attribute(prompt)
+    # best_of: generated (and billed) server-side
+    choices, problem = _choices(params, "n", "best_of")
     return LLMRequest(
         provider=provider, operation=attrs.OP_TEXT_COMPLETION, model=model,
-        estimate=lambda: estimate_input_tokens(model, prompt=prompt), output_param="max_tokens",
-        server_address=host, server_port=port,
-        service_tier=params.get("service_tier") if params.get("service_tier") != "auto" else None,
-        stream=bool(params.get("stream")), attributes=attributes,
-        choices=_choices(params, "n", "best_of"),  # best_of: generated (and billed) server-side
+        estimate=refuse_if(problem, lambda: estimate_input_tokens(model, prompt=prompt)),
+        output_param="max_tokens", server_address=host, server_port=port,
+        service_tier=_tier(sent), stream=bool(params.get("stream")), attributes=attributes,
+        choices=choices, params=params, write_output=sent.output_writer("max_tokens"),
     )  # fmt: skip
 
 
 def _embeddings_request(instance: Any, kwargs: dict[str, Any]) -> LLMRequest:
-    params = _given(kwargs)
+    sent = RequestParams(kwargs)
+    sent.materialise("input")
+    params = sent.params
     provider, host, port = _client_info(instance)
     model = str(params.get("model") or "unknown")
     inp = params.get("input")
     return LLMRequest(
         provider=provider, operation=attrs.OP_EMBEDDINGS, model=model,
         estimate=lambda: estimate_input_tokens(model, input=inp), output_param=None,
-        server_address=host, server_port=port,
+        server_address=host, server_port=port, params=params,
     )  # fmt: skip
 
 
@@ -396,6 +430,7 @@ def _response_outcome(call: LLMCall, result: Any, kind: str, body: Any = None) -
         text: Any = None
         if kind == "responses":
             usage = responses_usage(_get(body, "usage"))
+            history.remember(_get(body, "id"), usage)  # its context, for previous_response_id
             attributes = _response_attributes(body, choices=False)
             text = _get(body, "output_text") if body is not None else None
         else:
