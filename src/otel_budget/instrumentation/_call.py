@@ -70,6 +70,7 @@ class LLMRequest:
     stream: bool = False
     attributes: dict[str, Any] = field(default_factory=dict)
     choices: int = 1  # completions requested (OpenAI ``n``): the output cap applies to each
+    output_audio: bool = False  # spoken output asked for: every output token priced as audio
 
 
 class LLMCall:
@@ -137,6 +138,8 @@ class LLMCall:
             if usage is None:
                 usage = self.estimated_usage(output_text, output_units)
                 out[attrs.COST_ESTIMATED] = True
+                if self.request.output_audio:  # a transcript says little about the audio billed
+                    floor_nanos = max(floor_nanos, self.budgeted.projected_nanos)
             out.update(usage_attributes(usage))
             try:
                 actual, provenance = self.price(usage, response_model)
@@ -181,7 +184,8 @@ class LLMCall:
 
     def estimated_usage(self, output_text: str | None, output_units: int) -> TokenUsage:
         output = max(output_units, bytes_rule(output_text) if output_text else 0)
-        return TokenUsage(input_tokens=self.input_tokens, output_tokens=output)
+        audio = output if self.request.output_audio else 0
+        return TokenUsage(input_tokens=self.input_tokens, output_tokens=output, output_audio_tokens=audio)
 
     def fail(self, exc: BaseException) -> None:
         """The provider answered an error (or none at all): nothing billed, nothing charged."""
@@ -229,8 +233,9 @@ def usage_attributes(usage: TokenUsage) -> dict[str, Any]:
 
 
 def _quote(processor: BudgetSpanProcessor, request: LLMRequest, model: str, inp: int, out: int) -> Any:
+    audio = out if request.output_audio else 0  # worst case: every output token is audio
     return processor.prices.quote(
-        request.provider, model, TokenUsage(input_tokens=inp, output_tokens=out),
+        request.provider, model, TokenUsage(input_tokens=inp, output_tokens=out, output_audio_tokens=audio),
         server_address=request.server_address, service_tier=request.service_tier,
     )  # fmt: skip
 
