@@ -70,6 +70,7 @@ __all__ = [
     "estimate_input_tokens",
     "output_bound",
     "strict_bound",
+    "wants_audio_output",
 ]
 
 _log = logging.getLogger(__name__)
@@ -901,6 +902,26 @@ def estimate_input_tokens(
 
 
 # --- output -----------------------------------------------------------------------------------
+def wants_audio_output(params: Mapping[str, Any]) -> bool:
+    """True when a chat request asks for spoken output (``modalities`` containing ``"audio"``,
+    or an ``audio`` parameter): project its output bound at the audio output rate, every
+    output token as audio (``TokenUsage(output_tokens=cap, output_audio_tokens=cap)``).
+    An unreadable ``modalities`` value counts as audio (the worst case)."""
+    if not isinstance(params, Mapping):
+        return False
+    if not _is_absent(params.get("audio")):
+        return True
+    modalities = params.get("modalities")
+    if _is_absent(modalities):
+        return False
+    if isinstance(modalities, str):
+        return "audio" in modalities.lower()
+    try:
+        return any(not isinstance(m, str) or m.strip().lower() == "audio" for m in modalities)
+    except Exception:
+        return True
+
+
 # Every spelling of "at most this many output tokens" (reasoning/thinking included for OpenAI
 # and Anthropic). Several present: the largest wins.
 _OUTPUT_KEYS = (
