@@ -67,12 +67,13 @@ _MAX_WRAPPED_CHARS = 4 << 20
 class _Bytes:
     """Random access to an image held as bytes or as base64 text (decoded on demand)."""
 
-    __slots__ = ("_raw", "_b64", "_clean")
+    __slots__ = ("_raw", "_b64", "_at", "_clean")
 
-    def __init__(self, raw: bytes | None = None, b64: str | None = None) -> None:
+    def __init__(self, raw: bytes | None = None, b64: str | None = None, at: int = 0) -> None:
         self._raw = raw
-        self._b64 = b64
-        self._clean = 0  # b64[:_clean] holds base64 characters only
+        self._b64 = b64  # the base64 starts at index ``at`` (a data URL is not copied)
+        self._at = at
+        self._clean = at  # b64[at:_clean] holds base64 characters only
 
     def read(self, pos: int, n: int) -> bytes:
         """Up to ``n`` bytes at ``pos`` (fewer at the end of the data)."""
@@ -82,22 +83,23 @@ class _Bytes:
         assert b64 is not None
         # 4 base64 characters hold 3 bytes: decode only the aligned groups covering the range,
         # once every character before them is known to be base64 (no line breaks shifting it).
-        start, end = pos // 3, (pos + n + 2) // 3
-        if end * 4 > self._clean:
-            if _NOT_B64.search(b64, self._clean, end * 4) is not None:
+        start, end = self._at + pos // 3 * 4, self._at + (pos + n + 2) // 3 * 4
+        if end > self._clean:
+            if _NOT_B64.search(b64, self._clean, end) is not None:
                 return self._unwrap()[pos : pos + n]
-            self._clean = end * 4
-        text = b64[start * 4 : end * 4]
+            self._clean = end
+        text = b64[start:end]
         try:
             data = base64.b64decode(text[: len(text) // 4 * 4], validate=True)
         except (binascii.Error, ValueError):  # padding in the middle: the data ends there
             return b""
-        skip = pos - start * 3
+        skip = pos % 3
         return data[skip : skip + n]
 
     def _unwrap(self) -> bytes:
         """Base64 with line breaks or junk: drop them and decode the start, once."""
-        text = _NOT_B64.sub("", self._b64[:_MAX_WRAPPED_CHARS]).rstrip("=")  # type: ignore[index]
+        text = self._b64[self._at : self._at + _MAX_WRAPPED_CHARS]  # type: ignore[index]
+        text = _NOT_B64.sub("", text).rstrip("=")
         text = text[: len(text) // 4 * 4]
         self._raw = base64.b64decode(text, validate=False)
         return self._raw
@@ -173,12 +175,15 @@ def image_size(data: bytes | bytearray | memoryview) -> tuple[int, int] | None:
         return None
 
 
-def image_size_b64(text: str) -> tuple[int, int] | None:
-    """:func:`image_size` of base64 text (a data URL's payload), decoding only what it reads."""
+def image_size_b64(text: str, start: int = 0) -> tuple[int, int] | None:
+    """:func:`image_size` of base64 text from index ``start`` (a data URL's payload), decoding
+    only what it reads."""
     try:
         if not isinstance(text, str):
             return None
-        return _checked(_size(_Bytes(b64=text.strip())))
+        while start < len(text) and text[start].isspace():
+            start += 1
+        return _checked(_size(_Bytes(b64=text, at=start)))
     except Exception:
         return None
 

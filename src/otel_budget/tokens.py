@@ -597,13 +597,13 @@ def _is_typed(value: Any) -> bool:
     return isinstance(value, dict) and isinstance(value.get("type"), str)
 
 
-def _data_url_payload(url: Any) -> str | None:
-    """The base64 payload of a ``data:...;base64,`` URL, else None."""
+def _data_url_payload(url: Any) -> int:
+    """Where the base64 payload of a ``data:...;base64,`` URL starts, else -1."""
     if isinstance(url, str) and url[:5] == "data:":
-        head, sep, payload = url.partition(";base64,")
-        if sep and len(head) < 256:
-            return payload
-    return None
+        at = url.find(";base64,", 0, 256)
+        if at >= 0:
+            return at + 8
+    return -1
 
 
 class _Walk:
@@ -643,8 +643,11 @@ class _Walk:
         if self.flat is not None:
             self.media += 1
             return
-        payload = b64 if isinstance(b64, str) else _data_url_payload(url)
-        size = image_size_b64(payload) if payload else None
+        if isinstance(b64, str):
+            size = image_size_b64(b64)
+        else:
+            at = _data_url_payload(url)
+            size = image_size_b64(url, at) if at >= 0 else None
         w, h = size if size is not None else (None, None)
         tokens, assumed = _image_tokens(self.model, w, h, detail if isinstance(detail, str) else None)
         self.images += tokens
