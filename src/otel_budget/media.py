@@ -7,8 +7,8 @@
     (1445, True)
     >>> image_tokens("claude-sonnet-4-5", 1000, 1000)
     (1334, False)
-    >>> png = bytes.fromhex("89504e470d0a1a0a0000000d49484452") + (640).to_bytes(4, "big") + (480).to_bytes(4, "big")
-    >>> image_size(png)
+    >>> ihdr = (640).to_bytes(4, "big") + (480).to_bytes(4, "big")
+    >>> image_size(bytes.fromhex("89504e470d0a1a0a0000000d49484452") + ihdr)
     (640, 480)
 
 ``image_size`` reads the width and height from the first bytes of a PNG, JPEG, GIF or WebP
