@@ -733,3 +733,97 @@ def test_nan_never_leaks_into_quotes(book: PriceBook) -> None:
     q = book.quote("openai", "gpt-4o", TokenUsage(input_tokens=10**9, output_tokens=10**9))
     assert isinstance(q.nanos, int) and q.nanos == 12_500 * USD
     assert not math.isnan(q.usd)
+
+
+# --------------------------------------------------------------------------- audio
+
+
+def test_audio_output_is_priced_at_the_audio_rate(book: PriceBook) -> None:
+    # OpenAI bills gpt-4o-audio-preview $2.50/$10 text, $40/$80 audio per MTok; genai-prices
+    # 0.2.3 lists the text rates only (audio priced as text: 8x under for audio output).
+    text = book.quote("openai", "gpt-4o-audio-preview", TokenUsage(output_tokens=1_000))
+    audio = book.quote("openai", "gpt-4o-audio-preview", TokenUsage(output_tokens=1_000, output_audio_tokens=1_000))
+    assert (text.nanos, audio.nanos) == (10_000_000, 80_000_000)
+    mini = TokenUsage(input_tokens=1_000, input_audio_tokens=400, output_tokens=1_000, output_audio_tokens=700)
+    # 600 x $0.15 + 400 x $10 + 300 x $0.60 + 700 x $20 per MTok
+    assert book.quote("openai", "gpt-4o-mini-audio-preview-2024-12-17", mini).nanos == 90_000 + 4_000_000 + 180_000 + 14_000_000
+    # The first snapshots cost $100/$200.
+    first = book.quote("openai", "gpt-4o-audio-preview-2024-10-01", TokenUsage(output_tokens=10, output_audio_tokens=10))
+    assert first.nanos == 2_000_000
+    rt = book.quote("openai", "gpt-4o-realtime-preview-2024-10-01", TokenUsage(input_tokens=10, input_audio_tokens=10))
+    assert rt.nanos == 1_000_000
+    # Azure borrows OpenAI's entry: the same audio rates.
+    az = book.quote("azure.ai.openai", "gpt-4o-audio-preview", TokenUsage(output_tokens=1_000, output_audio_tokens=1_000))
+    assert az.nanos == 80_000_000
+
+
+def test_audio_rates_genai_prices_has_are_used_as_is(book: PriceBook) -> None:
+    u = TokenUsage(input_tokens=2_000, input_audio_tokens=1_000, output_tokens=500, output_audio_tokens=500)
+    for model in ("gpt-audio", "gpt-realtime", "gpt-4o-mini-realtime-preview"):
+        gp = calc_price(Usage(input_tokens=2_000, input_audio_tokens=1_000, output_tokens=500, output_audio_tokens=500),
+                        model, provider_id="openai")
+        assert book.quote("openai", model, u).nanos == usd_to_nanos(gp.total_price)
+    # gpt-audio: 1k x $2.50 + 1k x $32 + 500 x $64 per MTok
+    assert book.quote("openai", "gpt-audio", u).nanos == 2_500_000 + 32_000_000 + 32_000_000
+
+
+def test_audio_counts_larger_than_the_totals_are_not_undercharged(book: PriceBook) -> None:
+    # Audio is part of input/output; a reader that reports it beside the totals must not make
+    # the text part negative (cheaper than the audio alone).
+    alone = book.quote("openai", "gpt-audio", TokenUsage(input_audio_tokens=1_000, output_audio_tokens=1_000))
+    assert alone.nanos == 32_000_000 + 64_000_000
+    mixed = book.quote(
+        "openai", "gpt-realtime",
+        TokenUsage(input_tokens=1_000, cache_read_tokens=800, input_audio_tokens=600, output_tokens=10,
+                   reasoning_tokens=10, output_audio_tokens=10),
+    )  # fmt: skip
+    # input raised to 800 + 600: 800 x $0.40 + 600 x $32; output raised to 20: 10 x $16 + 10 x $64
+    assert mixed.nanos == 320_000 + 19_200_000 + 160_000 + 640_000
+
+
+def test_audio_rates_of_user_prices() -> None:
+    b = PriceBook(overrides={"a": ModelPrice(input=1, output=2, input_audio=10, output_audio=20),
+                             "t": {"input": 1, "output": 2}})
+    u = TokenUsage(input_tokens=M, input_audio_tokens=M // 2, output_tokens=M, output_audio_tokens=M // 4)
+    assert b.quote(None, "a", u).nanos == (Decimal("0.5") + 5 + Decimal("1.5") + 5) * USD
+    # Without audio rates, audio costs what text costs (like the cache rates default to input).
+    assert b.quote(None, "t", u).nanos == 3 * USD
+    with pytest.raises(ValueError):
+        ModelPrice(input=1, output=1, output_audio=float("nan"))
+    assert PriceBook(overrides={"x": {"input": 1, "output": 1, "input_audio": "2.5"}}).quote(
+        None, "x", TokenUsage(input_tokens=M, input_audio_tokens=M)
+    ).nanos == Decimal("2.5") * USD
+
+
+def test_audio_rates_from_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "prices.json"
+    path.write_text(json.dumps({"models": {"voice-*": {"input": 1, "output": 2, "output_audio": 40}}}))
+    b = PriceBook.from_file(path)
+    assert b.quote(None, "voice-1", TokenUsage(output_tokens=M, output_audio_tokens=M)).nanos == 40 * USD
+
+
+def test_fast_path_matches_genai_prices_with_audio() -> None:
+    """Our integer coefficients against genai-prices' own calculation, audio counts included,
+    on every model that has an audio rate (and the audio previews we add rates to)."""
+    rnd = random.Random(11)
+    b = PriceBook(cache_size=10_000)
+    snapshot = data_snapshot.get_snapshot()
+    checked = 0
+    for provider in snapshot.providers:
+        for info in provider.models:
+            mp = pricing._with_audio_rates(info.get_prices(AFTER_VARIANTS, None), info.id, info.id)
+            if getattr(mp, "input_audio_mtok", None) is None and getattr(mp, "output_audio_mtok", None) is None:
+                continue
+            plan = b._genai_plan((provider, info), pricing._variant(None, False), "t", AFTER_VARIANTS.timestamp(), info.id)
+            assert plan.fallback is None, (provider.id, info.id)
+            for _ in range(4):
+                i = rnd.choice([0, 1, 999, 150_000, 200_001, 300_000])
+                cr = rnd.randint(0, i // 3)
+                ia = rnd.randint(0, i - cr)
+                o = rnd.choice([0, 7, 5_000])
+                r = rnd.randint(0, o)
+                oa = rnd.randint(0, o - r)
+                want = mp.calc_price(pricing._gp_usage(pricing._genai(), i, cr, 0, o, r, ia, oa))["total_price"]
+                assert pricing._compute(plan, i, cr, 0, o, r, ia, oa) == usd_to_nanos(want), (provider.id, info.id)
+                checked += 1
+    assert checked >= 80  # 23 models in genai-prices 0.2.3

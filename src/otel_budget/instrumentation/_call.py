@@ -80,6 +80,7 @@ class LLMRequest:
     # Writes the cap where it takes effect (``extra_body`` when it carries the key); None:
     # ``kwargs[output_param] = cap``.
     write_output: Callable[[dict[str, Any], int], None] | None = None
+    output_audio: bool = False  # spoken output asked for: every output token priced as audio
 
 
 class LLMCall:
@@ -147,6 +148,8 @@ class LLMCall:
             if usage is None:
                 usage = self.estimated_usage(output_text, output_units)
                 out[attrs.COST_ESTIMATED] = True
+                if self.request.output_audio:  # a transcript says little about the audio billed
+                    floor_nanos = max(floor_nanos, self.budgeted.projected_nanos)
             out.update(usage_attributes(usage))
             try:
                 actual, provenance = self.price(usage, response_model)
@@ -240,7 +243,10 @@ class LLMCall:
 
     def estimated_usage(self, output_text: str | None, output_units: int) -> TokenUsage:
         output = max(output_units, bytes_rule(output_text) if output_text else 0)
-        return TokenUsage(input_tokens=self.input_tokens, output_tokens=output)
+        audio = output if self.request.output_audio else 0
+        return TokenUsage(
+            input_tokens=self.input_tokens, output_tokens=output, output_audio_tokens=audio
+        )
 
 
 def usage_attributes(usage: TokenUsage) -> dict[str, Any]:
@@ -258,8 +264,10 @@ def usage_attributes(usage: TokenUsage) -> dict[str, Any]:
 
 
 def _quote(runtime: BudgetRuntime, request: LLMRequest, inp: int, out: int) -> Any:
+    audio = out if request.output_audio else 0  # worst case: every output token is audio
     return runtime.prices.quote(
-        request.provider, request.model, TokenUsage(input_tokens=inp, output_tokens=out),
+        request.provider, request.model,
+        TokenUsage(input_tokens=inp, output_tokens=out, output_audio_tokens=audio),
         server_address=request.server_address, service_tier=request.service_tier,
     )  # fmt: skip
 

@@ -57,6 +57,10 @@ Billing (:meth:`FakeLLMServer.stats`): a 2xx response is billed its usage, wheth
 usage was reported (``Behaviour(usage=False)`` hides it, the bill stays):
 ``input * in_price + cache_read * cache_read_price + cache_write * cache_write_price +
 output * out_price`` (USD per million tokens; the cache prices default to the input price),
+where a chat request that asks for audio (``modalities`` containing ``"audio"``, or an
+``audio`` parameter) has every output token billed as audio, at ``audio_prices[model][1]``
+(reported as ``completion_tokens_details.audio_tokens``; the reply carries a
+``message.audio`` with the text as its transcript),
 rounded *up* to the next nano-USD per request, as ``otel_budget.money`` does. A stream that
 ends early (``break_stream_after``, ``stream_error_after``, a client that disconnects
 mid-stream) is billed its whole input plus the output tokens of the deltas actually written
@@ -89,6 +93,7 @@ from types import TracebackType
 from typing import Any
 
 __all__ = [
+    "DEFAULT_AUDIO_PRICES",
     "DEFAULT_PRICES",
     "DEFAULT_REPLY_TEXT",
     "Behaviour",
@@ -105,6 +110,13 @@ DEFAULT_PRICES: dict[str, tuple[float, ...]] = {
     "gpt-4o": (2.5, 10.0),
     "claude-sonnet-4-5": (3.0, 15.0),
     "text-embedding-3-small": (0.02, 0.0),
+    "gpt-4o-audio-preview": (2.5, 10.0),
+    "gpt-4o-mini-audio-preview": (0.15, 0.60),
+}
+#: USD per million audio tokens: (input audio, output audio), as OpenAI bills them.
+DEFAULT_AUDIO_PRICES: dict[str, tuple[float, float]] = {
+    "gpt-4o-audio-preview": (40.0, 80.0),
+    "gpt-4o-mini-audio-preview": (10.0, 20.0),
 }
 DEFAULT_REPLY_TEXT = "This is a fake reply from the otel-budget test server."
 
@@ -273,6 +285,7 @@ class _Plan:
     truncated: bool
     choices: int = 1
     structured: bool = False
+    audio: bool = False  # spoken output: every output token is an audio token
 
     @property
     def text(self) -> str:
@@ -406,6 +419,13 @@ def _structured_schema(api: str, body: Mapping[str, Any]) -> tuple[bool, Any]:
     return False, None
 
 
+def _asks_audio(body: Mapping[str, Any]) -> bool:
+    modalities = body.get("modalities")
+    return body.get("audio") is not None or (
+        isinstance(modalities, list) and "audio" in modalities
+    )
+
+
 def _int_or_none(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
@@ -440,6 +460,7 @@ class FakeLLMServer:
         max_lifetime_s: float | None = 600.0,
         default_output_tokens: int = 20,
         reply_text: str = DEFAULT_REPLY_TEXT,
+        audio_prices: Mapping[str, tuple[float, float]] | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -447,6 +468,11 @@ class FakeLLMServer:
         #: model -> (input, output[, cache read[, cache write]]) USD per MTok; prefixes match
         #: dated snapshots ("gpt-4o-mini-2024-07-18"); unknown models bill 0 (``unpriced``).
         self.prices: dict[str, tuple[float, ...]] = {**DEFAULT_PRICES, **(prices or {})}
+        #: model -> (input audio, output audio) USD per MTok, matched like ``prices``; a model
+        #: without one bills audio at its text rates.
+        self.audio_prices: dict[str, tuple[float, float]] = {
+            **DEFAULT_AUDIO_PRICES, **(audio_prices or {})
+        }
         self.max_lifetime_s = max_lifetime_s
         self.default_output_tokens = default_output_tokens
         self.reply_text = reply_text
@@ -680,12 +706,29 @@ class FakeLLMServer:
         p_write = Decimal(str(price[3])) if len(price) > 3 else p_in
         return p_in, p_out, p_read, p_write
 
+    def audio_price_for(self, model: str | None) -> tuple[Decimal, Decimal] | None:
+        """(input audio, output audio) USD/MTok for ``model``, or None."""
+        if not model:
+            return None
+        price = self.audio_prices.get(model)
+        if price is None:
+            for key in sorted(self.audio_prices, key=len, reverse=True):
+                if model.startswith(key):
+                    price = self.audio_prices[key]
+                    break
+        if price is None:
+            return None
+        return Decimal(str(price[0])), Decimal(str(price[1]))
+
     def _bill(self, record: CallRecord, plan: _Plan, output_tokens: int, outcome: str) -> None:
         """Bill a request (once), before the bytes that let the client see it complete."""
         price = self.price_for(plan.model)
         nanos = 0
         if price is not None:
             p_in, p_out, p_read, p_write = price
+            audio_price = self.audio_price_for(plan.model) if plan.audio else None
+            if audio_price is not None:
+                p_out = audio_price[1]
             usd_per_mtok = (
                 plan.input * p_in
                 + plan.cache_read * p_read
@@ -818,6 +861,7 @@ class FakeLLMServer:
             reasoning = min(reasoning, max(0, cap))
             visible = max(0, cap) - reasoning
         plan.reasoning = reasoning
+        plan.audio = api == "chat" and _asks_audio(body)
         structured, schema = _structured_schema(api, body)
         plan.structured = structured
         if beh.text is not None or structured:
@@ -846,7 +890,7 @@ class FakeLLMServer:
             "prompt_tokens_details": prompt_details,
             "completion_tokens_details": {
                 "reasoning_tokens": plan.reasoning * plan.choices,
-                "audio_tokens": 0,
+                "audio_tokens": plan.output if plan.audio else 0,
                 "accepted_prediction_tokens": 0,
                 "rejected_prediction_tokens": 0,
             },
@@ -879,6 +923,14 @@ class FakeLLMServer:
                     "refusal": None,
                     "annotations": [],
                 }
+                if plan.audio:  # spoken reply: no text content, the text is the transcript
+                    message["content"] = None
+                    message["audio"] = {
+                        "id": f"audio_fake{rid:08d}",
+                        "data": base64.b64encode(b"RIFF\0\0\0\0WAVE").decode(),
+                        "expires_at": created + 3600,
+                        "transcript": plan.text,
+                    }
                 choices = [
                     {
                         "index": i,

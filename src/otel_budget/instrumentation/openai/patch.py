@@ -51,7 +51,7 @@ from otel_budget.instrumentation._stream import AsyncStreamProxy, SyncStreamProx
 from otel_budget.instrumentation.openai import history
 from otel_budget.pricing import TokenUsage
 from otel_budget.runtime import BudgetRuntime, RuntimeSource
-from otel_budget.tokens import InputEstimate, estimate_input_tokens
+from otel_budget.tokens import InputEstimate, estimate_input_tokens, wants_audio_output
 
 PROVIDER_OPENAI = "openai"
 PROVIDER_AZURE = "azure.ai.openai"
@@ -102,16 +102,24 @@ def _choices(params: dict[str, Any], *names: str) -> tuple[int, str | None]:
 
 
 def chat_usage(usage: Any) -> TokenUsage | None:
-    """Usage of a chat completion (or chunk), or of a legacy completion."""
+    """Usage of a chat completion (or chunk), or of a legacy completion.
+
+    Audio tokens (``*_tokens_details.audio_tokens``) are part of the prompt / completion
+    totals: they are passed on as the audio part of them, priced at the audio rates."""
     if usage is None:
         return None
     prompt = _int(_get(usage, "prompt_tokens"))
     completion = _int(_get(usage, "completion_tokens"))
-    cached = _int(_get(_get(usage, "prompt_tokens_details"), "cached_tokens"))
-    reasoning = _int(_get(_get(usage, "completion_tokens_details"), "reasoning_tokens"))
+    prompt_details = _get(usage, "prompt_tokens_details")
+    completion_details = _get(usage, "completion_tokens_details")
+    cached = _int(_get(prompt_details, "cached_tokens"))
+    audio_in = _int(_get(prompt_details, "audio_tokens"))
+    reasoning = _int(_get(completion_details, "reasoning_tokens"))
+    audio_out = _int(_get(completion_details, "audio_tokens"))
     return TokenUsage(
-        input_tokens=max(prompt, cached), output_tokens=max(completion, reasoning),
+        input_tokens=max(prompt, cached, audio_in), output_tokens=max(completion, reasoning, audio_out),
         cache_read_tokens=cached, reasoning_tokens=reasoning,
+        input_audio_tokens=audio_in, output_audio_tokens=audio_out,
     )  # fmt: skip
 
 
@@ -120,11 +128,16 @@ def responses_usage(usage: Any) -> TokenUsage | None:
         return None
     inp = _int(_get(usage, "input_tokens"))
     out = _int(_get(usage, "output_tokens"))
-    cached = _int(_get(_get(usage, "input_tokens_details"), "cached_tokens"))
-    reasoning = _int(_get(_get(usage, "output_tokens_details"), "reasoning_tokens"))
+    input_details = _get(usage, "input_tokens_details")
+    output_details = _get(usage, "output_tokens_details")
+    cached = _int(_get(input_details, "cached_tokens"))
+    audio_in = _int(_get(input_details, "audio_tokens"))
+    reasoning = _int(_get(output_details, "reasoning_tokens"))
+    audio_out = _int(_get(output_details, "audio_tokens"))
     return TokenUsage(
-        input_tokens=max(inp, cached), output_tokens=max(out, reasoning),
+        input_tokens=max(inp, cached, audio_in), output_tokens=max(out, reasoning, audio_out),
         cache_read_tokens=cached, reasoning_tokens=reasoning,
+        input_audio_tokens=audio_in, output_audio_tokens=audio_out,
     )  # fmt: skip
 
 
@@ -343,6 +356,7 @@ def _chat_request(instance: Any, kwargs: dict[str, Any]) -> LLMRequest:
         output_param=output_param, server_address=host, server_port=port,
         service_tier=_tier(sent), stream=bool(params.get("stream")), attributes=attributes,
         choices=choices, params=params, write_output=sent.output_writer(output_param),
+        output_audio=wants_audio_output(params),
     )  # fmt: skip
 
 
