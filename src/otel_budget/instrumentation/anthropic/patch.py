@@ -41,6 +41,7 @@ from opentelemetry import trace
 
 from otel_budget import attributes as attrs
 from otel_budget.errors import BudgetExceededError
+from otel_budget.instrumentation._attempts import metered_send, response_json
 from otel_budget.instrumentation._call import (
     IN_METERED_CALL,
     LLMCall,
@@ -349,6 +350,31 @@ def _settle_unreadable(call: LLMCall, exc: BaseException) -> None:
     call.succeed(None)
 
 
+def _fail(call: LLMCall, exc: BaseException) -> None:
+    """Settle a call the SDK raised out of. After a 2xx answer it was billed, whatever the
+    SDK's parsing then did (``messages.parse`` whose output does not validate): it is charged
+    the usage the response body carries, else its reservation."""
+    if not call.answered_ok:
+        call.fail(exc)
+        return
+    usage: TokenUsage | None = None
+    attributes: dict[str, Any] = {}
+    text: str | None = None
+    try:
+        body = response_json(call.response)
+        if body is not None:
+            usage = anthropic_usage(_get(body, "usage"))
+            attributes = _message_attributes(body)
+            text = _message_text(body)
+    except Exception as inner:
+        if call.processor is not None:
+            call.processor.engine.log_once("anthropic response", inner)
+    call.fail_after_response(
+        exc, usage, attributes, response_model=attributes.get(attrs.GEN_AI_RESPONSE_MODEL),
+        output_text=text,
+    )  # fmt: skip
+
+
 def _settle_abandoned_raw(call: LLMCall) -> None:
     if not call.done:
         call.succeed(None)
@@ -411,10 +437,13 @@ def messages_create(tracer: trace.Tracer) -> Callable[..., Any]:
             return substitute_or_raise(error)
         token = IN_METERED_CALL.set(True)
         try:
-            with _use_span(call):
+            with _use_span(call), metered_send(call):
                 result = wrapped(*args, **kwargs)
+        except BudgetExceededError as error:  # a retry the budget no longer affords
+            _fail(call, error)
+            return substitute_or_raise(error)
         except BaseException as exc:
-            call.fail(exc)
+            _fail(call, exc)
             raise
         finally:
             IN_METERED_CALL.reset(token)
@@ -444,10 +473,13 @@ def async_messages_create(tracer: trace.Tracer) -> Callable[..., Any]:
             return substitute_or_raise(error)
         token = IN_METERED_CALL.set(True)
         try:
-            with _use_span(call):
+            with _use_span(call), metered_send(call):
                 result = await wrapped(*args, **kwargs)
+        except BudgetExceededError as error:  # a retry the budget no longer affords
+            _fail(call, error)
+            return substitute_or_raise(error)
         except BaseException as exc:
-            call.fail(exc)
+            _fail(call, exc)
             raise
         finally:
             IN_METERED_CALL.reset(token)
@@ -536,10 +568,10 @@ def messages_stream(tracer: trace.Tracer) -> Callable[..., Any]:
                 current = _start(tracer, request, body if isinstance(body, dict) else {})
             token = IN_METERED_CALL.set(True)
             try:
-                with _use_span(current):
+                with _use_span(current), metered_send(current):
                     raw = original()
             except BaseException as exc:
-                current.fail(exc)
+                _fail(current, exc)
                 raise
             finally:
                 IN_METERED_CALL.reset(token)
@@ -577,10 +609,10 @@ def async_messages_stream(tracer: trace.Tracer) -> Callable[..., Any]:
             finalizer.detach()
             token = IN_METERED_CALL.set(True)
             try:
-                with _use_span(call):
+                with _use_span(call), metered_send(call):
                     raw = await original
             except BaseException as exc:
-                call.fail(exc)
+                _fail(call, exc)
                 raise
             finally:
                 IN_METERED_CALL.reset(token)

@@ -23,6 +23,7 @@ from opentelemetry import trace
 
 from otel_budget import attributes as attrs
 from otel_budget.errors import BudgetExceededError
+from otel_budget.instrumentation._attempts import budget_refusal_in, metered_send
 from otel_budget.instrumentation._call import (
     IN_METERED_CALL,
     LLMCall,
@@ -392,6 +393,14 @@ def _begin(
     return call, None, hide
 
 
+def _raise_refusal(exc: BaseException) -> None:
+    """A retry the budget refused inside the openai SDK, which litellm wrapped in its own
+    error type: the caller gets the ``BudgetExceededError``."""
+    refusal = budget_refusal_in(exc)
+    if refusal is not None and refusal is not exc:
+        raise refusal from None
+
+
 def _after(call: LLMCall, result: Any, kind: str, hide: bool, asynchronous: bool) -> Any:
     if call.request.stream:
         if asynchronous and hasattr(result, "__anext__"):
@@ -419,12 +428,13 @@ async def _run_async(
     token = IN_METERED_CALL.set(True)
     try:
         with trace.use_span(call.span, end_on_exit=False, record_exception=False,
-                            set_status_on_exception=False):  # fmt: skip
+                            set_status_on_exception=False), metered_send(call):  # fmt: skip
             result = wrapped(**params)
             if inspect.isawaitable(result):
                 result = await result
     except BaseException as exc:
         call.fail(exc)
+        _raise_refusal(exc)
         raise
     finally:
         IN_METERED_CALL.reset(token)
@@ -449,10 +459,11 @@ def make_sync_wrapper(tracer: trace.Tracer, kind: str, switch: _Switch) -> Calla
         token = IN_METERED_CALL.set(True)
         try:
             with trace.use_span(call.span, end_on_exit=False, record_exception=False,
-                                set_status_on_exception=False):  # fmt: skip
+                                set_status_on_exception=False), metered_send(call):  # fmt: skip
                 result = wrapped(**params)
         except BaseException as exc:
             call.fail(exc)
+            _raise_refusal(exc)
             raise
         finally:
             IN_METERED_CALL.reset(token)

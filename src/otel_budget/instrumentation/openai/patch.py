@@ -25,6 +25,7 @@ from opentelemetry import trace
 
 from otel_budget import attributes as attrs
 from otel_budget.errors import BudgetExceededError
+from otel_budget.instrumentation._attempts import metered_send, response_json
 from otel_budget.instrumentation._call import (
     IN_METERED_CALL,
     LLMCall,
@@ -386,17 +387,19 @@ def _embeddings_request(instance: Any, kwargs: dict[str, Any]) -> LLMRequest:
 
 
 # -- wrapper factories -----------------------------------------------------------------------
-def _settle_response(call: LLMCall, result: Any, kind: str, body: Any = None) -> None:
-    """Settle a non-stream call from its body; never raises into the caller's code (the call
-    succeeded: a response shape we do not know is charged as estimated, not lost)."""
+def _read_body(
+    call: LLMCall, body: Any, kind: str
+) -> tuple[TokenUsage | None, dict[str, Any], str | None]:
+    """(usage, response attributes, output text) of a response body; never raises (a shape
+    we do not know is charged as estimated, not lost)."""
     try:
-        if body is None:
-            body = _parsed(result)
         text: Any = None
         if kind == "responses":
             usage = responses_usage(_get(body, "usage"))
             attributes = _response_attributes(body, choices=False)
             text = _get(body, "output_text") if body is not None else None
+            if not isinstance(text, str) and isinstance(body, dict):
+                text = _responses_text(body)
         else:
             usage = chat_usage(_get(body, "usage"))
             attributes = _response_attributes(body, choices=kind in ("chat", "completions"))
@@ -413,10 +416,50 @@ def _settle_response(call: LLMCall, result: Any, kind: str, body: Any = None) ->
     except Exception as exc:
         if call.processor is not None:
             call.processor.engine.log_once("openai response", exc)
-        usage, attributes, text = None, {}, None
+        return None, {}, None
+    return usage, attributes, text if isinstance(text, str) else None
+
+
+def _responses_text(body: dict[str, Any]) -> str:
+    """The output text of a raw Responses body (the SDK's ``output_text`` is computed)."""
+    parts: list[str] = []
+    for item in body.get("output") or ():
+        for content in _get(item, "content") or ():
+            value = _get(content, "text")
+            if isinstance(value, str):
+                parts.append(value)
+    return "".join(parts)
+
+
+def _settle_response(call: LLMCall, result: Any, kind: str, body: Any = None) -> None:
+    """Settle a non-stream call from its body; never raises into the caller's code."""
+    if body is None:
+        try:
+            body = _parsed(result)
+        except Exception:
+            body = None
+    usage, attributes, text = _read_body(call, body, kind)
     call.succeed(
         usage, attributes, response_model=attributes.get(attrs.GEN_AI_RESPONSE_MODEL),
-        output_text=text if isinstance(text, str) else None,
+        output_text=text,
+    )  # fmt: skip
+
+
+def _fail(call: LLMCall, exc: BaseException, kind: str) -> None:
+    """Settle a call the SDK raised out of. After a 2xx answer it was billed, whatever the
+    SDK's parsing then did (``LengthFinishReasonError``, ``ContentFilterFinishReasonError``,
+    a structured output that does not validate): it is charged the usage the exception's
+    completion or the response body carries, else its reservation."""
+    if not call.answered_ok:
+        call.fail(exc)
+        return
+    body = getattr(exc, "completion", None)
+    if _get(body, "usage") is None:
+        body = response_json(call.response) or body
+    usage, attributes, text = _read_body(call, body, kind)
+    call.fail_after_response(
+        exc, usage, attributes, response_model=attributes.get(attrs.GEN_AI_RESPONSE_MODEL),
+        output_text=text,
     )  # fmt: skip
 
 
@@ -452,15 +495,18 @@ def make_sync_wrapper(
         token = IN_METERED_CALL.set(True)
         try:
             with trace.use_span(call.span, end_on_exit=False, record_exception=False,
-                                set_status_on_exception=False):  # fmt: skip
+                                set_status_on_exception=False), metered_send(call):  # fmt: skip
                 result = wrapped(*args, **kwargs)
             if call.request.stream and _is_raw(result) and not hasattr(result, "__next__"):
                 stream = result.parse()  # does not read the body: the SSE stream is lazy
                 if hasattr(stream, "__next__"):
                     proxy = _SyncStream(stream, call, _accumulator(kind), hide_usage)
                     return _RawStreamResponse(result, proxy)
+        except BudgetExceededError as error:  # a retry the budget no longer affords
+            _fail(call, error, kind)
+            return substitute_or_raise(error)
         except BaseException as exc:
-            call.fail(exc)
+            _fail(call, exc, kind)
             raise
         finally:
             IN_METERED_CALL.reset(token)
@@ -487,7 +533,7 @@ def make_async_wrapper(
         body: Any = None
         try:
             with trace.use_span(call.span, end_on_exit=False, record_exception=False,
-                                set_status_on_exception=False):  # fmt: skip
+                                set_status_on_exception=False), metered_send(call):  # fmt: skip
                 result = await wrapped(*args, **kwargs)
             if _is_raw(result) and not hasattr(result, "__anext__"):
                 # with_raw_response (sync parse) or with_streaming_response (async parse)
@@ -503,8 +549,11 @@ def make_async_wrapper(
                         body = await result.parse()  # cached: the caller's parse() gets the same
                     except Exception:
                         body = None  # the caller's own parse() raises it; charged as estimated
+        except BudgetExceededError as error:  # a retry the budget no longer affords
+            _fail(call, error, kind)
+            return substitute_or_raise(error)
         except BaseException as exc:
-            call.fail(exc)
+            _fail(call, exc, kind)
             raise
         finally:
             IN_METERED_CALL.reset(token)
