@@ -265,7 +265,8 @@ class LLMCall:
         """The usage to charge, and whether it is (partly) estimated. Reported usage that is
         missing, zero or absurd is never trusted below what the call evidently used: each
         such count is raised to the estimate (input from the projection's estimate, output
-        from the output seen) and clamped to a sane maximum."""
+        from the output seen); counts beyond what is possible (an output above the request's
+        cap, an input above ``MAX_TOKENS``) are clamped."""
         estimate = self.estimated_usage(output_text, output_units)
         if usage is None:
             return estimate, True
@@ -275,8 +276,11 @@ class LLMCall:
             inp, estimated = estimate.input_tokens, True
         if out <= 0 and estimate.output_tokens > 0:
             out, estimated = estimate.output_tokens, True
-        if inp > MAX_TOKENS or out > MAX_TOKENS:
-            inp, out, estimated = min(inp, MAX_TOKENS), min(out, MAX_TOKENS), True
+        if inp > MAX_TOKENS:
+            inp, estimated = MAX_TOKENS, True
+        bound = self._output_bound()
+        if out > bound:  # more than the request let the provider generate: garbage
+            out, estimated = bound, True
         if not estimated:
             return usage, False
         return TokenUsage(
@@ -285,6 +289,18 @@ class LLMCall:
             cache_write_tokens=min(usage.cache_write_tokens, max(0, inp - usage.cache_read_tokens)),
             reasoning_tokens=min(usage.reasoning_tokens, out),
         ), True  # fmt: skip
+
+    def _output_bound(self) -> int:
+        """The most output tokens the provider could have generated: the request's cap (per
+        choice) when it sent one, else ``MAX_TOKENS``."""
+        span = self.budgeted.span
+        try:
+            cap = (getattr(span, "attributes", None) or {}).get(attrs.GEN_AI_REQUEST_MAX_TOKENS)
+        except Exception:
+            cap = None
+        if isinstance(cap, int) and not isinstance(cap, bool) and cap > 0:
+            return min(MAX_TOKENS, cap * max(1, self.request.choices))
+        return MAX_TOKENS
 
     def _actual(
         self, usage: TokenUsage | None, output_text: str | None, output_units: int,
