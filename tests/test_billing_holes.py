@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -29,7 +30,7 @@ import pytest
 from opentelemetry.trace import StatusCode
 from pydantic import BaseModel
 
-from otel_budget import BudgetExceededError
+from otel_budget import BudgetExceededError, PriceBook
 from otel_budget import attributes as attrs
 from otel_budget.instrumentation._call import COST_ATTEMPTS_CHARGED
 from otel_budget.instrumentation.anthropic import AnthropicBudgetInstrumentor
@@ -395,3 +396,48 @@ def test_stream_whose_connection_drops_is_charged_its_reservation(
     # reservation is what it may have billed.
     assert settled(processor) == projected >= billed(server) > 0
     assert span.attributes[attrs.COST_ESTIMATED] is True
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning:pydantic._internal._generate_schema")
+@pytest.mark.filterwarnings("ignore:Accessing the 'model_:DeprecationWarning")
+def test_litellm_timeouts_through_the_openai_sdk_are_charged(
+    make_processor: Any, server: FakeLLMServer, exporter: Any, monkeypatch: Any
+) -> None:
+    """litellm sends OpenAI calls through the openai SDK (whose attempts the openai
+    instrumentor sees, as ``BudgetInstrumentor`` installs both); the refusal of a retry
+    reaches the caller as ``BudgetExceededError``, not as a litellm error."""
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # never fetch the price map
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", os.environ.get("TIKTOKEN_CACHE_DIR", ""))
+    if not os.environ["TIKTOKEN_CACHE_DIR"]:
+        monkeypatch.delenv("TIKTOKEN_CACHE_DIR")  # restored (absent) after the test
+    litellm = pytest.importorskip("litellm")
+    from otel_budget.instrumentation.litellm import LiteLLMBudgetInstrumentor
+
+    budget_nanos = 22_500_000
+    processor = make_processor(max_usd=budget_nanos / 1e9, prices=PriceBook())
+    instrumentors = (LiteLLMBudgetInstrumentor(), OpenAIBudgetInstrumentor())
+    for instrumentor in instrumentors:
+        instrumentor.instrument()
+    server.default_behaviour = SLOW
+    outcomes: list[str] = []
+    debug, litellm.suppress_debug_info = litellm.suppress_debug_info, True
+    try:
+        for _ in range(3):
+            try:
+                litellm.completion(
+                    model=f"openai/{GPT4O}", messages=MESSAGES, api_base=server.openai_base_url,
+                    api_key="x", timeout=TIMEOUT, max_tokens=500, max_retries=2,
+                )  # fmt: skip
+            except BudgetExceededError:
+                outcomes.append("refused")
+            except Exception as exc:  # noqa: BLE001 - litellm's own timeout type
+                assert "Timeout" in type(exc).__name__, exc
+                outcomes.append("timeout")
+    finally:
+        litellm.suppress_debug_info = debug
+        for instrumentor in instrumentors:
+            instrumentor.uninstrument()
+    assert "timeout" in outcomes and "refused" in outcomes
+    sent = server.stats()["requests"]
+    assert 4 <= sent < 9
+    assert 0 < billed(server) <= settled(processor) <= budget_nanos
