@@ -163,7 +163,7 @@ def test_anthropic_parse_that_does_not_validate_is_charged(
     with claude(server) as client:
         for _ in range(3):
             server.script(Behaviour(text="not json at all"))
-            with pytest.raises(Exception) as info:  # noqa: PT011 - the SDK's parse error
+            with pytest.raises(Exception) as info:
                 client.messages.parse(
                     model=CLAUDE, messages=MESSAGES, max_tokens=200, output_format=Answer
                 )
@@ -386,7 +386,7 @@ def test_stream_whose_connection_drops_is_charged_its_reservation(
         stream = client.chat.completions.create(
             model=MINI, messages=MESSAGES, max_tokens=300, stream=True
         )
-        with pytest.raises(Exception) as info:  # noqa: PT011 - the transport's error
+        with pytest.raises(Exception) as info:
             for _chunk in stream:
                 pass
     assert not isinstance(info.value, BudgetExceededError)

@@ -162,8 +162,9 @@ class LLMCall:
                     attrs.COST_USD: to_usd(projected),
                     attrs.ERROR_TYPE: type(exc).__qualname__ if exc is not None else "unknown",
                 })  # fmt: skip
-        except Exception:  # pragma: no cover - a misbehaving span
-            pass
+        except Exception as inner:  # pragma: no cover - a misbehaving span
+            if processor is not None:
+                processor.engine.log_once("attempt event", inner)
 
     def reserve_next_attempt(self) -> None:
         """Reserve the projection again for another attempt, atomically through the engine
