@@ -232,10 +232,11 @@ def test_failed_call_records_duration_with_error_type_and_no_tokens(
     processor = metered()
     with tracer.start_as_current_span("agent"):
         call = start(tracer, processor)
-        call.fail(TimeoutError("provider timed out"))
+        # (A timeout may have been billed, and is charged: a refused connection never was.)
+        call.fail(ConnectionRefusedError("provider refused the connection"))
     got = metrics.collect()
     (duration,) = got["gen_ai.client.operation.duration"].points
-    assert duration.attributes[attrs.ERROR_TYPE] == "TimeoutError"
+    assert duration.attributes[attrs.ERROR_TYPE] == "ConnectionRefusedError"
     assert "gen_ai.client.token.usage" not in got
     assert "otel_budget.cost" not in got  # released: nothing billed, nothing counted
 
@@ -315,7 +316,7 @@ def test_cost_counter_equals_the_ledger(metered: Any, metrics: Metrics, tracer: 
                 attrs.GEN_AI_REQUEST_MODEL: "test-model",
                 attrs.GEN_AI_USAGE_INPUT_TOKENS: 700, attrs.GEN_AI_USAGE_OUTPUT_TOKENS: 300,
             })  # fmt: skip
-        start(tracer, processor).fail(ConnectionError("reset"))  # released: $0
+        start(tracer, processor).fail(ConnectionRefusedError("refused"))  # never sent: $0
         with budget(max_usd=0.0001):
             refused(tracer, processor)  # refused: $0
     report = run.report()

@@ -824,16 +824,22 @@ def test_http_errors_release_the_reservation(
     assert server.stats()["billed_nanos"] == 0
 
 
-def test_timeout_releases_the_reservation(setup: Any, server: FakeLLMServer, exporter: Any) -> None:
+def test_timeout_charges_the_reservation(setup: Any, server: FakeLLMServer, exporter: Any) -> None:
+    # The request was sent: the provider may have finished (and billed) it after the client
+    # gave up, so the attempt is charged its projection, never released.
     processor = setup(max_usd=1.0)
+    server.bill_abandoned = True
     server.script(Behaviour(delay_s=0.6))
     c = openai.OpenAI(base_url=server.openai_base_url, api_key="test", max_retries=0, timeout=0.15)
     with pytest.raises(openai.APITimeoutError):
         c.chat.completions.create(model=MINI, messages=MESSAGES, max_tokens=50)
-    assert ledger(processor) == (0, 0)
-    assert_error_span(only(exporter), "APITimeoutError")
+    span = only(exporter)
+    assert_error_span(span, "APITimeoutError")
+    projected = nanos(span.attributes[attrs.COST_PROJECTED_USD])
+    assert ledger(processor) == (projected, 0)
+    assert nanos(span.attributes[attrs.COST_USD]) == projected
     assert server.wait_idle(5)
-    assert server.stats()["billed_nanos"] == 0  # the provider gave up too
+    assert 0 < server.stats()["billed_nanos"] <= projected
     c.close()
 
 

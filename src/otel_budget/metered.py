@@ -49,7 +49,7 @@ STARTING: contextvars.ContextVar[bool] = contextvars.ContextVar(
 )
 # The metered call whose request is being sent: an instrumented library that calls another
 # instrumented library (litellm calling the openai SDK) is metered once, by the outer call.
-CURRENT_CALL: contextvars.ContextVar[MeteredCall | None] = contextvars.ContextVar(
+CURRENT_CALL: contextvars.ContextVar[Any] = contextvars.ContextVar(
     "otel_budget_current_call", default=None
 )
 

@@ -40,6 +40,8 @@ from otel_budget.metered import (
     refuse,
     start_span,
 )
+from otel_budget.instrumentation._attempts import is_transport_error, may_be_billed
+from otel_budget.money import to_usd
 from otel_budget.pricing import TokenUsage, UnknownModelError
 from otel_budget.runtime import BudgetRuntime
 from otel_budget.steps import Steps, arun, run
@@ -48,6 +50,10 @@ from otel_budget.tokens import output_limits_are_ints as _int_limits
 
 CAPTURE_CONTENT_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 COST_OUTPUT_CAPPED = "otel_budget.cost.output_capped"
+COST_ATTEMPTS_CHARGED = "otel_budget.cost.attempts_charged"
+EVENT_ATTEMPT_CHARGED = "otel_budget.attempt.charged"
+#: Reported token counts above this are garbage (no context window is near it): clamped.
+MAX_TOKENS = 100_000_000
 _MTOK = 1_000_000
 
 # Kept under its earlier name: set while a metered call is being sent (see CURRENT_CALL).
@@ -84,11 +90,21 @@ class LLMRequest:
 
 
 class LLMCall:
-    """A started, reserved call. Settle it once: ``succeed`` or ``fail`` (or their async
-    twins ``asucceed``/``afail``, which never block the event loop on the ledger)."""
+    """A started, reserved call. Settle it once: ``succeed``, ``fail``,
+    ``fail_after_response`` or ``fail_after_output`` (each also as an ``a``-prefixed
+    coroutine that never blocks the event loop on the ledger: one definition, driven sync or
+    async, see ``otel_budget.steps``).
+
+    The SDK hooks of ``_attempts`` report each HTTP attempt: ``begin_attempt`` (reserves the
+    projection again after an attempt that may have been billed), ``attempt_answered`` and
+    ``attempt_may_be_billed`` (charges the attempt its projection at once). The call's cost
+    (``otel_budget.cost.usd``) is the sum of every attempt charged.
+    """
 
     __slots__ = (
         "budgeted", "request", "processor", "input_tokens", "input_method", "started",
+        "attempts", "charged_attempts", "charged_nanos", "needs_reservation", "status",
+        "response",
     )  # fmt: skip
 
     def __init__(
@@ -101,6 +117,12 @@ class LLMCall:
         self.input_tokens = input_tokens
         self.input_method = input_method
         self.started = time.monotonic()
+        self.attempts = 0  # HTTP attempts the SDK hooks saw
+        self.charged_attempts = 0  # attempts that may have been billed, charged already
+        self.charged_nanos = 0  # what those were charged
+        self.needs_reservation = False  # the reservation went to a charged attempt
+        self.status: int | None = None  # HTTP status of the last attempt (None: no answer)
+        self.response: Any = None  # the last 2xx HTTP response
 
     @property
     def runtime(self) -> BudgetRuntime | None:
@@ -114,9 +136,144 @@ class LLMCall:
     def done(self) -> bool:
         return self.budgeted.done
 
+    @property
+    def answered_ok(self) -> bool:
+        """The provider answered 2xx: the call was billed, whatever happens next."""
+        return self.status is not None and 200 <= self.status < 300
+
     def _storage(self) -> Any:
         return self.processor.storage if self.processor is not None else None
 
+    # -- attempts (reported by the SDK hooks in ``_attempts``) ---------------------------------
+    def begin_attempt_steps(self) -> Steps[None]:
+        """The SDK is about to send an attempt. After one that may have been billed, reserve
+        the projection again (raises ``BudgetExceededError`` when it no longer fits)."""
+        self.attempts += 1
+        self.status = None
+        self.response = None
+        if self.needs_reservation and not self.budgeted.done:
+            yield from self._reserve_next_steps()
+        return None
+
+    def begin_attempt(self) -> None:
+        run(self.begin_attempt_steps(), self._storage())
+
+    async def abegin_attempt(self) -> None:
+        await arun(self.begin_attempt_steps(), self._storage())
+
+    def attempt_answered(self, status: int, response: Any = None) -> None:
+        self.status = status
+        self.response = response if 200 <= status < 300 else None
+
+    def attempt_may_be_billed_steps(self, exc: BaseException | None = None) -> Steps[None]:
+        """The attempt ended without an answer after it was sent (timeout, lost connection):
+        the provider may have billed it. Charge it its projection now; never release it."""
+        budgeted = self.budgeted
+        if budgeted.done or self.needs_reservation:
+            return None
+        projected = budgeted.projected_nanos
+        charge = budgeted.charge
+        runtime = self.processor
+        if charge is not None and runtime is not None:
+            try:
+                yield from runtime.engine.settle_steps(charge, projected, self.input_tokens, 0)
+            except Exception as inner:
+                runtime.engine.internal_error("LLMCall.attempt_may_be_billed", inner)
+        self.charged_attempts += 1
+        self.charged_nanos += projected
+        self.needs_reservation = True
+        try:
+            span = budgeted.span
+            if span.is_recording():
+                span.add_event(EVENT_ATTEMPT_CHARGED, {
+                    attrs.COST_USD: to_usd(projected),
+                    attrs.ERROR_TYPE: type(exc).__qualname__ if exc is not None else "unknown",
+                })  # fmt: skip
+        except Exception as inner:  # pragma: no cover - a misbehaving span
+            if runtime is not None:
+                runtime.engine.log_once("attempt event", inner)
+        return None
+
+    def attempt_may_be_billed(self, exc: BaseException | None = None) -> None:
+        run(self.attempt_may_be_billed_steps(exc), self._storage())
+
+    async def aattempt_may_be_billed(self, exc: BaseException | None = None) -> None:
+        await arun(self.attempt_may_be_billed_steps(exc), self._storage())
+
+    def _reserve_next_steps(self) -> Steps[None]:
+        """Reserve the projection again for another attempt, atomically through the engine
+        (a new lease). Raises ``BudgetExceededError`` when it does not fit."""
+        runtime = self.processor
+        old = self.budgeted.charge
+        if runtime is None or old is None:
+            self.needs_reservation = False
+            return None
+        engine = runtime.engine
+        parentless, attributes = self._scope_of(old.trace_id)
+        lease = engine.new_lease_id()
+        try:
+            charge = yield from engine.reserve_steps(
+                lease, old.trace_id, parentless, attributes, old.projected, kind=old.kind,
+                name=old.name, provider=old.provider, operation=old.operation,
+            )  # fmt: skip
+        except BudgetExceededError:
+            raise
+        except Exception as exc:
+            refusal = engine.internal_error("reserve", exc)
+            if refusal is not None:
+                raise refusal from exc
+            charge = engine.unmetered(
+                lease, old.trace_id, old.projected, kind=old.kind, name=old.name,
+                provider=old.provider, operation=old.operation, parentless=parentless,
+                attributes=attributes,
+            )  # fmt: skip
+        self.budgeted.charge = charge
+        self.needs_reservation = False
+        return None
+
+    def _scope_of(self, trace_id: int) -> tuple[bool, Any]:
+        """(parentless, attributes) of the call, as its first reservation saw them."""
+        span = self.budgeted.span
+        if span.is_recording():
+            return getattr(span, "parent", None) is None, getattr(span, "attributes", None)
+        return not trace_id, None
+
+    def _unreserved_charge(self) -> None:
+        """Cost to commit with no live reservation (the last one went to a charged attempt):
+        charge it to the ledger without one rather than lose it."""
+        runtime = self.processor
+        old = self.budgeted.charge
+        if not self.needs_reservation or runtime is None or old is None:
+            return
+        engine = runtime.engine
+        parentless, attributes = self._scope_of(old.trace_id)
+        try:
+            self.budgeted.charge = engine.unmetered(
+                engine.new_lease_id(), old.trace_id, old.projected, kind=old.kind,
+                name=old.name, provider=old.provider, operation=old.operation,
+                parentless=parentless, attributes=attributes,
+            )  # fmt: skip
+        except Exception as exc:
+            engine.internal_error("LLMCall unreserved charge", exc)
+        self.needs_reservation = False
+
+    def _end_span(self, actual: int) -> None:
+        """Record the whole call's cost (``actual`` plus every charged attempt) and end the
+        span."""
+        span = self.budgeted.span
+        try:
+            if self.charged_attempts and span.is_recording():
+                span.set_attributes({
+                    attrs.COST_USD: to_usd(actual + self.charged_nanos),
+                    COST_ATTEMPTS_CHARGED: self.charged_attempts,
+                })  # fmt: skip
+        except Exception as exc:
+            if self.processor is not None:
+                self.processor.engine.internal_error("LLMCall end span", exc)
+        finally:
+            span.end()
+
+    # -- pricing -------------------------------------------------------------------------------
     def price(self, usage: TokenUsage, response_model: str | None = None) -> tuple[int, dict[str, Any]]:
         """Actual cost of ``usage`` (nano-USD) and the provenance attributes."""
         runtime = self.processor
@@ -129,7 +286,76 @@ class LLMCall:
         )  # fmt: skip
         return quote.nanos, {attrs.PRICE_SOURCE: quote.source, attrs.PRICE_MODEL: quote.model}
 
-    # -- settling: each written once, driven sync or async -------------------------------------
+    def checked_usage(
+        self, usage: TokenUsage | None, output_text: str | None, output_units: int
+    ) -> tuple[TokenUsage, bool]:
+        """The usage to charge, and whether it is (partly) estimated. Reported usage that is
+        missing, zero or absurd is never trusted below what the call evidently used: each
+        such count is raised to the estimate (input from the projection's estimate, output
+        from the output seen); counts beyond what is possible (an output above the request's
+        cap, an input above ``MAX_TOKENS``) are clamped."""
+        estimate = self.estimated_usage(output_text, output_units)
+        if usage is None:
+            return estimate, True
+        estimated = False
+        inp, out = usage.input_tokens, usage.output_tokens
+        if inp <= 0 and estimate.input_tokens > 0:
+            inp, estimated = estimate.input_tokens, True
+        if out <= 0 and estimate.output_tokens > 0:
+            out, estimated = estimate.output_tokens, True
+        if inp > MAX_TOKENS:
+            inp, estimated = MAX_TOKENS, True
+        bound = self._output_bound()
+        if out > bound:  # more than the request let the provider generate: garbage
+            out, estimated = bound, True
+        if not estimated:
+            return usage, False
+        return TokenUsage(
+            input_tokens=inp, output_tokens=out,
+            cache_read_tokens=min(usage.cache_read_tokens, inp),
+            cache_write_tokens=min(usage.cache_write_tokens, max(0, inp - usage.cache_read_tokens)),
+            reasoning_tokens=min(usage.reasoning_tokens, out),
+            input_audio_tokens=min(usage.input_audio_tokens, inp),
+            output_audio_tokens=min(usage.output_audio_tokens, out),
+        ), True  # fmt: skip
+
+    def _output_bound(self) -> int:
+        """The most output tokens the provider could have generated: the request's cap (per
+        choice) when it sent one, else ``MAX_TOKENS``."""
+        span = self.budgeted.span
+        try:
+            cap = (getattr(span, "attributes", None) or {}).get(attrs.GEN_AI_REQUEST_MAX_TOKENS)
+        except Exception:
+            cap = None
+        if isinstance(cap, int) and not isinstance(cap, bool) and cap > 0:
+            return min(MAX_TOKENS, cap * max(1, self.request.choices))
+        return MAX_TOKENS
+
+    def _actual(
+        self, usage: TokenUsage | None, output_text: str | None, output_units: int,
+        response_model: str | None, out: dict[str, Any],
+    ) -> tuple[int, TokenUsage]:  # fmt: skip
+        """(nano-USD, usage) to commit; fills ``out`` with the usage attributes. Falls back
+        to the reservation when the usage cannot be priced; never raises."""
+        try:
+            usage, estimated = self.checked_usage(usage, output_text, output_units)
+            if estimated:
+                out[attrs.COST_ESTIMATED] = True
+            out.update(usage_attributes(usage))
+            try:
+                actual, provenance = self.price(usage, response_model)
+                out.update(provenance)
+            except Exception as exc:  # unpriceable after the fact: keep the reservation
+                if self.processor is not None:
+                    self.processor.engine.log_once("price after call", exc)
+                actual = self.budgeted.projected_nanos
+        except Exception as exc:
+            if self.processor is not None:
+                self.processor.engine.internal_error("LLMCall settle", exc)
+            return self.budgeted.projected_nanos, TokenUsage()
+        return actual, usage
+
+    # -- settling ------------------------------------------------------------------------------
     def succeed_steps(
         self,
         usage: TokenUsage | None,
@@ -140,36 +366,26 @@ class LLMCall:
         output_units: int = 0,
         floor_nanos: int = 0,
     ) -> Steps[None]:
-        """Commit the actual cost. Without usage (the provider did not report it), the cost
-        is estimated from the input estimate and the output seen, never zero, and never
-        below ``floor_nanos`` (a stream left early is charged its reservation)."""
+        """Commit the actual cost. Without usage (the provider did not report it, or reported
+        zeros or garbage), the cost is estimated from the input estimate and the output
+        seen, never zero, and never below ``floor_nanos`` (a stream left early is charged its
+        reservation)."""
+        if self.budgeted.done:
+            return None
+        if usage is None and self.request.output_audio:
+            # A transcript says little about the audio billed: at least the reservation.
+            floor_nanos = max(floor_nanos, self.budgeted.projected_nanos)
         out: dict[str, Any] = dict(response_attributes or {})
-        try:
-            if usage is None:
-                usage = self.estimated_usage(output_text, output_units)
-                out[attrs.COST_ESTIMATED] = True
-                if self.request.output_audio:  # a transcript says little about the audio billed
-                    floor_nanos = max(floor_nanos, self.budgeted.projected_nanos)
-            out.update(usage_attributes(usage))
-            try:
-                actual, provenance = self.price(usage, response_model)
-                out.update(provenance)
-            except Exception as exc:  # unpriceable after the fact: keep the reservation
-                if self.processor is not None:
-                    self.processor.engine.log_once("price after call", exc)
-                actual = self.budgeted.projected_nanos
-            if actual < floor_nanos:
-                actual = floor_nanos
-        except Exception as exc:
-            if self.processor is not None:
-                self.processor.engine.internal_error("LLMCall.succeed", exc)
-            actual = self.budgeted.projected_nanos
-            usage = TokenUsage()
+        actual, usage = self._actual(usage, output_text, output_units, response_model, out)
+        actual = max(actual, floor_nanos)
+        self._unreserved_charge()
         yield from self.budgeted.settle_steps(
             actual, input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
-            attributes=out,
+            attributes=out, end=False,
         )  # fmt: skip
+        self._end_span(actual)
         self.record_metrics(usage, out.get(attrs.GEN_AI_RESPONSE_MODEL), None)
+        return None
 
     def succeed(self, usage: TokenUsage | None, *args: Any, **kw: Any) -> None:
         run(self.succeed_steps(usage, *args, **kw), self._storage())
@@ -178,10 +394,20 @@ class LLMCall:
         await arun(self.succeed_steps(usage, *args, **kw), self._storage())
 
     def fail_steps(self, exc: BaseException) -> Steps[None]:
-        """The provider answered an error (or none at all): nothing billed, nothing charged."""
+        """The call raised. Nothing is charged for attempts the provider answered with an
+        error status or never received; an attempt that may have been billed (timed out or
+        lost after sending) was charged when it ended, and is never released. When no SDK
+        hook saw the attempts (an HTTP layer not hooked), a timeout or lost connection is
+        charged the reservation."""
         if self.budgeted.done:
             return None
-        yield from self.budgeted.release_steps(exc)
+        if self.answered_ok:  # billed, then the SDK raised (parsing): never free
+            yield from self.fail_after_response_steps(exc, None)
+            return None
+        if self.attempts == 0 and is_transport_error(exc) and may_be_billed(exc):
+            yield from self.attempt_may_be_billed_steps(exc)
+        yield from self.budgeted.release_steps(exc, end=False)
+        self._end_span(0)
         self.record_metrics(None, None, exc)
         return None
 
@@ -191,27 +417,63 @@ class LLMCall:
     async def afail(self, exc: BaseException) -> None:
         await arun(self.fail_steps(exc), self._storage())
 
+    def fail_after_response_steps(
+        self,
+        exc: BaseException,
+        usage: TokenUsage | None,
+        response_attributes: Mapping[str, Any] | None = None,
+        *,
+        response_model: str | None = None,
+        output_text: str | None = None,
+    ) -> Steps[None]:
+        """The provider answered 2xx (billed), then the SDK raised (a length or content-filter
+        finish, a structured output that does not validate): charge the usage the response
+        carried, or without it the reservation."""
+        if self.budgeted.done:
+            return None
+        out: dict[str, Any] = dict(response_attributes or {})
+        if usage is None and not output_text:
+            actual = self.budgeted.projected_nanos
+            out[attrs.COST_ESTIMATED] = True
+            usage = self.estimated_usage(None, 0)
+        else:
+            actual, usage = self._actual(usage, output_text, 0, response_model, out)
+        self._unreserved_charge()
+        yield from self.budgeted.settle_steps(
+            actual, error=exc, attributes=out, input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens, end=False,
+        )  # fmt: skip
+        self._end_span(actual)
+        self.record_metrics(None, None, exc)
+        return None
+
+    def fail_after_response(self, exc: BaseException, usage: TokenUsage | None, *args: Any,
+                            **kw: Any) -> None:  # fmt: skip
+        run(self.fail_after_response_steps(exc, usage, *args, **kw), self._storage())
+
+    async def afail_after_response(self, exc: BaseException, usage: TokenUsage | None,
+                                   *args: Any, **kw: Any) -> None:  # fmt: skip
+        await arun(self.fail_after_response_steps(exc, usage, *args, **kw), self._storage())
+
     def fail_after_output_steps(
         self, exc: BaseException, usage: TokenUsage | None, output_text: str | None, units: int
     ) -> Steps[None]:
-        """A stream broke after producing output: that output was billed, so charge it."""
-        out: dict[str, Any] = {}
-        try:
-            if usage is None:
-                usage = self.estimated_usage(output_text, units)
-                out[attrs.COST_ESTIMATED] = True
-            out.update(usage_attributes(usage))
-            actual, provenance = self.price(usage)
-            out.update(provenance)
-        except Exception:
-            actual = self.budgeted.projected_nanos
+        """A stream broke after producing output: that output was billed, so charge it. When
+        the connection was lost (rather than the provider sending an error event), the
+        provider may have gone on generating: charge at least the reservation."""
         if self.budgeted.done:
             return None
+        out: dict[str, Any] = {}
+        actual, usage = self._actual(usage, output_text, units, None, out)
+        if is_transport_error(exc) and actual < self.budgeted.projected_nanos:
+            actual = self.budgeted.projected_nanos
+            out[attrs.COST_ESTIMATED] = True
+        self._unreserved_charge()
         yield from self.budgeted.settle_steps(
-            actual, attributes=out, error=exc,
-            input_tokens=usage.input_tokens if usage is not None else 0,
-            output_tokens=usage.output_tokens if usage is not None else 0,
+            actual, error=exc, attributes=out, input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens, end=False,
         )  # fmt: skip
+        self._end_span(actual)
         self.record_metrics(None, None, exc)
         return None
 

@@ -66,7 +66,8 @@ ends early (``break_stream_after``, ``stream_error_after``, a client that discon
 mid-stream) is billed its whole input plus the output tokens of the deltas actually written
 (reasoning tokens count as written with the first delta). A response lost in transit
 (``drop_connection``) is billed in full. Error statuses bill nothing, nor does a request whose
-client gave up (timed out) before the response was ready.
+client gave up (timed out) before the response was ready, unless ``bill_abandoned`` is set
+(then it is billed as a real provider bills a generation it finished: its whole output).
 """
 
 from __future__ import annotations
@@ -197,6 +198,9 @@ class Behaviour:
     response_model: str | None = None  #: model id to answer with (default: the request's)
     chunk_delay_s: float | None = None  #: wait between SSE events (default: ``chunk_delay_s``)
     path: str | None = None  #: only for requests whose path contains this (e.g. "messages")
+    #: report this usage object instead of the true one (``{}``, zeros, negatives, nulls):
+    #: the bill stays the true usage, as with a provider whose usage report is broken
+    reported_usage: Mapping[str, Any] | None = None
 
 
 @dataclass
@@ -426,6 +430,11 @@ def _asks_audio(body: Mapping[str, Any]) -> bool:
     )
 
 
+def _reported(beh: Behaviour, usage: dict[str, Any]) -> Any:
+    """The usage object to send: the true one, or the scripted (broken) report."""
+    return dict(beh.reported_usage) if beh.reported_usage is not None else usage
+
+
 def _int_or_none(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
@@ -443,7 +452,8 @@ class FakeLLMServer:
     Attributes that may be changed while it runs: ``latency_s`` (wait before every model
     answer), ``default_output_tokens``, ``reply_text``, ``chunk_delay_s`` (wait between SSE
     events), ``max_stream_chunks``, ``embedding_dimensions``, ``default_retry_after_s``,
-    ``default_behaviour`` (used when no scripted behaviour is queued) and ``prices``.
+    ``default_behaviour`` (used when no scripted behaviour is queued), ``prices`` and
+    ``bill_abandoned`` (bill a reply the client timed out on, as real providers do).
 
     Requests are counted and billed *before* the bytes that complete the response are written,
     so :meth:`stats` is up to date as soon as an SDK call returns or a stream is exhausted.
@@ -485,6 +495,12 @@ class FakeLLMServer:
         #: Responses ids -> their context (input + output tokens), billed again as input by a
         #: request that names it as ``previous_response_id`` (most recent kept).
         self._response_contexts: OrderedDict[str, int] = OrderedDict()
+
+
+        #: True: a reply the client gave up on (timed out) before it was ready is billed all
+        #: the same, as real providers bill a generation they finished (its whole output; a
+        #: stream, its input only). False (the default): not billed.
+        self.bill_abandoned = False
 
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
@@ -942,7 +958,7 @@ class FakeLLMServer:
                 ]
             reply: dict[str, Any] = {**base, "choices": choices, "service_tier": "default"}
             if beh.usage:
-                reply["usage"] = self._chat_usage(plan)
+                reply["usage"] = _reported(beh, self._chat_usage(plan))
             return reply
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         base["object"] = "text_completion" if legacy else "chat.completion.chunk"
@@ -985,7 +1001,9 @@ class FakeLLMServer:
                 final = {"index": i, "delta": {}, "logprobs": None, "finish_reason": finish}
             events.append(_Event(chunk(final), reasoning_due))
         if include_usage and beh.usage:
-            events.append(_Event(_sse({**base, "choices": [], "usage": self._chat_usage(plan)})))
+            events.append(_Event(_sse(
+                {**base, "choices": [], "usage": _reported(beh, self._chat_usage(plan))}
+            )))  # fmt: skip
         events.append(_Event(b"data: [DONE]\n\n"))
         return events
 
@@ -1041,7 +1059,7 @@ class FakeLLMServer:
                 "tools": body.get("tools") or [],
                 "top_p": 1.0,
                 "truncation": "disabled",
-                "usage": usage if with_usage and beh.usage else None,
+                "usage": _reported(beh, usage) if with_usage and beh.usage else None,
                 "user": None,
                 "metadata": body.get("metadata") or {},
             }
@@ -1146,7 +1164,7 @@ class FakeLLMServer:
             "stop_sequence": None,
         }
         if not body.get("stream"):
-            return {**message, **({"usage": usage} if beh.usage else {})}
+            return {**message, **({"usage": _reported(beh, usage)} if beh.usage else {})}
 
         def ev(kind: str, tokens: int = 0, **fields: Any) -> _Event:
             return _Event(_sse({"type": kind, **fields}, event=kind), tokens)
@@ -1180,7 +1198,7 @@ class FakeLLMServer:
                 "message_delta",
                 reasoning_due,
                 delta={"stop_reason": stop_reason, "stop_sequence": None},
-                **({"usage": delta_usage} if beh.usage else {}),
+                **({"usage": _reported(beh, delta_usage)} if beh.usage else {}),
             ),
             ev("message_stop"),
         ]
@@ -1521,6 +1539,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._abort()
             return
         if self._client_gone():
+            if owner.bill_abandoned:
+                owner._bill(record, plan, 0 if isinstance(rendered, list) else plan.output,
+                            "client_disconnect")  # fmt: skip
             raise _ClientGone("client timed out")
         record.status = 200
         if isinstance(rendered, list):

@@ -10,7 +10,9 @@ Wraps, sync and async, GA and beta (``client.beta.messages``, a separate code pa
 SDK): Messages ``create`` (JSON and ``stream=True``), ``parse`` and ``stream()`` (the last two
 call ``_post`` directly, not ``create``). The beta tool runner and message threads send
 through ``beta.messages.create``, so they are covered. Bedrock and Vertex clients reuse the
-same resources (their provider name is the client's). Spans follow the GenAI semantic
+same resources (their provider name is the client's). The client's ``_attempt_request`` (one
+HTTP attempt, inside the SDK's retry loop) is wrapped too: a timed-out or lost attempt is
+charged, and a retry reserved. Spans follow the GenAI semantic
 conventions; the projected cost and ``max_tokens`` (lowered to what the budget affords) are
 on the span at start, so the budget decision happens before any request.
 
@@ -29,6 +31,7 @@ from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 from opentelemetry.instrumentation.utils import unwrap
 from wrapt import wrap_function_wrapper
 
+from otel_budget.instrumentation._attempts import async_attempt, sync_attempt
 from otel_budget.instrumentation.anthropic import patch
 from otel_budget.runtime import RuntimeSource
 
@@ -52,6 +55,12 @@ _TARGETS = (
     (_BETA, "AsyncMessages", "parse", patch.async_messages_create),
     (_BETA, "AsyncMessages", "stream", patch.async_messages_stream),
 )
+# The SDK's HTTP attempt layer, inside its retry loop: each attempt of a metered call is
+# reserved and, when it may have been billed, charged (see ``_attempts``).
+_ATTEMPT_TARGETS = (
+    ("anthropic._base_client", "SyncAPIClient", "_attempt_request", lambda _tracer, _source: sync_attempt),
+    ("anthropic._base_client", "AsyncAPIClient", "_attempt_request", lambda _tracer, _source: async_attempt),
+)
 _SDK_SPANS = ("anthropic._base_client", "start_api_call_span")
 
 
@@ -70,7 +79,7 @@ class AnthropicBudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         )  # fmt: skip
         source = RuntimeSource(kwargs.get("runtime"))  # the runtime the wrappers enforce
         self._wrapped: list[tuple[str, str | None, str]] = []
-        for module, cls, method, factory in _TARGETS:
+        for module, cls, method, factory in (*_TARGETS, *_ATTEMPT_TARGETS):
             try:
                 owner = getattr(importlib.import_module(module), cls)
                 if not callable(getattr(owner, method, None)):

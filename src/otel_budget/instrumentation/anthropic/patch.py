@@ -41,6 +41,7 @@ from opentelemetry import trace
 
 from otel_budget import attributes as attrs
 from otel_budget.errors import BudgetExceededError
+from otel_budget.instrumentation._attempts import response_json
 from otel_budget.instrumentation._call import (
     CURRENT_CALL,
     LLMCall,
@@ -385,6 +386,47 @@ def _settle_unreadable(call: LLMCall, exc: BaseException) -> None:
     call.succeed(None)
 
 
+def _billed_failure(call: LLMCall) -> tuple[Any, ...] | None:
+    """A call the SDK raised out of after a 2xx answer was billed, whatever the SDK's parsing
+    then did (``messages.parse`` whose output does not validate): the arguments to charge it
+    the usage the response body carries (else its reservation). None: not answered."""
+    if not call.answered_ok:
+        return None
+    usage: TokenUsage | None = None
+    attributes: dict[str, Any] = {}
+    text: str | None = None
+    try:
+        body = response_json(call.response)
+        if body is not None:
+            usage = anthropic_usage(_get(body, "usage"))
+            attributes = _message_attributes(body)
+            text = _message_text(body)
+    except Exception as inner:
+        if call.processor is not None:
+            call.processor.engine.log_once("anthropic response", inner)
+    return usage, attributes, attributes.get(attrs.GEN_AI_RESPONSE_MODEL), text
+
+
+def _fail(call: LLMCall, exc: BaseException) -> None:
+    billed = _billed_failure(call)
+    if billed is None:
+        call.fail(exc)
+        return
+    usage, attributes, model, text = billed
+    call.fail_after_response(exc, usage, attributes, response_model=model, output_text=text)
+
+
+async def _afail(call: LLMCall, exc: BaseException) -> None:
+    billed = _billed_failure(call)
+    if billed is None:
+        await call.afail(exc)
+        return
+    usage, attributes, model, text = billed
+    await call.afail_after_response(
+        exc, usage, attributes, response_model=model, output_text=text
+    )
+
+
 def _settle_abandoned_raw(call: LLMCall) -> None:
     if not call.done:
         call.succeed(None)
@@ -445,12 +487,15 @@ def messages_create(tracer: trace.Tracer, source: RuntimeSource) -> Callable[...
             call = _start(tracer, source.get(), messages_request(instance, kwargs), kwargs)
         except BudgetExceededError as error:
             return substitute_or_raise(error)
-        token = CURRENT_CALL.set(call.budgeted)
+        token = CURRENT_CALL.set(call)
         try:
             with _use_span(call):
                 result = wrapped(*args, **kwargs)
+        except BudgetExceededError as error:  # a retry the budget no longer affords
+            _fail(call, error)
+            return substitute_or_raise(error)
         except BaseException as exc:
-            call.fail(exc)
+            _fail(call, exc)
             raise
         finally:
             CURRENT_CALL.reset(token)
@@ -478,12 +523,15 @@ def async_messages_create(tracer: trace.Tracer, source: RuntimeSource) -> Callab
             call = await _astart(tracer, source.get(), messages_request(instance, kwargs), kwargs)
         except BudgetExceededError as error:
             return substitute_or_raise(error)
-        token = CURRENT_CALL.set(call.budgeted)
+        token = CURRENT_CALL.set(call)
         try:
             with _use_span(call):
                 result = await wrapped(*args, **kwargs)
+        except BudgetExceededError as error:  # a retry the budget no longer affords
+            await _afail(call, error)
+            return substitute_or_raise(error)
         except BaseException as exc:
-            await call.afail(exc)
+            await _afail(call, exc)
             raise
         finally:
             CURRENT_CALL.reset(token)
@@ -571,12 +619,12 @@ def messages_stream(tracer: trace.Tracer, source: RuntimeSource) -> Callable[...
                 # The manager entered again: a new request, metered on its own (the cap goes
                 # into the body the partial sends).
                 current = _start(tracer, runtime, request, body if isinstance(body, dict) else {})
-            token = CURRENT_CALL.set(current.budgeted)
+            token = CURRENT_CALL.set(current)
             try:
                 with _use_span(current):
                     raw = original()
             except BaseException as exc:
-                current.fail(exc)
+                _fail(current, exc)
                 raise
             finally:
                 CURRENT_CALL.reset(token)
@@ -612,12 +660,12 @@ def async_messages_stream(tracer: trace.Tracer, source: RuntimeSource) -> Callab
 
         async def api_request() -> Any:
             finalizer.detach()
-            token = CURRENT_CALL.set(call.budgeted)
+            token = CURRENT_CALL.set(call)
             try:
                 with _use_span(call):
                     raw = await original
             except BaseException as exc:
-                call.fail(exc)
+                await _afail(call, exc)
                 raise
             finally:
                 CURRENT_CALL.reset(token)

@@ -23,6 +23,7 @@ from opentelemetry import trace
 
 from otel_budget import attributes as attrs
 from otel_budget.errors import BudgetExceededError
+from otel_budget.instrumentation._attempts import budget_refusal_in
 from otel_budget.instrumentation._call import (
     CURRENT_CALL,
     LLMCall,
@@ -425,6 +426,14 @@ async def _abegin(
     return _started(call, request, kind, params, runtime)
 
 
+def _raise_refusal(exc: BaseException) -> None:
+    """A retry the budget refused inside the openai SDK, which litellm wrapped in its own
+    error type: the caller gets the ``BudgetExceededError``."""
+    refusal = budget_refusal_in(exc)
+    if refusal is not None and refusal is not exc:
+        raise refusal from None
+
+
 def _after(call: LLMCall, result: Any, kind: str, hide: bool, asynchronous: bool) -> Any:
     if call.request.stream:
         if asynchronous and hasattr(result, "__anext__"):
@@ -449,7 +458,7 @@ async def _run_async(
     call, substitute, hide = await _abegin(tracer, source.get(), kind, params)
     if call is None:
         return substitute
-    token = CURRENT_CALL.set(call.budgeted)
+    token = CURRENT_CALL.set(call)
     try:
         with trace.use_span(call.span, end_on_exit=False, record_exception=False,
                             set_status_on_exception=False):  # fmt: skip
@@ -458,6 +467,7 @@ async def _run_async(
                 result = await result
     except BaseException as exc:
         await call.afail(exc)
+        _raise_refusal(exc)
         raise
     finally:
         CURRENT_CALL.reset(token)
@@ -482,13 +492,14 @@ def make_sync_wrapper(
         call, substitute, hide = _begin(tracer, runtime, kind, params)
         if call is None:
             return substitute
-        token = CURRENT_CALL.set(call.budgeted)
+        token = CURRENT_CALL.set(call)
         try:
             with trace.use_span(call.span, end_on_exit=False, record_exception=False,
                                 set_status_on_exception=False):  # fmt: skip
                 result = wrapped(**params)
         except BaseException as exc:
             call.fail(exc)
+            _raise_refusal(exc)
             raise
         finally:
             CURRENT_CALL.reset(token)

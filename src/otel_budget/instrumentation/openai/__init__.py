@@ -9,7 +9,8 @@
 Wraps, sync and async: chat completions ``create`` and ``parse`` (``stream()`` goes through
 ``create``), Responses ``create`` and ``parse`` (and its ``stream()``), embeddings ``create``
 and legacy completions ``create``; ``with_raw_response`` / ``with_streaming_response`` go
-through the same methods.
+through the same methods. The client's ``_send_request`` (one HTTP attempt, inside the SDK's
+retry loop) is wrapped too: a timed-out or lost attempt is charged, and a retry reserved.
 ``AzureOpenAI`` and subclasses use the same resources, so they are covered (provider
 ``azure.ai.openai``). Spans follow the GenAI semantic conventions; the projected cost and the
 output bound are on the span at start, so the budget decision happens before any request.
@@ -25,6 +26,7 @@ from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 from opentelemetry.instrumentation.utils import unwrap
 from wrapt import wrap_function_wrapper
 
+from otel_budget.instrumentation._attempts import async_attempt, sync_attempt
 from otel_budget.instrumentation.openai import patch
 from otel_budget.runtime import RuntimeSource
 
@@ -44,6 +46,12 @@ _TARGETS = (
     ("openai.resources.completions", "AsyncCompletions", "create", patch.async_completions_create),
     ("openai.resources.embeddings", "Embeddings", "create", patch.embeddings_create),
     ("openai.resources.embeddings", "AsyncEmbeddings", "create", patch.async_embeddings_create),
+)
+# The SDK's HTTP attempt layer, inside its retry loop: each attempt of a metered call is
+# reserved and, when it may have been billed, charged (see ``_attempts``).
+_ATTEMPT_TARGETS = (
+    ("openai._base_client", "SyncAPIClient", "_send_request", lambda _tracer, _source: sync_attempt),
+    ("openai._base_client", "AsyncAPIClient", "_send_request", lambda _tracer, _source: async_attempt),
 )
 
 
@@ -66,7 +74,7 @@ class OpenAIBudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         self._wrapped: list[tuple[str, str, str]] = []
         import importlib
 
-        for module, cls, method, factory in _TARGETS:
+        for module, cls, method, factory in (*_TARGETS, *_ATTEMPT_TARGETS):
             try:
                 owner = getattr(importlib.import_module(module), cls)
                 if not hasattr(owner, method):

@@ -25,6 +25,7 @@ from opentelemetry import trace
 
 from otel_budget import attributes as attrs
 from otel_budget.errors import BudgetExceededError
+from otel_budget.instrumentation._attempts import response_json
 from otel_budget.instrumentation._call import (
     CURRENT_CALL,
     LLMCall,
@@ -435,18 +436,20 @@ def _embeddings_request(instance: Any, kwargs: dict[str, Any]) -> LLMRequest:
 
 
 # -- wrapper factories -----------------------------------------------------------------------
-def _response_outcome(call: LLMCall, result: Any, kind: str, body: Any = None) -> tuple[Any, dict[str, Any], Any]:
-    """(usage, attributes, output text) of a non-stream response; never raises into the
-    caller's code (the call succeeded: a shape we do not know is charged as estimated)."""
+def _read_body(
+    call: LLMCall, body: Any, kind: str
+) -> tuple[TokenUsage | None, dict[str, Any], str | None]:
+    """(usage, response attributes, output text) of a response body; never raises (a shape
+    we do not know is charged as estimated, not lost)."""
     try:
-        if body is None:
-            body = _parsed(result)
         text: Any = None
         if kind == "responses":
             usage = responses_usage(_get(body, "usage"))
             history.remember(_get(body, "id"), usage)  # its context, for previous_response_id
             attributes = _response_attributes(body, choices=False)
             text = _get(body, "output_text") if body is not None else None
+            if not isinstance(text, str) and isinstance(body, dict):
+                text = _responses_text(body)
         else:
             usage = chat_usage(_get(body, "usage"))
             attributes = _response_attributes(body, choices=kind in ("chat", "completions"))
@@ -463,24 +466,74 @@ def _response_outcome(call: LLMCall, result: Any, kind: str, body: Any = None) -
     except Exception as exc:
         if call.processor is not None:
             call.processor.engine.log_once("openai response", exc)
-        usage, attributes, text = None, {}, None
+        return None, {}, None
     return usage, attributes, text if isinstance(text, str) else None
 
 
+def _responses_text(body: dict[str, Any]) -> str:
+    """The output text of a raw Responses body (the SDK's ``output_text`` is computed)."""
+    parts: list[str] = []
+    for item in body.get("output") or ():
+        for content in _get(item, "content") or ():
+            value = _get(content, "text")
+            if isinstance(value, str):
+                parts.append(value)
+    return "".join(parts)
+
+
+def _success(call: LLMCall, result: Any, kind: str, body: Any) -> tuple[Any, ...]:
+    """The arguments of ``call.succeed`` for a non-stream response; never raises."""
+    if body is None:
+        try:
+            body = _parsed(result)
+        except Exception:
+            body = None
+    usage, attributes, text = _read_body(call, body, kind)
+    return usage, attributes, attributes.get(attrs.GEN_AI_RESPONSE_MODEL), text
+
+
 def _settle_response(call: LLMCall, result: Any, kind: str, body: Any = None) -> None:
-    usage, attributes, text = _response_outcome(call, result, kind, body)
-    call.succeed(
-        usage, attributes, response_model=attributes.get(attrs.GEN_AI_RESPONSE_MODEL),
-        output_text=text,
-    )  # fmt: skip
+    usage, attributes, model, text = _success(call, result, kind, body)
+    call.succeed(usage, attributes, response_model=model, output_text=text)
 
 
 async def _asettle_response(call: LLMCall, result: Any, kind: str, body: Any = None) -> None:
-    usage, attributes, text = _response_outcome(call, result, kind, body)
-    await call.asucceed(
-        usage, attributes, response_model=attributes.get(attrs.GEN_AI_RESPONSE_MODEL),
-        output_text=text,
-    )  # fmt: skip
+    usage, attributes, model, text = _success(call, result, kind, body)
+    await call.asucceed(usage, attributes, response_model=model, output_text=text)
+
+
+def _billed_failure(call: LLMCall, exc: BaseException, kind: str) -> tuple[Any, ...] | None:
+    """A call the SDK raised out of after a 2xx answer was billed, whatever the SDK's parsing
+    then did (``LengthFinishReasonError``, ``ContentFilterFinishReasonError``, a structured
+    output that does not validate): the arguments to charge it the usage the exception's
+    completion or the response body carries (else its reservation). None: not answered."""
+    if not call.answered_ok:
+        return None
+    body = getattr(exc, "completion", None)
+    if _get(body, "usage") is None:
+        body = response_json(call.response) or body
+    usage, attributes, text = _read_body(call, body, kind)
+    return usage, attributes, attributes.get(attrs.GEN_AI_RESPONSE_MODEL), text
+
+
+def _fail(call: LLMCall, exc: BaseException, kind: str) -> None:
+    billed = _billed_failure(call, exc, kind)
+    if billed is None:
+        call.fail(exc)
+        return
+    usage, attributes, model, text = billed
+    call.fail_after_response(exc, usage, attributes, response_model=model, output_text=text)
+
+
+async def _afail(call: LLMCall, exc: BaseException, kind: str) -> None:
+    billed = _billed_failure(call, exc, kind)
+    if billed is None:
+        await call.afail(exc)
+        return
+    usage, attributes, model, text = billed
+    await call.afail_after_response(
+        exc, usage, attributes, response_model=model, output_text=text
+    )
 
 
 def _prepare_stream(kwargs: dict[str, Any], kind: str, runtime: BudgetRuntime | None) -> bool:
@@ -513,7 +566,7 @@ def make_sync_wrapper(
         except BudgetExceededError as error:
             return substitute_or_raise(error)
         hide_usage = _prepare_stream(kwargs, kind, runtime)
-        token = CURRENT_CALL.set(call.budgeted)
+        token = CURRENT_CALL.set(call)  # the call being sent (its attempts are seen)
         try:
             with trace.use_span(call.span, end_on_exit=False, record_exception=False,
                                 set_status_on_exception=False):  # fmt: skip
@@ -523,8 +576,11 @@ def make_sync_wrapper(
                 if hasattr(stream, "__next__"):
                     proxy = _SyncStream(stream, call, _accumulator(kind), hide_usage)
                     return _RawStreamResponse(result, proxy)
+        except BudgetExceededError as error:  # a retry the budget no longer affords
+            _fail(call, error, kind)
+            return substitute_or_raise(error)
         except BaseException as exc:
-            call.fail(exc)
+            _fail(call, exc, kind)
             raise
         finally:
             CURRENT_CALL.reset(token)
@@ -549,7 +605,7 @@ def make_async_wrapper(
         except BudgetExceededError as error:
             return substitute_or_raise(error)
         hide_usage = _prepare_stream(kwargs, kind, runtime)
-        token = CURRENT_CALL.set(call.budgeted)
+        token = CURRENT_CALL.set(call)  # the call being sent (its attempts are seen)
         body: Any = None
         try:
             with trace.use_span(call.span, end_on_exit=False, record_exception=False,
@@ -569,8 +625,11 @@ def make_async_wrapper(
                         body = await result.parse()  # cached: the caller's parse() gets the same
                     except Exception:
                         body = None  # the caller's own parse() raises it; charged as estimated
+        except BudgetExceededError as error:  # a retry the budget no longer affords
+            await _afail(call, error, kind)
+            return substitute_or_raise(error)
         except BaseException as exc:
-            await call.afail(exc)
+            await _afail(call, exc, kind)
             raise
         finally:
             CURRENT_CALL.reset(token)
