@@ -142,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     results: dict[str, dict[str, list[float]]] = {k: {c: [] for c in cases} for k in kinds}
     try:
-        for name, saved in cases.items():  # warm-up: connections, caches, imports
+        for _name, saved in cases.items():  # warm-up: connections, caches, imports
             install(targets, saved)
             for kind in kinds.values():
                 kind(20)

@@ -45,7 +45,6 @@ from otel_budget import attributes as attrs
 from otel_budget.processor import _ACTIVE
 from otel_budget.storage import MemoryStorage, ScopeLimit
 
-
 # CPU time of the calling thread: what the app pays per span, and robust to other load on
 # the machine (wall time is not, on a shared 2-core box). --wall switches to wall time.
 _now = time.thread_time_ns

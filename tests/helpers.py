@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import random
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 from opentelemetry.sdk.trace import SpanProcessor

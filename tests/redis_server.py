@@ -69,7 +69,7 @@ class RedisServer:
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         assert self.proc is None or self.proc.poll() is not None, "already running"
-        log = open(os.path.join(self.dir, "redis.log"), "ab")
+        log = open(os.path.join(self.dir, "redis.log"), "ab")  # noqa: SIM115 - the server keeps it
         self.proc = subprocess.Popen(
             [
                 self.binary, "--port", str(self.port), "--bind", "127.0.0.1",

@@ -324,7 +324,7 @@ def test_raw_stream_fully_consumed(
     stream = create(client, stream=True)
     assert not spans_named(exporter, SPAN)  # open while the caller reads
     events = list(stream)
-    assert [e.type for e in events][0] == "message_start"
+    assert events[0].type == "message_start"
     span = only(exporter)
     assert starts.at_start[span.context.span_id]["gen_ai.request.stream"] is True
     end = span.attributes

@@ -26,7 +26,7 @@ def llm(tracer: trace.Tracer, usd: float, model: str = "test-model") -> None:
 
 
 def test_public_names() -> None:
-    from otel_budget import BudgetExceededError as E, BudgetSpanProcessor, budget as b  # noqa: F401
+    from otel_budget import BudgetExceededError as E  # noqa: F401
 
     error = E("x", budget_usd=1.0, spent_usd=0.5, projected_usd=0.6, remaining_usd=0.5,
               scope="t:1", trace_id="ab", report=None)  # fmt: skip
@@ -55,7 +55,7 @@ def test_budget_starts_a_root_span_and_reports(make_processor: Any, tracer: Any,
     assert [e["name"] for e in report.events][-1] == attrs.EVENT_EXCEEDED
     assert info.value.report.total_usd == pytest.approx(0.4)
     assert "spent $0.4" in report.format()
-    root = [s for s in exporter.get_finished_spans() if s.name == "runaway-agent"][0]
+    root = next(s for s in exporter.get_finished_spans() if s.name == "runaway-agent")
     assert root.parent is None
     assert root.attributes[attrs.TRACE_SPENT_USD] == pytest.approx(0.4)
     assert root.attributes[attrs.TRACE_BUDGET_USD] == 0.5

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import warnings
 
-from opentelemetry.semconv._incubating.attributes import error_attributes, gen_ai_attributes as g
-from opentelemetry.semconv._incubating.attributes import server_attributes
+from opentelemetry.semconv._incubating.attributes import error_attributes, server_attributes
+from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as g
 
 from otel_budget import attributes as attrs
 

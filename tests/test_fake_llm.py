@@ -340,7 +340,7 @@ def test_anthropic_json_and_cache_semantics(server, ant):
     assert usage.input_tokens == 12  # excluding the cache, as Anthropic reports it
     assert (usage.cache_read_input_tokens, usage.cache_creation_input_tokens) == (100, 40)
     assert usage.output_tokens == 20
-    expected = int(12 * 3000 + 100 * 300 + 40 * 3750 + 20 * 15000)
+    expected = 12 * 3000 + 100 * 300 + 40 * 3750 + 20 * 15000
     assert server.stats()["billed_nanos"] == expected
     assert server.stats()["input_tokens"] == 152
     capped = ant.messages.create(

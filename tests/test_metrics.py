@@ -33,11 +33,19 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanKind
 
-from otel_budget import BudgetExceededError, ModelPrice, PriceBook, ScopeRule, budget, scope, track_tool
+from otel_budget import (
+    BudgetExceededError,
+    ModelPrice,
+    PriceBook,
+    ScopeRule,
+    budget,
+    scope,
+    track_tool,
+)
 from otel_budget import attributes as attrs
 from otel_budget.engine import KIND_TOOL
-from otel_budget.metered import begin_call
 from otel_budget.instrumentation._call import LLMCall, LLMRequest, start_call
+from otel_budget.metered import begin_call
 from otel_budget.money import parse_usd
 from otel_budget.pricing import TokenUsage
 from otel_budget.tokens import InputEstimate

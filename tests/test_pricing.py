@@ -11,11 +11,11 @@ import warnings
 from datetime import datetime, timezone
 from decimal import Decimal
 
-import pytest
-
 import genai_prices
+import pytest
 from genai_prices import Usage, calc_price, data_snapshot
 from genai_prices import types as gp_types
+
 from otel_budget import pricing
 from otel_budget.money import usd_to_nanos
 from otel_budget.pricing import ModelPrice, PriceBook, PriceQuote, TokenUsage, UnknownModelError
@@ -339,7 +339,7 @@ def test_bad_model_price_is_rejected_directly() -> None:
         PriceBook(aliases={"a": ""})
 
 
-@pytest.mark.parametrize("field_name", [f for f in TokenUsage.__slots__])
+@pytest.mark.parametrize("field_name", list(TokenUsage.__slots__))
 @pytest.mark.parametrize("bad", [-1, True, 1.5, "10", None])
 def test_token_usage_validation(field_name: str, bad: object) -> None:
     with pytest.raises(ValueError):
@@ -666,7 +666,7 @@ def test_tool_costs() -> None:
     assert b.tool_cost_nanos("pages", [1, 2, 3]) == 3_000_000
     assert b.tool_cost_nanos("mcp.github.search") == 2_000_000
     assert b.tool_cost_nanos("calculator") is None
-    with pytest.raises(ValueError, match="broken.*RuntimeError: boom"):
+    with pytest.raises(ValueError, match=r"broken.*RuntimeError: boom"):
         b.tool_cost_nanos("broken")
     for name in ("nan", "negative", "none", "boolean"):
         with pytest.raises(ValueError, match=name):

@@ -321,7 +321,7 @@ def test_unsampled_root_and_processor_on_separate_provider(make_processor: Any) 
     own = provider.get_tracer("own")
     with own.start_as_current_span("agent"):
         llm_call(own, 0.1)
-    root = [s for s in exporter.get_finished_spans() if s.name == "agent"][0]
+    root = next(s for s in exporter.get_finished_spans() if s.name == "agent")
     assert root.attributes[attrs.TRACE_SPENT_USD] == pytest.approx(0.1)
 
 

@@ -17,7 +17,12 @@ from otel_budget import BudgetExceededError
 from otel_budget import attributes as attrs
 from otel_budget.metered import begin_call
 from otel_budget.money import parse_usd
-from otel_budget.propagation import BAGGAGE_KEY, parse_baggage_budget, set_trace_budget, trace_budget
+from otel_budget.propagation import (
+    BAGGAGE_KEY,
+    parse_baggage_budget,
+    set_trace_budget,
+    trace_budget,
+)
 
 
 def llm(tracer: Any, usd: float) -> None:

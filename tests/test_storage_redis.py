@@ -64,7 +64,7 @@ from tests.test_processor import gen_ai_attrs, llm_call  # noqa: E402
 from tests.test_storage_memory import FakeClock, LedgerMachine  # noqa: E402
 
 USD = 1_000_000_000
-FAST = dict(socket_timeout=0.05, socket_connect_timeout=0.05, retries=1)
+FAST = {"socket_timeout": 0.05, "socket_connect_timeout": 0.05, "retries": 1}
 
 try:
     import fakeredis
@@ -435,7 +435,7 @@ def test_big_negative_and_odd_lease_ids(backend: Backend) -> None:
     store = backend.store
     scope_ = ScopeLimit("t:ids", 10 * USD, True)
     ids: list[Any] = [(1 << 191) | 12345, -(random.getrandbits(126) + 1), 0, (3, 4), "span-x"]
-    for i, lease in enumerate(ids):
+    for lease in ids:
         assert store.reserve(lease, [scope_], USD).status is ReserveStatus.OK, lease
     assert store.reserve(ids[0], [scope_], USD).status is ReserveStatus.DUPLICATE
     for lease in ids:
@@ -867,7 +867,7 @@ def test_refused_connection_fails_fast(private_server: RedisServer) -> None:
     assert isinstance(result, LedgerUnavailableError) and result.attempted
     assert took < bound_of(store)
     for lease in range(2, 10):  # the circuit opens after 2 failures (ours or the replayer's)
-        took, result = _elapsed(lambda: store.reserve(lease, scope_, 1))
+        took, result = _elapsed(lambda lease=lease: store.reserve(lease, scope_, 1))
         assert isinstance(result, LedgerUnavailableError) and took < bound_of(store)
     assert not result.attempted and took < 0.1  # open: no network at all
     assert 1 <= store.pending <= 2  # attempted reserves get a release (tombstone) later
@@ -892,7 +892,7 @@ def test_frozen_server_bounded_calls_no_lost_spend_no_double_count(
         took, result = _elapsed(lambda: store.release(2))
         assert result.status is CommitStatus.RELEASED and took < bound_of(store)
         for lease in range(10, 20):  # the breaker is open: no wait at all
-            took, result = _elapsed(lambda: store.reserve(lease, [trace], USD))
+            took, result = _elapsed(lambda lease=lease: store.reserve(lease, [trace], USD))
             assert isinstance(result, LedgerUnavailableError) and took < bound_of(store)
         assert store.stats["fast_failures"] >= 5
         time.sleep(0.3)

@@ -483,7 +483,8 @@ def test_seed_creates_valid_files_without_touching_the_environment(cache_dir: st
 def test_corrupted_seed_file_is_replaced(cache_dir: str, damage: str) -> None:
     assert ensure_tiktoken_offline(("o200k_base",))
     path = os.path.join(cache_dir, CACHE_FILE["o200k_base"])
-    data = bytearray(open(path, "rb").read())
+    with open(path, "rb") as handle:
+        data = bytearray(handle.read())
     if damage == "flip_byte":
         data[len(data) // 2] ^= 0x01
     elif damage == "truncate":

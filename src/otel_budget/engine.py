@@ -21,8 +21,8 @@ Scopes of a call (each must have room for the projected cost):
 
 from __future__ import annotations
 
-import random
 import logging
+import random
 import threading
 import time
 from collections import OrderedDict
@@ -31,7 +31,6 @@ from datetime import datetime, timezone
 from typing import Any
 
 from otel_budget import attributes as attrs
-from otel_budget.propagation import baggage_limit
 from otel_budget.context import (
     BUDGET_FRAMES,
     INVALID_IDENTITY,
@@ -42,15 +41,16 @@ from otel_budget.context import (
     valid_identity,
 )
 from otel_budget.errors import (
-    Substitute,
     REASON_INTERNAL_ERROR,
     REASON_INVALID_REQUEST,
     REASON_LIMIT,
     REASON_PAUSED,
     REASON_UNKNOWN_MODEL,
     BudgetExceededError,
+    Substitute,
 )
 from otel_budget.money import NANOS_PER_USD, format_usd, to_usd
+from otel_budget.propagation import baggage_limit
 from otel_budget.report import (
     TERMINATED_BY_BUDGET,
     TERMINATED_BY_INTERNAL_ERROR,
@@ -158,7 +158,7 @@ def _window_suffix(window: str | None, now: float) -> str:
 
 def _window_ttl(window: str | None) -> float | None:
     # Long enough to cover the whole window plus late commits; then the key may go.
-    return {"day": 2 * 86400.0, "month": 62 * 86400.0}.get(window or "", None)
+    return {"day": 2 * 86400.0, "month": 62 * 86400.0}.get(window or "")
 
 
 def trace_key(trace_id: int) -> str:

@@ -46,7 +46,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
-from typing import Any, Union
+from typing import Any
 
 from .money import parse_usd, to_usd, usd_to_nanos
 
@@ -62,7 +62,7 @@ _log = logging.getLogger(__name__)
 _UTC = timezone.utc
 _INF = math.inf
 
-Number = Union[int, float, Decimal, str]
+Number = int | float | Decimal | str
 
 
 # --------------------------------------------------------------------------- public types

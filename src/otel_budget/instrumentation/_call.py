@@ -33,6 +33,7 @@ from otel_budget import attributes as attrs
 from otel_budget.costing import price_call
 from otel_budget.engine import KIND_LLM, Charge
 from otel_budget.errors import REASON_INVALID_REQUEST, REASON_UNKNOWN_MODEL, BudgetExceededError
+from otel_budget.instrumentation._attempts import is_transport_error, may_be_billed
 from otel_budget.metered import (
     CURRENT_CALL,
     MeteredCall,
@@ -40,7 +41,6 @@ from otel_budget.metered import (
     refuse,
     start_span,
 )
-from otel_budget.instrumentation._attempts import is_transport_error, may_be_billed
 from otel_budget.money import to_usd
 from otel_budget.pricing import TokenUsage, UnknownModelError
 from otel_budget.runtime import BudgetRuntime

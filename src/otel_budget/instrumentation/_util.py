@@ -48,10 +48,10 @@ def materialised(value: Any, depth: int = 0) -> Any:
     if isinstance(value, Iterator):
         value = list(value)
         items = [materialised(v, depth + 1) for v in value]
-        return items if any(a is not b for a, b in zip(items, value)) else value
+        return items if any(a is not b for a, b in zip(items, value, strict=True)) else value
     if isinstance(value, (list, tuple)):
         items = [materialised(v, depth + 1) for v in value]
-        if any(a is not b for a, b in zip(items, value)):
+        if any(a is not b for a, b in zip(items, value, strict=True)):
             return items if isinstance(value, list) else tuple(items)
         return value
     if type(value) is dict:

@@ -144,9 +144,8 @@ class MemoryStorage(LedgerStorage):
                         home[spec.key] = scope
                 else:
                     home.move_to_end(spec.key)
-            if spec.lower_only:
-                if spec.limit < scope.limit:
-                    scope.limit = spec.limit
+            if spec.lower_only and spec.limit < scope.limit:
+                scope.limit = spec.limit
             if scope.ttl is not None:
                 scope.expires_at = now + scope.ttl
         return scope
@@ -252,7 +251,7 @@ class MemoryStorage(LedgerStorage):
                         return ReserveResult(ReserveStatus.PAUSED, ScopeUsage(key, 0, 0, 0))
             resolved = tuple([self._scope(spec, now) for spec in specs])
             grant = maximum
-            for spec, scope in zip(specs, resolved):
+            for spec, scope in zip(specs, resolved, strict=True):
                 limit = scope.limit
                 cap = spec.cap
                 if cap is not None and cap < limit:

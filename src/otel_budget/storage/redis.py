@@ -447,7 +447,7 @@ class RedisStorage(LedgerStorage):
                     return
                 entry = self._journal[0]
             try:
-                self._call(lambda: self._replay(entry))
+                self._call(lambda entry=entry: self._replay(entry))
             except LedgerUnavailableError:
                 self._wake.wait(interval)
                 self._wake.clear()
@@ -745,7 +745,7 @@ class RedisStorage(LedgerStorage):
             for name in names:
                 pipe.hmget(name, "limit", "spent", "reserved")
             out = []
-            for name, values in zip(names, pipe.execute()):
+            for name, values in zip(names, pipe.execute(), strict=True):
                 if values[0] is not None:
                     out.append(
                         ScopeUsage(name[len(head):], int(values[0]), int(values[1] or 0),

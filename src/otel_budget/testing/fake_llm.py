@@ -1294,7 +1294,7 @@ class _HTTPServer(ThreadingHTTPServer):
         exc = sys.exc_info()[1]
         if isinstance(exc, _DISCONNECT_ERRORS):
             return  # a client that went away: not worth a traceback
-        logger.error("FakeLLMServer: unexpected error serving %s", client_address, exc_info=True)
+        logger.error("FakeLLMServer: unexpected error serving %s", client_address, exc_info=exc)
 
 
 class _ClientGone(Exception):

@@ -46,17 +46,16 @@ from otel_budget.instrumentation._call import (
     CURRENT_CALL,
     LLMCall,
     LLMRequest,
-    capture_content,
     astart_call,
+    capture_content,
     start_call,
     substitute_or_raise,
 )
-from otel_budget.instrumentation._util import RequestParams
+from otel_budget.instrumentation._stream import AsyncStreamProxy, SyncStreamProxy
+from otel_budget.instrumentation._util import RequestParams, response_attributes
 from otel_budget.instrumentation._util import content_attribute as _content_attribute
-from otel_budget.instrumentation._util import response_attributes
 from otel_budget.instrumentation._util import get as _get
 from otel_budget.instrumentation._util import nonneg_int as _int
-from otel_budget.instrumentation._stream import AsyncStreamProxy, SyncStreamProxy
 from otel_budget.pricing import TokenUsage
 from otel_budget.runtime import BudgetRuntime, RuntimeSource
 from otel_budget.tokens import bytes_rule, estimate_input_tokens

@@ -35,6 +35,7 @@ from otel_budget.instrumentation._call import (
     start_call,
     substitute_or_raise,
 )
+from otel_budget.instrumentation._stream import AsyncStreamProxy, SyncStreamProxy
 from otel_budget.instrumentation._util import (
     ChatChunkAccumulator,
     RequestParams,
@@ -48,7 +49,6 @@ from otel_budget.instrumentation._util import content_attribute as _content_attr
 from otel_budget.instrumentation._util import get as _get
 from otel_budget.instrumentation._util import nonneg_int as _int
 from otel_budget.instrumentation._util import usage_only as _usage_only
-from otel_budget.instrumentation._stream import AsyncStreamProxy, SyncStreamProxy
 from otel_budget.instrumentation.openai import history
 from otel_budget.pricing import TokenUsage
 from otel_budget.runtime import BudgetRuntime, RuntimeSource
@@ -339,9 +339,9 @@ def _chat_request(instance: Any, kwargs: dict[str, Any]) -> LLMRequest:
     model = str(params.get("model") or "unknown")
     # An explicit None (frameworks pass every parameter) is as good as absent: injecting a
     # cap as max_tokens because the caller sent max_tokens=None would fail on o-series models.
-    if params.get("max_completion_tokens") is not None or params.get("max_tokens") is None and (
+    if params.get("max_completion_tokens") is not None or (params.get("max_tokens") is None and (
         host in _OPENAI_HOSTS or provider == PROVIDER_AZURE
-    ):
+    )):
         output_param = "max_completion_tokens"  # o-series reject max_tokens
     else:
         output_param = "max_tokens"  # what OpenAI-compatible servers (vLLM, ...) understand
