@@ -50,6 +50,7 @@ from otel_budget.metrics import BudgetMetrics
 from otel_budget.money import NANOS_PER_USD, parse_usd, to_usd, usd_to_nanos
 from otel_budget.pricing import PriceBook
 from otel_budget.report import TraceStats
+from otel_budget.span_projection import reserve_arguments, supersede_outer_projection
 from otel_budget.settings import DEFAULT_THRESHOLDS, FAIL_OPEN, BudgetSettings, ScopeRule
 from otel_budget.storage import LedgerStorage, MemoryStorage
 
@@ -112,6 +113,7 @@ class BudgetSpanProcessor(SpanProcessor):
         thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
         failure_policy: str = FAIL_OPEN,
         default_max_output_tokens: int = 4096,
+        assumed_input_tokens: int = 8192,
         on_warning: Callable[[dict[str, Any]], Any] | None = None,
         on_exceeded: Callable[[dict[str, Any]], Any] | None = None,
         prices: PriceBook | None = None,
@@ -130,6 +132,7 @@ class BudgetSpanProcessor(SpanProcessor):
             thresholds=thresholds,
             failure_policy=failure_policy,
             default_max_output_tokens=default_max_output_tokens,
+            assumed_input_tokens=assumed_input_tokens,
             on_warning=on_warning,
             on_exceeded=on_exceeded,
             trace_ttl_seconds=trace_ttl_seconds,
@@ -174,7 +177,17 @@ class BudgetSpanProcessor(SpanProcessor):
                     # since for streams it may end after our call has settled.
                     ctx = span.get_span_context()
                     self._nested.add(lease_id_of(ctx.trace_id, ctx.span_id))
-                return
+                    return
+                # Another instrumentation's GenAI span: project it from what it carries.
+                foreign = reserve_arguments(self, span, parent is None, attributes)
+                if foreign is None:
+                    return
+                attributes, projected = foreign
+            elif parent is not None and not parent.is_remote:
+                supersede_outer_projection(
+                    self.engine, lease_id_of(parent.trace_id, parent.span_id),
+                    attributes.get(attrs.GEN_AI_OPERATION_NAME),
+                )  # fmt: skip
             operation = attributes.get(attrs.GEN_AI_OPERATION_NAME)
             if operation is None:
                 return
