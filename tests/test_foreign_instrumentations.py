@@ -35,7 +35,8 @@ MINI = "gpt-4o-mini"
 MESSAGES = [{"role": "user", "content": "Say something long about budgets."}]
 SERVER_PRICES = {MINI: (0.15, 0.60, 0.075)}  # genai-prices' (input, output, cache read) $/MTok
 BUDGET = 0.02  # USD; a reply of 3000 output tokens costs ~$0.0018, a projection ~$0.0037
-GENAI_SCOPE = "opentelemetry.instrumentation.genai.openai"
+GENAI_SCOPE = GENAI_OPENAI = "opentelemetry.instrumentation.genai.openai"
+OPENLLMETRY = "opentelemetry.instrumentation.openai"
 
 
 @pytest.fixture
@@ -173,7 +174,8 @@ def test_genai_openai_failed_call_releases_its_reservation(
         assert ledger(processor, trace_key(root.get_span_context().trace_id)) == (0, 0)
     assert not processor.engine._open
     span = spans_named(exporter, f"chat {MINI}")[0]
-    assert span.status.status_code is StatusCode.ERROR and attrs.COST_PROJECTED_USD in span.attributes
+    assert span.status.status_code is StatusCode.ERROR
+    assert attrs.COST_PROJECTED_USD in span.attributes
 
 
 # -- OpenLLMetry -------------------------------------------------------------------------------
@@ -206,16 +208,27 @@ def test_openllmetry_calls_stop_before_the_budget_with_a_price_as_policy(
 
 
 # -- ours inside another instrumentation: one call, charged once ------------------------------------
-def test_our_call_inside_genai_openai_is_charged_once(
+@pytest.mark.parametrize(
+    ("package", "probe"),
+    [
+        (GENAI_OPENAI, GENAI_OPENAI),
+        (OPENLLMETRY, OPENLLMETRY + ".shared"),  # the package, not a namespace
+    ],
+    ids=["genai-openai", "openllmetry"],
+)
+def test_our_call_inside_another_instrumentation_is_charged_once(
     make_processor: Any, exporter: Any, server: FakeLLMServer, client: openai.OpenAI,
+    package: str, probe: str,
 ) -> None:  # fmt: skip
-    pytest.importorskip("opentelemetry.instrumentation.genai.openai")
+    """Ours instrumented first, so the other wrapper is the outer one: its span starts first
+    (OpenLLMetry's without a model, which is not refused since ours meters the call)."""
+    pytest.importorskip(probe)
     from otel_budget.instrumentation.openai import OpenAIBudgetInstrumentor
 
     ours = OpenAIBudgetInstrumentor()
-    ours.instrument()  # first: genai-openai's wrapper is the outer one
+    ours.instrument()
     try:
-        for other in _instrumentor("opentelemetry.instrumentation.genai.openai", False):
+        for _ in _instrumentor(package, alone=False):
             processor = make_processor(1.0, prices=PriceBook())
             tracer = trace.get_tracer("tests.agent")
             with tracer.start_as_current_span("agent") as root:
@@ -223,7 +236,7 @@ def test_our_call_inside_genai_openai_is_charged_once(
                     client.chat.completions.create(model=MINI, messages=MESSAGES)
                 spent, reserved = ledger(processor, trace_key(root.get_span_context().trace_id))
             assert reserved == 0 and not processor.engine._open
-            assert spent == server.stats()["billed_nanos"]
+            assert spent == server.stats()["billed_nanos"] and server.stats()["requests"] == 3
     finally:
         ours.uninstrument()
     assert _create_is_clean()
@@ -278,14 +291,15 @@ def test_hand_written_span_with_its_messages_is_counted(
 ) -> None:  # fmt: skip
     processor = make_processor(1.0, prices=PriceBook())
     messages = '[{"role": "user", "parts": [{"type": "text", "content": "Hi"}]}]'
-    with tracer.start_as_current_span("agent"):
-        with tracer.start_as_current_span(f"chat {MINI}", attributes={
-            **CURRENT, "gen_ai.input.messages": messages, "gen_ai.request.max_tokens": 10,
-        }) as span:  # fmt: skip
-            projected = span.attributes[attrs.COST_PROJECTED_USD]
-            assert span.attributes[attrs.COST_INPUT_ESTIMATED] != "assumed"
-            assert attrs.COST_OUTPUT_ASSUMED not in span.attributes
-            span.set_attributes({"gen_ai.usage.input_tokens": 9, "gen_ai.usage.output_tokens": 10})
+    at_start = {**CURRENT, "gen_ai.input.messages": messages, "gen_ai.request.max_tokens": 10}
+    with (
+        tracer.start_as_current_span("agent"),
+        tracer.start_as_current_span(f"chat {MINI}", attributes=at_start) as span,
+    ):
+        projected = span.attributes[attrs.COST_PROJECTED_USD]
+        assert span.attributes[attrs.COST_INPUT_ESTIMATED] != "assumed"
+        assert attrs.COST_OUTPUT_ASSUMED not in span.attributes
+        span.set_attributes({"gen_ai.usage.input_tokens": 9, "gen_ai.usage.output_tokens": 10})
     assert 0 < projected < 0.00001
     assert not processor.engine._open
     assert len(exporter.get_finished_spans()) == 2

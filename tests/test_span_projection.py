@@ -119,4 +119,3 @@ def test_assumed_input_tokens_setting() -> None:
     }
     with pytest.raises(ValueError, match="OTEL_BUDGET_ASSUMED_INPUT_TOKENS"):
         settings_from_env({"OTEL_BUDGET_ASSUMED_INPUT_TOKENS": "lots"})
-

@@ -50,8 +50,8 @@ from otel_budget.metrics import BudgetMetrics
 from otel_budget.money import NANOS_PER_USD, parse_usd, to_usd, usd_to_nanos
 from otel_budget.pricing import PriceBook
 from otel_budget.report import TraceStats
-from otel_budget.span_projection import reserve_arguments, supersede_outer_projection
 from otel_budget.settings import DEFAULT_THRESHOLDS, FAIL_OPEN, BudgetSettings, ScopeRule
+from otel_budget.span_projection import reserve_arguments, supersede_outer_projection
 from otel_budget.storage import LedgerStorage, MemoryStorage
 
 _ACTIVE_LOCK = threading.Lock()

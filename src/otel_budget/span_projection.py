@@ -44,6 +44,7 @@ request's output the way ours do, and the input may be larger than assumed.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -66,7 +67,8 @@ GEN_AI_TOOL_DEFINITIONS = "gen_ai.tool.definitions"
 GEN_AI_PROMPT_DEPRECATED = "gen_ai.prompt"
 _PROMPT_PREFIX = "gen_ai.prompt."
 
-INPUT_ASSUMED = "assumed"  # ``input_method`` when no content was there to count
+INPUT_ASSUMED = "assumed"
+OWN_SCOPE = "otel_budget"  # our tracers: their spans carry a projection, or were refused  # ``input_method`` when no content was there to count
 
 # Paid operations, with the other spellings instrumentations use for them.
 _OPERATIONS = {
@@ -117,13 +119,14 @@ class ModelNotAtStartError(UnknownModelError):
 
     def __init__(self, span_name: str, provider: str | None) -> None:
         super().__init__("", provider)
-        self.args = (
+        message = (
             f"GenAI span {span_name!r} starts without gen_ai.request.model (its "
             "instrumentation sets it later), so its cost cannot be projected; otel-budget "
             "blocks calls it cannot price. Price them like a known model: "
             'PriceBook(unknown_model="price_as:<your most expensive model>") or '
-            "OTEL_BUDGET_UNKNOWN_MODEL, or use otel-budget's own instrumentors.",
+            "OTEL_BUDGET_UNKNOWN_MODEL, or use otel-budget's own instrumentors."
         )
+        self.args = (message,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,7 +242,7 @@ def _indexed_prompt(attributes: Mapping[str, Any]) -> list[dict[str, Any]] | Non
     for key, value in attributes.items():
         if not key.startswith(_PROMPT_PREFIX):
             continue
-        index, _, field = key[len(_PROMPT_PREFIX):].partition(".")
+        index, _, field = key[len(_PROMPT_PREFIX) :].partition(".")
         if index.isdigit() and field in ("role", "content"):
             found.setdefault(int(index), {})[field] = value
     if not found:
@@ -381,14 +384,22 @@ def reserve_arguments(
     ``gen_ai.operation.name`` when only an older spelling said it, so the span settles when it
     ends). An unpriceable model under the ``"block"`` policy ends the span as refused and
     raises ``BudgetExceededError``."""
+    scope = getattr(span, "instrumentation_scope", None)
+    if attributes.get(attrs.COST_INPUT_ESTIMATED) is not None or _scope_name(scope).startswith(
+        OWN_SCOPE
+    ):
+        return None  # ours, refused before it was reserved: nothing to reserve
     settings = processor.settings
     try:
         projection = project_span(
-            span.name, attributes, getattr(span, "instrumentation_scope", None),
-            processor.prices, default_max_output_tokens=settings.default_max_output_tokens,
+            span.name, attributes, scope, processor.prices, default_max_output_tokens=settings.default_max_output_tokens,
             assumed_input_tokens=settings.assumed_input_tokens,
         )  # fmt: skip
     except UnknownModelError as exc:
+        if isinstance(exc, ModelNotAtStartError) and _ours_instrument(exc.provider):
+            # Our instrumentor meters this call itself: inside this span (it reserves, and
+            # this span is then not charged) or around it (this span is nested in ours).
+            return None
         from otel_budget.processor import mark_refused
 
         refusal = _unknown_model_refusal(processor.engine, span, parentless, attributes, exc)
@@ -428,6 +439,27 @@ def supersede_outer_projection(engine: Any, parent_lease: int, operation: Any) -
     if charge is not None and charge.kind == KIND_LLM:
         engine.release(charge)
         engine.note_metered_parent(parent_lease)
+
+
+_OUR_INSTRUMENTORS = (
+    ("openai", "otel_budget.instrumentation.openai", "OpenAIBudgetInstrumentor"),
+    ("azure", "otel_budget.instrumentation.openai", "OpenAIBudgetInstrumentor"),
+    ("anthropic", "otel_budget.instrumentation.anthropic", "AnthropicBudgetInstrumentor"),
+)
+
+
+def _ours_instrument(provider: str | None) -> bool:
+    """Whether one of our instrumentors is active for the SDK of ``provider``'s calls."""
+    if not provider:
+        return False
+    for token, module_name, class_name in _OUR_INSTRUMENTORS:
+        if token in provider:
+            module = sys.modules.get(module_name)  # never imported: never instrumented
+            cls = getattr(module, class_name, None) if module is not None else None
+            instance = getattr(cls, "_instance", None)
+            if getattr(instance, "is_instrumented_by_opentelemetry", False):
+                return True
+    return False
 
 
 def _unknown_model_refusal(
