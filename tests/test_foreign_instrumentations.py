@@ -6,7 +6,8 @@ OpenLLMetry's ``opentelemetry-instrumentation-openai``, or hand-written GenAI sp
 instrument the real ``openai`` SDK against ``FakeLLMServer``, and loops calls under one root
 span: the loop must stop with ``BudgetExceededError`` before the provider billed more than
 the budget, the refused span must be exported with ERROR status, and no reservation may be
-left behind. A package that is not installed skips its tests (``pytest.importorskip``).
+left behind. A package that is not installed skips its tests (``pytest.importorskip``):
+``pip install -e '.[test,test-foreign]'`` in a separate virtualenv runs them all.
 OpenLIT is not tested: it pins ``openai<3`` and its install downgrades openai, anthropic and
 the OpenTelemetry SDK. ``opentelemetry-instrumentation-openai-v2`` does not import beside
 ``opentelemetry-util-genai`` 1.3b0.
@@ -303,3 +304,35 @@ def test_hand_written_span_with_its_messages_is_counted(
     assert 0 < projected < 0.00001
     assert not processor.engine._open
     assert len(exporter.get_finished_spans()) == 2
+
+
+def test_hand_written_span_around_our_call_is_superseded_by_it(
+    make_processor: Any, exporter: Any, server: FakeLLMServer, client: openai.OpenAI,
+) -> None:  # fmt: skip
+    """A GenAI span our instrumentor does not recognise (a gateway's provider name) wraps our
+    metered call: its projection is reserved at its start, then given back when ours starts
+    (one call, reserved exactly by ours), and it is not charged when it ends."""
+    from otel_budget.instrumentation.openai import OpenAIBudgetInstrumentor
+
+    ours = OpenAIBudgetInstrumentor()
+    ours.instrument()
+    try:
+        processor = make_processor(1.0, prices=PriceBook())
+        tracer = trace.get_tracer("tests.gateway")
+        at_start = {**CURRENT, "gen_ai.provider.name": "my-gateway"}
+        with tracer.start_as_current_span("agent") as root:
+            key = trace_key(root.get_span_context().trace_id)
+            for _ in range(3):
+                with tracer.start_as_current_span(f"chat {MINI}", attributes=at_start) as span:
+                    assert ledger(processor, key)[1] > 0  # the gateway span's projection
+                    reply = client.chat.completions.create(model=MINI, messages=MESSAGES)
+                    span.set_attributes({
+                        "gen_ai.usage.input_tokens": reply.usage.prompt_tokens,
+                        "gen_ai.usage.output_tokens": reply.usage.completion_tokens,
+                    })  # fmt: skip
+            spent, reserved = ledger(processor, key)
+        assert reserved == 0 and not processor.engine._open
+        assert spent == server.stats()["billed_nanos"] and server.stats()["requests"] == 3
+    finally:
+        ours.uninstrument()
+    assert _create_is_clean()

@@ -17,7 +17,8 @@
 ``BudgetSpanProcessor`` uses this in ``on_start`` for a GenAI span that does not carry
 ``otel_budget.cost.projected_usd`` (the official ``opentelemetry-instrumentation-genai-*``
 packages, OpenLLMetry, hand-written spans), reserves the projection and refuses the span when
-it does not fit. What is read (current GenAI conventions first, then older spellings):
+it does not fit (``reserve_arguments``). Not when our own instrumentor meters that provider's
+SDK (openai, anthropic): ours reserves the call exactly, inside or around the other span. What is read (current GenAI conventions first, then older spellings):
 
 * operation: ``gen_ai.operation.name``, else OpenLLMetry's ``llm.request.type``; only paid
   calls (``chat``, ``text_completion``, ``generate_content``, ``embeddings``) are projected.
@@ -396,16 +397,18 @@ def reserve_arguments(
             assumed_input_tokens=settings.assumed_input_tokens,
         )  # fmt: skip
     except UnknownModelError as exc:
-        if isinstance(exc, ModelNotAtStartError) and _ours_instrument(exc.provider):
-            # Our instrumentor meters this call itself: inside this span (it reserves, and
-            # this span is then not charged) or around it (this span is nested in ours).
-            return None
+        if _ours_instrument(exc.provider):
+            return None  # ours decides on this call (below, see the other return)
         from otel_budget.processor import mark_refused
 
         refusal = _unknown_model_refusal(processor.engine, span, parentless, attributes, exc)
         mark_refused(span, refusal)
         raise refusal from None
-    if projection is None:
+    if projection is None or _ours_instrument(projection.provider):
+        # Our instrumentor meters this SDK's calls itself: inside this span (it reserves the
+        # exact input and a capped output, and this span is then not charged) or around it
+        # (this span is nested in ours). A worst-case projection here would only refuse
+        # calls ours can afford.
         return None
     usd = projection.usd
     record: dict[str, Any] = {
