@@ -16,6 +16,7 @@ the OpenTelemetry SDK. ``opentelemetry-instrumentation-openai-v2`` does not impo
 from __future__ import annotations
 
 import importlib
+import pkgutil
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -60,7 +61,12 @@ def _create_is_clean() -> bool:
 
 
 def _sdk_methods() -> dict[tuple[type, str], Any]:
-    """Every method of the openai SDK's resource classes, as the class holds it."""
+    """Every method of the openai SDK's resource classes, as the class holds it (all resource
+    modules imported first: the instrumentors import the ones they wrap)."""
+    import openai.resources
+
+    for info in pkgutil.walk_packages(openai.resources.__path__, "openai.resources."):
+        importlib.import_module(info.name)
     found: dict[tuple[type, str], Any] = {}
     for name, module in list(sys.modules.items()):
         if name.startswith("openai.resources") and module is not None:
@@ -208,7 +214,7 @@ def test_openllmetry_calls_stop_before_the_budget_with_a_price_as_policy(
     )
 
 
-# -- ours inside another instrumentation: one call, charged once ------------------------------------
+# -- ours inside another instrumentation: one call, charged once --------------------------------
 @pytest.mark.parametrize(
     ("package", "probe"),
     [

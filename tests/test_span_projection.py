@@ -76,8 +76,8 @@ def test_deprecated_and_openllmetry_spellings() -> None:
         "gen_ai.prompt": "Once upon a time " * 10,
     }, "mine", PRICES, **KW)  # fmt: skip
     assert legacy is not None and not legacy.input_assumed and legacy.input_tokens < 100
-    embed = project_span("x", {"llm.request.type": "embedding", "gen_ai.request.model": "test-model"},
-                         "mine", PRICES, **KW)  # fmt: skip
+    embedding = {"llm.request.type": "embedding", "gen_ai.request.model": "test-model"}
+    embed = project_span("x", embedding, "mine", PRICES, **KW)
     assert embed is not None and embed.operation == "embeddings" and embed.output_tokens == 0
 
 

@@ -18,7 +18,8 @@
 ``otel_budget.cost.projected_usd`` (the official ``opentelemetry-instrumentation-genai-*``
 packages, OpenLLMetry, hand-written spans), reserves the projection and refuses the span when
 it does not fit (``reserve_arguments``). Not when our own instrumentor meters that provider's
-SDK (openai, anthropic): ours reserves the call exactly, inside or around the other span. What is read (current GenAI conventions first, then older spellings):
+SDK (openai, anthropic): ours reserves the call exactly, inside or around the other span.
+What is read (current GenAI conventions first, then older spellings):
 
 * operation: ``gen_ai.operation.name``, else OpenLLMetry's ``llm.request.type``; only paid
   calls (``chat``, ``text_completion``, ``generate_content``, ``embeddings``) are projected.
@@ -68,8 +69,8 @@ GEN_AI_TOOL_DEFINITIONS = "gen_ai.tool.definitions"
 GEN_AI_PROMPT_DEPRECATED = "gen_ai.prompt"
 _PROMPT_PREFIX = "gen_ai.prompt."
 
-INPUT_ASSUMED = "assumed"
-OWN_SCOPE = "otel_budget"  # our tracers: their spans carry a projection, or were refused  # ``input_method`` when no content was there to count
+INPUT_ASSUMED = "assumed"  # ``input_method`` when no content was there to count
+OWN_SCOPE = "otel_budget"  # our tracers: their spans carry a projection, or were refused
 
 # Paid operations, with the other spellings instrumentations use for them.
 _OPERATIONS = {
@@ -393,12 +394,13 @@ def reserve_arguments(
     settings = processor.settings
     try:
         projection = project_span(
-            span.name, attributes, scope, processor.prices, default_max_output_tokens=settings.default_max_output_tokens,
+            span.name, attributes, scope, processor.prices,
+            default_max_output_tokens=settings.default_max_output_tokens,
             assumed_input_tokens=settings.assumed_input_tokens,
         )  # fmt: skip
     except UnknownModelError as exc:
         if _ours_instrument(exc.provider):
-            return None  # ours decides on this call (below, see the other return)
+            return None  # our instrumentor prices this call, under the same policy
         from otel_budget.processor import mark_refused
 
         refusal = _unknown_model_refusal(processor.engine, span, parentless, attributes, exc)
