@@ -66,6 +66,11 @@ def run_instrumented(script: str, tmp_path: Path, env_extra: dict[str, str]) -> 
     agent = tmp_path / "agent.py"
     agent.write_text(script)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "PYTEST"))}
+    # Other GenAI instrumentations installed beside ours (the test environment has the
+    # official one and OpenLLMetry: their entry points are named "openai") are off here, so
+    # these tests see our spans alone; test_zero_code_beside_other_genai_instrumentations
+    # runs them together.
+    env["OTEL_PYTHON_DISABLED_INSTRUMENTATIONS"] = "openai"
     env.update(
         OTEL_SERVICE_NAME="zero-code-agent",
         OTEL_METRICS_EXPORTER="none",
@@ -155,3 +160,37 @@ def test_cli_flag_and_bad_env_value(fake_server: Any, tmp_path: Path) -> None:
     })  # fmt: skip
     assert "OTEL_BUDGET_MAX_USD" in result.stderr
     assert "STOPPED after 0 calls" in result.stdout
+
+
+def test_zero_code_beside_other_genai_instrumentations(fake_server: Any, tmp_path: Path) -> None:
+    """``opentelemetry-instrument`` with the official GenAI instrumentation and OpenLLMetry
+    loaded beside ours (both wrap the same SDK methods, around or inside our wrapper): every
+    call is charged once, a run is stopped within its budget, and a bare script's loop is
+    still stopped in total (their spans start each call's trace, which must not give every
+    call a fresh per-trace budget)."""
+    pytest.importorskip("opentelemetry.instrumentation.genai.openai")
+    pytest.importorskip("opentelemetry.instrumentation.openai")
+    fake_server.reset_stats()
+    with OTLPReceiver() as receiver:
+        result = run_instrumented(AGENT, tmp_path, {
+            "FAKE_URL": fake_server.openai_base_url, "OTEL_BUDGET_MAX_USD": "0.002",
+            "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": "", "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.grpc_endpoint,
+        })  # fmt: skip
+        assert "STOPPED after" in result.stdout, result.stdout + result.stderr
+        spans = receiver.wait_for(lambda s: any(x["name"] == "invoke_agent looper" for x in s))
+    billed = fake_server.stats()["billed_usd"]
+    assert 0 < billed <= 0.002
+    root = next(s for s in spans if s["name"] == "invoke_agent looper")
+    assert root["attributes"]["otel_budget.trace.spent_usd"] == pytest.approx(billed, abs=1e-9)
+    assert any(s["name"] == "openai.chat" for s in spans)  # OpenLLMetry's spans were there
+    assert len([s for s in spans if s["name"] == "chat gpt-4o-mini"]) >= 4  # ours and official
+    fake_server.reset_stats()
+    result = run_instrumented(BARE_AGENT, tmp_path, {
+        "FAKE_URL": fake_server.openai_base_url, "OTEL_BUDGET_MAX_USD": "0.001",
+        "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": "", "OTEL_TRACES_EXPORTER": "none",
+    })  # fmt: skip
+    assert "STOPPED after" in result.stdout, result.stdout + result.stderr
+    assert "scope=process" in result.stdout
+    assert 0 < fake_server.stats()["billed_usd"] <= 0.001

@@ -102,6 +102,8 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any
             ) from None
     if (value := get(env.OTEL_BUDGET_DEFAULT_MAX_OUTPUT_TOKENS)) is not None:
         out["default_max_output_tokens"] = _int(env.OTEL_BUDGET_DEFAULT_MAX_OUTPUT_TOKENS, value)
+    if (value := get(env.OTEL_BUDGET_ASSUMED_INPUT_TOKENS)) is not None:
+        out["assumed_input_tokens"] = _int(env.OTEL_BUDGET_ASSUMED_INPUT_TOKENS, value)
     if (value := get(env.OTEL_BUDGET_CAP_OUTPUT_TOKENS)) is not None:
         out["cap_output_tokens"] = _bool(env.OTEL_BUDGET_CAP_OUTPUT_TOKENS, value)
     if (value := get(env.OTEL_BUDGET_MIN_OUTPUT_TOKENS)) is not None:

@@ -46,6 +46,15 @@ Output bound for requests that set none (default ``4096``); also set on such req
 ``OTEL_BUDGET_CAP_OUTPUT_TOKENS`` is on.
 """
 
+OTEL_BUDGET_ASSUMED_INPUT_TOKENS = "OTEL_BUDGET_ASSUMED_INPUT_TOKENS"
+"""
+.. envvar:: OTEL_BUDGET_ASSUMED_INPUT_TOKENS
+
+Input tokens projected for a GenAI span of another instrumentation that does not carry its
+messages when it starts (content capture off): default ``8192``. Its actual usage settles
+the reservation when the span ends.
+"""
+
 OTEL_BUDGET_CAP_OUTPUT_TOKENS = "OTEL_BUDGET_CAP_OUTPUT_TOKENS"
 """
 .. envvar:: OTEL_BUDGET_CAP_OUTPUT_TOKENS

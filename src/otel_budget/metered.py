@@ -37,7 +37,13 @@ from otel_budget import attributes as attrs
 from otel_budget.engine import KIND_LLM, Charge
 from otel_budget.errors import BudgetExceededError
 from otel_budget.money import to_usd
-from otel_budget.runtime import BudgetRuntime, CallRegistry, current_runtime, span_lease
+from otel_budget.runtime import (
+    BudgetRuntime,
+    CallRegistry,
+    Deferred,
+    current_runtime,
+    span_lease,
+)
 from otel_budget.steps import Steps, arun, run
 
 _ABORTED = "BudgetExceededError"
@@ -263,15 +269,23 @@ def begin_steps(
     operation = operation or attributes.get(attrs.GEN_AI_OPERATION_NAME) or "chat"
     engine = runtime.engine
     calls = runtime.calls
-    parent_ctx = trace.get_current_span().get_span_context()
-    if parent_ctx.is_valid and len(calls):
-        outer = calls.get(span_lease(parent_ctx.trace_id, parent_ctx.span_id))
+    parent_span = trace.get_current_span()
+    parent_ctx = parent_span.get_span_context()
+    parentless = not parent_ctx.is_valid
+    if not parentless and len(calls):
+        outer_lease = span_lease(parent_ctx.trace_id, parent_ctx.span_id)
+        outer = calls.get(outer_lease)
         if isinstance(outer, MeteredCall) and outer.charge is not None and not outer.done:
             # Another instrumentation's GenAI span around ours describes the same call: this
             # call, which knows the request, meters it; the outer span is charged nothing.
             outer.delegated = True
             outer.done = True
             yield from engine.release_steps(outer.charge)
+            parentless = getattr(outer.span, "parent", 0) is None
+        elif outer is not None:
+            # Unreserved GenAI spans around ours: charged here, not when they end; when they
+            # started the trace, this call is as parentless as a bare script's.
+            parentless = calls.cover(outer_lease)
     span = start_span(tracer, span_name, attributes, span_kind)
     ctx = span.get_span_context()
     recording = ctx.is_valid and span.is_recording()
@@ -285,7 +299,6 @@ def begin_steps(
         lease = engine.new_lease_id()
         trace_id = parent_ctx.trace_id if parent_ctx.is_valid else 0
         seen = attributes
-    parentless = not parent_ctx.is_valid
     late: dict[str, Any] = {}
     refusal: BudgetExceededError | None = None
     charge: Charge | None = None
@@ -409,6 +422,8 @@ def adopt_span(
     call = MeteredCall(span, charge, runtime)
     call.span_lease = span_lease(ctx.trace_id, ctx.span_id)
     runtime.calls.add(call.span_lease, call)
+    if parent is not None and not parent.is_remote:
+        runtime.calls.cover(span_lease(parent.trace_id, parent.span_id))
     return call
 
 
@@ -419,11 +434,10 @@ def is_nested(runtime: BudgetRuntime, span: Any) -> bool:
     nested = CURRENT_CALL.get() is not None
     if not nested and len(calls):
         parent = span.parent
-        nested = (
-            parent is not None
-            and not parent.is_remote
-            and calls.get(span_lease(parent.trace_id, parent.span_id)) is not None
-        )
+        if parent is not None and not parent.is_remote:
+            entry = calls.get(span_lease(parent.trace_id, parent.span_id))
+            # (Under an unreserved GenAI span it is judged on its own: see ``Deferred``.)
+            nested = entry is not None and not isinstance(entry, Deferred)
     if nested:
         ctx = span.get_span_context()
         calls.add(span_lease(ctx.trace_id, ctx.span_id), CallRegistry.NESTED)

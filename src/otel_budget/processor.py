@@ -53,8 +53,15 @@ from otel_budget.metrics import BudgetMetrics
 from otel_budget.money import NANOS_PER_USD, parse_usd, to_usd
 from otel_budget.pricing import PriceBook
 from otel_budget.report import TraceStats
-from otel_budget.runtime import BudgetRuntime, register_runtime, span_lease, unregister_runtime
+from otel_budget.runtime import (
+    BudgetRuntime,
+    Deferred,
+    register_runtime,
+    span_lease,
+    unregister_runtime,
+)
 from otel_budget.settings import DEFAULT_THRESHOLDS, FAIL_OPEN, BudgetSettings, ScopeRule
+from otel_budget.span_projection import may_be_gen_ai, reserve_arguments
 from otel_budget.storage import LedgerStorage
 
 _ACTIVE_LOCK = threading.Lock()
@@ -106,6 +113,7 @@ class BudgetSpanProcessor(SpanProcessor):
         thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
         failure_policy: str = FAIL_OPEN,
         default_max_output_tokens: int = 4096,
+        assumed_input_tokens: int = 8192,
         on_warning: Callable[[dict[str, Any]], Any] | None = None,
         on_exceeded: Callable[[dict[str, Any]], Any] | None = None,
         prices: PriceBook | None = None,
@@ -124,6 +132,7 @@ class BudgetSpanProcessor(SpanProcessor):
             thresholds=thresholds,
             failure_policy=failure_policy,
             default_max_output_tokens=default_max_output_tokens,
+            assumed_input_tokens=assumed_input_tokens,
             on_warning=on_warning,
             on_exceeded=on_exceeded,
             trace_ttl_seconds=trace_ttl_seconds,
@@ -177,15 +186,38 @@ class BudgetSpanProcessor(SpanProcessor):
                     # A local root gets the trace's breakdown. (A GenAI span that is its own
                     # root carries its cost itself: a breakdown of one call would repeat it.)
                     runtime.track_root(span, span.get_span_context().trace_id)
-                return
+                if not may_be_gen_ai(span, attributes):
+                    return
             if is_nested(runtime, span):
                 return
-            projected = self._projection(span, attributes, operation)
-            if projected is None:
-                return
+            projected = attributes.get(attrs.COST_PROJECTED_USD)
+            if projected is not None and operation is not None:  # it states its projection
+                amount = _usd_nanos(projected, attrs.COST_PROJECTED_USD)
+            else:
+                # Another instrumentation's GenAI span: project it from what it carries.
+                foreign = reserve_arguments(self, span, span.parent is None, attributes)
+                if foreign is None:
+                    # Not reserved (ours meters this SDK, or not a paid call we project):
+                    # charged from its usage when it ends, unless one of ours ran inside it.
+                    parent = span.parent
+                    ctx = span.get_span_context()
+                    runtime.calls.add(
+                        span_lease(ctx.trace_id, ctx.span_id),
+                        Deferred(
+                            span_lease(parent.trace_id, parent.span_id)
+                            if parent is not None and not parent.is_remote else 0,
+                            parent is None,
+                        ),
+                    )  # fmt: skip
+                    return
+                attributes, usd = foreign
+                amount = _usd_nanos(usd, attrs.COST_PROJECTED_USD)
+                operation = attributes.get(attrs.GEN_AI_OPERATION_NAME) or operation
+                if operation is None:
+                    return
             kind, name, provider = _describe(attributes, operation)
             adopt_span(
-                runtime, span, attributes, projected,
+                runtime, span, attributes, amount,
                 kind=kind, name=name, provider=provider, operation=operation,
             )  # fmt: skip
         except BudgetExceededError:
@@ -195,13 +227,6 @@ class BudgetSpanProcessor(SpanProcessor):
             if refusal is not None:
                 mark_refused(span, refusal)
                 raise refusal from exc
-
-    def _projection(self, span: Span, attributes: Mapping[str, Any], operation: str) -> int | None:
-        """What another instrumentation's GenAI span may cost, from what it carries at start."""
-        projected = attributes.get(attrs.COST_PROJECTED_USD)
-        if projected is not None:
-            return _usd_nanos(projected, attrs.COST_PROJECTED_USD)
-        return None
 
     def on_end(self, span: ReadableSpan) -> None:
         if self._shutdown:
@@ -215,7 +240,7 @@ class BudgetSpanProcessor(SpanProcessor):
             operation = attributes.get(attrs.GEN_AI_OPERATION_NAME)
             if operation is not None:
                 entry = runtime.calls.pop(span_lease(ctx.trace_id, ctx.span_id))
-                if entry is None:
+                if entry is None or (type(entry) is Deferred and not entry.covered):
                     self._settle_seen_at_end(span, attributes, operation, ctx.trace_id)
                 elif isinstance(entry, MeteredCall) and not entry.done:
                     self._settle_adopted(entry, span, attributes, operation)

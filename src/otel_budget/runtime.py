@@ -34,6 +34,20 @@ from otel_budget.storage import LedgerStorage, MemoryStorage
 _MAX_REGISTERED = 100_000
 
 
+class Deferred:
+    """Another instrumentation's GenAI span that was not reserved at start (ours meters that
+    SDK's calls, or it was not a paid call we could project): it is charged from its usage
+    when it ends, unless one of our metered calls ran inside it (``covered``), which then
+    charged the same money."""
+
+    __slots__ = ("parent", "root", "covered")
+
+    def __init__(self, parent: int, root: bool) -> None:
+        self.parent = parent  # the span lease of its local parent (0: none)
+        self.root = root  # it has no parent at all (the call's own trace)
+        self.covered = False
+
+
 class CallRegistry:
     """Open metered calls by span (``trace_id << 64 | span_id``), and GenAI spans nested in
     one (another instrumentation's span inside our call describes the same money).
@@ -62,6 +76,23 @@ class CallRegistry:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def cover(self, span_lease: int) -> bool:
+        """One of our metered calls runs under ``span_lease``: every deferred GenAI span on
+        the way up describes the same call and is not charged when it ends. Returns True when
+        that chain of wrappers is the root of its trace: the call is then as parentless as a
+        bare script's (charged to the process-wide scope), not the first call of a new
+        trace that another instrumentation's span happened to start."""
+        entries = self._entries
+        for _ in range(64):  # a chain of wrappers, never a cycle
+            entry = entries.get(span_lease)
+            if not isinstance(entry, Deferred):
+                return False
+            entry.covered = True
+            if entry.root:
+                return True
+            span_lease = entry.parent
+        return False
 
 
 def span_lease(trace_id: int, span_id: int) -> int:
@@ -160,6 +191,7 @@ def current_runtime() -> BudgetRuntime | None:
 __all__ = [
     "BudgetRuntime",
     "CallRegistry",
+    "Deferred",
     "RuntimeSource",
     "current_runtime",
     "register_runtime",

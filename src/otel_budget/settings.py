@@ -88,6 +88,9 @@ class BudgetSettings:
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS
     failure_policy: str = FAIL_OPEN
     default_max_output_tokens: int = 4096
+    # Input bound for another instrumentation's GenAI span that does not carry its messages
+    # at start (content capture off, or set at end): see ``span_projection.py``.
+    assumed_input_tokens: int = 8192
     on_warning: Callable[[dict[str, Any]], Any] | None = None
     on_exceeded: Callable[[dict[str, Any]], Any] | None = None
     trace_ttl_seconds: float = 3600.0
@@ -126,6 +129,14 @@ class BudgetSettings:
             raise ValueError(
                 "default_max_output_tokens must be a positive int, "
                 f"got {self.default_max_output_tokens!r}"
+            )
+        if (
+            isinstance(self.assumed_input_tokens, bool)
+            or not isinstance(self.assumed_input_tokens, int)
+            or self.assumed_input_tokens <= 0
+        ):
+            raise ValueError(
+                f"assumed_input_tokens must be a positive int, got {self.assumed_input_tokens!r}"
             )
         if (
             isinstance(self.min_output_tokens, bool)
