@@ -1,0 +1,90 @@
+"""A wrapper's flow written once, run as the sync or the async wrapper.
+
+    def chat_flow(call_args):                       # a generator: the wrapper's logic, once
+        call = yield start(tracer, request, kwargs, runtime)
+        result = yield send(wrapped, args, kwargs)  # wrapped(...) or await wrapped(...)
+        yield settle(call.succeed, call.asucceed, usage)
+        return result
+
+    sync_wrapper = lambda *a: run_flow(chat_flow(*a))
+    async def async_wrapper(*a): return await arun_flow(chat_flow(*a))
+
+An SDK has a sync and an async client whose wrappers differ only where they wait: the
+request, the ledger, a body to parse. The flow yields a ``Step`` at each such point; the
+sync driver runs the step's blocking form, the async driver awaits its coroutine form, and
+sends the result back (or throws the exception in, at the ``yield``). Everything else, from
+reading the request to settling the call, is one definition for both.
+
+Context managers and ``contextvars`` set inside a flow behave as in a plain function: the
+generator runs in the caller's context (the caller's task, for the async driver).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Generator
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class Step:
+    """One waiting point of a flow: ``blocking()`` for the sync driver, ``coroutine()`` (or,
+    when the async form is a plain function, its result) for the async driver."""
+
+    __slots__ = ("blocking", "coroutine")
+
+    def __init__(
+        self, blocking: Callable[[], Any], coroutine: Callable[[], Awaitable[Any] | Any]
+    ) -> None:
+        self.blocking = blocking
+        self.coroutine = coroutine
+
+
+def step(sync_fn: Callable[..., Any], async_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Step:
+    """A step calling ``sync_fn(*args, **kwargs)`` or awaiting ``async_fn(*args, **kwargs)``."""
+    return Step(lambda: sync_fn(*args, **kwargs), lambda: async_fn(*args, **kwargs))
+
+
+def send(wrapped: Callable[..., Any], *args: Any, **kwargs: Any) -> Step:
+    """The SDK method itself: ``wrapped(...)``, awaited by the async driver when it returns an
+    awaitable (an async SDK method returns its coroutine)."""
+    call = lambda: wrapped(*args, **kwargs)  # noqa: E731 - one callable for both forms
+    return Step(call, call)
+
+
+Flow = Generator[Step, Any, T]
+
+
+def run_flow(flow: Flow[T]) -> T:
+    """Drive a flow with blocking calls (the sync wrapper)."""
+    try:
+        current = next(flow)
+        while True:
+            try:
+                result = current.blocking()
+            except BaseException as exc:
+                current = flow.throw(exc)
+            else:
+                current = flow.send(result)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+
+
+async def arun_flow(flow: Flow[T]) -> T:
+    """Drive a flow with coroutines (the async wrapper): never blocks the event loop."""
+    try:
+        current = next(flow)
+        while True:
+            try:
+                result = current.coroutine()
+                if hasattr(result, "__await__"):
+                    result = await result
+            except BaseException as exc:
+                current = flow.throw(exc)
+            else:
+                current = flow.send(result)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+
+
+__all__ = ["Flow", "Step", "arun_flow", "run_flow", "send", "step"]
