@@ -191,7 +191,7 @@ def test_openllmetry_spans_start_without_a_model_and_are_blocked_by_default(
     openllmetry: Any,
 ) -> None:  # fmt: skip
     make_processor(BUDGET, prices=PriceBook())
-    with pytest.raises(BudgetExceededError, match="starts without gen_ai.request.model") as caught:
+    with pytest.raises(BudgetExceededError, match=r"starts without gen_ai\.request\.model") as caught:
         client.chat.completions.create(model=MINI, messages=MESSAGES)
     assert caught.value.reason == "unknown_model"
     assert server.stats()["requests"] == 0

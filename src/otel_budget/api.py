@@ -43,6 +43,7 @@ from otel_budget.metered import MeteredCall, begin_call
 from otel_budget.money import parse_usd, usd_to_nanos
 from otel_budget.processor import BudgetSpanProcessor, get_active_processor
 from otel_budget.report import CostReport, TraceStats
+from otel_budget.runtime import BudgetRuntime
 
 F = TypeVar("F", bound=Callable[..., Any])
 _TRACER_NAME = "otel_budget"
@@ -249,7 +250,7 @@ class track_tool:  # noqa: N801
         self.tool_type = tool_type
         self._handle: _ToolCall | None = None
 
-    def _projection(self, processor: BudgetSpanProcessor) -> int:
+    def _projection(self, processor: BudgetSpanProcessor | BudgetRuntime) -> int:
         if self._fixed is not None:
             return self._fixed
         if self._max is not None:
@@ -261,7 +262,7 @@ class track_tool:  # noqa: N801
         # Unknown cost up front: a paid tool still needs *some* budget left.
         return 1
 
-    def _actual(self, processor: BudgetSpanProcessor, handle: _ToolCall) -> int:
+    def _actual(self, processor: BudgetSpanProcessor | BudgetRuntime, handle: _ToolCall) -> int:
         if handle.cost_usd is not None:
             return parse_usd(handle.cost_usd, what=f"cost of tool {self.name!r}", allow_huge=True)
         if self._fixed is not None:

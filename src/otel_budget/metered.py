@@ -217,14 +217,6 @@ def _record_error(span: Any, error: BaseException) -> None:
     span.set_status(Status(StatusCode.ERROR, str(error)))
 
 
-def _is_gen_ai_span(span: Any) -> bool:
-    try:
-        attributes = getattr(span, "attributes", None)
-        return bool(attributes) and attributes.get(attrs.GEN_AI_OPERATION_NAME) is not None
-    except Exception:
-        return False
-
-
 def _live_attributes(span: Any, fallback: Mapping[str, Any]) -> Mapping[str, Any]:
     """The span's attributes as the SDK holds them right after start, with what span
     processors added (a baggage processor copying ``user.id``, say): scope identities are

@@ -183,11 +183,11 @@ def _provider_from(*names: str) -> str | None:
 
 def _from_name(name: str, operation: str | None) -> tuple[str, str] | None:
     """``(operation, model)`` from the conventional span name ``"{operation} {model}"``."""
-    op, sep, model = name.partition(" ")
+    raw, sep, model = name.partition(" ")
     model = model.strip()
     if not sep or not model or " " in model:
         return None
-    op = _OPERATIONS.get(op)
+    op = _OPERATIONS.get(raw)
     if op is None or (operation is not None and op != operation):
         return None
     return op, model

@@ -542,7 +542,7 @@ def _affordable_output(runtime: BudgetRuntime, request: LLMRequest, inp: int, ro
         return 1 << 30  # output is free for this model
     if room <= base:
         return 0
-    return ((room - base) * _MTOK) // per_mtok
+    return int(((room - base) * _MTOK) // per_mtok)
 
 
 def start_steps(

@@ -681,7 +681,7 @@ class FakeLLMServer:
         ``max_in_flight``.
         """
         with self._lock:
-            snap = json.loads(json.dumps(self._stats))
+            snap: dict[str, Any] = json.loads(json.dumps(self._stats))
             snap["in_flight"] = self._in_flight
             snap["max_in_flight"] = self._max_in_flight
         for counter in [snap, *snap["by_path"].values(), *snap["by_model"].values()]:
@@ -914,7 +914,7 @@ class FakeLLMServer:
 
     def _render_chat(
         self, api: str, body: Mapping[str, Any], plan: _Plan, beh: Behaviour, rid: int
-    ):
+    ) -> Any:
         legacy = api == "completions"
         cid = f"{'cmpl' if legacy else 'chatcmpl'}-fake{rid:08d}"
         created = int(time.time())
@@ -927,13 +927,14 @@ class FakeLLMServer:
             "system_fingerprint": "fp_fake",
         }
         if not body.get("stream"):
+            choices: list[dict[str, Any]]
             if legacy:
                 choices = [
                     {"text": plan.text, "index": i, "logprobs": None, "finish_reason": finish}
                     for i in range(plan.choices)
                 ]
             else:
-                message = {
+                message: dict[str, Any] = {
                     "role": "assistant",
                     "content": plan.text,
                     "refusal": None,
@@ -1009,7 +1010,9 @@ class FakeLLMServer:
 
     # -- rendering: OpenAI Responses --
 
-    def _render_responses(self, body: Mapping[str, Any], plan: _Plan, beh: Behaviour, rid: int):
+    def _render_responses(
+        self, body: Mapping[str, Any], plan: _Plan, beh: Behaviour, rid: int
+    ) -> Any:
         resp_id, msg_id = f"resp_fake{rid:08d}", f"msg_fake{rid:08d}"
         with self._lock:
             self._response_contexts[resp_id] = plan.total_input + plan.output
@@ -1086,7 +1089,7 @@ class FakeLLMServer:
 
         empty_part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
         done_part = {"type": "output_text", "text": plan.text, "annotations": [], "logprobs": []}
-        where = {"item_id": msg_id, "output_index": 0, "content_index": 0}
+        where: dict[str, Any] = {"item_id": msg_id, "output_index": 0, "content_index": 0}
         events = [
             ev("response.created", response=response("in_progress", [], False)),
             ev("response.in_progress", response=response("in_progress", [], False)),
@@ -1138,7 +1141,9 @@ class FakeLLMServer:
 
     # -- rendering: Anthropic messages --
 
-    def _render_messages(self, body: Mapping[str, Any], plan: _Plan, beh: Behaviour, rid: int):
+    def _render_messages(
+        self, body: Mapping[str, Any], plan: _Plan, beh: Behaviour, rid: int
+    ) -> Any:
         msg_id = f"msg_fake{rid:08d}"
         stop_reason = "max_tokens" if plan.truncated else "end_turn"
         usage: dict[str, Any] = {
@@ -1344,7 +1349,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _read_body(self) -> bytes:
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            parts = []
+            parts: list[bytes] = []
             while True:
                 size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
                 if size == 0:
@@ -1426,7 +1431,7 @@ class _Handler(BaseHTTPRequestHandler):
                     body["error"]["code"] = "unknown_url"
                 self._send_json(record.status, body, self._request_id_headers(provider))
                 return
-            self._serve(api, provider, record)
+            self._serve(api or "", provider, record)
         except _ClientGone:
             self._abort()
             if not record.billed:
