@@ -44,8 +44,10 @@ from otel_budget import BudgetExceededError, budget  # noqa: E402
 from otel_budget import attributes as attrs  # noqa: E402
 from otel_budget.instrumentation._call import IN_METERED_CALL  # noqa: E402
 from otel_budget.instrumentation.litellm import LiteLLMBudgetInstrumentor  # noqa: E402
-from otel_budget.instrumentation.litellm.patch import resolve_provider  # noqa: E402
+from otel_budget.instrumentation.litellm.request import resolve_provider  # noqa: E402
+from otel_budget.storage import MemoryStorage  # noqa: E402
 from otel_budget.testing import Behaviour, FakeLLMServer  # noqa: E402
+from tests.helpers import ledger  # noqa: E402
 
 pytestmark = [
     # litellm's own pydantic models warn on import and use; not ours to fix.
@@ -391,6 +393,131 @@ def test_stream_closed_early_is_settled_from_what_was_streamed(
         # Closed early without usage: charged its reservation (the provider may have generated
         # more than was read), never more.
         assert span.attributes[attrs.COST_USD] <= span.attributes[attrs.COST_PROJECTED_USD]
+
+
+# -- audio output ------------------------------------------------------------------------------
+AUDIO_MINI = "openai/gpt-4o-mini-audio-preview"
+AUDIO = {"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_audio_output_is_projected_and_settled_at_the_audio_rate(
+    make_processor: Any, exporter: Any, fake: FakeLLMServer, instrumented: Any,
+    monkeypatch: pytest.MonkeyPatch, asynchronous: bool,
+) -> None:  # fmt: skip
+    limit = 0.01
+    processor = make_processor(max_usd=limit)
+    monkeypatch.setattr(fake, "default_output_tokens", 5000)  # the module's server: restored
+    # 2,000 output tokens cost $0.0012 as text but $0.04 as audio (the fake bills every output
+    # token of a spoken reply at the audio rate): only the audio rate brings the cap down.
+    kwargs = _chat_kwargs(fake, model=AUDIO_MINI, max_completion_tokens=2000, **AUDIO)
+    if asynchronous:
+        reply = asyncio.run(litellm.acompletion(**kwargs))
+    else:
+        reply = litellm.completion(**kwargs)
+    billed = fake.stats()["billed_nanos"]
+    assert 0 < billed <= _nanos(limit)
+    cap = fake.last_call.body["max_completion_tokens"]
+    assert 16 <= cap < 2000
+    assert fake.last_call.output_tokens == cap == reply.usage.completion_tokens_details.audio_tokens
+    a = _only_span(exporter).attributes
+    assert a[attrs.GEN_AI_REQUEST_MAX_TOKENS] == cap
+    assert _nanos(a[attrs.COST_USD]) == billed  # settled from the audio tokens it reported
+    assert ledger(processor) == (billed, 0)
+
+
+def test_usage_reader_reads_audio_tokens_and_the_reported_cost() -> None:
+    from litellm.types.utils import ModelResponse, Usage
+
+    from otel_budget.instrumentation.litellm.response import (
+        COST_PROVIDER_REPORTED_USD,
+        litellm_usage,
+        result_attributes,
+    )
+    from otel_budget.pricing import TokenUsage
+
+    usage = Usage(
+        prompt_tokens=1000, completion_tokens=700, total_tokens=1700,
+        prompt_tokens_details={"cached_tokens": 100, "audio_tokens": 400},
+        completion_tokens_details={"reasoning_tokens": 0, "audio_tokens": 600},
+    )  # fmt: skip
+    assert litellm_usage(usage) == TokenUsage(
+        input_tokens=1000, output_tokens=700, cache_read_tokens=100, input_audio_tokens=400,
+        output_audio_tokens=600,
+    )  # fmt: skip
+    # A cost the provider reported (OpenRouter's usage.cost) is recorded, never garbage.
+    reply = ModelResponse(usage=Usage(prompt_tokens=10, completion_tokens=5, cost=0.00042))
+    assert result_attributes(reply)[COST_PROVIDER_REPORTED_USD] == 0.00042
+    reply._hidden_params = {"additional_headers": {"llm_provider-x-litellm-response-cost": "0.5"}}
+    reply.usage.cost = float("nan")
+    assert result_attributes(reply)[COST_PROVIDER_REPORTED_USD] == 0.5
+    reply._hidden_params = {}
+    assert COST_PROVIDER_REPORTED_USD not in result_attributes(reply)
+    assert COST_PROVIDER_REPORTED_USD not in result_attributes({"usage": {"cost": True}})
+
+
+# -- the event loop ------------------------------------------------------------------------------
+class _AsyncOnlyStorage(MemoryStorage):
+    """Records every blocking ledger call; its coroutines do not go through them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocking: list[str] = []
+
+    def reserve_up_to(self, *args: Any) -> Any:
+        self.blocking.append("reserve_up_to")
+        return MemoryStorage.reserve_up_to(self, *args)
+
+    def commit(self, *args: Any) -> Any:
+        self.blocking.append("commit")
+        return MemoryStorage.commit(self, *args)
+
+    def release(self, *args: Any) -> Any:
+        self.blocking.append("release")
+        return MemoryStorage.release(self, *args)
+
+    def charge(self, *args: Any) -> Any:
+        self.blocking.append("charge")
+        return MemoryStorage.charge(self, *args)
+
+    async def areserve_up_to(self, *args: Any) -> Any:
+        return MemoryStorage.reserve_up_to(self, *args)
+
+    async def areserve(self, lease_id: Any, scopes: Any, amount: int, pause_keys: Any = ()) -> Any:
+        return MemoryStorage.reserve_up_to(self, lease_id, scopes, amount, amount, pause_keys)
+
+    async def acommit(self, *args: Any) -> Any:
+        return MemoryStorage.commit(self, *args)
+
+    async def arelease(self, *args: Any) -> Any:
+        return MemoryStorage.release(self, *args)
+
+    async def acharge(self, *args: Any) -> Any:
+        return MemoryStorage.charge(self, *args)
+
+
+def test_async_calls_never_block_the_event_loop_on_the_ledger(
+    make_processor: Any, exporter: Any, fake: FakeLLMServer, instrumented: Any
+) -> None:
+    storage = _AsyncOnlyStorage()
+    processor = make_processor(max_usd=1, storage=storage)
+
+    async def calls() -> None:
+        await litellm.acompletion(**_chat_kwargs(fake))
+        await litellm.aembedding(model=EMBED, input=["x"], api_base=fake.openai_base_url, api_key="x")
+        await litellm.completion(**_chat_kwargs(fake), acompletion=True)
+        fake.script(Behaviour(status=400))
+        with pytest.raises(Exception) as info:
+            await litellm.acompletion(**_chat_kwargs(fake))
+        assert not isinstance(info.value, BudgetExceededError)
+
+    asyncio.run(calls())
+    assert storage.blocking == []
+    spans = _llm_spans(exporter)
+    assert len(spans) == 4
+    billed = fake.stats()["billed_nanos"]
+    assert sum(_nanos(s.attributes.get(attrs.COST_USD, 0)) for s in spans) == billed > 0
+    assert ledger(processor) == (billed, 0)
 
 
 # -- exactly once ------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ import wrapt
 from opentelemetry import trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 
-from otel_budget.instrumentation.litellm import patch
+from otel_budget.instrumentation.litellm import wrappers
 from otel_budget.runtime import RuntimeSource
 
 logger = logging.getLogger("otel_budget")
@@ -56,10 +56,10 @@ _INSTRUMENTS = ("litellm >= 1.0",)
 
 # (module, attribute, wrapper factory). The public entry points callers resolve at call time.
 _PUBLIC = (
-    ("litellm", "completion", patch.completion),
-    ("litellm", "acompletion", patch.acompletion),
-    ("litellm", "embedding", patch.embedding),
-    ("litellm", "aembedding", patch.aembedding),
+    ("litellm", "completion", wrappers.completion),
+    ("litellm", "acompletion", wrappers.acompletion),
+    ("litellm", "embedding", wrappers.embedding),
+    ("litellm", "aembedding", wrappers.aembedding),
 )
 # Inner layers, looked up at call time. litellm's public dispatch functions call
 # ``_PYTHON_*`` for the Python route (covers names bound before instrument(); private to
@@ -67,14 +67,14 @@ _PUBLIC = (
 # serve ``text_completion``, ``litellm.LiteLLM().chat.completions.create`` and ``batch_completion``.
 # Inside a metered call these pass through (IN_METERED_CALL): still one span per call.
 _INNER = (
-    ("litellm.chat_completions.dispatch", "_PYTHON_COMPLETION", patch.completion),
-    ("litellm.chat_completions.dispatch", "_PYTHON_ACOMPLETION", patch.acompletion),
-    ("litellm.embeddings.dispatch", "_PYTHON_EMBEDDING", patch.embedding),
-    ("litellm.embeddings.dispatch", "_PYTHON_AEMBEDDING", patch.aembedding),
-    ("litellm.main", "completion", patch.completion),
-    ("litellm.main", "acompletion", patch.acompletion),
-    ("litellm.main", "embedding", patch.embedding),
-    ("litellm.main", "aembedding", patch.aembedding),
+    ("litellm.chat_completions.dispatch", "_PYTHON_COMPLETION", wrappers.completion),
+    ("litellm.chat_completions.dispatch", "_PYTHON_ACOMPLETION", wrappers.acompletion),
+    ("litellm.embeddings.dispatch", "_PYTHON_EMBEDDING", wrappers.embedding),
+    ("litellm.embeddings.dispatch", "_PYTHON_AEMBEDDING", wrappers.aembedding),
+    ("litellm.main", "completion", wrappers.completion),
+    ("litellm.main", "acompletion", wrappers.acompletion),
+    ("litellm.main", "embedding", wrappers.embedding),
+    ("litellm.main", "aembedding", wrappers.aembedding),
 )
 
 
@@ -111,7 +111,7 @@ class LiteLLMBudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             __name__, __version__, kwargs.get("tracer_provider"),
             schema_url="https://opentelemetry.io/schemas/1.37.0",
         )  # fmt: skip
-        self._switch = patch._Switch()
+        self._switch = wrappers.Switch()
         self._source = RuntimeSource(kwargs.get("runtime"))  # the runtime the wrappers enforce
         self._lock = threading.Lock()
         # (module object, attribute, original, wrapper) of every attribute we replaced.
@@ -124,14 +124,14 @@ class LiteLLMBudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             # Not imported (or still importing): wrap the moment its import completes.
             wrapt.register_post_import_hook(lambda _module: self._on_import(switch), "litellm")
 
-    def _on_import(self, switch: patch._Switch) -> None:
+    def _on_import(self, switch: wrappers.Switch) -> None:
         # A post-import hook that raises would fail the application's `import litellm`.
         try:
             self._wrap_all(switch)
         except Exception as exc:  # pragma: no cover - defensive
             logger.error("otel-budget: could not instrument litellm: %s", exc, exc_info=exc)
 
-    def _wrap_all(self, switch: patch._Switch) -> None:
+    def _wrap_all(self, switch: wrappers.Switch) -> None:
         with self._lock:
             if switch is not self._switch or not switch.on or self._wrapped:
                 return  # uninstrumented (or instrumented again) since the hook was registered
@@ -139,7 +139,7 @@ class LiteLLMBudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             for module_name, attribute, factory in (*_PUBLIC, *_INNER):
                 self._wrap(module_name, attribute, factory, switch)
 
-    def _wrap(self, module_name: str, attribute: str, factory: Any, switch: patch._Switch) -> None:
+    def _wrap(self, module_name: str, attribute: str, factory: Any, switch: wrappers.Switch) -> None:
         try:
             module = importlib.import_module(module_name)
         except Exception:  # an older litellm without this module

@@ -1,0 +1,81 @@
+"""litellm's ``CustomStreamWrapper``, proxied so its call settles however the stream ends.
+
+    stream = litellm.completion(..., stream=True)           # inside the wrapper
+    return stream_proxy(stream, call, hide_usage=True, asynchronous=False)
+
+A ``CustomStreamWrapper`` iterates both ways (``__next__`` and ``__anext__``): the proxy is the
+sync one for ``completion`` and the async one for ``acompletion``. The usage chunk the wrapper
+asked for (``prepare_stream`` in ``request``) is read, then hidden from a caller who did not
+ask for it. Chunks are read with ``ChatChunkAccumulator`` and ``response.litellm_usage``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from otel_budget.instrumentation._call import LLMCall, capture_content
+from otel_budget.instrumentation._stream import AsyncStreamProxy, SyncStreamProxy
+from otel_budget.instrumentation._util import ChatChunkAccumulator
+from otel_budget.instrumentation._util import usage_only as _usage_only
+from otel_budget.instrumentation.litellm.response import litellm_usage
+
+# Delta fields holding generated text.
+_DELTA_FIELDS = ("content", "reasoning_content", "refusal")
+
+
+class LiteLLMStream(SyncStreamProxy):
+    """A sync ``CustomStreamWrapper``; hides the usage chunk we asked for, if the caller did not."""
+
+    def __init__(self, stream: Any, call: LLMCall, acc: ChatChunkAccumulator, hide_usage: bool) -> None:
+        super().__init__(stream, call, acc)
+        self._self_hide_usage = hide_usage
+
+    def __next__(self) -> Any:
+        while True:
+            item = SyncStreamProxy.__next__(self)
+            if not (self._self_hide_usage and _usage_only(item)):
+                return item
+
+
+class AsyncLiteLLMStream(AsyncStreamProxy):
+    """An async ``CustomStreamWrapper``: ``async for``, ``async with``, ``aclose()``, and its
+    synchronous ``close()``."""
+
+    def __init__(self, stream: Any, call: LLMCall, acc: ChatChunkAccumulator, hide_usage: bool) -> None:
+        super().__init__(stream, call, acc)
+        self._self_hide_usage = hide_usage
+
+    async def __anext__(self) -> Any:
+        while True:
+            item = await AsyncStreamProxy.__anext__(self)
+            if not (self._self_hide_usage and _usage_only(item)):
+                return item
+
+    def close(self) -> None:  # type: ignore[override]  # CustomStreamWrapper.close is sync
+        try:
+            self.__wrapped__.close()
+        finally:
+            self._self_end(None, complete=False)
+
+    async def aclose(self) -> None:
+        try:
+            await self.__wrapped__.aclose()
+        finally:
+            self._self_end(None, complete=False)
+
+
+def stream_proxy(result: Any, call: LLMCall, hide_usage: bool, asynchronous: bool) -> Any:
+    """The proxy of a streamed result (sync or async iteration, as the entry point was), or
+    None when ``result`` does not iterate that way (litellm returned a whole response)."""
+    if asynchronous:
+        if not hasattr(result, "__anext__"):
+            return None
+        acc = ChatChunkAccumulator(litellm_usage, _DELTA_FIELDS, capture_content())
+        return AsyncLiteLLMStream(result, call, acc, hide_usage)
+    if not hasattr(result, "__next__"):
+        return None
+    acc = ChatChunkAccumulator(litellm_usage, _DELTA_FIELDS, capture_content())
+    return LiteLLMStream(result, call, acc, hide_usage)
+
+
+__all__ = ["AsyncLiteLLMStream", "LiteLLMStream", "stream_proxy"]
