@@ -78,3 +78,46 @@ def test_settings_reject_bad_budgets_and_options() -> None:
         BudgetSettings(scopes=[ScopeRule("user", 1), ScopeRule("user", 2)])
     assert BudgetSettings(max_usd="$0").limit_nanos == 0
     assert BudgetSettings(thresholds=[0.9, 0.5, 0.9]).thresholds == (0.5, 0.9)
+
+
+# -- ASCII only: Unicode digits are not money -------------------------------------------------
+UNICODE_AMOUNTS = [
+    "５",  # fullwidth five
+    "٥",  # Arabic-Indic five
+    "۵",  # extended Arabic-Indic five
+    "१०",  # Devanagari ten
+    "$５.００",
+    "0.５",
+    "5\u3000",  # ideographic space
+    "\u20095",  # thin space
+]
+
+
+@pytest.mark.parametrize("value", UNICODE_AMOUNTS)
+def test_unicode_digits_and_spaces_are_rejected(value: str) -> None:
+    with pytest.raises(ValueError):
+        parse_usd(value, what="max_usd")
+
+
+@pytest.mark.parametrize("value", UNICODE_AMOUNTS)
+def test_unicode_amounts_are_rejected_in_settings_and_env(value: str) -> None:
+    from otel_budget.config import settings_from_env
+
+    with pytest.raises(ValueError):
+        BudgetSettings(max_usd=value)
+    with pytest.raises(ValueError):
+        ScopeRule("user", max_usd=value)
+    with pytest.raises(ValueError, match="OTEL_BUDGET_MAX_USD"):
+        settings_from_env({"OTEL_BUDGET_MAX_USD": value})
+
+
+@pytest.mark.parametrize("value", ["５", "٥", "0.５", "5\n", "5 ", " 5"])
+def test_unicode_and_padded_baggage_budgets_are_ignored(value: str) -> None:
+    from otel_budget.propagation import parse_baggage_budget
+
+    assert parse_baggage_budget(value) is None
+    assert parse_baggage_budget("5") == 5_000_000_000
+
+
+def test_ascii_whitespace_around_an_amount_still_reads() -> None:
+    assert parse_usd(" $5.00 USD\n") == 5_000_000_000
