@@ -155,22 +155,6 @@ def test_storm_of_5000_failures_from_32_threads_logs_a_handful_of_lines(
     assert len(tracebacks) == 1 and "ledger down" in tracebacks[0].getMessage()
 
 
-def test_fail_open_storm_logs_one_traceback(
-    make_processor: Any, tracer: Any, caplog: pytest.LogCaptureFixture
-) -> None:
-    make_processor(max_usd=1.0, storage=BrokenStorage(), failure_policy="fail_open")
-
-    def work(i: int) -> None:
-        for _ in range(50):
-            with tracer.start_as_current_span("agent"):
-                llm_call(tracer, 0.01)
-
-    with caplog.at_level(logging.DEBUG, logger=LOGGER):
-        in_threads(32, work)
-    lines = records(caplog)
-    assert len(lines) <= 3 and sum(bool(r.exc_info) for r in lines) == 1
-
-
 def test_the_count_of_an_outage_is_logged_after_the_interval(
     make_processor: Any, tracer: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -221,16 +205,17 @@ def test_500_budget_blocks_crossing_thresholds_log_nothing(
 def test_named_scope_logs_each_crossing_once_with_one_precision(
     make_processor: Any, tracer: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    make_processor(scopes=[ScopeRule("user", max_usd=1)])
+    make_processor(scopes=[ScopeRule("user", max_usd=0.01)])
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         with scope(user="alice"):
-            for _ in range(20):
+            for _ in range(9):  # $0.0099 of $0.01
                 with tracer.start_as_current_span("agent"):
-                    llm_call(tracer, 0.049)
+                    llm_call(tracer, 0.0011)
     crossed = [r.getMessage() for r in records(caplog) if "crossed" in r.getMessage()]
     assert len(crossed) == 3, crossed  # 50 %, 80 %, 95 %: once each
     assert "user:alice" in crossed[0]
-    assert crossed[0].endswith("($0.5390 of $1.0000)"), crossed[0]
+    # both amounts with 6 decimals (the limit used to read "$0.0100" beside "$0.005500")
+    assert crossed[0].endswith("($0.005500 of $0.010000)"), crossed[0]
 
 
 def test_refusal_message_uses_one_precision(make_processor: Any, tracer: Any) -> None:

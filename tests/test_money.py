@@ -97,6 +97,7 @@ UNICODE_AMOUNTS = [
 def test_unicode_digits_and_spaces_are_rejected(value: str) -> None:
     with pytest.raises(ValueError):
         parse_usd(value, what="max_usd")
+    assert parse_usd(" $5.00 USD\n") == 5_000_000_000  # ASCII whitespace still reads
 
 
 @pytest.mark.parametrize("value", UNICODE_AMOUNTS)
@@ -111,13 +112,9 @@ def test_unicode_amounts_are_rejected_in_settings_and_env(value: str) -> None:
         settings_from_env({"OTEL_BUDGET_MAX_USD": value})
 
 
-@pytest.mark.parametrize("value", ["５", "٥", "0.５", "5\n", "5 ", " 5"])
-def test_unicode_and_padded_baggage_budgets_are_ignored(value: str) -> None:
+def test_baggage_budgets_are_ascii_and_whole() -> None:
     from otel_budget.propagation import parse_baggage_budget
 
-    assert parse_baggage_budget(value) is None
+    for value in ("5\n", "0.5\n", "５", "٥", "0.５", "5 ", " 5"):
+        assert parse_baggage_budget(value) is None, repr(value)
     assert parse_baggage_budget("5") == 5_000_000_000
-
-
-def test_ascii_whitespace_around_an_amount_still_reads() -> None:
-    assert parse_usd(" $5.00 USD\n") == 5_000_000_000
