@@ -6,8 +6,8 @@
     >>> to_usd(parse_usd("0.000000150"))
     1.5e-07
 
-Floats drift when thousands of tiny costs are summed (the peers were measured with
-``reserved = 2.7e-20`` left over after every reservation was released). Integers do not.
+Floats drift when thousands of tiny costs are summed (a float ledger keeps
+``reserved = 2.7e-20`` after every reservation was released, not zero). Integers do not.
 A nano-dollar is fine enough for the cheapest token prices (gpt-4o-mini input, $0.15 per
 million tokens, is 150 nano-USD per token; micro-USD would round it to nothing), and costs
 are rounded *up* to the next nano-dollar, never down.
@@ -35,7 +35,7 @@ def parse_usd(value: object, *, what: str = "budget", allow_huge: bool = False) 
     """Validate a USD amount and return it as nano-USD (rounded up).
 
     Accepts ``int``, ``float``, ``Decimal`` and strings such as ``"5"``, ``"$5.00"`` or
-    ``"0.25 USD"``. Rejects NaN, infinities, negatives, booleans, other types and
+    ``"0.25 USD"`` (ASCII digits and whitespace only: ``"５"`` is not $5). Rejects NaN, infinities, negatives, booleans, other types and
     amounts above ``MAX_BUDGET_USD`` with a ``ValueError`` that names ``what``.
     """
     if isinstance(value, bool):

@@ -12,7 +12,7 @@
     >>> output_bound({}, default=4096)      # absent: the configured default, flagged as assumed
     (4096, True)
 
-Input policy (measurements in ``notes/pricing.md`` sections 5 and 6):
+Input policy (measured against the real tokenizers; ``tests/test_tokens.py`` checks it):
 
 * OpenAI models (``encoding_name_for_model`` is not ``None``): exact counts with ``tiktoken``,
   but only once its BPE file is present and sha256-valid in tiktoken's cache, seeded offline
