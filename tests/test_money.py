@@ -78,3 +78,43 @@ def test_settings_reject_bad_budgets_and_options() -> None:
         BudgetSettings(scopes=[ScopeRule("user", 1), ScopeRule("user", 2)])
     assert BudgetSettings(max_usd="$0").limit_nanos == 0
     assert BudgetSettings(thresholds=[0.9, 0.5, 0.9]).thresholds == (0.5, 0.9)
+
+
+# -- ASCII only: Unicode digits are not money -------------------------------------------------
+UNICODE_AMOUNTS = [
+    "５",  # fullwidth five
+    "٥",  # Arabic-Indic five
+    "۵",  # extended Arabic-Indic five
+    "१०",  # Devanagari ten
+    "$５.００",
+    "0.５",
+    "5\u3000",  # ideographic space
+    "\u20095",  # thin space
+]
+
+
+@pytest.mark.parametrize("value", UNICODE_AMOUNTS)
+def test_unicode_digits_and_spaces_are_rejected(value: str) -> None:
+    with pytest.raises(ValueError):
+        parse_usd(value, what="max_usd")
+    assert parse_usd(" $5.00 USD\n") == 5_000_000_000  # ASCII whitespace still reads
+
+
+@pytest.mark.parametrize("value", UNICODE_AMOUNTS)
+def test_unicode_amounts_are_rejected_in_settings_and_env(value: str) -> None:
+    from otel_budget.config import settings_from_env
+
+    with pytest.raises(ValueError):
+        BudgetSettings(max_usd=value)
+    with pytest.raises(ValueError):
+        ScopeRule("user", max_usd=value)
+    with pytest.raises(ValueError, match="OTEL_BUDGET_MAX_USD"):
+        settings_from_env({"OTEL_BUDGET_MAX_USD": value})
+
+
+def test_baggage_budgets_are_ascii_and_whole() -> None:
+    from otel_budget.propagation import parse_baggage_budget
+
+    for value in ("5\n", "0.5\n", "５", "٥", "0.５", "5 ", " 5"):
+        assert parse_baggage_budget(value) is None, repr(value)
+    assert parse_baggage_budget("5") == 5_000_000_000

@@ -16,7 +16,7 @@ import pytest
 from genai_prices import Usage, calc_price, data_snapshot
 from genai_prices import types as gp_types
 
-from otel_budget import pricing
+from otel_budget import price_plans, pricing
 from otel_budget.money import usd_to_nanos
 from otel_budget.pricing import ModelPrice, PriceBook, PriceQuote, TokenUsage, UnknownModelError
 
@@ -463,7 +463,7 @@ def test_fast_path_matches_genai_prices_on_a_sample() -> None:
 
 def test_fallback_to_genai_prices_own_calculation(monkeypatch: pytest.MonkeyPatch, caplog) -> None:  # type: ignore[no-untyped-def]
     # A price shape our integer path does not model is computed by genai-prices itself.
-    monkeypatch.setattr(pricing, "_linearise", lambda gp, mp: None)
+    monkeypatch.setattr(price_plans, "_linearise", lambda gp, mp: None)
     b = PriceBook()
     u = TokenUsage(input_tokens=250_000, cache_read_tokens=100_000, output_tokens=1_000)
     with caplog.at_level("WARNING", logger="otel_budget.pricing"):
@@ -827,3 +827,35 @@ def test_fast_path_matches_genai_prices_with_audio() -> None:
                 assert pricing._compute(plan, i, cr, 0, o, r, ia, oa) == usd_to_nanos(want), (provider.id, info.id)
                 checked += 1
     assert checked >= 80  # 23 models in genai-prices 0.2.3
+
+
+# --------------------------------------------------------------------------- nesting depth
+
+
+@pytest.mark.parametrize("depth", [40, 100_000])
+@pytest.mark.parametrize("where", ["models", "_comment"])
+def test_deeply_nested_price_file_is_a_clear_value_error(tmp_path, depth: int, where: str) -> None:  # type: ignore[no-untyped-def]
+    # 100,000 levels made json raise RecursionError out of instrument(); 40 levels under a
+    # comment key loaded, to fail later wherever the value is printed.
+    path = tmp_path / "deep.json"
+    path.write_text('{"' + where + '": ' + "[" * depth + "]" * depth + "}")
+    with pytest.raises(ValueError, match="nested too deeply"):
+        PriceBook.from_file(path)
+
+
+def test_deeply_nested_prices_file_from_env_is_a_value_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from otel_budget.config import settings_from_env
+
+    path = tmp_path / "deep.json"
+    path.write_text('{"models": {"m": ' + '{"a": ' * 50_000 + "1" + "}" * 50_000 + "}}")
+    with pytest.raises(ValueError, match="nested too deeply"):
+        settings_from_env({"OTEL_BUDGET_PRICES_FILE": str(path)})
+
+
+def test_a_normal_table_is_well_within_the_depth_bound(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from otel_budget.price_files import MAX_DEPTH
+
+    path = tmp_path / "ok.json"
+    path.write_text('{"models": {"m": {"input": 1, "output": 2}}, "_note": [[["fine"]]]}')
+    assert PriceBook.from_file(path).quote(None, "m", TokenUsage(input_tokens=10**6)).nanos == 10**9
+    assert MAX_DEPTH >= 8

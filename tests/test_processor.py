@@ -191,7 +191,9 @@ def test_thresholds_fire_once_each(make_processor: Any, tracer: Any, exporter: A
     root = by_name(exporter)["agent"]
     assert [e.attributes["otel_budget.threshold"] for e in root.events
             if e.name == attrs.EVENT_THRESHOLD] == [0.5, 0.8, 0.95]  # fmt: skip
-    assert sum("crossed" in r.getMessage() for r in caplog.records) == 3
+    # A trace is one of thousands: its crossings go to events, metrics and on_warning, and
+    # never to one log line per trace (otel_budget.thresholds).
+    assert sum("crossed" in r.getMessage() for r in caplog.records) == 0
 
 
 def test_raising_callbacks_do_not_break_enforcement(make_processor: Any, tracer: Any) -> None:

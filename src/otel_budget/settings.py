@@ -13,7 +13,8 @@ Failure policy (``failure_policy``) decides what happens when otel-budget itself
 unknown model):
 
 * ``"fail_open"`` (default): the call goes ahead unmetered for that decision; the error is
-  logged once (per error site and type), not per call. The app never sees our failure.
+  logged in full once per error site and type, then counted (one "N more" line per
+  ``log_interval_seconds``), not logged per call. The app never sees our failure.
 * ``"fail_closed"``: the call is refused with ``BudgetExceededError(reason="internal_error")``
   chained to the cause. Choose this where an unmetered call is worse than a failed one.
 """
@@ -103,6 +104,9 @@ class BudgetSettings:
     # Ask providers for usage on streams (stream_options.include_usage) unless the caller
     # decided otherwise.
     stream_include_usage: bool = True
+    # Our own failures and refusals are logged in full once per (site, error type), then
+    # counted: at most one "N more" line per key and interval (``otel_budget.logs``).
+    log_interval_seconds: float = 60.0
 
     limit_nanos: int | None = field(init=False, default=None)
 
@@ -144,6 +148,14 @@ class BudgetSettings:
             or self.min_output_tokens < 1
         ):
             raise ValueError(f"min_output_tokens must be a positive int, got {self.min_output_tokens!r}")
+        interval = self.log_interval_seconds
+        if (
+            isinstance(interval, bool)
+            or not isinstance(interval, (int, float))
+            or not math.isfinite(interval)
+            or interval < 0
+        ):
+            raise ValueError(f"log_interval_seconds must be a number >= 0, got {interval!r}")
         for name in ("on_warning", "on_exceeded"):
             value = getattr(self, name)
             if value is not None and not callable(value):
