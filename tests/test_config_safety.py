@@ -21,7 +21,6 @@ import pytest
 from otel_budget import BudgetExceededError, BudgetInstrumentor, budget
 from otel_budget import api as budget_api
 from otel_budget import attributes as attrs
-from otel_budget.config import read_env
 from otel_budget.testing import FakeLLMServer
 from tests.test_zero_code import INSTRUMENT
 
@@ -192,6 +191,8 @@ def test_invalid_max_usd_with_explicit_fail_open_runs_and_says_so(runs: dict[str
 
 
 def test_invalid_scope_amount_refuses_unless_fail_open() -> None:
+    from otel_budget.config import read_env
+
     config = read_env({"OTEL_BUDGET_MAX_USD": "1", "OTEL_BUDGET_SCOPES": "user:lots,tenant:5"})
     assert config.refusal is not None and config.refusal.variable == "OTEL_BUDGET_SCOPES"
     assert [r.kind for r in config.kwargs["scopes"]] == ["tenant"]
