@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import threading
 import time
 import uuid
@@ -48,6 +49,27 @@ from otel_budget.runtime import BudgetRuntime
 F = TypeVar("F", bound=Callable[..., Any])
 _TRACER_NAME = "otel_budget"
 _default_lock = threading.Lock()
+logger = logging.getLogger("otel_budget")
+_unobserved_warned = False
+
+
+def _warn_if_unobserved() -> None:
+    """Warn once when a ``budget()`` block opens while none of our instrumentors meters any
+    library: its report would say $0 while the provider bills."""
+    global _unobserved_warned
+    if _unobserved_warned:
+        return
+    from otel_budget.instrumentation import instrumented_libraries
+
+    if instrumented_libraries():
+        return
+    _unobserved_warned = True
+    logger.warning(
+        "otel-budget: budget() is used but no LLM library is instrumented "
+        "(BudgetInstrumentor().instrument(), or opentelemetry-instrument): its calls are not "
+        "observed, so they are neither limited nor counted (only other instrumentations' "
+        "GenAI spans that reach a BudgetSpanProcessor are). Logged once."
+    )
 
 
 def new_block_key() -> str:
@@ -107,6 +129,7 @@ class budget:  # noqa: N801 - a context manager/decorator reads best in lower ca
             raise RuntimeError("this budget() block is already open; use a new budget() per run")
         processor = self._processor or ensure_processor()
         self._processor = processor
+        _warn_if_unobserved()
         if not threads.is_installed("budget"):
             # Threads and executor workers started inside a block carry it (and the trace).
             threads.install("budget")

@@ -1,24 +1,46 @@
-"""Read ``OTEL_BUDGET_*`` environment variables into processor arguments, strictly.
+"""Read ``OTEL_BUDGET_*`` environment variables into processor arguments, one at a time.
 
-    >>> kwargs = settings_from_env({"OTEL_BUDGET_MAX_USD": "0.05",
-    ...                             "OTEL_BUDGET_SCOPES": "user:20/day"})
-    >>> kwargs["max_usd"], kwargs["scopes"][0].window
+    >>> config = read_env({"OTEL_BUDGET_MAX_USD": "0.05",
+    ...                    "OTEL_BUDGET_SCOPES": "user:20/day",
+    ...                    "OTEL_BUDGET_THRESHOLDS": "50,80"})     # percentages: invalid
+    >>> config.kwargs["max_usd"], config.kwargs["scopes"][0].window
     ('0.05', 'day')
+    >>> [problem.variable for problem in config.problems]
+    ['OTEL_BUDGET_THRESHOLDS']
 
-Every value is validated; a bad one raises ``ValueError`` naming the variable, so that a typo
-never turns into "no budget" silently.
+Each variable is parsed on its own, so one typo never discards the others: an invalid one
+is reported (``ConfigProblem``: the variable, its value escaped, the fallback taken) and
+falls back to its safe default while every valid setting keeps applying:
+
+* an invalid failure policy means the stricter one, ``fail_closed``;
+* a limit that cannot be read (``OTEL_BUDGET_MAX_USD``, an ``OTEL_BUDGET_SCOPES`` rule) refuses
+  every paid call (``config.refusal``) unless the policy is explicitly ``fail_open``; a scope
+  rule with an unknown window keeps its limit for the scope's lifetime (never reset);
+* a ledger that cannot be built (``OTEL_BUDGET_REDIS_URL`` invalid, redis-py missing) follows
+  the policy: ``fail_closed`` refuses every paid call, ``fail_open`` uses the in-process ledger;
+* the other settings fall back to their defaults (built-in prices for a prices file that
+  cannot be read; ``block`` for an invalid unknown-model policy).
+
+``settings_from_env`` is the strict form (raises ``ValueError`` on the first problem).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from otel_budget import environment_variables as env
 from otel_budget.money import parse_usd
 from otel_budget.pricing import ModelPrice, PriceBook
-from otel_budget.settings import FAIL_CLOSED, FAIL_OPEN, ScopeRule, _thresholds
+from otel_budget.settings import (
+    DEFAULT_THRESHOLDS,
+    FAIL_CLOSED,
+    FAIL_OPEN,
+    ScopeRule,
+    _thresholds,
+)
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -75,66 +97,250 @@ def parse_unknown_model(value: str, name: str = env.OTEL_BUDGET_UNKNOWN_MODEL) -
     raise ValueError(f"{name}={value!r}: expected block, price_as:<model> or '<in>,<out>' $/MTok")
 
 
-def settings_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Processor keyword arguments from the environment (only the variables that are set)."""
+_SHOWN_CHARS = 120
+
+
+def shown(value: str | None) -> str:
+    """A value for a log line: escaped (``repr``: no control characters reach the log) and
+    bounded."""
+    if value is None:
+        return "<unset>"
+    if len(value) > _SHOWN_CHARS:
+        value = value[:_SHOWN_CHARS] + "..."
+    return repr(value)
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    """One variable that could not be applied as given, and what is done instead."""
+
+    variable: str
+    value: str | None
+    reason: str
+    fallback: str
+
+    def __str__(self) -> str:
+        return f"{self.variable}={shown(self.value)} is invalid ({self.reason}); {self.fallback}"
+
+
+@dataclass
+class EnvConfig:
+    """What the environment configures: ``kwargs`` for ``BudgetSpanProcessor`` (always
+    valid), the ``problems`` found (each with its fallback), and ``refusal``: set when a
+    limit or the ledger could not be configured and the failure policy says that every paid
+    call is refused (reason ``configuration``) until it is fixed."""
+
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    problems: list[ConfigProblem] = field(default_factory=list)
+    refusal: ConfigProblem | None = None
+
+
+def _error_text(exc: BaseException) -> str:
+    """An exception's message for a log line: control characters escaped, bounded."""
+    text = str(exc) or type(exc).__name__
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= 300 else text[:300] + "..."
+
+
+def read_env(environ: Mapping[str, str] | None = None) -> EnvConfig:
+    """Every ``OTEL_BUDGET_*`` processor setting, each parsed on its own; never raises."""
     environ = os.environ if environ is None else environ
-    out: dict[str, Any] = {}
+    config = EnvConfig()
+    out = config.kwargs
+    problems = config.problems
 
     def get(name: str) -> str | None:
         value = environ.get(name)
         return value if value is not None and value.strip() != "" else None
 
-    if (value := get(env.OTEL_BUDGET_MAX_USD)) is not None:
-        parse_usd(value, what=env.OTEL_BUDGET_MAX_USD)
-        out["max_usd"] = value.strip()
-    if (value := get(env.OTEL_BUDGET_SCOPES)) is not None:
-        out["scopes"] = parse_scopes(value)
+    def problem(name: str, value: str | None, reason: str, fallback: str) -> None:
+        problems.append(ConfigProblem(name, value, reason, fallback))
+
+    # The failure policy first: it decides what an unreadable limit or ledger means.
+    policy = FAIL_OPEN
+    explicit_open = False
     if (value := get(env.OTEL_BUDGET_FAILURE_POLICY)) is not None:
-        if value.strip() not in (FAIL_OPEN, FAIL_CLOSED):
-            raise ValueError(f"{env.OTEL_BUDGET_FAILURE_POLICY}={value!r}: expected fail_open or fail_closed")
-        out["failure_policy"] = value.strip()
+        if value.strip() in (FAIL_OPEN, FAIL_CLOSED):
+            policy = value.strip()
+            explicit_open = policy == FAIL_OPEN
+        else:
+            policy = FAIL_CLOSED
+            problem(env.OTEL_BUDGET_FAILURE_POLICY, value, "expected fail_open or fail_closed",
+                    "using the stricter fail_closed")  # fmt: skip
+        out["failure_policy"] = policy
+
+    # Limits that cannot be read: refused unless fail_open was chosen explicitly.
+    unreadable: list[tuple[str, str | None, str]] = []
+    if (value := get(env.OTEL_BUDGET_MAX_USD)) is not None:
+        try:
+            parse_usd(value, what=env.OTEL_BUDGET_MAX_USD)
+            out["max_usd"] = value.strip()
+        except ValueError as exc:
+            unreadable.append((env.OTEL_BUDGET_MAX_USD, value, _error_text(exc)))
+    if (value := get(env.OTEL_BUDGET_SCOPES)) is not None:
+        rules: dict[str, ScopeRule] = {}
+        for item in value.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            try:
+                rule = _scope_rule(item, value, problem)
+            except ValueError as exc:
+                unreadable.append((env.OTEL_BUDGET_SCOPES, value, f"{item!r}: {exc}"))
+                continue
+            kept = rules.get(rule.kind)
+            if kept is not None:
+                problem(env.OTEL_BUDGET_SCOPES, value, f"more than one rule for {rule.kind!r}",
+                        "keeping the lowest limit")  # fmt: skip
+                if kept.limit_nanos <= rule.limit_nanos:
+                    continue
+            rules[rule.kind] = rule
+        if rules:
+            out["scopes"] = list(rules.values())
+    for name, value, reason in unreadable:
+        if explicit_open:
+            fallback = "failure_policy=fail_open: this limit is NOT applied until it is fixed"
+        else:
+            fallback = (
+                "every paid call is refused (reason 'configuration') until it is fixed; "
+                f"set {env.OTEL_BUDGET_FAILURE_POLICY}=fail_open to run without this limit"
+            )
+        problems.append(ConfigProblem(name, value, reason, fallback))
+        if not explicit_open and config.refusal is None:
+            config.refusal = problems[-1]
+
     if (value := get(env.OTEL_BUDGET_THRESHOLDS)) is not None:
         try:
             out["thresholds"] = list(_thresholds(float(v) for v in value.split(",") if v.strip()))
         except ValueError:
-            raise ValueError(
-                f"{env.OTEL_BUDGET_THRESHOLDS}={value!r}: expected fractions in (0, 1] like 0.5,0.8"
-            ) from None
-    if (value := get(env.OTEL_BUDGET_DEFAULT_MAX_OUTPUT_TOKENS)) is not None:
-        out["default_max_output_tokens"] = _int(env.OTEL_BUDGET_DEFAULT_MAX_OUTPUT_TOKENS, value)
-    if (value := get(env.OTEL_BUDGET_ASSUMED_INPUT_TOKENS)) is not None:
-        out["assumed_input_tokens"] = _int(env.OTEL_BUDGET_ASSUMED_INPUT_TOKENS, value)
-    if (value := get(env.OTEL_BUDGET_CAP_OUTPUT_TOKENS)) is not None:
-        out["cap_output_tokens"] = _bool(env.OTEL_BUDGET_CAP_OUTPUT_TOKENS, value)
-    if (value := get(env.OTEL_BUDGET_MIN_OUTPUT_TOKENS)) is not None:
-        out["min_output_tokens"] = _int(env.OTEL_BUDGET_MIN_OUTPUT_TOKENS, value)
-    if (value := get(env.OTEL_BUDGET_STREAM_INCLUDE_USAGE)) is not None:
-        out["stream_include_usage"] = _bool(env.OTEL_BUDGET_STREAM_INCLUDE_USAGE, value)
+            problem(env.OTEL_BUDGET_THRESHOLDS, value, "expected fractions in (0, 1] like 0.5,0.8",
+                    f"using the default {','.join(map(str, DEFAULT_THRESHOLDS))}")  # fmt: skip
+    for name, key, default in (
+        (env.OTEL_BUDGET_DEFAULT_MAX_OUTPUT_TOKENS, "default_max_output_tokens", 4096),
+        (env.OTEL_BUDGET_ASSUMED_INPUT_TOKENS, "assumed_input_tokens", 8192),
+        (env.OTEL_BUDGET_MIN_OUTPUT_TOKENS, "min_output_tokens", 16),
+    ):
+        if (value := get(name)) is not None:
+            try:
+                out[key] = _int(name, value)
+            except ValueError:
+                problem(name, value, "expected a positive integer", f"using the default {default}")
+    for name, key in (
+        (env.OTEL_BUDGET_CAP_OUTPUT_TOKENS, "cap_output_tokens"),
+        (env.OTEL_BUDGET_STREAM_INCLUDE_USAGE, "stream_include_usage"),
+    ):
+        if (value := get(name)) is not None:
+            try:
+                out[key] = _bool(name, value)
+            except ValueError:
+                problem(name, value, "expected true or false", "using the default true")
+
+    _read_prices(get, out, problem)
+    _read_ledger(get, out, problem, config, policy)
+    return config
+
+
+def _scope_rule(item: str, value: str, problem: Callable[..., None]) -> ScopeRule:
+    """One ``kind:usd[/window]`` rule. An unknown window keeps the limit for the scope's
+    lifetime (stricter than any window: it never resets); anything else raises."""
+    kind, sep, rest = item.partition(":")
+    if not sep:
+        raise ValueError("must look like kind:usd[/day|/month]")
+    usd, _, window = rest.partition("/")
+    window = window.strip()
+    if window and window not in ("day", "month"):
+        problem(env.OTEL_BUDGET_SCOPES, value,
+                f"{item!r}: the window must be day or month, got {window!r}",
+                f"{kind.strip()!r} keeps its limit for the scope's lifetime (never reset)")  # fmt: skip
+        window = ""
+    return ScopeRule(kind.strip(), max_usd=usd.strip(), window=window or None)
+
+
+def _read_prices(get: Callable[[str], str | None], out: dict[str, Any],
+                 problem: Callable[..., None]) -> None:  # fmt: skip
     prices_file = get(env.OTEL_BUDGET_PRICES_FILE)
     unknown = get(env.OTEL_BUDGET_UNKNOWN_MODEL)
-    if (value := get(env.OTEL_BUDGET_REDIS_URL)) is not None:
+    policy: Any = None
+    if unknown is not None:
+        try:
+            policy = parse_unknown_model(unknown)
+        except ValueError as exc:
+            problem(env.OTEL_BUDGET_UNKNOWN_MODEL, unknown, _error_text(exc),
+                    "unknown models are refused where a limit applies (block)")  # fmt: skip
+    if prices_file is not None:
+        try:
+            out["prices"] = PriceBook.from_file(prices_file)
+        except Exception as exc:
+            problem(env.OTEL_BUDGET_PRICES_FILE, prices_file, _error_text(exc),
+                    "using the built-in prices")  # fmt: skip
+        else:
+            if unknown is not None:
+                problem(env.OTEL_BUDGET_UNKNOWN_MODEL, unknown,
+                        f"set the unknown-model policy in {env.OTEL_BUDGET_PRICES_FILE} "
+                        "('unknown_model') or here, not both",
+                        "the prices file's policy applies")  # fmt: skip
+            return
+    if policy is not None:
+        try:
+            out["prices"] = PriceBook(unknown_model=policy)
+        except Exception as exc:  # price_as:<a model without a price>
+            problem(env.OTEL_BUDGET_UNKNOWN_MODEL, unknown, _error_text(exc),
+                    "unknown models are refused where a limit applies (block)")  # fmt: skip
+
+
+def _read_ledger(get: Callable[[str], str | None], out: dict[str, Any],
+                 problem: Callable[..., None], config: EnvConfig, policy: str) -> None:  # fmt: skip
+    url = get(env.OTEL_BUDGET_REDIS_URL)
+    fallback = get(env.OTEL_BUDGET_REDIS_FALLBACK)
+    if fallback is not None and fallback.strip() != "local":
+        problem(env.OTEL_BUDGET_REDIS_FALLBACK, fallback, "expected 'local' or unset",
+                f"while Redis is unreachable the failure policy ({policy}) decides")  # fmt: skip
+        fallback = None
+    if url is None:
+        return
+    try:
         from otel_budget.storage import MemoryStorage
         from otel_budget.storage.redis import RedisStorage
 
-        fallback = get(env.OTEL_BUDGET_REDIS_FALLBACK)
-        if fallback is not None and fallback.strip() != "local":
-            raise ValueError(f"{env.OTEL_BUDGET_REDIS_FALLBACK}={fallback!r}: expected 'local' or unset")
-        try:
-            out["storage"] = RedisStorage(
-                value.strip(), fallback=MemoryStorage() if fallback is not None else None
-            )
-        except ValueError as exc:
-            raise ValueError(f"{env.OTEL_BUDGET_REDIS_URL}: {exc}") from None
-    if prices_file is not None and unknown is not None:
-        raise ValueError(
-            f"set the unknown-model policy in {env.OTEL_BUDGET_PRICES_FILE} ('unknown_model') "
-            f"or in {env.OTEL_BUDGET_UNKNOWN_MODEL}, not both"
+        out["storage"] = RedisStorage(
+            url.strip(), fallback=MemoryStorage() if fallback is not None else None
         )
-    if prices_file is not None:
-        out["prices"] = PriceBook.from_file(prices_file)
-    elif unknown is not None:
-        out["prices"] = PriceBook(unknown_model=parse_unknown_model(unknown))
-    return out
+    except Exception as exc:  # a bad URL, or redis-py not installed (ImportError)
+        reason = f"cannot build the Redis ledger: {type(exc).__name__}: {_error_text(exc)}"
+        if policy == FAIL_CLOSED:
+            config.problems.append(ConfigProblem(
+                env.OTEL_BUDGET_REDIS_URL, redact(url), reason,
+                "failure_policy=fail_closed: every paid call is refused (reason "
+                "'configuration') until it is fixed",
+            ))  # fmt: skip
+            if config.refusal is None:
+                config.refusal = config.problems[-1]
+        else:
+            problem(env.OTEL_BUDGET_REDIS_URL, redact(url), reason,
+                    "failure_policy=fail_open: budgets are kept in this process's own ledger")  # fmt: skip
+
+
+def redact(url: str) -> str:
+    """A URL without its password, for a log line."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    credentials, _, host = rest.rpartition("@")
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user + ':' if user else ''}***@{host}"
+
+
+def settings_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Processor keyword arguments from the environment (only the variables that are set),
+    strictly: raises ``ValueError`` naming the first variable that cannot be applied as
+    given. ``BudgetInstrumentor`` uses ``read_env``, which falls back per variable."""
+    config = read_env(environ)
+    if config.problems:
+        storage = config.kwargs.get("storage")
+        if storage is not None:
+            storage.close()
+        raise ValueError(str(config.problems[0]))
+    return config.kwargs
 
 
 def libraries_from_env(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:

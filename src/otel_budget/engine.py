@@ -26,6 +26,7 @@ from typing import Any
 
 from otel_budget import attributes as attrs
 from otel_budget.errors import (
+    REASON_CONFIGURATION,
     REASON_INTERNAL_ERROR,
     REASON_INVALID_REQUEST,
     REASON_LIMIT,
@@ -38,6 +39,7 @@ from otel_budget.logs import RateLimitedLog
 from otel_budget.money import NANOS_PER_USD, format_usds, to_usd
 from otel_budget.report import (
     TERMINATED_BY_BUDGET,
+    TERMINATED_BY_CONFIGURATION,
     TERMINATED_BY_INTERNAL_ERROR,
     TERMINATED_BY_INVALID_REQUEST,
     TERMINATED_BY_PAUSE,
@@ -71,6 +73,7 @@ _TERMINATION = {
     REASON_UNKNOWN_MODEL: TERMINATED_BY_UNKNOWN_MODEL,
     REASON_INTERNAL_ERROR: TERMINATED_BY_INTERNAL_ERROR,
     REASON_INVALID_REQUEST: TERMINATED_BY_INVALID_REQUEST,
+    REASON_CONFIGURATION: TERMINATED_BY_CONFIGURATION,
 }
 # The largest amount a single call may move (nano-USD, about $9M): a ledger whose numbers are
 # doubles (Lua) stays exact below 2**53, and an absurd reported usage never fails a commit.

@@ -23,6 +23,9 @@ REASON_LIMIT = "limit"  # the projected cost does not fit in the remaining budge
 REASON_PAUSED = "paused"  # a kill switch is on for the scope or globally
 REASON_UNKNOWN_MODEL = "unknown_model"  # no price and the unknown-model policy is "block"
 REASON_INTERNAL_ERROR = "internal_error"  # failure_policy="fail_closed" and otel-budget failed
+# A limit or the ledger could not be configured (an invalid OTEL_BUDGET_MAX_USD, an unusable
+# OTEL_BUDGET_REDIS_URL) and the failure policy refuses every paid call until it is fixed.
+REASON_CONFIGURATION = "configuration"
 # A parameter the cost depends on is not a number we can project (max_tokens="lots", n=True).
 REASON_INVALID_REQUEST = "invalid_request"
 

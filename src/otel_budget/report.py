@@ -26,6 +26,7 @@ TERMINATED_BY_PAUSE = "paused"
 TERMINATED_BY_UNKNOWN_MODEL = "unknown_model"
 TERMINATED_BY_INTERNAL_ERROR = "internal_error"
 TERMINATED_BY_INVALID_REQUEST = "invalid_request"
+TERMINATED_BY_CONFIGURATION = "configuration"
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,14 @@ The processor goes onto ``tracer_provider`` (or the global provider). With only 
 proxy provider (no SDK configured, or configured later), enforcement still works, because it
 lives in the wrappers; the processor is added to the SDK provider as soon as one is set
 globally, so the root-span breakdown follows.
+
+Configuration never switches the budget off: each ``OTEL_BUDGET_*`` variable is read on its
+own (``otel_budget.config.read_env``), an invalid one is logged by name and falls back to its
+safe default, and a limit or ledger that cannot be configured refuses every paid call
+(reason ``configuration``) unless ``OTEL_BUDGET_FAILURE_POLICY=fail_open`` says otherwise.
+The instrumentor always loads. ``instrument()`` called again with other settings (on any
+instance: instrumentors are singletons) applies them: a new processor replaces the previous
+one and every wrapper follows it at once.
 """
 
 from __future__ import annotations
@@ -22,6 +30,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import os
+import sys
 from collections.abc import Collection
 from typing import Any
 
@@ -29,13 +39,11 @@ from opentelemetry import trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 
 from otel_budget import threads
-from otel_budget.config import (
-    SUPPORTED_LIBRARIES,
-    libraries_from_env,
-    settings_from_env,
-)
+from otel_budget.config import SUPPORTED_LIBRARIES, libraries_from_env, read_env
+from otel_budget.misconfigured import refuse_paid_calls
 from otel_budget.processor import BudgetSpanProcessor
-from otel_budget.settings import FAIL_CLOSED
+from otel_budget.runtime import BudgetRuntime
+from otel_budget.settings import FAIL_CLOSED, FAIL_OPEN
 
 logger = logging.getLogger("otel_budget")
 
@@ -49,6 +57,7 @@ _PROCESSOR_ARGS = (
     "assumed_input_tokens", "on_warning", "on_exceeded", "prices", "storage", "trace_ttl_seconds",
     "max_tracked_traces", "cap_output_tokens", "min_output_tokens", "stream_include_usage",
 )  # fmt: skip
+_ENV_PREFIX = "OTEL_BUDGET_"
 
 
 def _attach(processor: BudgetSpanProcessor, provider: Any) -> bool:
@@ -59,21 +68,84 @@ def _attach(processor: BudgetSpanProcessor, provider: Any) -> bool:
     return True
 
 
+class RuntimeHandle(BudgetRuntime):
+    """The runtime the library wrappers hold (``instrument(runtime=handle)``): it shares the
+    state of the processor's runtime it points to, so pointing it at another runtime
+    re-points every wrapper at once, with no lookup on the call path."""
+
+    def __init__(self, runtime: BudgetRuntime) -> None:  # noqa: D107 - no super(): a view
+        self.point_to(runtime)
+
+    def point_to(self, runtime: BudgetRuntime) -> None:
+        self.__dict__ = runtime.__dict__
+
+
+def instrumented_libraries() -> list[str]:
+    """The libraries whose calls otel-budget's own instrumentors currently meter."""
+    out = []
+    for name, (module_name, class_name) in _INSTRUMENTORS.items():
+        module = sys.modules.get(module_name)
+        cls = getattr(module, class_name, None) if module is not None else None
+        instance = getattr(cls, "_instance", None) if cls is not None else None
+        if instance is not None and instance.is_instrumented_by_opentelemetry:
+            out.append(name)
+    return out
+
+
+def _request_of(kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """What an ``instrument()`` call asks for, to tell whether a second call changes it."""
+    explicit = tuple((k, kwargs[k]) for k in _PROCESSOR_ARGS if k in kwargs)
+    environ = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(_ENV_PREFIX)))
+    libraries = kwargs.get("libraries")
+    return (
+        explicit, kwargs.get("processor"), kwargs.get("tracer_provider"),
+        None if libraries is None else tuple(libraries), environ,
+    )  # fmt: skip
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # a value whose == raises (or is ambiguous): not the same
+        return False
+
+
 class BudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     """Installs the budget processor and instruments openai, anthropic and litellm.
 
     Keyword arguments of ``instrument()``: those of ``BudgetSpanProcessor`` (``max_usd``,
     ``scopes``, ``failure_policy``, ...), ``tracer_provider``, ``processor`` (use an existing
     one), and ``libraries`` (a subset of ``("openai", "anthropic", "litellm")``). Without
-    processor arguments the ``OTEL_BUDGET_*`` environment variables are read.
+    processor arguments the ``OTEL_BUDGET_*`` environment variables are read. Called again
+    with other arguments, it applies them (a new processor replaces the previous one).
     """
 
     processor: BudgetSpanProcessor | None = None
+    _handle: RuntimeHandle | None = None
+    _request: tuple[Any, ...] | None = None
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return ()  # each library is optional and checked on its own
 
+    def instrument(self, **kwargs: Any) -> Any:
+        if not self.is_instrumented_by_opentelemetry:
+            return super().instrument(**kwargs)
+        request = _request_of(kwargs)
+        if _same(request, self._request):
+            logger.debug("otel-budget: already instrumented with these settings")
+            return None
+        logger.warning(
+            "otel-budget: instrument() called again with other settings: applying them "
+            "(a new budget processor replaces the previous one)"
+        )
+        self._apply(kwargs, request)
+        return None
+
     def _instrument(self, **kwargs: Any) -> None:
+        self._instrumented: dict[str, BaseInstrumentor] = {}
+        self._apply(kwargs, _request_of(kwargs))
+
+    def _apply(self, kwargs: dict[str, Any], request: tuple[Any, ...]) -> None:
         provider = kwargs.get("tracer_provider")
         processor = kwargs.get("processor")
         libraries = kwargs.get("libraries")
@@ -83,7 +155,14 @@ class BudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 processor = BudgetSpanProcessor(**explicit)  # bad values raise: caller's code
             else:
                 processor = self._processor_from_env()
+        previous = self.processor
+        previous_provider = self._request[2] if self._request is not None else None
         self.processor = processor
+        self._request = request
+        if self._handle is None:
+            self._handle = RuntimeHandle(processor.runtime)
+        else:
+            self._handle.point_to(processor.runtime)  # every wrapper follows, at once
         # Threads and executor tasks started inside a budget() block carry it.
         threads.install("instrumentor")
         target = provider if provider is not None else trace.get_tracer_provider()
@@ -99,26 +178,49 @@ class BudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             except ValueError as exc:
                 logger.error("otel-budget: %s; instrumenting every supported library", exc)
                 libraries = SUPPORTED_LIBRARIES
-        self._instrumented: list[BaseInstrumentor] = []
-        for name in libraries:
-            self._instrument_library(name, provider, processor)
+        wanted = [name for name in libraries if name in _INSTRUMENTORS]
+        for name, instrumentor in list(self._instrumented.items()):
+            if name not in wanted or provider is not previous_provider:
+                instrumentor.uninstrument()  # (a new provider: its tracers are re-created)
+                del self._instrumented[name]
+        for name in wanted:
+            if name not in self._instrumented:
+                self._instrument_library(name, provider)
+        if previous is not None and previous is not processor:
+            previous.shutdown()  # inert from now on, even if still on a provider
 
     def _processor_from_env(self) -> BudgetSpanProcessor:
+        """The processor the ``OTEL_BUDGET_*`` variables configure. Never raises: zero-code
+        runs cannot raise into the app, so each invalid variable is logged and falls back to
+        its safe default, and a limit or ledger that cannot be configured makes every paid
+        call refused (reason ``configuration``) unless the policy is explicitly fail_open."""
         try:
-            return BudgetSpanProcessor(**settings_from_env())
-        except (ValueError, OSError) as exc:
-            # A typo in the environment must not silently mean "no budget". Zero-code runs
-            # cannot raise into the app, so the failure policy decides: fail_closed refuses
-            # every paid call (budget 0) until the configuration is fixed.
-            import os
-
-            closed = os.environ.get("OTEL_BUDGET_FAILURE_POLICY", "").strip() == FAIL_CLOSED
+            config = read_env()
+        except Exception as exc:  # pragma: no cover - read_env handles each variable
+            return self._unconfigured(f"the OTEL_BUDGET_* configuration cannot be read: {exc}")
+        for problem in config.problems:
+            logger.error("otel-budget: %s", problem)
+        try:
+            processor = BudgetSpanProcessor(**config.kwargs)
+        except Exception as exc:  # pragma: no cover - read_env validates each value
+            return self._unconfigured(f"invalid OTEL_BUDGET_* configuration: {exc}")
+        if config.refusal is not None:
+            refuse_paid_calls(processor, str(config.refusal), config.refusal.variable)
             logger.error(
-                "otel-budget: invalid configuration: %s. %s", exc,
-                "failure_policy=fail_closed: refusing every paid call"
-                if closed else "Calls are NOT budgeted until this is fixed",
-            )  # fmt: skip
-            return BudgetSpanProcessor(max_usd=0 if closed else None)
+                "otel-budget: refusing every paid call until %s is fixed",
+                config.refusal.variable,
+            )
+        return processor
+
+    def _unconfigured(self, problem: str) -> BudgetSpanProcessor:
+        policy = os.environ.get("OTEL_BUDGET_FAILURE_POLICY", "").strip()
+        if policy == FAIL_OPEN:
+            logger.error("otel-budget: %s; failure_policy=fail_open: calls are NOT budgeted", problem)
+            return BudgetSpanProcessor(failure_policy=FAIL_OPEN)
+        logger.error("otel-budget: %s; every paid call is refused until it is fixed", problem)
+        processor = BudgetSpanProcessor(failure_policy=FAIL_CLOSED)
+        refuse_paid_calls(processor, problem, "OTEL_BUDGET_*")
+        return processor
 
     def _watch_global_provider(self, processor: BudgetSpanProcessor) -> None:
         # The API's proxy provider hands out proxy tracers that switch to the real provider
@@ -135,28 +237,30 @@ class BudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
         trace.set_tracer_provider = set_tracer_provider
 
-    def _instrument_library(self, name: str, provider: Any, processor: BudgetSpanProcessor) -> None:
+    def _instrument_library(self, name: str, provider: Any) -> None:
         if importlib.util.find_spec(name) is None:
             logger.debug("otel-budget: %s is not installed; skipped", name)
             return
         module_name, class_name = _INSTRUMENTORS[name]
         try:
             instrumentor = getattr(importlib.import_module(module_name), class_name)()
-            # The wrappers get the runtime they enforce in their closure.
-            kwargs: dict[str, Any] = {"runtime": processor.runtime}
+            # The wrappers get the runtime they enforce in their closure: the handle, which
+            # a later instrument() with other settings re-points.
+            kwargs: dict[str, Any] = {"runtime": self._handle}
             if provider is not None:
                 kwargs["tracer_provider"] = provider
             instrumentor.instrument(**kwargs)
             if instrumentor.is_instrumented_by_opentelemetry:
-                self._instrumented.append(instrumentor)
+                self._instrumented[name] = instrumentor
         except Exception as exc:  # one library's problem must not stop the others
             logger.error("otel-budget: could not instrument %s: %s", name, exc, exc_info=exc)
 
     def _uninstrument(self, **kwargs: Any) -> None:
         threads.uninstall("instrumentor")
-        for instrumentor in getattr(self, "_instrumented", []):
+        for instrumentor in getattr(self, "_instrumented", {}).values():
             instrumentor.uninstrument()
-        self._instrumented = []
+        self._instrumented = {}
+        self._request = None
         if self.processor is not None:
             self.processor.shutdown()  # inert from now on, even if still on the provider
             self.processor = None

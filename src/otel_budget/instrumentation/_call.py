@@ -41,6 +41,7 @@ from otel_budget.metered import (
     refuse,
     start_span,
 )
+from otel_budget.misconfigured import MisconfiguredEngine, configuration_error
 from otel_budget.money import to_usd
 from otel_budget.pricing import TokenUsage, UnknownModelError
 from otel_budget.runtime import BudgetRuntime
@@ -58,6 +59,9 @@ _MTOK = 1_000_000
 
 # Kept under its earlier name: set while a metered call is being sent (see CURRENT_CALL).
 IN_METERED_CALL = CURRENT_CALL
+UNKNOWN_MODEL_ENV = "OTEL_BUDGET_UNKNOWN_MODEL"
+#: ``otel_budget.price.source`` of a call let through without a price (no limit applied).
+PRICE_SOURCE_UNKNOWN = "unknown"
 
 
 def capture_content() -> bool:
@@ -595,7 +599,19 @@ def start_steps(
                     runtime, request, estimate.tokens, settings.min_output_tokens * choices
                 ).nanos
         except UnknownModelError as exc:
-            refusal = _unknown_model_refusal(runtime, request, exc)
+            # Refused where a limit applies (an unpriced call cannot be budgeted); with no
+            # limit on the call (a local or fine-tuned model, an Azure deployment name under
+            # plain zero-code) it goes through unpriced, flagged, warned about once per model.
+            if _limit_applies(runtime, span_attributes):
+                refusal = _unknown_model_refusal(runtime, request, exc, span_attributes)
+            else:
+                span_attributes[attrs.PRICE_SOURCE] = PRICE_SOURCE_UNKNOWN
+                runtime.engine.log_once(
+                    f"unknown model {request.model!r}", None,
+                    f"no price for model {request.model!r} ({request.provider}); no budget "
+                    "applies to its calls, so they go through unpriced. Price it with "
+                    f"{UNKNOWN_MODEL_ENV}=price_as:<model> or '<in>,<out>' $/MTok",
+                )  # fmt: skip
     except ValueError as exc:
         # A request we cannot project (max_tokens="lots", n=True, ...) is never sent
         # unreserved: refused, with a message naming the parameter.
@@ -685,11 +701,37 @@ def _scopeless_charge(runtime: BudgetRuntime, request: LLMRequest) -> Charge:
                   request.operation, stats)  # fmt: skip
 
 
+def _limit_applies(runtime: BudgetRuntime, attributes: Mapping[str, Any]) -> bool:
+    """Whether any limit applies to a call in the current context: a scope of
+    ``engine.scopes_for``, or a configuration failure that refuses every paid call."""
+    if configuration_error(runtime) is not None:
+        return True
+    parent = trace.get_current_span().get_span_context()
+    scopes, _, _ = runtime.engine.scopes_for(
+        parent.trace_id if parent.is_valid else 0, not parent.is_valid, attributes
+    )
+    return bool(scopes)
+
+
 def _unknown_model_refusal(
-    runtime: BudgetRuntime, request: LLMRequest, exc: UnknownModelError
-) -> BudgetExceededError:
+    runtime: BudgetRuntime, request: LLMRequest, exc: UnknownModelError,
+    attributes: Mapping[str, Any] | None = None,
+) -> BudgetExceededError:  # fmt: skip
     charge = _scopeless_charge(runtime, request)
-    return runtime.engine.refusal(REASON_UNKNOWN_MODEL, charge, None, str(exc))
+    engine = runtime.engine
+    if isinstance(engine, MisconfiguredEngine):
+        return engine.configuration_refusal(charge)
+    parent = trace.get_current_span().get_span_context()
+    scopes, _, _ = engine.scopes_for(
+        parent.trace_id if parent.is_valid else 0, not parent.is_valid, attributes
+    )
+    error = engine.refusal(
+        REASON_UNKNOWN_MODEL, charge, None,
+        f"{exc} (set {UNKNOWN_MODEL_ENV}=price_as:<model> or '<in>,<out>' $/MTok to price "
+        "unknown models)",
+    )  # fmt: skip
+    error.scope = scopes[0].key if scopes else ""
+    return error
 
 
 def _invalid_request_refusal(
