@@ -64,6 +64,12 @@ from tests.test_processor import gen_ai_attrs, llm_call  # noqa: E402
 from tests.test_storage_memory import FakeClock, LedgerMachine  # noqa: E402
 
 USD = 1_000_000_000
+
+
+@pytest.fixture(autouse=True)
+def _journal_in_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RedisStorage's durable journal goes to a temporary directory, not the user's."""
+    monkeypatch.setenv("OTEL_BUDGET_JOURNAL_DIR", str(tmp_path_factory.mktemp("journal")))
 FAST = {"socket_timeout": 0.05, "socket_connect_timeout": 0.05, "retries": 1}
 
 try:
