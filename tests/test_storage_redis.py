@@ -427,6 +427,24 @@ def test_evict_keeps_scopes_with_open_reservations(backend: Backend) -> None:
     assert store.usage("t:e") is None
 
 
+def test_reset_keeps_the_limit_and_delete_forgets_on_every_backend(backend: Backend) -> None:
+    store = backend.store
+    cap = ScopeLimit("user:r", 10 * USD)
+    store.charge(1, [cap], 4 * USD)
+    assert store.reserve(2, [cap], 5 * USD).ok
+    assert store.reserve(3, [cap], 2 * USD).status is ReserveStatus.DENIED
+    assert store.reset("user:r") is True
+    assert store.usage("user:r") == ("user:r", 10 * USD, 0, 0)
+    assert store.reserve(3, [cap], 10 * USD).ok  # the whole limit again
+    assert store.commit(2, USD).status in (CommitStatus.OK, CommitStatus.LATE)
+    assert store.usage("user:r") == ("user:r", 10 * USD, USD, 10 * USD)  # it still counts
+    assert store.reset("user:nobody") is False
+    assert store.delete("user:r") is True
+    assert store.usage("user:r") is None and store.delete("user:r") is False
+    store.commit(3, USD)  # a lease of a deleted scope settles without recreating it
+    assert store.usage("user:r") is None
+
+
 def test_scopes_lists_by_prefix(backend: Backend) -> None:
     store = backend.store
     store.charge(1, [ScopeLimit("user:a", USD), ScopeLimit("t:x", USD, True)], 5)
