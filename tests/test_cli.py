@@ -16,10 +16,16 @@ from typing import Any
 import pytest
 
 from otel_budget.cli import main, usd_text
-from otel_budget.storage import MemoryStorage, ReserveStatus, ScopeLimit
+from otel_budget.storage import CommitStatus, MemoryStorage, ReserveStatus, ScopeLimit
 from tests.redis_server import REDIS_SERVER, SKIP_REASON, RedisServer, free_port
 
 USD = 1_000_000_000
+
+
+@pytest.fixture(autouse=True)
+def _journal_in_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RedisStorage's durable journal goes to a temporary directory, not the user's."""
+    monkeypatch.setenv("OTEL_BUDGET_JOURNAL_DIR", str(tmp_path_factory.mktemp("journal")))
 
 
 def run(argv: list[str], storage: Any = None) -> tuple[int, str, str]:
@@ -203,3 +209,63 @@ def test_console_script_is_declared() -> None:
 
     scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts")}
     assert scripts.get("otel-budget") == "otel_budget.cli:main"
+
+
+# -- reset / delete ------------------------------------------------------------------------------
+def test_reset_keeps_the_limit_and_delete_forgets(store: MemoryStorage) -> None:
+    key = "user:alice@d20261123"
+    code, out, err = run(["reset", key], store)
+    assert (code, out, err) == (0, f"reset {key}\n", "")
+    assert store.usage(key) == (key, 20 * USD, 0, 0)
+    store.commit(2, 100_000_000)  # a lease open at the reset still counts, as spend
+    assert store.usage(key) == (key, 20 * USD, 100_000_000, 0)
+    code, out, err = run(["delete", key], store)
+    assert (code, out, err) == (0, f"deleted {key}\n", "")
+    assert store.usage(key) is None
+    code, out, err = run(["delete", key], store)
+    assert code == 2 and err.count("\n") == 1 and "no scope" in err
+
+
+@pytest.mark.parametrize(
+    "scope_",
+    ["process", "*", "user:*", "user:", ":alice", "user:a b\n", "t:xyz", "user:bob@d2026", " user:a",
+     "user:a?", "user:al\x01ice"],
+)
+def test_reset_and_delete_validate_the_scope(scope_: str, store: MemoryStorage) -> None:
+    before = store.scopes()
+    for command in ("reset", "delete"):
+        code, out, err = run([command, scope_], store)
+        assert code == 2 and out == "", (command, scope_)
+        assert err.startswith("otel-budget: error: invalid") and err.count("\n") == 1, err
+    assert store.scopes() == before
+
+
+def test_reset_and_delete_on_real_redis(server: RedisServer) -> None:
+    from otel_budget.storage.redis import RedisStorage, process_scope_name
+
+    prefix = f"otbcli:{uuid.uuid4().hex[:8]}:"
+    app = RedisStorage(server.url, prefix=prefix)
+    try:
+        cap = ScopeLimit("user:bob@d20261123", 5 * USD, False, 172800.0)
+        app.charge(1, [cap], 4 * USD)
+        app.reserve(2, [cap], USD)
+        assert app.reserve(3, [cap], USD).status is ReserveStatus.DENIED
+        app.charge(4, [ScopeLimit("process", USD)], 600_000_000)
+        base = ["--redis-url", server.url, "--key-prefix", prefix]
+        code, out, _ = run([*base, "show", "--prefix", "process:", "--json"])
+        own = process_scope_name()
+        assert code == 0 and [row["key"] for row in json.loads(out)] == [own]
+        assert run([*base, "reset", "user:bob@d20261123"])[0] == 0
+        assert app.usage("user:bob@d20261123").spent == 0
+        assert app.usage("user:bob@d20261123").reserved == 0
+        assert app.reserve(5, [cap], 5 * USD).ok  # the whole limit again
+        assert app.commit(2, USD).status is CommitStatus.LATE  # the open lease still counts
+        assert app.usage("user:bob@d20261123").spent == USD
+        assert run([*base, "reset", own])[0] == 0
+        assert app.usage("process").spent == 0
+        assert run([*base, "delete", own]) == (0, f"deleted {own}\n", "")
+        assert app.usage("process") is None
+        code, _, err = run([*base, "delete", own])
+        assert code == 2 and "no scope" in err and err.count("\n") == 1
+    finally:
+        app.close()

@@ -64,6 +64,12 @@ from tests.test_processor import gen_ai_attrs, llm_call  # noqa: E402
 from tests.test_storage_memory import FakeClock, LedgerMachine  # noqa: E402
 
 USD = 1_000_000_000
+
+
+@pytest.fixture(autouse=True)
+def _journal_in_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RedisStorage's durable journal goes to a temporary directory, not the user's."""
+    monkeypatch.setenv("OTEL_BUDGET_JOURNAL_DIR", str(tmp_path_factory.mktemp("journal")))
 FAST = {"socket_timeout": 0.05, "socket_connect_timeout": 0.05, "retries": 1}
 
 try:
@@ -419,6 +425,24 @@ def test_evict_keeps_scopes_with_open_reservations(backend: Backend) -> None:
     store.commit(1, 7)
     store.evict("t:e")
     assert store.usage("t:e") is None
+
+
+def test_reset_keeps_the_limit_and_delete_forgets_on_every_backend(backend: Backend) -> None:
+    store = backend.store
+    cap = ScopeLimit("user:r", 10 * USD)
+    store.charge(1, [cap], 4 * USD)
+    assert store.reserve(2, [cap], 5 * USD).ok
+    assert store.reserve(3, [cap], 2 * USD).status is ReserveStatus.DENIED
+    assert store.reset("user:r") is True
+    assert store.usage("user:r") == ("user:r", 10 * USD, 0, 0)
+    assert store.reserve(3, [cap], 10 * USD).ok  # the whole limit again
+    assert store.commit(2, USD).status in (CommitStatus.OK, CommitStatus.LATE)
+    assert store.usage("user:r") == ("user:r", 10 * USD, USD, 10 * USD)  # it still counts
+    assert store.reset("user:nobody") is False
+    assert store.delete("user:r") is True
+    assert store.usage("user:r") is None and store.delete("user:r") is False
+    store.commit(3, USD)  # a lease of a deleted scope settles without recreating it
+    assert store.usage("user:r") is None
 
 
 def test_scopes_lists_by_prefix(backend: Backend) -> None:

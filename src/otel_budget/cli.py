@@ -7,6 +7,8 @@
     otel-budget resume user:alice
     otel-budget set-limit tenant:acme 900     # an operator limit (USD); wins over config
     otel-budget paused                        # which kill switches are on
+    otel-budget reset user:alice@d20261123    # spent and reserved to 0, the limit kept
+    otel-budget delete process:host:4242:1764713679   # forget a scope entirely
 
 The ledger is the Redis at ``--redis-url`` (default: ``$OTEL_BUDGET_REDIS_URL``), with keys
 under ``--key-prefix`` (default ``otb:``, as ``RedisStorage``). A SCOPE is a ledger key as
@@ -23,6 +25,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from decimal import Decimal
@@ -59,6 +62,31 @@ def _scope_arg(value: str) -> str:
     return value
 
 
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*:[^\x00-\x1f\x7f*?\[\]]+")
+_WINDOW = re.compile(r"@(d\d{8}|m\d{6})$")
+_WINDOW_LIKE = re.compile(r"@[dm]\d+$")
+
+
+def ledger_key(value: str) -> str:
+    """One scope's ledger key (no wildcard): ``kind:identity``, optionally ``@dYYYYMMDD`` /
+    ``@mYYYYMM``; ``t:<32 hex>`` for a trace."""
+    hint = "expected one ledger key as 'show' prints it, e.g. 'user:alice' or 'user:alice@d20261123'"
+    if value == "process":
+        raise CliError(
+            "invalid scope 'process': each process has its own, "
+            "'process:<host>:<pid>:<start>' (see 'show --prefix process:')"
+        )
+    if not _KEY.fullmatch(value) or value != value.strip():
+        raise CliError(f"invalid scope {value!r}: {hint}")
+    if value.startswith("t:") and not re.fullmatch(r"t:[0-9a-f]{32}", value):
+        raise CliError(f"invalid trace scope {value!r}: expected t:<32 hex digits>")
+    if _WINDOW_LIKE.search(value) and not _WINDOW.search(value):
+        raise CliError(
+            f"invalid scope {value!r}: a window is @dYYYYMMDD (UTC day) or @mYYYYMM (UTC month)"
+        )
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -90,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     limit = sub.add_parser("set-limit", help="set a scope's limit in USD (an operator override)")
     limit.add_argument("scope", type=_scope_arg)
     limit.add_argument("usd", help="the limit in USD, e.g. 20 or 0.50")
+
+    reset = sub.add_parser("reset", help="set a scope's spent and reserved to 0 (limit kept)")
+    reset.add_argument("scope", help="one ledger key, as 'show' prints it")
+    delete = sub.add_parser("delete", help="forget a scope entirely (its limit override too)")
+    delete.add_argument("scope", help="one ledger key, as 'show' prints it")
 
     paused = sub.add_parser("paused", help="list the kill switches that are on")
     paused.add_argument("--json", action="store_true", help="print JSON")
@@ -164,6 +197,11 @@ def _run(storage: LedgerStorage, args: argparse.Namespace, out: TextIO) -> None:
             raise CliError(f"set-limit: {exc}") from None
         storage.set_limit(args.scope, nanos)
         out.write(f"limit of {args.scope} set to ${usd_text(nanos)}\n")
+    elif command in ("reset", "delete"):
+        found = storage.reset(args.scope) if command == "reset" else storage.delete(args.scope)
+        if not found:
+            raise CliError(f"{command}: no scope {args.scope!r} in the ledger")
+        out.write(f"{'reset' if command == 'reset' else 'deleted'} {args.scope}\n")
     elif command == "paused":
         keys = sorted(storage.paused())
         if getattr(args, "json", False):
@@ -200,6 +238,8 @@ def main(
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
     owned = storage is None
     try:
+        if args.command in ("reset", "delete"):
+            ledger_key(args.scope)  # one clear line (exit 2) before touching the ledger
         if storage is None:
             storage = _open_storage(args)
         _run(storage, args, out)

@@ -14,6 +14,7 @@ Modelled on the ``limits`` library: the storage only moves integers atomically; 
 from otel_budget.storage.base import (
     GLOBAL_PAUSE_KEY,
     MAX_AMOUNT,
+    PROCESS_SCOPE_KEY,
     UNLIMITED,
     CommitResult,
     CommitStatus,
@@ -38,6 +39,7 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "GLOBAL_PAUSE_KEY",
     "MAX_AMOUNT",
+    "PROCESS_SCOPE_KEY",
     "UNLIMITED",
     "CommitResult",
     "CommitStatus",

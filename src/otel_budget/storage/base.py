@@ -48,6 +48,9 @@ from collections.abc import Hashable, Sequence
 from typing import Any, ClassVar, NamedTuple
 
 GLOBAL_PAUSE_KEY = "*"
+# The scope of calls outside any trace (a bare script). A shared ledger keeps it per process
+# (Redis: ``process:<host>:<pid>:<start>`` with an idle TTL), never shared across processes.
+PROCESS_SCOPE_KEY = "process"
 
 # Every amount is clamped to this (Lua numbers are doubles: integers are exact below 2**53;
 # nano-USD: ~$9.0M, far above MAX_BUDGET_USD). Also the limit of a scope that only exists
@@ -236,6 +239,17 @@ class LedgerStorage(ABC):
         """Usage of every scope whose key starts with ``prefix``, sorted by key (an operator
         view, e.g. ``otel-budget show``; not for hot paths). Optional for a backend."""
         raise NotImplementedError(f"{type(self).__name__} cannot list its scopes")
+
+    def reset(self, key: str) -> bool:
+        """Set a scope's spent and reserved to 0, keeping its limit (an operator decision).
+        Commits of leases open at the time still count there as spend. False if the ledger
+        does not know the scope. Optional for a backend."""
+        raise NotImplementedError(f"{type(self).__name__} cannot reset a scope")
+
+    def delete(self, key: str) -> bool:
+        """Forget a scope entirely, even with open reservations (an operator decision).
+        False if the ledger does not know it. Optional for a backend."""
+        raise NotImplementedError(f"{type(self).__name__} cannot delete a scope")
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections; the in-memory storage has none."""

@@ -74,12 +74,15 @@ class _Scope:
 
 
 class _Lease:
-    __slots__ = ("amount", "scopes", "deadline")
+    __slots__ = ("amount", "scopes", "deadline", "forgiven")
 
     def __init__(self, amount: int, scopes: tuple[_Scope, ...], deadline: float) -> None:
         self.amount = amount
         self.scopes = scopes
         self.deadline = deadline
+        # Scopes reset by an operator while this lease was open: their ``reserved`` no longer
+        # holds it (its commit still counts there as spend).
+        self.forgiven: tuple[_Scope, ...] = ()
 
 
 class MemoryStorage(LedgerStorage):
@@ -293,7 +296,8 @@ class MemoryStorage(LedgerStorage):
                     scope.spent += actual
             else:
                 for scope in lease.scopes:
-                    scope.reserved -= lease.amount
+                    if scope not in lease.forgiven:
+                        scope.reserved -= lease.amount
                     scope.spent += actual
             self._mark_settled(lease_id, lease.amount)
             return CommitResult(
@@ -310,7 +314,8 @@ class MemoryStorage(LedgerStorage):
                 self._expired.pop(lease_id, None)
                 return CommitResult(CommitStatus.DUPLICATE)
             for scope in lease.scopes:
-                scope.reserved -= lease.amount
+                if scope not in lease.forgiven:
+                    scope.reserved -= lease.amount
             self._mark_settled(lease_id, lease.amount)
             return CommitResult(
                 CommitStatus.RELEASED,
@@ -365,6 +370,27 @@ class MemoryStorage(LedgerStorage):
             found = [s.snapshot() for key, s in self._scopes.items() if key.startswith(prefix)]
         found.sort(key=lambda usage: usage.key)
         return found
+
+    def reset(self, key: str) -> bool:
+        with self._lock:
+            scope = self._scopes.get(key)
+            if scope is None:
+                return False
+            if scope.reserved:
+                for lease in self._leases.values():
+                    if scope in lease.scopes and scope not in lease.forgiven:
+                        lease.forgiven = (*lease.forgiven, scope)
+            scope.spent = 0
+            scope.reserved = 0
+            return True
+
+    def delete(self, key: str) -> bool:
+        with self._lock:
+            scope = self._scopes.get(key)
+            if scope is None:
+                return False
+            self._drop(scope)  # open leases keep a detached copy: nothing reaches the ledger
+            return True
 
     def evict(self, key: str) -> None:
         with self._lock:

@@ -2,15 +2,20 @@
 -- KEYS: lease record, then (scope hash, scope lease zset) per scope.
 -- ARGV: lease, mode ('c' commit, 'r' release, 't' release leaving a tombstone), actual,
 --       settled ttl ms.
--- Returns 'dup', or one string: status, amount, then index limit spent reserved per scope
+-- A lease with no record: 'none' (its record is gone: a Redis restart without persistence,
+-- or it expired; the caller may charge the spend instead), after leaving a tombstone in
+-- mode 't'. A tombstone release of a ghost reservation leaves state 't' too (a tombstone,
+-- not a settlement: the call's later charge still counts).
+-- Returns 'dup', 'none', or one string: status, amount, then index limit spent reserved per scope
 -- that still exists (one string: parsing a long reply array costs the client more).
 local st = redis.call('HGET', KEYS[1], 'st')
 if not st then
   if ARGV[2] == 't' then
     redis.call('HSET', KEYS[1], 'st', 't')
     redis.call('PEXPIRE', KEYS[1], ARGV[4])
+    return 'dup'
   end
-  return 'dup'
+  return 'none'
 end
 if st ~= 'r' then return 'dup' end
 local a = redis.call('HGET', KEYS[1], 'a')
@@ -43,7 +48,7 @@ if commit then
   redis.call('HSET', KEYS[1], 'st', 'c')
 else
   out[1] = (held == 0 and late > 0) and 'dup' or 'released'
-  redis.call('HSET', KEYS[1], 'st', 'x')
+  redis.call('HSET', KEYS[1], 'st', ARGV[2] == 't' and 't' or 'x')
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return table.concat(out, ' ')
