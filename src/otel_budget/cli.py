@@ -200,7 +200,7 @@ def _open_storage(args: argparse.Namespace) -> LedgerStorage:
     try:
         from otel_budget.storage.redis import RedisStorage
     except ImportError as exc:  # pragma: no cover - the extra is missing
-        raise CliError(f"{exc}; install with: pip install 'otel-budget[redis]'") from None
+        raise CliError(f"{exc}; install with: pip install '.[redis]' (from the checkout)") from None
     try:
         return RedisStorage(
             url, prefix=args.key_prefix, socket_timeout=args.timeout,
