@@ -22,12 +22,6 @@ from tests.redis_server import REDIS_SERVER, SKIP_REASON, RedisServer, free_port
 USD = 1_000_000_000
 
 
-@pytest.fixture(autouse=True)
-def _journal_in_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """RedisStorage's durable journal goes to a temporary directory, not the user's."""
-    monkeypatch.setenv("OTEL_BUDGET_JOURNAL_DIR", str(tmp_path_factory.mktemp("journal")))
-
-
 def run(argv: list[str], storage: Any = None) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     code = main(argv, storage=storage, stdout=out, stderr=err)
@@ -211,6 +205,183 @@ def test_console_script_is_declared() -> None:
     assert scripts.get("otel-budget") == "otel_budget.cli:main"
 
 
+# -- edges: arguments, scope syntax, unreadable scopes, terminal-safe output -----------------------
+FUZZ_ARGV: list[list[str]] = [
+    *(["--timeout", t, "show"] for t in
+      ("inf", "-inf", "nan", "1e308", "1e999", "0", "-0", "-1", "1e-320", "0x10", "", "½")),
+    *(["set-limit", scope, "5"] for scope in
+      ("bogus", "", ":", "user:", ":alice", "user:*", "*", "t:abc", "b:xyz", "user:\x1b[2J",
+       "user:a\u200bb ", "user:" + "x" * 300, "u ser:alice", "user:@d20261123")),
+    *(["set-limit", "user:a", usd] for usd in
+      ("inf", "1e308", "-0.0", "NaN", "1e-30", "0x1p3", "5" * 400, "\x1b[31m1")),
+    *(["pause", scope] for scope in
+      ("t:" + "ab" * 16, "b:" + "ab" * 16, "process", "user:alice@d20261123", "tenant:x@m202611",
+       "-", "--", "user:\nalice")),
+    ["resume", "*", "extra"],
+    ["show", "--prefix"],
+    ["show", "--prefix", "\x1b]0;pwned\x07"],
+    ["--redis-url", "redis://[::1", "show"],
+    ["--redis-url", "redis://:99999999/0", "show"],
+    ["--redis-url", "\x1b[31mredis://x", "show"],
+    ["--key-prefix", "\x1b[2J", "show"],
+    ["--bogus"],
+    ["paused", "--json", "x"],
+]
+
+
+@pytest.mark.parametrize("argv", FUZZ_ARGV, ids=range(len(FUZZ_ARGV)))
+def test_fuzzed_arguments_exit_2_with_one_line(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every odd argument ends as one terminal-safe line on stderr and exit 2 (never an
+    exception), against a Redis port nobody listens on."""
+    pytest.importorskip("redis")
+    monkeypatch.setenv("OTEL_BUDGET_REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
+    code, out, err = run(["--timeout", "0.3", *argv])
+    assert capsys.readouterr() == ("", "")
+    assert code == 2, (out, err)
+    assert err.count("\n") == 1 and err.startswith("otel-budget"), err
+    assert all(ch == "\n" or ch.isprintable() for ch in err + out), err
+
+
+def test_odd_arguments_subprocess() -> None:
+    """The same as the operator runs it: one line on stderr, exit 2, no traceback."""
+    env = {**os.environ, "OTEL_BUDGET_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    cases = [
+        ["--timeout", "inf", "show"],
+        ["--timeout", "1e308", "show"],
+        ["set-limit", "bogus", "5"],
+        ["show", "--prefix", "\x1b]0;pwned\x07"],
+    ]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "otel_budget.cli", *argv],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )  # fmt: skip
+        for argv in cases
+    ]
+    for argv, proc in zip(cases, procs, strict=True):
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2, (argv, out, err)
+        assert err.count("\n") == 1 and "Traceback" not in err, (argv, err)
+        assert "\x1b" not in err + out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["set-limit", "user:alice", "1"],
+        ["set-limit", "user:alice@example.com", "1"],
+        ["set-limit", "user:alice@d20261123", "1"],
+        ["set-limit", "tenant:acme@m202611", "1"],
+        ["set-limit", "user:<invalid>", "1"],
+        ["set-limit", "t:" + "0f" * 16, "1"],
+        ["set-limit", "b:" + "0f" * 16, "1"],
+        ["set-limit", "api_key:sk-ü", "1"],
+        ["pause", "*"],
+        ["pause", "user:*"],
+        ["pause", "user:alice"],
+        ["pause", "user:alice@example.com"],
+        ["resume", "user:alice"],
+    ],
+)
+def test_every_ledger_key_form_is_accepted(argv: list[str], store: MemoryStorage) -> None:
+    code, _, err = run(argv, store)
+    assert code == 0 and err == "", err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["set-limit", "bogus", "5"], "expected kind:identity"),
+        (["set-limit", "user:*", "5"], "not on 'kind:*'"),
+        (["set-limit", "*", "5"], "names no scope"),
+        (["set-limit", "t:abc", "5"], "32 hex digits"),
+        (["set-limit", "process", "5"], "process:<host>:<pid>:<start>"),
+        (["set-limit", "user:a?", "5"], "no wildcard"),
+        (["set-limit", "user:bob@d2026", "5"], "a window is"),
+        (["pause", "t:" + "ab" * 16], "no kill switch"),
+        (["pause", "process"], "no kill switch"),
+        (["pause", "user:alice@d20261123"], "without its window"),
+        (["resume", "nobody"], "expected kind:identity"),
+    ],
+)
+def test_scope_syntax_is_checked(argv: list[str], message: str, store: MemoryStorage) -> None:
+    before = store.scopes()
+    code, out, err = run(argv, store)
+    assert code == 2 and out == "" and message in err and err.count("\n") == 1, err
+    assert store.scopes() == before and store.paused() == frozenset()
+
+
+def test_resume_says_when_nothing_was_paused(store: MemoryStorage) -> None:
+    code, out, _ = run(["resume", "user:nobody"], store)
+    assert code == 0 and out == "user:nobody was not paused: nothing to resume\n"
+    store.pause()
+    code, out, _ = run(["resume", "user:nobody"], store)
+    assert code == 0 and out.splitlines() == [
+        "user:nobody was not paused: nothing to resume", "still paused: *"
+    ]
+    assert run(["resume"], store)[1] == "resumed *\n" and store.paused() == frozenset()
+
+
+def test_set_limit_on_an_unknown_scope_says_so(store: MemoryStorage) -> None:
+    code, out, _ = run(["set-limit", "user:alcie", "5"], store)
+    assert code == 0 and "no spend on user:alcie yet" in out
+    code, out, _ = run(["set-limit", "user:alice@d20261123", "5"], store)
+    assert code == 0 and out == "limit of user:alice@d20261123 set to $5.00\n"
+
+
+def test_keys_are_printed_escaped(store: MemoryStorage) -> None:
+    nasty = "user:\x1b]0;pwned\x07\x1b[2J\\x1b"
+    store.charge(7, [ScopeLimit(nasty, USD)], 1)
+    store.pause("user:\x1b[31mred")
+    for argv in (["show"], ["paused"], ["show", "--json"], ["paused", "--json"]):
+        code, out, _ = run(argv, store)
+        assert code == 0 and "\x1b" not in out and "\x07" not in out, argv
+    shown = run(["show"], store)[1]
+    assert "user:\\x1b]0;pwned\\x07\\x1b[2J\\\\x1b" in shown  # backslashes escaped too
+    assert run(["paused"], store)[1] == "user:\\x1b[31mred\n"
+    assert json.loads(run(["show", "--json"], store)[1])[1]["key"] == nasty  # JSON: exact
+
+
+def test_show_lists_an_unreadable_scope_and_goes_on_subprocess(server: RedisServer) -> None:
+    from otel_budget.storage.redis import RedisStorage
+
+    prefix = f"otbcli:{uuid.uuid4().hex[:8]}:"
+    app = RedisStorage(server.url, prefix=prefix)
+    try:
+        app.charge(1, [ScopeLimit("user:bob", 5 * USD)], USD)
+        app.charge(2, [ScopeLimit("user:zed", 5 * USD)], USD)
+        app.client.hset(prefix + "s:user:broken", mapping={"limit": "lots", "spent": "1"})
+        app.client.set(prefix + "s:user:string", "not a hash")
+        app.client.hset(prefix.encode() + b"s:user:\xff\xfe", mapping={"limit": "1"})
+        app.client.hset(prefix + "s:user:\x1b[2Jevil", mapping={"limit": "1", "spent": "0"})
+    finally:
+        app.close()
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "otel_budget.cli", "--redis-url", server.url,
+             "--key-prefix", prefix, *args],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    shown = cli("show")
+    assert shown.returncode == 0, shown.stderr
+    assert "\x1b" not in shown.stdout and shown.stderr == ""
+    rows = {line.split()[0]: line.split()[1:] for line in shown.stdout.splitlines()[1:]}
+    assert rows["user:bob"] == ["5.00", "1.00", "0.00", "4.00"]
+    assert rows["user:zed"] == ["5.00", "1.00", "0.00", "4.00"]
+    assert rows["user:broken"] == ["unreadable", "-", "-", "-"]
+    assert rows["user:string"] == ["unreadable", "-", "-", "-"]
+    assert rows["user:\\xff\\xfe"][0] == "unreadable"
+    assert rows["user:\\x1b[2Jevil"] == ["0.000000001", "0.00", "0.00", "0.000000001"]
+    assert "unreadable: user:string: WRONGTYPE" in shown.stdout
+    as_json = cli("show", "--json")
+    assert as_json.returncode == 0
+    data = {row["key"]: row for row in json.loads(as_json.stdout)}
+    assert data["user:broken"] == {"key": "user:broken", "unreadable": "a field is not an integer"}
+    assert data["user:bob"]["spent_nanos"] == USD
 # -- reset / delete ------------------------------------------------------------------------------
 def test_reset_keeps_the_limit_and_delete_forgets(store: MemoryStorage) -> None:
     key = "user:alice@d20261123"
@@ -236,7 +407,8 @@ def test_reset_and_delete_validate_the_scope(scope_: str, store: MemoryStorage) 
     for command in ("reset", "delete"):
         code, out, err = run([command, scope_], store)
         assert code == 2 and out == "", (command, scope_)
-        assert err.startswith("otel-budget: error: invalid") and err.count("\n") == 1, err
+        assert err.startswith(f"otel-budget {command}: error:") and err.count("\n") == 1, err
+        assert "invalid scope" in err, err
     assert store.scopes() == before
 
 
