@@ -17,7 +17,7 @@ import pytest
 from otel_budget import attributes as attrs
 from otel_budget.instrumentation._call import COST_OUTPUT_CAPPED
 from otel_budget.instrumentation.openai import OpenAIBudgetInstrumentor
-from otel_budget.instrumentation.openai.patch import chat_usage, responses_usage
+from otel_budget.instrumentation.openai.response import chat_usage, responses_usage
 from otel_budget.pricing import TokenUsage
 from otel_budget.testing import FakeLLMServer
 from otel_budget.tokens import estimate_input_tokens, wants_audio_output

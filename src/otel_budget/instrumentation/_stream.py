@@ -14,12 +14,20 @@ Each settles the call exactly once:
 * closed early or abandoned: committed from what was streamed (a finalizer catches streams
   that are dropped without being closed).
 
+The settlement is one decision (``settle_steps``), run with the ledger's blocking methods by
+``settle`` (the sync proxy, a finalizer, a sync ``close()``) or with its coroutines by
+``asettle`` (the async proxy's ``__anext__``, ``__aexit__``, ``close()``, ``aclose()``): an
+async stream never blocks the event loop on the ledger. The one exception is a task being
+cancelled, which may be cancelled again at any ``await`` (anyio's cancel scopes): it settles
+without awaiting, so a cancellation never leaves the call reserved.
+
 The proxy never makes the LLM span the current span: spans the caller creates while
 iterating are not parented to the LLM call (openai-v2 leaks its span as current there).
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import weakref
 from typing import Any, Protocol
@@ -28,6 +36,7 @@ import wrapt
 
 from otel_budget.instrumentation._call import LLMCall
 from otel_budget.pricing import TokenUsage
+from otel_budget.steps import Steps, arun, run
 
 
 class Accumulator(Protocol):
@@ -44,45 +53,80 @@ class Accumulator(Protocol):
     def attributes(self) -> dict[str, Any]: ...
 
 
-def settle(
+def settle_steps(
     call: LLMCall, acc: Accumulator, error: BaseException | None, complete: bool = True
-) -> None:
-    """Settle a stream's call once; never raises (it may run in a finalizer).
+) -> Steps[None]:
+    """The settlement of a stream's call, written once.
 
     ``complete=False`` (closed early, left, abandoned): without usage, what the caller read
     under-states the bill (SDKs buffer ahead, and a provider may keep generating after the
     client stops reading), so the call is charged at least its reservation.
     """
+    if error is None:
+        floor = 0 if complete or acc.usage is not None else call.budgeted.projected_nanos
+        yield from call.succeed_steps(
+            acc.usage, acc.attributes(), response_model=acc.response_model,
+            output_text=acc.text(), output_units=acc.units, floor_nanos=floor,
+        )  # fmt: skip
+    else:
+        yield from call.fail_after_output_steps(error, acc.usage, acc.text(), acc.units)
+    return None
+
+
+def settle(
+    call: LLMCall, acc: Accumulator, error: BaseException | None, complete: bool = True
+) -> None:
+    """Settle a stream's call once with blocking ledger calls; never raises (it may run in a
+    finalizer)."""
     if call.done:
         return
     try:
-        if error is None:
-            floor = 0 if complete or acc.usage is not None else call.budgeted.projected_nanos
-            call.succeed(
-                acc.usage, acc.attributes(), response_model=acc.response_model,
-                output_text=acc.text(), output_units=acc.units, floor_nanos=floor,
-            )  # fmt: skip
-        else:
-            call.fail_after_output(error, acc.usage, acc.text(), acc.units)
+        run(settle_steps(call, acc, error, complete), _storage(call))
     except Exception as exc:  # pragma: no cover - settle must not raise into iteration
-        if call.processor is not None:
-            call.processor.engine.internal_error("stream settle", exc)
+        _internal_error(call, exc)
+
+
+async def asettle(
+    call: LLMCall, acc: Accumulator, error: BaseException | None, complete: bool = True
+) -> None:
+    """``settle`` with the ledger's coroutines; never raises."""
+    if call.done:
+        return
+    if _cancelling():
+        settle(call, acc, error, complete)  # an await here could be cancelled half-way
+        return
+    try:
+        await arun(settle_steps(call, acc, error, complete), _storage(call))
+    except Exception as exc:  # pragma: no cover - settle must not raise into iteration
+        _internal_error(call, exc)
+
+
+def _cancelling() -> bool:
+    """The current task is being cancelled (Python 3.11+ knows; 3.10 never says so)."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:
+        return False
+    cancelling = getattr(task, "cancelling", None)
+    return bool(cancelling()) if cancelling is not None else False
+
+
+def _storage(call: LLMCall) -> Any:
+    return call.processor.storage if call.processor is not None else None
+
+
+def _internal_error(call: LLMCall, exc: Exception) -> None:
+    if call.processor is not None:
+        call.processor.engine.internal_error("stream settle", exc)
 
 
 def _settle_abandoned(call: LLMCall, acc: Accumulator) -> None:
     settle(call, acc, None, complete=False)
 
 
-def _feed(call: LLMCall, acc: Accumulator, item: Any) -> None:
-    try:
-        acc.add(item)
-    except Exception as exc:  # a shape we do not know must not break the caller's loop
-        if call.processor is not None:
-            call.processor.engine.log_once("stream item", exc)
-
-
-class SyncStreamProxy(wrapt.ObjectProxy):  # type: ignore[misc]
-    """Wraps a sync SDK stream; behaves like it (attributes, iteration, ``with``, close)."""
+class _StreamProxy(wrapt.ObjectProxy):  # type: ignore[type-arg]
+    """What both proxies share: the call, its accumulator, the finalizer of an abandoned
+    stream, the reading of each item, and the blocking ending (``_self_end``)."""
 
     def __init__(self, stream: Any, call: LLMCall, acc: Accumulator) -> None:
         super().__init__(stream)
@@ -91,8 +135,22 @@ class SyncStreamProxy(wrapt.ObjectProxy):  # type: ignore[misc]
         self._self_finalizer = weakref.finalize(self, _settle_abandoned, call, acc)
 
     def _self_end(self, error: BaseException | None, complete: bool = True) -> None:
+        """End the stream from sync code (blocking ledger calls)."""
         self._self_finalizer.detach()
         settle(self._self_call, self._self_acc, error, complete)
+
+    def _self_feed(self, item: Any) -> Any:
+        try:
+            self._self_acc.add(item)
+        except Exception as exc:  # a shape we do not know must not break the caller's loop
+            call = self._self_call
+            if call.processor is not None:
+                call.processor.engine.log_once("stream item", exc)
+        return item
+
+
+class SyncStreamProxy(_StreamProxy):
+    """Wraps a sync SDK stream; behaves like it (attributes, iteration, ``with``, close)."""
 
     def __iter__(self) -> SyncStreamProxy:
         return self
@@ -106,8 +164,7 @@ class SyncStreamProxy(wrapt.ObjectProxy):  # type: ignore[misc]
         except Exception as exc:
             self._self_end(exc)
             raise
-        _feed(self._self_call, self._self_acc, item)
-        return item
+        return self._self_feed(item)
 
     def __enter__(self) -> SyncStreamProxy:
         enter = getattr(self.__wrapped__, "__enter__", None)
@@ -131,18 +188,14 @@ class SyncStreamProxy(wrapt.ObjectProxy):  # type: ignore[misc]
             self._self_end(None, complete=False)
 
 
-class AsyncStreamProxy(wrapt.ObjectProxy):  # type: ignore[misc]
-    """Wraps an async SDK stream (``async for``, ``async with``, ``await close()``)."""
+class AsyncStreamProxy(_StreamProxy):
+    """Wraps an async SDK stream (``async for``, ``async with``, ``await close()``); ends with
+    the ledger's coroutines (``_self_aend``)."""
 
-    def __init__(self, stream: Any, call: LLMCall, acc: Accumulator) -> None:
-        super().__init__(stream)
-        self._self_call = call
-        self._self_acc = acc
-        self._self_finalizer = weakref.finalize(self, _settle_abandoned, call, acc)
-
-    def _self_end(self, error: BaseException | None, complete: bool = True) -> None:
+    async def _self_aend(self, error: BaseException | None, complete: bool = True) -> None:
+        """End the stream from a coroutine: never blocks the event loop on the ledger."""
         self._self_finalizer.detach()
-        settle(self._self_call, self._self_acc, error, complete)
+        await asettle(self._self_call, self._self_acc, error, complete)
 
     def __aiter__(self) -> AsyncStreamProxy:
         return self
@@ -151,13 +204,12 @@ class AsyncStreamProxy(wrapt.ObjectProxy):  # type: ignore[misc]
         try:
             item = await self.__wrapped__.__anext__()
         except StopAsyncIteration:
-            self._self_end(None)
+            await self._self_aend(None)
             raise
         except Exception as exc:
-            self._self_end(exc)
+            await self._self_aend(exc)
             raise
-        _feed(self._self_call, self._self_acc, item)
-        return item
+        return self._self_feed(item)
 
     async def __aenter__(self) -> AsyncStreamProxy:
         enter = getattr(self.__wrapped__, "__aenter__", None)
@@ -170,7 +222,7 @@ class AsyncStreamProxy(wrapt.ObjectProxy):  # type: ignore[misc]
             leave = getattr(self.__wrapped__, "__aexit__", None)
             return await leave(exc_type, exc, tb) if leave is not None else None
         finally:
-            self._self_end(None, complete=False)  # the caller's exception (see __exit__)
+            await self._self_aend(None, complete=False)  # the caller's exception (see __exit__)
 
     async def close(self) -> None:
         try:
@@ -178,7 +230,7 @@ class AsyncStreamProxy(wrapt.ObjectProxy):  # type: ignore[misc]
             if inspect.isawaitable(result):  # some SDK streams close synchronously
                 await result
         finally:
-            self._self_end(None, complete=False)
+            await self._self_aend(None, complete=False)
 
     async def aclose(self) -> None:
         try:
@@ -187,4 +239,4 @@ class AsyncStreamProxy(wrapt.ObjectProxy):  # type: ignore[misc]
             if inspect.isawaitable(result):
                 await result
         finally:
-            self._self_end(None, complete=False)
+            await self._self_aend(None, complete=False)

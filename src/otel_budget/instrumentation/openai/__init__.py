@@ -27,25 +27,25 @@ from opentelemetry.instrumentation.utils import unwrap
 from wrapt import wrap_function_wrapper
 
 from otel_budget.instrumentation._attempts import async_attempt, sync_attempt
-from otel_budget.instrumentation.openai import patch
+from otel_budget.instrumentation.openai import wrappers
 from otel_budget.runtime import RuntimeSource
 
 _INSTRUMENTS = ("openai >= 1.40",)
 
 # (module, class, method, wrapper factory)
 _TARGETS = (
-    ("openai.resources.chat.completions", "Completions", "create", patch.chat_create),
-    ("openai.resources.chat.completions", "Completions", "parse", patch.chat_create),
-    ("openai.resources.chat.completions", "AsyncCompletions", "create", patch.async_chat_create),
-    ("openai.resources.chat.completions", "AsyncCompletions", "parse", patch.async_chat_create),
-    ("openai.resources.responses", "Responses", "create", patch.responses_create),
-    ("openai.resources.responses", "Responses", "parse", patch.responses_create),
-    ("openai.resources.responses", "AsyncResponses", "create", patch.async_responses_create),
-    ("openai.resources.responses", "AsyncResponses", "parse", patch.async_responses_create),
-    ("openai.resources.completions", "Completions", "create", patch.completions_create),
-    ("openai.resources.completions", "AsyncCompletions", "create", patch.async_completions_create),
-    ("openai.resources.embeddings", "Embeddings", "create", patch.embeddings_create),
-    ("openai.resources.embeddings", "AsyncEmbeddings", "create", patch.async_embeddings_create),
+    ("openai.resources.chat.completions", "Completions", "create", wrappers.chat_create),
+    ("openai.resources.chat.completions", "Completions", "parse", wrappers.chat_create),
+    ("openai.resources.chat.completions", "AsyncCompletions", "create", wrappers.async_chat_create),
+    ("openai.resources.chat.completions", "AsyncCompletions", "parse", wrappers.async_chat_create),
+    ("openai.resources.responses", "Responses", "create", wrappers.responses_create),
+    ("openai.resources.responses", "Responses", "parse", wrappers.responses_create),
+    ("openai.resources.responses", "AsyncResponses", "create", wrappers.async_responses_create),
+    ("openai.resources.responses", "AsyncResponses", "parse", wrappers.async_responses_create),
+    ("openai.resources.completions", "Completions", "create", wrappers.completions_create),
+    ("openai.resources.completions", "AsyncCompletions", "create", wrappers.async_completions_create),
+    ("openai.resources.embeddings", "Embeddings", "create", wrappers.embeddings_create),
+    ("openai.resources.embeddings", "AsyncEmbeddings", "create", wrappers.async_embeddings_create),
 )
 # The SDK's HTTP attempt layer, inside its retry loop: each attempt of a metered call is
 # reserved and, when it may have been billed, charged (see ``_attempts``).

@@ -1,0 +1,204 @@
+"""What an openai response says: its usage, attributes and output text, and what a call the
+SDK raised out of after a 2xx answer was billed.
+
+    body = parsed(result)                      # the body, also behind with_raw_response
+    usage, attributes, model, text = success_args(call, body, "chat")
+    call.succeed(usage, attributes, response_model=model, output_text=text)
+
+``chat_usage`` / ``responses_usage`` read the ``usage`` of a chat completion (or chunk,
+or legacy completion) and of a Responses body; ``read_body`` reads any of them and never
+raises (a shape this module does not know is charged as estimated, not lost). A body behind
+``with_raw_response`` / ``with_streaming_response`` is parsed by ``parsed`` (a sync
+``parse()``) or ``aparsed`` (awaits an async one).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from otel_budget import attributes as attrs
+from otel_budget.instrumentation._attempts import response_json
+from otel_budget.instrumentation._call import LLMCall, capture_content
+from otel_budget.instrumentation._util import content_attribute as _content_attribute
+from otel_budget.instrumentation._util import get as _get
+from otel_budget.instrumentation._util import nonneg_int as _int
+from otel_budget.instrumentation._util import response_attributes
+from otel_budget.instrumentation.openai import history
+from otel_budget.pricing import TokenUsage
+
+BodyArgs = tuple[TokenUsage | None, dict[str, Any], Any, str | None]
+"""The arguments of ``LLMCall.succeed`` for a body: usage, attributes, response model, text."""
+
+
+def chat_usage(usage: Any) -> TokenUsage | None:
+    """Usage of a chat completion (or chunk), or of a legacy completion.
+
+    Audio tokens (``*_tokens_details.audio_tokens``) are part of the prompt / completion
+    totals: they are passed on as the audio part of them, priced at the audio rates."""
+    if usage is None:
+        return None
+    prompt = _int(_get(usage, "prompt_tokens"))
+    completion = _int(_get(usage, "completion_tokens"))
+    prompt_details = _get(usage, "prompt_tokens_details")
+    completion_details = _get(usage, "completion_tokens_details")
+    cached = _int(_get(prompt_details, "cached_tokens"))
+    audio_in = _int(_get(prompt_details, "audio_tokens"))
+    reasoning = _int(_get(completion_details, "reasoning_tokens"))
+    audio_out = _int(_get(completion_details, "audio_tokens"))
+    return TokenUsage(
+        input_tokens=max(prompt, cached, audio_in), output_tokens=max(completion, reasoning, audio_out),
+        cache_read_tokens=cached, reasoning_tokens=reasoning,
+        input_audio_tokens=audio_in, output_audio_tokens=audio_out,
+    )  # fmt: skip
+
+
+def responses_usage(usage: Any) -> TokenUsage | None:
+    """Usage of a Responses body (``input_tokens`` / ``output_tokens`` and their details)."""
+    if usage is None:
+        return None
+    inp = _int(_get(usage, "input_tokens"))
+    out = _int(_get(usage, "output_tokens"))
+    input_details = _get(usage, "input_tokens_details")
+    output_details = _get(usage, "output_tokens_details")
+    cached = _int(_get(input_details, "cached_tokens"))
+    audio_in = _int(_get(input_details, "audio_tokens"))
+    reasoning = _int(_get(output_details, "reasoning_tokens"))
+    audio_out = _int(_get(output_details, "audio_tokens"))
+    return TokenUsage(
+        input_tokens=max(inp, cached, audio_in), output_tokens=max(out, reasoning, audio_out),
+        cache_read_tokens=cached, reasoning_tokens=reasoning,
+        input_audio_tokens=audio_in, output_audio_tokens=audio_out,
+    )  # fmt: skip
+
+
+# -- bodies behind with_raw_response / with_streaming_response --------------------------------
+def is_raw(result: Any) -> bool:
+    """An HTTP response wrapper (``with_raw_response`` / ``with_streaming_response``)."""
+    return hasattr(result, "http_response") and hasattr(result, "parse")
+
+
+def _behind_raw(result: Any) -> bool:
+    return _get(result, "usage") is None and is_raw(result)
+
+
+def parsed(result: Any) -> Any:
+    """The body of a response: ``result`` itself, or what a raw response's sync ``parse()``
+    gives (None when it cannot: an async ``parse()``, or an error). Never raises."""
+    try:
+        if _behind_raw(result):
+            if inspect.iscoroutinefunction(result.parse):
+                return None  # AsyncAPIResponse: see ``aparsed``
+            return result.parse()
+    except Exception:
+        return None
+    return result
+
+
+async def aparsed(result: Any) -> Any:
+    """``parsed``, awaiting an async ``parse()`` (the SDK caches it: the caller's own
+    ``parse()`` gets the same). Raises only a cancellation."""
+    try:
+        async_parse = _behind_raw(result) and inspect.iscoroutinefunction(result.parse)
+    except Exception:
+        return None
+    if not async_parse:
+        return parsed(result)
+    try:
+        return await result.parse()
+    except Exception:
+        return None  # the caller's own parse() raises it; charged as estimated
+
+
+# -- reading a body ---------------------------------------------------------------------------
+def _response_attributes(result: Any, choices: bool) -> dict[str, Any]:
+    if choices:
+        reasons: list[str] | None = [
+            r for r in (_get(c, "finish_reason") for c in (_get(result, "choices") or []))
+            if isinstance(r, str)
+        ]  # fmt: skip
+    else:
+        status = _get(result, "status")
+        reasons = [status] if isinstance(status, str) else None
+    out = response_attributes(_get(result, "id"), _get(result, "model"), reasons)
+    tier = _get(result, "service_tier")
+    if isinstance(tier, str):
+        out["openai.response.service_tier"] = tier
+    return out
+
+
+def _responses_text(body: dict[str, Any]) -> str:
+    """The output text of a raw Responses body (the SDK's ``output_text`` is computed)."""
+    parts: list[str] = []
+    for item in body.get("output") or ():
+        for content in _get(item, "content") or ():
+            value = _get(content, "text")
+            if isinstance(value, str):
+                parts.append(value)
+    return "".join(parts)
+
+
+def read_body(
+    call: LLMCall, body: Any, kind: str
+) -> tuple[TokenUsage | None, dict[str, Any], str | None]:
+    """(usage, response attributes, output text) of a response body; never raises (a shape
+    we do not know is charged as estimated, not lost)."""
+    try:
+        text: Any = None
+        if kind == "responses":
+            usage = responses_usage(_get(body, "usage"))
+            history.remember(_get(body, "id"), usage)  # its context, for previous_response_id
+            attributes = _response_attributes(body, choices=False)
+            text = _get(body, "output_text") if body is not None else None
+            if not isinstance(text, str) and isinstance(body, dict):
+                text = _responses_text(body)
+        else:
+            usage = chat_usage(_get(body, "usage"))
+            attributes = _response_attributes(body, choices=kind in ("chat", "completions"))
+            if kind in ("chat", "completions"):
+                parts = [
+                    _get(_get(c, "message"), "content") if kind == "chat" else _get(c, "text")
+                    for c in (_get(body, "choices") or [])
+                ]  # fmt: skip
+                text = "".join(p for p in parts if isinstance(p, str))
+        if capture_content() and isinstance(text, str) and text:
+            attributes["gen_ai.output.messages"] = _content_attribute(
+                [{"role": "assistant", "parts": [{"type": "text", "content": text}]}]
+            )
+    except Exception as exc:
+        if call.processor is not None:
+            call.processor.engine.log_once("openai response", exc)
+        return None, {}, None
+    return usage, attributes, text if isinstance(text, str) else None
+
+
+def success_args(call: LLMCall, body: Any, kind: str) -> BodyArgs:
+    """The arguments of ``call.succeed`` for a non-stream response body; never raises."""
+    usage, attributes, text = read_body(call, body, kind)
+    return usage, attributes, attributes.get(attrs.GEN_AI_RESPONSE_MODEL), text
+
+
+def billed_failure(call: LLMCall, exc: BaseException, kind: str) -> BodyArgs | None:
+    """A call the SDK raised out of after a 2xx answer was billed, whatever the SDK's parsing
+    then did (``LengthFinishReasonError``, ``ContentFilterFinishReasonError``, a structured
+    output that does not validate): the arguments to charge it the usage the exception's
+    completion or the response body carries (else its reservation). None: not answered."""
+    if not call.answered_ok:
+        return None
+    body = getattr(exc, "completion", None)
+    if _get(body, "usage") is None:
+        body = response_json(call.response) or body
+    return success_args(call, body, kind)
+
+
+__all__ = [
+    "BodyArgs",
+    "aparsed",
+    "billed_failure",
+    "chat_usage",
+    "is_raw",
+    "parsed",
+    "read_body",
+    "responses_usage",
+    "success_args",
+]
