@@ -10,14 +10,17 @@ bill both at the input price), so a span's cost can be compared to the bill to t
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import gc
 import importlib
 import json
+import traceback
 import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import anthropic
+import pydantic
 import pytest
 import wrapt
 from opentelemetry import trace
@@ -27,13 +30,11 @@ from pydantic import BaseModel
 from otel_budget import BudgetExceededError, PriceBook, Substitute, budget
 from otel_budget import attributes as attrs
 from otel_budget.instrumentation._call import COST_OUTPUT_CAPPED, IN_METERED_CALL
-from otel_budget.instrumentation.anthropic import (
-    _SDK_SPANS,
-    _TARGETS,
-    AnthropicBudgetInstrumentor,
-)
-from otel_budget.instrumentation.anthropic.patch import MessagesAccumulator, anthropic_usage
+from otel_budget.instrumentation.anthropic import _TARGETS, AnthropicBudgetInstrumentor
+from otel_budget.instrumentation.anthropic.response import anthropic_usage
+from otel_budget.instrumentation.anthropic.streams import MessagesAccumulator
 from otel_budget.pricing import TokenUsage
+from otel_budget.storage.memory import MemoryStorage
 from otel_budget.testing import Behaviour, FakeLLMServer
 from otel_budget.tokens import estimate_input_tokens
 from tests.helpers import (
@@ -185,11 +186,12 @@ def test_no_message_content_unless_opted_in(
     assert output[0]["role"] == "assistant" and "fake reply" in output[0]["parts"][0]["content"]
 
 
-def test_sdk_span_is_not_a_second_charged_span(
+def test_sdk_span_is_kept_as_a_child_and_charged_once(
     setup: Any, client: Any, server: FakeLLMServer, exporter: Any
 ) -> None:
-    """anthropic 2.x emits its own ``chat`` span per call; inside a metered call it would be
-    charged a second time, so it is replaced by a non-recording span with our context."""
+    """anthropic 2.x emits its own ``anthropic.messages.create`` span per call (tracing is on
+    by default). It is kept, as a child of ours with its HTTP attributes, and never charged:
+    the ledger equals the bill, JSON, stream and helper, sync and async."""
     processor = setup(max_usd=1.0)
     create(client)
     with create(client, stream=True) as stream:
@@ -197,29 +199,53 @@ def test_sdk_span_is_not_a_second_charged_span(
             pass
     with stream_helper(client) as helper:
         helper.get_final_message()
-    assert spans_named(exporter, SDK_SPAN) == []
-    ours = spans_named(exporter, SPAN)
-    assert len(ours) == 3
-    # The trace context sent to the provider names our span.
+
+    async def main() -> None:
+        c = aclient(server)
+        await create(c)
+        async for _event in await create(c, stream=True):
+            pass
+        async with stream_helper(c) as helper:
+            await helper.get_final_message()
+        await c.close()
+
+    run(main())
+    ours, sdk = spans_named(exporter, SPAN), spans_named(exporter, SDK_SPAN)
+    assert len(ours) == len(sdk) == 6
+    by_id = {span.context.span_id: span for span in ours}
+    for span in sdk:
+        parent = by_id[span.parent.span_id]  # each a child of one of ours
+        assert span.context.trace_id == parent.context.trace_id
+        assert span.attributes["http.response.status_code"] == 200
+        assert attrs.COST_USD not in span.attributes
+    assert len({span.parent.span_id for span in sdk}) == 6
+    # The trace context sent to the provider names the SDK's span, inside ours.
     header = server.last_call.headers.get("traceparent") or ""
-    assert f"{ours[-1].context.span_id:016x}" in header
+    assert f"{sdk[-1].context.span_id:016x}" in header
+    assert server.stats()["requests"] == 6
     assert ledger(processor) == (server.stats()["billed_nanos"], 0)
+    assert sum(nanos(span.attributes[attrs.COST_USD]) for span in ours) == server.stats()["billed_nanos"]
     # Outside a metered call (count_tokens is not billed, not wrapped) the SDK's spans stay.
     client.messages.count_tokens(model=CLAUDE, messages=MESSAGES)
     assert len(spans_named(exporter, "anthropic.messages.count_tokens")) == 1
 
 
-def test_keep_sdk_spans_option(make_processor: Any, client: Any, server: FakeLLMServer, exporter: Any) -> None:
-    make_processor(max_usd=1.0, prices=PriceBook())
-    instrumentor = AnthropicBudgetInstrumentor()
-    instrumentor.instrument(keep_sdk_spans=True)
-    try:
-        create(client)
-    finally:
-        instrumentor.uninstrument()
-    ours, sdk = only(exporter), only(exporter, SDK_SPAN)
-    assert sdk.parent.span_id == ours.context.span_id
-    assert_settled_from_server(ours, server)
+def test_keep_sdk_spans_is_accepted_and_changes_nothing(
+    make_processor: Any, client: Any, server: FakeLLMServer, exporter: Any
+) -> None:
+    processor = make_processor(max_usd=1.0, prices=PriceBook())
+    for keep in (True, False):
+        instrumentor = AnthropicBudgetInstrumentor()
+        instrumentor.instrument(keep_sdk_spans=keep)
+        try:
+            create(client)
+        finally:
+            instrumentor.uninstrument()
+        ours, sdk = only(exporter), only(exporter, SDK_SPAN)
+        assert sdk.parent.span_id == ours.context.span_id
+        assert_settled_from_server(ours, server)
+        exporter.clear()
+    assert ledger(processor)[0] == server.stats()["billed_nanos"]
 
 
 # == 2. refusal before any request =============================================================
@@ -634,13 +660,15 @@ def test_async_stream_endings_and_errors(setup: Any, server: FakeLLMServer, expo
     assert ledger(processor)[1] == 0
 
 
-def test_async_helper_never_entered_releases(setup: Any, server: FakeLLMServer, exporter: Any) -> None:
+def test_async_helper_never_entered_reserves_nothing(setup: Any, server: FakeLLMServer, exporter: Any) -> None:
+    """The async manager reserves on ``__aenter__`` (``stream()`` is a plain function of the
+    async client: reserving there would block the event loop on the ledger)."""
     processor = setup(max_usd=1.0)
 
     async def main() -> None:
         c = aclient(server)
         manager = stream_helper(c)
-        assert ledger(processor)[1] > 0
+        assert ledger(processor) == (0, 0)
         del manager
         gc.collect()
         await c.close()
@@ -651,7 +679,7 @@ def test_async_helper_never_entered_releases(setup: Any, server: FakeLLMServer, 
         gc.collect()
     assert ledger(processor) == (0, 0)
     assert server.stats()["requests"] == 0
-    assert_error_span(only(exporter), "StreamManagerNotEnteredError")
+    assert spans_named(exporter, SPAN) == []
 
 
 def test_async_refusal_before_any_request(setup: Any, server: FakeLLMServer, exporter: Any) -> None:
@@ -663,13 +691,133 @@ def test_async_refusal_before_any_request(setup: Any, server: FakeLLMServer, exp
             await create(c)
         with pytest.raises(BudgetExceededError):
             await create(c, stream=True)
+        manager = stream_helper(c)  # reserves (and refuses) when entered
         with pytest.raises(BudgetExceededError):
-            stream_helper(c)
+            async with manager:
+                pass
+        await c.close()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the unsent coroutine is closed
+        run(main())
+        gc.collect()
+    assert server.stats()["requests"] == 0
+    assert len(spans_named(exporter, SPAN)) == 3
+
+
+def test_async_helper_substitute_on_entry(
+    make_processor: Any, instrumented: Any, server: FakeLLMServer, exporter: Any
+) -> None:
+    make_processor(max_usd=0.000001, on_exceeded=lambda error: Substitute("cached"))
+
+    async def main() -> Any:
+        c = aclient(server)
+        async with stream_helper(c) as helper:
+            value = helper
+        await c.close()
+        return value
+
+    assert run(main()) == "cached"
+    assert server.stats()["requests"] == 0
+
+
+class _LoopGuardStorage(MemoryStorage):
+    """Notes every blocking ledger method called while an event loop runs on this thread
+    (the ``a``-methods of the in-memory ledger call them directly: those are allowed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocked: list[tuple[str, bool]] = []  # (method, called by a stream proxy)
+
+    def _check(self, name: str) -> None:
+        if not _IN_ASYNC.get():
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            callers = {frame.filename.rsplit("/", 1)[-1] for frame in traceback.extract_stack()}
+            self.blocked.append((name, "_stream.py" in callers))
+
+
+def _guarded(name: str) -> Any:
+    def blocking(self: Any, *args: Any, **kwargs: Any) -> Any:
+        self._check(name)
+        return getattr(MemoryStorage, name)(self, *args, **kwargs)
+
+    async def coroutine(self: Any, *args: Any, **kwargs: Any) -> Any:
+        token = _IN_ASYNC.set(True)
+        try:
+            return await getattr(MemoryStorage, "a" + name)(self, *args, **kwargs)
+        finally:
+            _IN_ASYNC.reset(token)
+
+    return blocking, coroutine
+
+
+_IN_ASYNC: contextvars.ContextVar[bool] = contextvars.ContextVar("_IN_ASYNC", default=False)
+for _name in ("reserve_up_to", "reserve", "commit", "release", "charge"):
+    _blocking, _coroutine = _guarded(_name)
+    setattr(_LoopGuardStorage, _name, _blocking)
+    setattr(_LoopGuardStorage, "a" + _name, _coroutine)
+
+
+def test_async_paths_never_call_a_blocking_ledger_method(
+    setup: Any, server: FakeLLMServer, exporter: Any
+) -> None:
+    storage = _LoopGuardStorage()
+    processor = setup(max_usd=1.0, storage=storage)
+
+    async def main() -> None:
+        c = aclient(server)
+        await create(c)
+        async for _event in await create(c, stream=True):
+            pass
+        async with stream_helper(c) as helper:
+            await helper.get_final_message()
+        server.script(Behaviour(status=500))
+        with pytest.raises(anthropic.APIStatusError):
+            await create(c)
+        server.script(Behaviour(text="not json at all"))  # billed, then fails to validate
+        with pytest.raises(pydantic.ValidationError):
+            await c.messages.parse(model=CLAUDE, messages=MESSAGES, max_tokens=50, output_format=Verdict)
+        await c.close()
+
+    run(main())
+    # The stream proxies of ``instrumentation._stream`` (shared by every SDK, not this
+    # package's) still settle with blocking calls: everything else here awaits the ledger.
+    assert [name for name, by_proxy in storage.blocked if not by_proxy] == []
+    assert ledger(processor) == (server.stats()["billed_nanos"], 0)
+
+
+def test_max_tokens_left_out_is_not_filled_in(
+    setup: Any, client: Any, server: FakeLLMServer, starts: StartRecorder, exporter: Any
+) -> None:
+    """``max_tokens`` is required by the SDK: a call without it fails as it would
+    uninstrumented (nothing sent, reservation released), still projected with the default
+    output bound, flagged as assumed."""
+    processor = setup(max_usd=1.0)
+    with pytest.raises(TypeError):
+        client.messages.create(model=CLAUDE, messages=MESSAGES)
+    with pytest.raises(TypeError):
+        client.messages.stream(model=CLAUDE, messages=MESSAGES)
+
+    async def main() -> None:
+        c = aclient(server)
+        with pytest.raises(TypeError):
+            await c.messages.create(model=CLAUDE, messages=MESSAGES)
         await c.close()
 
     run(main())
     assert server.stats()["requests"] == 0
-    assert len(spans_named(exporter, SPAN)) == 3
+    assert ledger(processor) == (0, 0)
+    spans = spans_named(exporter, SPAN)
+    assert len(spans) == 3  # create, stream(), async create
+    for span in spans:
+        at_start = starts.at_start[span.context.span_id]
+        assert at_start[attrs.COST_OUTPUT_ASSUMED] is True
+        assert at_start[attrs.COST_PROJECTED_USD] > 0
+        assert_error_span(span, "TypeError")
+        assert span.attributes[attrs.COST_USD] == 0.0
 
 
 # == 8. cache pricing ==========================================================================
@@ -867,7 +1015,7 @@ def test_instrument_twice_wraps_once_and_uninstrument_restores(
     make_processor: Any, client: Any, exporter: Any
 ) -> None:
     make_processor(max_usd=1.0, prices=PriceBook())
-    keys = [(m, c, f) for m, c, f, _ in _TARGETS] + [(_SDK_SPANS[0], None, _SDK_SPANS[1])]
+    keys = [(m, c, f) for m, c, f, _ in _TARGETS]
     originals = {key: _original(*key) for key in keys}
     assert not any(isinstance(fn, wrapt.FunctionWrapper) for fn in originals.values())
     instrumentor = AnthropicBudgetInstrumentor()
@@ -879,7 +1027,7 @@ def test_instrument_twice_wraps_once_and_uninstrument_restores(
             wrapped = _original(*key)
             assert isinstance(wrapped, wrapt.FunctionWrapper) and wrapped.__wrapped__ is fn, key
         create(client, max_tokens=10)
-        assert len(exporter.get_finished_spans()) == 1
+        assert len(spans_named(exporter, SPAN)) == 1
     finally:
         instrumentor.uninstrument()
     for key, fn in originals.items():

@@ -84,6 +84,12 @@ def claude(server: FakeLLMServer, **kwargs: Any) -> anthropic.Anthropic:
     return anthropic.Anthropic(base_url=server.anthropic_base_url, api_key="test", **kwargs)
 
 
+def ours(exporter: Any) -> list[Any]:
+    """The spans of otel-budget's calls (the anthropic SDK's own ``anthropic.*`` spans,
+    children of ours and never charged, left out)."""
+    return [s for s in exporter.get_finished_spans() if not s.name.startswith("anthropic.")]
+
+
 def billed(server: FakeLLMServer) -> int:
     assert server.wait_idle(10)  # what the server learns after the client left is counted
     return int(server.stats()["billed_nanos"])
@@ -109,7 +115,7 @@ def test_length_finish_on_chat_parse_is_charged_from_its_usage(
                 )
     assert server.stats()["billed_requests"] == 20
     assert settled(processor) == billed(server) > 0  # from the completion's usage, exactly
-    spans = exporter.get_finished_spans()
+    spans = ours(exporter)
     assert len(spans) == 20
     for span in spans:
         assert_error_span(span, "LengthFinishReasonError")
@@ -134,7 +140,7 @@ def test_structured_output_that_does_not_validate_is_charged(
             )
     assert server.stats()["billed_requests"] == 2
     assert settled(processor) == billed(server) > 0  # from the response bodies' usage
-    for span in exporter.get_finished_spans():
+    for span in ours(exporter):
         assert span.status.status_code is StatusCode.ERROR
         assert attrs.COST_ESTIMATED not in span.attributes
 
@@ -170,7 +176,7 @@ def test_anthropic_parse_that_does_not_validate_is_charged(
             assert not isinstance(info.value, (BudgetExceededError, anthropic.APIError))
     assert server.stats()["billed_requests"] == 3
     assert settled(processor) == billed(server) > 0
-    assert len(exporter.get_finished_spans()) == 3
+    assert len(ours(exporter)) == 3
 
 
 # == 2. timeouts, dropped connections and the SDK's own retries ================================
@@ -190,7 +196,7 @@ def _timeout_storm(client: Any, send: Any, calls: int = 10) -> tuple[int, int]:
 def _check_attempt_spans(exporter: Any, calls: int) -> int:
     """Each call's span states what its attempts were charged: its projection for each
     attempt that may have been billed. Returns the attempts charged in all."""
-    spans = exporter.get_finished_spans()
+    spans = ours(exporter)
     assert len(spans) == calls
     charged = 0
     for span in spans:
@@ -223,10 +229,10 @@ def test_openai_timeouts_and_retries_never_overshoot_the_budget(
     assert server.stats()["billed_requests"] == sent  # each attempt finished, and was billed
     assert _check_attempt_spans(exporter, 10) == sent  # ... and charged
     assert 0 < bill <= spent <= budget_nanos
-    first = exporter.get_finished_spans()[0]
+    first = ours(exporter)[0]
     assert_error_span(first, "APITimeoutError")
     assert first.attributes[COST_ATTEMPTS_CHARGED] == 3  # max_retries=2: three attempts
-    refused = [s for s in exporter.get_finished_spans() if s.attributes.get(COST_ATTEMPTS_CHARGED)
+    refused = [s for s in ours(exporter) if s.attributes.get(COST_ATTEMPTS_CHARGED)
                and s.attributes[attrs.ERROR_TYPE] == "BudgetExceededError"]  # fmt: skip
     assert refused, "a retry the budget no longer affords is refused out of the SDK's loop"
 
@@ -370,7 +376,7 @@ def test_bad_usage_in_a_stream_and_from_anthropic(
     with claude(server) as client:
         server.script(Behaviour(output_tokens=200, reported_usage={"output_tokens": 0}))
         client.messages.create(model=CLAUDE, messages=MESSAGES, max_tokens=400)
-    for span in exporter.get_finished_spans():
+    for span in ours(exporter):
         assert span.attributes[attrs.COST_ESTIMATED] is True
         assert span.attributes[attrs.GEN_AI_USAGE_OUTPUT_TOKENS] >= 200
     assert settled(processor) >= billed(server) > 0

@@ -16,8 +16,17 @@ charged, and a retry reserved. Spans follow the GenAI semantic
 conventions; the projected cost and ``max_tokens`` (lowered to what the budget affords) are
 on the span at start, so the budget decision happens before any request.
 
-``instrument(keep_sdk_spans=True)`` keeps the SDK's own ``chat`` span inside metered calls
-(by default it is replaced by a non-recording span: see ``patch``).
+The SDK (2.x) makes its own span for every API call (``anthropic.messages.create``, with its
+``http.*``, ``url.*``, service tier and per-TTL cache attributes) when OpenTelemetry tracing is
+on (its default; ``ANTHROPIC_OPEN_TELEMETRY=false`` or the client's ``open_telemetry=False``
+turns it off). It is kept, as a child of the metered ``chat`` span: the runtime registers a
+GenAI span started while one of our calls is being sent as nested, and never charges it
+(``metered.is_nested``), so the call is charged once. ``instrument(keep_sdk_spans=...)`` is
+still accepted and changes nothing (the SDK's spans are always kept).
+
+Modules: ``request`` (reading a call, reserving it), ``response`` (a message's usage and
+attributes), ``streams`` (stream events), ``wrappers`` (the wrappers, sync and async from one
+flow each).
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ from opentelemetry.instrumentation.utils import unwrap
 from wrapt import wrap_function_wrapper
 
 from otel_budget.instrumentation._attempts import async_attempt, sync_attempt
-from otel_budget.instrumentation.anthropic import patch
+from otel_budget.instrumentation.anthropic import wrappers
 from otel_budget.runtime import RuntimeSource
 
 _INSTRUMENTS = ("anthropic >= 0.40",)
@@ -42,18 +51,18 @@ _BETA = "anthropic.resources.beta.messages.messages"
 
 # (module, class, method, wrapper factory)
 _TARGETS = (
-    (_GA, "Messages", "create", patch.messages_create),
-    (_GA, "Messages", "parse", patch.messages_create),
-    (_GA, "Messages", "stream", patch.messages_stream),
-    (_GA, "AsyncMessages", "create", patch.async_messages_create),
-    (_GA, "AsyncMessages", "parse", patch.async_messages_create),
-    (_GA, "AsyncMessages", "stream", patch.async_messages_stream),
-    (_BETA, "Messages", "create", patch.messages_create),
-    (_BETA, "Messages", "parse", patch.messages_create),
-    (_BETA, "Messages", "stream", patch.messages_stream),
-    (_BETA, "AsyncMessages", "create", patch.async_messages_create),
-    (_BETA, "AsyncMessages", "parse", patch.async_messages_create),
-    (_BETA, "AsyncMessages", "stream", patch.async_messages_stream),
+    (_GA, "Messages", "create", wrappers.messages_create),
+    (_GA, "Messages", "parse", wrappers.messages_create),
+    (_GA, "Messages", "stream", wrappers.messages_stream),
+    (_GA, "AsyncMessages", "create", wrappers.async_messages_create),
+    (_GA, "AsyncMessages", "parse", wrappers.async_messages_create),
+    (_GA, "AsyncMessages", "stream", wrappers.async_messages_stream),
+    (_BETA, "Messages", "create", wrappers.messages_create),
+    (_BETA, "Messages", "parse", wrappers.messages_create),
+    (_BETA, "Messages", "stream", wrappers.messages_stream),
+    (_BETA, "AsyncMessages", "create", wrappers.async_messages_create),
+    (_BETA, "AsyncMessages", "parse", wrappers.async_messages_create),
+    (_BETA, "AsyncMessages", "stream", wrappers.async_messages_stream),
 )
 # The SDK's HTTP attempt layer, inside its retry loop: each attempt of a metered call is
 # reserved and, when it may have been billed, charged (see ``_attempts``).
@@ -61,7 +70,6 @@ _ATTEMPT_TARGETS = (
     ("anthropic._base_client", "SyncAPIClient", "_attempt_request", lambda _tracer, _source: sync_attempt),
     ("anthropic._base_client", "AsyncAPIClient", "_attempt_request", lambda _tracer, _source: async_attempt),
 )
-_SDK_SPANS = ("anthropic._base_client", "start_api_call_span")
 
 
 class AnthropicBudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
@@ -78,7 +86,7 @@ class AnthropicBudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             schema_url="https://opentelemetry.io/schemas/1.37.0",
         )  # fmt: skip
         source = RuntimeSource(kwargs.get("runtime"))  # the runtime the wrappers enforce
-        self._wrapped: list[tuple[str, str | None, str]] = []
+        self._wrapped: list[tuple[str, str, str]] = []
         for module, cls, method, factory in (*_TARGETS, *_ATTEMPT_TARGETS):
             try:
                 owner = getattr(importlib.import_module(module), cls)
@@ -88,19 +96,12 @@ class AnthropicBudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 self._wrapped.append((module, cls, method))
             except (ImportError, AttributeError):
                 continue
-        if not kwargs.get("keep_sdk_spans"):
-            module, name = _SDK_SPANS
-            try:
-                if callable(getattr(importlib.import_module(module), name, None)):
-                    wrap_function_wrapper(module, name, patch.sdk_span_guard)
-                    self._wrapped.append((module, None, name))
-            except (ImportError, AttributeError):
-                pass
+        # (``keep_sdk_spans``: accepted, a no-op; the SDK's spans are kept, see above.)
 
     def _uninstrument(self, **kwargs: Any) -> None:
         for module, cls, method in getattr(self, "_wrapped", []):
             owner = importlib.import_module(module)
-            unwrap(getattr(owner, cls) if cls is not None else owner, method)
+            unwrap(getattr(owner, cls), method)
         self._wrapped = []
 
 
