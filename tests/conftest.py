@@ -7,6 +7,7 @@ and a fresh in-memory exporter, in the order a user would register them.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,6 +21,19 @@ from otel_budget import BudgetSpanProcessor, ModelPrice, PriceBook
 from otel_budget.processor import _ACTIVE
 from otel_budget.runtime import _CURRENT
 from tests.helpers import StartRecorder
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _journal_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Redis ledgers journal into a temporary directory, never the user's state directory
+    (subprocesses inherit it)."""
+    before = os.environ.get("OTEL_BUDGET_JOURNAL_DIR")
+    os.environ["OTEL_BUDGET_JOURNAL_DIR"] = str(tmp_path_factory.mktemp("journal"))
+    yield
+    if before is None:
+        os.environ.pop("OTEL_BUDGET_JOURNAL_DIR", None)
+    else:
+        os.environ["OTEL_BUDGET_JOURNAL_DIR"] = before
 
 
 class SwitchProcessor(SpanProcessor):

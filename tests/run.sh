@@ -2,6 +2,7 @@
 # The test command of the README: installs what the suite needs, then runs it.
 #   bash tests/run.sh            # the whole suite
 #   bash tests/run.sh -k ledger  # extra arguments go to pytest
+#   SKIP_LINT=1 bash tests/run.sh   # without ruff and mypy
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,7 +21,7 @@ if [ ${#need[@]} -gt 0 ]; then
     fi
 fi
 
-VENV="${OTEL_BUDGET_VENV:-.venv}"
+VENV="${VENV:-.venv}"
 if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
 fi
@@ -45,6 +46,12 @@ if ! "$VENV/bin/python" -c "import importlib.util, sys; sys.exit(importlib.util.
         echo "tests/run.sh: WARNING: litellm could not be installed; its tests will be skipped" >&2
     fi
     rm -f "$LOG"
+fi
+
+# Lint and types first (seconds): SKIP_LINT=1 skips them.
+if [ "${SKIP_LINT:-0}" != 1 ]; then
+    "$VENV/bin/ruff" check --quiet src tests bench examples
+    "$VENV/bin/mypy" --python-executable "$VENV/bin/python"
 fi
 
 exec "$VENV/bin/python" -m pytest "$@"

@@ -817,6 +817,8 @@ def test_max_tokens_left_out_is_not_filled_in(
         assert at_start[attrs.COST_OUTPUT_ASSUMED] is True
         assert at_start[attrs.COST_PROJECTED_USD] > 0
         assert_error_span(span, "TypeError")
+        # Not sent, so not reported as sent: the request carried no max_tokens.
+        assert attrs.GEN_AI_REQUEST_MAX_TOKENS not in span.attributes
         assert span.attributes[attrs.COST_USD] == 0.0
 
 

@@ -83,6 +83,7 @@ ONE_INVALID = [
     ("OTEL_BUDGET_REDIS_URL", "localhost:6379"),
     ("OTEL_BUDGET_PRICES_FILE", "/nonexistent/prices.json"),
     ("OTEL_BUDGET_FAILURE_POLICY", "closed"),
+    ("OTEL_BUDGET_TRESHOLDS", "0.5"),  # a misspelt name: reported, ignored
 ]
 
 
@@ -107,6 +108,7 @@ def _cases(shim: str) -> dict[str, tuple[str, dict[str, str], bool]]:
     cases.update({
         # A control character in the value must reach the log escaped.
         "max_usd invalid": (LOOP, {"OTEL_BUDGET_MAX_USD": "0.01\x1b[2J"}, True),
+        "max_usd misspelt": (LOOP, {"OTEL_BUDGET_MAX_USDD": str(LIMIT)}, True),
         "max_usd invalid, fail_open": (LOOP, {
             "OTEL_BUDGET_MAX_USD": "lots", "OTEL_BUDGET_FAILURE_POLICY": "fail_open"}, True),
         "no redis, fail_closed": (LOOP, {**no_redis, "OTEL_BUDGET_MAX_USD": str(LIMIT),
@@ -180,6 +182,36 @@ def test_invalid_max_usd_refuses_paid_calls_with_reason_configuration(runs: dict
     assert "OTEL_BUDGET_MAX_USD" in message and "$0.0000" not in message
     assert "OTEL_BUDGET_MAX_USD='0.01\\x1b[2J' is invalid" in run.stderr, run.stderr
     assert "\x1b" not in run.stderr
+
+
+def test_misspelt_max_usd_refuses_paid_calls(runs: dict[str, Run]) -> None:
+    """A limit asked for under a wrong name is a limit that cannot be read, not no limit."""
+    run = runs["max_usd misspelt"]
+    assert "STOPPED after 0 calls: reason=configuration" in run.stdout, run.out
+    assert run.billed == 0
+    assert "did you mean OTEL_BUDGET_MAX_USD?" in run.stderr, run.stderr
+
+
+def test_misspelt_variables_are_reported_by_name() -> None:
+    from opentelemetry import environment_variables as api_env
+    from opentelemetry.sdk import environment_variables as sdk_env
+
+    from otel_budget.config import read_env
+
+    config = read_env({"otel_budget_max_usd": "1", "OTEL_BUGDET_SCOPES": "user:5"})
+    assert config.refusal is not None
+    assert [p.variable for p in config.problems] == ["OTEL_BUGDET_SCOPES", "otel_budget_max_usd"]
+    config = read_env({"OTEL_BUDGET_MAX_USD": "1", "OTEL_BUDGET_MAX_USDD": "2",
+                       "OTEL_BUDGET_WHATEVER": "x"})  # fmt: skip
+    assert config.refusal is None and config.kwargs["max_usd"] == "1"
+    assert [(p.variable, p.fallback) for p in config.problems] == [
+        ("OTEL_BUDGET_MAX_USDD", "ignored"), ("OTEL_BUDGET_WHATEVER", "ignored")]
+    # The SDK's and the API's own variables are never taken for misspellings of ours.
+    standard = {
+        value: "x" for module in (api_env, sdk_env) for name, value in vars(module).items()
+        if name.startswith("OTEL_") and isinstance(value, str)
+    }  # fmt: skip
+    assert len(standard) > 50 and read_env(standard).problems == []
 
 
 def test_invalid_max_usd_with_explicit_fail_open_runs_and_says_so(runs: dict[str, Run]) -> None:

@@ -26,6 +26,7 @@ falls back to its safe default while every valid setting keeps applying:
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -42,6 +43,11 @@ from otel_budget.settings import (
     _thresholds,
 )
 
+# Every variable otel-budget reads (the constants of ``environment_variables``).
+KNOWN_VARIABLES = frozenset(
+    value for name, value in vars(env).items() if name.startswith("OTEL_BUDGET_")
+)
+_LIMIT_VARIABLES = (env.OTEL_BUDGET_MAX_USD, env.OTEL_BUDGET_SCOPES)
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 SUPPORTED_LIBRARIES = ("openai", "anthropic", "litellm")
@@ -197,6 +203,14 @@ def read_env(environ: Mapping[str, str] | None = None) -> EnvConfig:
             rules[rule.kind] = rule
         if rules:
             out["scopes"] = list(rules.values())
+    for name, value in _misspelt(environ):
+        meant = _suggestion(name)
+        if meant in _LIMIT_VARIABLES and get(meant) is None:
+            # A limit asked for under a misspelt name is a limit that cannot be read.
+            unreadable.append((name, value, f"not an otel-budget variable: did you mean {meant}?"))
+        else:
+            hint = f": did you mean {meant}?" if meant else ""
+            problem(name, value, f"not an otel-budget variable{hint}", "ignored")
     for name, value, reason in unreadable:
         if explicit_open:
             fallback = "failure_policy=fail_open: this limit is NOT applied until it is fixed"
@@ -238,6 +252,27 @@ def read_env(environ: Mapping[str, str] | None = None) -> EnvConfig:
     _read_prices(get, out, problem)
     _read_ledger(get, out, problem, config, policy)
     return config
+
+
+def _suggestion(name: str) -> str | None:
+    """The known variable ``name`` was probably meant to be, or None."""
+    match = difflib.get_close_matches(name.upper(), KNOWN_VARIABLES, n=1, cutoff=0.8)
+    return match[0] if match else None
+
+
+def _misspelt(environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    """``(name, value)`` of each variable set that looks like one of ours but is not: any
+    ``OTEL_BUDGET*`` name in any case, and near misses of a known name (``OTEL_BUGDET_MAX_USD``)."""
+    found = []
+    for name, value in environ.items():
+        if name in KNOWN_VARIABLES:
+            continue
+        upper = name.upper()
+        if upper.startswith("OTEL_BUDGET") or (
+            upper.startswith("OTEL") and _suggestion(name) is not None
+        ):
+            found.append((name, value))
+    return sorted(found)
 
 
 def _scope_rule(item: str, value: str, problem: Callable[..., None]) -> ScopeRule:

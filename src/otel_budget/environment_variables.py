@@ -116,3 +116,21 @@ OTEL_BUDGET_REDIS_FALLBACK = "OTEL_BUDGET_REDIS_FALLBACK"
 ``local``: while Redis is unreachable, keep enforcing on an in-process ledger (budgets become
 per process for the outage). Unset: the failure policy decides (fail_open / fail_closed).
 """
+
+OTEL_BUDGET_UNKNOWN_HISTORY_TOKENS = "OTEL_BUDGET_UNKNOWN_HISTORY_TOKENS"
+"""
+.. envvar:: OTEL_BUDGET_UNKNOWN_HISTORY_TOKENS
+
+Input tokens projected for a Responses request that continues a stored conversation this
+process did not see (``previous_response_id``, ``conversation``) when the model's context
+window is unknown: default ``128000``. Its actual usage settles the reservation.
+"""
+
+OTEL_BUDGET_JOURNAL_DIR = "OTEL_BUDGET_JOURNAL_DIR"
+"""
+.. envvar:: OTEL_BUDGET_JOURNAL_DIR
+
+Directory of the Redis ledger's durable replay journal: charges made while Redis was
+unreachable, replayed by this or the next process once it is back (default
+``$XDG_STATE_HOME/otel-budget/journal``).
+"""

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 from otel_budget.money import usd_to_nanos
 from otel_budget.price_types import ModelPrice
@@ -231,7 +231,7 @@ def _linearise(gp: Any, mp: Any) -> tuple[int, tuple[int, ...], tuple[tuple[int,
     if not all(isinstance(s, int) and s >= 0 for s in starts):
         return None
     # Enough decimal places to make every rate an integer: exact arithmetic, no Decimal per quote.
-    scale = max([9, *(-d.as_tuple().exponent for d in decimals)])
+    scale = max([9, *(-int(d.as_tuple().exponent) for d in decimals)])
 
     def at(v: Any, total_input: int) -> Decimal | None:
         if isinstance(v, gp.TieredPrices):
@@ -239,9 +239,9 @@ def _linearise(gp: Any, mp: Any) -> tuple[int, tuple[int, ...], tuple[tuple[int,
             # applies to every token.
             for tier in sorted(v.tiers, key=lambda t: t.start, reverse=True):
                 if total_input > tier.start:
-                    return tier.price
-            return v.base
-        return v
+                    return cast(Decimal, tier.price)
+            return cast(Decimal, v.base)
+        return cast("Decimal | None", v)
 
     def coeffs(total_input: int) -> tuple[int, ...]:
         p = {k: at(v, total_input) for k, v in values.items()}
@@ -265,7 +265,7 @@ def _scaled(d: Decimal, scale: int) -> int:
     """``d * 10**scale`` as an exact int (Decimal arithmetic would round at 28 digits)."""
     sign, digits, exponent = d.as_tuple()
     value = int("".join(map(str, digits)) or "0") * 10 ** (int(exponent) + scale)
-    return -value if sign else value
+    return int(-value if sign else value)
 
 
 def _compute(plan: _Plan, i: int, cr: int, cw: int, o: int, r: int, ia: int = 0, oa: int = 0) -> int:
@@ -277,7 +277,7 @@ def _compute(plan: _Plan, i: int, cr: int, cw: int, o: int, r: int, ia: int = 0,
             c = band
             break
     total = c[0] * i + c[1] * cr + c[2] * cw + c[3] * o + c[4] * r + c[5] * ia + c[6] * oa + c[7]
-    return -(-total // plan.divisor)
+    return int(-(-total // plan.divisor))
 
 
 def _probes(bands: tuple[tuple[int, tuple[int, ...]], ...]) -> list[tuple[int, ...]]:
@@ -285,7 +285,7 @@ def _probes(bands: tuple[tuple[int, tuple[int, ...]], ...]) -> list[tuple[int, .
     i0 = 123_457 if lowest is None else min(lowest, 123_457)  # inside the base band
     # Audio counts leave room for the cache counts: genai-prices rejects usage whose leaves
     # (here: uncached text input) would be negative.
-    probes = [(i0, i0 // 4, i0 // 8, 5_003, 1_001, i0 // 3, 2_001)]
+    probes: list[tuple[int, ...]] = [(i0, i0 // 4, i0 // 8, 5_003, 1_001, i0 // 3, 2_001)]
     for start, _ in bands:
         i = start + 1
         probes.append((i, i // 4, i // 8, 7_717, 1_111, i // 3, 3_003))

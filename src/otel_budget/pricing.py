@@ -125,19 +125,19 @@ class PriceBook:
         for name, cost in (tools or {}).items():
             if not isinstance(name, str) or not name:
                 raise ValueError(f"tool names must be non-empty strings, got {name!r}")
-            value: int | Callable[[Any], Any]
-            value = cost if callable(cost) else parse_usd(cost, what=f"cost of tool {name!r}")
+            charge: int | Callable[[Any], Any]
+            charge = cost if callable(cost) else parse_usd(cost, what=f"cost of tool {name!r}")
             if is_glob(name):
-                self._tool_globs.append((name, value))
+                self._tool_globs.append((name, charge))
             else:
-                self._tools[name] = value
+                self._tools[name] = charge
 
         if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 1:
             raise ValueError(f"cache_size must be a positive int, got {cache_size!r}")
         self._cache_size = cache_size
         self._use_gp = bool(use_genai_prices)
-        self._gp = _genai() if self._use_gp else None
-        self._snapshot = self._gp.get_snapshot() if self._gp else None
+        self._gp: Any = _genai() if self._use_gp else None  # the genai_prices module
+        self._snapshot: Any = self._gp.get_snapshot() if self._gp else None
         self._source = f"genai-prices {self._gp.version}" if self._gp else ""
         self._plans: dict[tuple[Any, ...], _Plan] = {}
         self._lock = threading.Lock()
@@ -360,9 +360,10 @@ class PriceBook:
             if attempt in seen:
                 continue
             seen.add(attempt)
-            pid, url, ref = attempt
+            pid, provider_url, ref = attempt
             try:
-                return snapshot.find_provider_model(ref, None, pid, url)
+                found: tuple[Any, Any] = snapshot.find_provider_model(ref, None, pid, provider_url)
+                return found
             except LookupError:
                 continue
         return None

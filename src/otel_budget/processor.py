@@ -123,6 +123,7 @@ class BudgetSpanProcessor(SpanProcessor):
         cap_output_tokens: bool = True,
         min_output_tokens: int = 16,
         stream_include_usage: bool = True,
+        log_interval_seconds: float = 60.0,
         meter_provider: Any = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -140,6 +141,7 @@ class BudgetSpanProcessor(SpanProcessor):
             cap_output_tokens=cap_output_tokens,
             min_output_tokens=min_output_tokens,
             stream_include_usage=stream_include_usage,
+            log_interval_seconds=log_interval_seconds,
         )
         self.runtime = BudgetRuntime(
             settings, prices=prices, storage=storage, meter_provider=meter_provider, clock=clock

@@ -21,7 +21,7 @@ from typing import Any
 
 from otel_budget.token_walk import _check_count
 
-__all__ = ["output_bound", "output_limits_are_ints", "wants_audio_output"]
+__all__ = ["output_bound", "output_limits_are_ints", "token_limit", "wants_audio_output"]
 
 
 def wants_audio_output(params: Mapping[str, Any]) -> bool:
@@ -39,7 +39,10 @@ def wants_audio_output(params: Mapping[str, Any]) -> bool:
     if isinstance(modalities, str):
         return "audio" in modalities.lower()
     try:
-        return any(not isinstance(m, str) or m.strip().lower() == "audio" for m in modalities)
+        return any(
+            not isinstance(m, str) or m.strip().lower() == "audio"
+            for m in modalities  # type: ignore[union-attr]  # any iterable; else the except
+        )
     except Exception:
         return True
 
@@ -80,7 +83,7 @@ def _output_values(params: Any, where: str) -> list[tuple[str, Any]]:
 _NUMERIC_TEXT = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 
 
-def _limit(key: str, value: Any) -> int:
+def token_limit(key: str, value: Any) -> int:
     """One output limit as the tokens it allows: an int as it is, a finite non-negative
     float or numeric ASCII string rounded up (the SDKs send those as they are, and lenient
     servers read them as numbers). Anything else raises ``ValueError`` naming ``key``."""
@@ -126,7 +129,7 @@ def output_bound(params: Mapping[str, Any], default: int) -> tuple[int, bool]:
     found = _output_limits(params)
     if not found:
         return default, True
-    return max(_limit(key, value) for key, value in found), False
+    return max(token_limit(key, value) for key, value in found), False
 
 
 def output_limits_are_ints(params: Mapping[str, Any]) -> bool:

@@ -534,14 +534,14 @@ def estimate_input_tokens(
     media_tokens = walk.media * per_item + walk.images
     media = media_tokens + walk.token_ids
     assumed = walk.assumed or (flat is None and walk.media > 0)
-    extra = {"media_tokens": media_tokens, "media_assumed": assumed, "audio_tokens": walk.audio * per_item}
+    audio = walk.audio * per_item
 
     if strict:
         text = sum(len(_utf8(p)) + 1 for p in walk.parts) + sum(len(_utf8(p)) + 1 for p in walk.loose)
         overhead = ESTIMATED_TOKENS_PER_MESSAGE * walk.messages + (
             ESTIMATED_TOOLS_OVERHEAD if n_tools else 0
         )
-        return InputEstimate(text + overhead + media, "strict", **extra)
+        return InputEstimate(text + overhead + media, "strict", media_tokens, assumed, audio)
 
     loose = sum(bytes_rule(p) for p in walk.loose)
     exact = _exact_counter(model)
@@ -558,10 +558,10 @@ def estimate_input_tokens(
                 + (OPENAI_REPLY_PRIMING if walk.messages else 0)
                 + (OPENAI_TOOLS_OVERHEAD if n_tools else 0)
             )
-            return InputEstimate(text + loose + frames + media, method, **extra)
+            return InputEstimate(text + loose + frames + media, method, media_tokens, assumed, audio)
     text = sum(bytes_rule(p) for p in walk.parts)
     frames = ESTIMATED_TOKENS_PER_MESSAGE * walk.messages + (ESTIMATED_TOOLS_OVERHEAD if n_tools else 0)
-    return InputEstimate(text + loose + frames + media, "bytes", **extra)
+    return InputEstimate(text + loose + frames + media, "bytes", media_tokens, assumed, audio)
 
 
 # --- output -----------------------------------------------------------------------------------

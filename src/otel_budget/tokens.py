@@ -56,9 +56,9 @@ from otel_budget.token_encoders import (
     ensure_tiktoken_offline,
 )
 from otel_budget.token_output import (
-    _limit,
     output_bound,
     output_limits_are_ints,
+    token_limit,
     wants_audio_output,
 )
 from otel_budget.token_walk import (
@@ -83,11 +83,12 @@ __all__ = [
     "output_bound",
     "output_limits_are_ints",
     "strict_bound",
+    "token_limit",
     "wants_audio_output",
 ]
-# Kept importable from here: instrumentation._util imports ``_limit``; tests reset encoders.
+# Kept importable from here: tests reset encoders and read the constants.
 _INTERNALS = (
     DEFAULT_IMAGE_TOKENS, ESTIMATED_TOKENS_PER_MESSAGE, ESTIMATED_TOOLS_OVERHEAD,
     OPENAI_REPLY_PRIMING, OPENAI_TOKENS_PER_MESSAGE, OPENAI_TOKENS_PER_NAME,
-    OPENAI_TOOLS_OVERHEAD, _counter_from, _encoder, _limit, _reset_encoders,
+    OPENAI_TOOLS_OVERHEAD, _counter_from, _encoder, _reset_encoders,
 )  # fmt: skip

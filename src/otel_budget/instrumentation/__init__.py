@@ -36,7 +36,7 @@ from collections.abc import Collection
 from typing import Any
 
 from opentelemetry import trace
-from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
+from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 
 from otel_budget import threads
 from otel_budget.config import SUPPORTED_LIBRARIES, libraries_from_env, read_env
@@ -235,7 +235,7 @@ class BudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             finally:
                 trace.set_tracer_provider = original
 
-        trace.set_tracer_provider = set_tracer_provider
+        trace.set_tracer_provider = set_tracer_provider  # type: ignore[assignment]
 
     def _instrument_library(self, name: str, provider: Any) -> None:
         if importlib.util.find_spec(name) is None:

@@ -87,9 +87,9 @@ class LLMRequest:
     # What the request sends (kwargs merged with ``extra_body``), for the output bound; None:
     # the kwargs given to ``start_call``.
     params: Mapping[str, Any] | None = None
-    # Writes the cap where it takes effect (``extra_body`` when it carries the key); None:
-    # ``kwargs[output_param] = cap``.
-    write_output: Callable[[dict[str, Any], int], None] | None = None
+    # Writes the cap where it takes effect (``extra_body`` when it carries the key) and
+    # returns whether it wrote it; None: ``kwargs[output_param] = cap``.
+    write_output: Callable[[dict[str, Any], int], bool] | None = None
     output_audio: bool = False  # spoken output asked for: every output token priced as audio
 
 
@@ -646,11 +646,13 @@ def start_steps(
         if cap != out_tokens or assumed or not _int_limits(sent):
             # The cap is what the request now carries: injected, lowered, or the int a float
             # or numeric-string limit rounds up to; written where it takes effect.
+            wrote = True
             if request.write_output is not None:
-                request.write_output(kwargs, cap)
+                wrote = request.write_output(kwargs, cap)
             else:
                 kwargs[request.output_param] = cap
-            late[attrs.GEN_AI_REQUEST_MAX_TOKENS] = cap
+            if wrote:  # (a limit the SDK requires is never filled in: see write_output)
+                late[attrs.GEN_AI_REQUEST_MAX_TOKENS] = cap
         return projected
 
     budgeted = yield from begin_steps(

@@ -18,8 +18,8 @@ from typing import Any
 
 from otel_budget import attributes as attrs
 from otel_budget.pricing import TokenUsage
+from otel_budget.token_output import token_limit as _count
 from otel_budget.tokens import InputEstimate
-from otel_budget.tokens import _limit as _count
 
 _SENTINELS = ("Omit", "NotGiven")
 
@@ -113,17 +113,19 @@ class RequestParams:
             if new is not value:
                 self.set(key, new)
 
-    def output_writer(self, output_param: str) -> Callable[[dict[str, Any], int], None]:
+    def output_writer(self, output_param: str) -> Callable[[dict[str, Any], int], bool]:
         """For ``LLMRequest.write_output``: the cap replaces every output limit the request
-        carries (where it carries it), or goes in as ``output_param`` when it carries none."""
+        carries (where it carries it), or goes in as ``output_param`` when it carries none.
+        Returns True: the cap was written."""
 
-        def write(kwargs: dict[str, Any], cap: int) -> None:
+        def write(kwargs: dict[str, Any], cap: int) -> bool:
             if kwargs is not self.kwargs:  # another body (a re-entered stream manager)
                 kwargs[output_param] = cap
-                return
+                return True
             present = [k for k in OUTPUT_KEYS if self.params.get(k) is not None]
             for key in present or [output_param]:
                 self.set(key, cap)
+            return True
 
         return write
 

@@ -104,6 +104,7 @@ Failure handling (Redis down, hung or slow; measured figures in the tests'
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -145,7 +146,7 @@ try:  # optional dependency: pip install 'otel-budget[redis]'
     from redis.backoff import NoBackoff as _NoBackoff
     from redis.retry import Retry as _Retry
 except ImportError:  # pragma: no cover - exercised only without the extra
-    _redis = None
+    _redis = None  # type: ignore[assignment]
 
 logger = logging.getLogger("otel_budget.storage.redis")
 
@@ -615,7 +616,7 @@ class RedisStorage(LedgerStorage):
                 item = self._journal[0]
             entry, seq = item
             try:
-                self._call(lambda entry=entry: self._replay(entry))
+                self._call(functools.partial(self._replay, entry))
             except LedgerUnavailableError:
                 # Probe again as the breaker allows (it backs off from 250 ms to its cap).
                 wait = min(max(self._breaker.reset_seconds, 0.02), 1.0)
@@ -951,11 +952,12 @@ class RedisStorage(LedgerStorage):
             return out
 
         try:
-            return self._call(scan)
+            found: list[ScopeUsage] = self._call(scan)
         except LedgerUnavailableError:
             if self._fallback is None:
                 raise
             return self._fallback.scopes(prefix)
+        return found
 
     def set_limit(self, key: str, limit: int) -> None:
         if limit < 0:

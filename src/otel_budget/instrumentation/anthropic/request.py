@@ -43,8 +43,10 @@ _REQUEST_ATTRIBUTES = {
 _MIN_THINKING_BUDGET = 1024  # Anthropic's minimum thinking.budget_tokens
 
 
-def _leave_out(_kwargs: dict[str, Any], _cap: int) -> None:
-    """The output writer of a request without ``max_tokens``: writes nothing."""
+def _leave_out(_kwargs: dict[str, Any], _cap: int) -> bool:
+    """The output writer of a request without ``max_tokens``: writes nothing (the SDK
+    requires it and refuses the call itself: otel-budget does not change what it accepts)."""
+    return False
 
 
 def client_info(instance: Any) -> tuple[str, str | None, int | None]:

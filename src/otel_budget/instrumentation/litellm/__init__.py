@@ -45,7 +45,7 @@ from typing import Any
 
 import wrapt
 from opentelemetry import trace
-from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
+from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 
 from otel_budget.instrumentation.litellm import wrappers
 from otel_budget.runtime import RuntimeSource

@@ -38,8 +38,8 @@ class LiteLLMStream(SyncStreamProxy):
 
 
 class AsyncLiteLLMStream(AsyncStreamProxy):
-    """An async ``CustomStreamWrapper``: ``async for``, ``async with``, ``aclose()``, and its
-    synchronous ``close()``."""
+    """An async ``CustomStreamWrapper``: ``async for``, ``async with``, ``aclose()`` (settled
+    with the ledger's coroutines, as every async proxy), and its synchronous ``close()``."""
 
     def __init__(self, stream: Any, call: LLMCall, acc: ChatChunkAccumulator, hide_usage: bool) -> None:
         super().__init__(stream, call, acc)
@@ -54,12 +54,6 @@ class AsyncLiteLLMStream(AsyncStreamProxy):
     def close(self) -> None:  # type: ignore[override]  # CustomStreamWrapper.close is sync
         try:
             self.__wrapped__.close()
-        finally:
-            self._self_end(None, complete=False)
-
-    async def aclose(self) -> None:
-        try:
-            await self.__wrapped__.aclose()
         finally:
             self._self_end(None, complete=False)
 
