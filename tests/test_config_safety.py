@@ -392,3 +392,23 @@ def test_plain_zero_code_lets_unknown_models_through(runs: dict[str, Run]) -> No
     assert "STOPPED after 0 calls: reason=unknown_model scope=process" in run.stdout, run.out
     assert "OTEL_BUDGET_UNKNOWN_MODEL" in run.stdout
     assert run.stats["requests"] == 0
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "lots", "\u0663", ""])
+def test_unknown_history_tokens_never_lower_the_bound(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An invalid bound for unseen stored history is reported and never projects less than
+    the default (``0`` would project a continued conversation at no input at all)."""
+    from otel_budget.config import read_env
+    from otel_budget.instrumentation.openai import history
+
+    monkeypatch.setattr(history, "context_window", lambda provider, model: None)
+    monkeypatch.setenv("OTEL_BUDGET_UNKNOWN_HISTORY_TOKENS", value)
+    assert history.unknown_history_tokens("openai", "my-model") == 128_000
+    problems = read_env({"OTEL_BUDGET_UNKNOWN_HISTORY_TOKENS": value}).problems
+    assert [p.variable for p in problems] == (
+        ["OTEL_BUDGET_UNKNOWN_HISTORY_TOKENS"] if value else []
+    )
+    monkeypatch.setenv("OTEL_BUDGET_UNKNOWN_HISTORY_TOKENS", "500000")
+    assert history.unknown_history_tokens("openai", "my-model") == 500_000

@@ -63,10 +63,10 @@ def _bool(name: str, value: str) -> bool:
 
 
 def _int(name: str, value: str) -> int:
-    try:
-        number = int(value.strip())
-    except ValueError:
-        raise ValueError(f"{name}={value!r}: expected a positive integer") from None
+    text = value.strip()
+    if not (text.isascii() and text.isdigit()):  # ASCII digits only, as money
+        raise ValueError(f"{name}={value!r}: expected a positive integer")
+    number = int(text)
     if number <= 0:
         raise ValueError(f"{name}={value!r}: expected a positive integer")
     return number
@@ -239,6 +239,13 @@ def read_env(environ: Mapping[str, str] | None = None) -> EnvConfig:
                 out[key] = _int(name, value)
             except ValueError:
                 problem(name, value, "expected a positive integer", f"using the default {default}")
+    # Read where it is used (the openai instrumentation); checked here to be reported.
+    if (value := get(env.OTEL_BUDGET_UNKNOWN_HISTORY_TOKENS)) is not None:
+        try:
+            _int(env.OTEL_BUDGET_UNKNOWN_HISTORY_TOKENS, value)
+        except ValueError:
+            problem(env.OTEL_BUDGET_UNKNOWN_HISTORY_TOKENS, value, "expected a positive integer",
+                    "using the default 128000")  # fmt: skip
     for name, key in (
         (env.OTEL_BUDGET_CAP_OUTPUT_TOKENS, "cap_output_tokens"),
         (env.OTEL_BUDGET_STREAM_INCLUDE_USAGE, "stream_include_usage"),

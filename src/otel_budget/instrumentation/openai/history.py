@@ -80,9 +80,9 @@ def unknown_history_tokens(provider: str, model: str) -> int:
     if window is not None:
         return window
     raw = os.environ.get(UNKNOWN_HISTORY_ENV, "").strip()
-    if raw.isdigit():
+    if raw.isascii() and raw.isdigit() and int(raw) > 0:
         return int(raw)
-    return DEFAULT_UNKNOWN_HISTORY_TOKENS
+    return DEFAULT_UNKNOWN_HISTORY_TOKENS  # unset or invalid (reported by config.read_env)
 
 
 def history_tokens(provider: str, model: str, params: Mapping[str, Any]) -> tuple[int, bool]:
