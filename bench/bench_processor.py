@@ -10,10 +10,12 @@ at start and the usage attributes it sets at end, child of a long-lived root spa
 BatchSpanProcessor and a no-op exporter, i.e. a realistic production pipeline):
 
 * ``bare``: the SDK alone.
-* ``reserve+commit``: our processor, span carrying ``otel_budget.cost.projected_usd`` at
-  start (reserved in on_start) and its cost at end (what our instrumentors do).
-* ``priced at end``: our processor pricing a span from another instrumentation by its
-  ``gen_ai.usage.*`` attributes through genai-prices (cached).
+* ``reserve+commit``: our processor, span stating its projection
+  (``otel_budget.cost.projected_usd``) at start: reserved in on_start, committed at end.
+* ``projected at start``: our processor enforcing a span of another instrumentation: projected
+  at start from what it carries (model, max tokens, the assumed input bound when it carries
+  no messages), reserved, then settled from its ``gen_ai.usage.*`` attributes at end
+  (prices through genai-prices, cached).
 
 Rounds interleave the cases so that machine noise hits them alike; medians are reported.
 Times are the calling thread's CPU time (``time.thread_time_ns``): what the application
@@ -110,7 +112,7 @@ def overhead(rounds: int, n: int) -> dict[str, Any]:
         "bare": lambda: span_loop(bare, n, projected=False),
         "bare+projection attrs": lambda: span_loop(bare, n, projected=True),
         "reserve+commit": lambda: span_loop(ours, n, projected=True),
-        "priced at end": lambda: span_loop(ours, n, projected=False),
+        "projected at start": lambda: span_loop(ours, n, projected=False),
     }
     for fn in cases.values():  # warm-up: caches, price lookups
         fn()
@@ -126,7 +128,7 @@ def overhead(rounds: int, n: int) -> dict[str, Any]:
         "median_us_per_span": med,
         "added_us": {
             "reserve+commit": med["reserve+commit"] - med["bare+projection attrs"],
-            "priced at end": med["priced at end"] - med["bare"],
+            "projected at start": med["projected at start"] - med["bare"],
         },
     }
     bare.shutdown()
