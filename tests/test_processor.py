@@ -345,3 +345,21 @@ def test_fail_open_still_records_the_spend(make_processor: Any, tracer: Any) -> 
         report = processor.trace_report(root.get_span_context().trace_id)
         assert processor.spent_usd(key) == pytest.approx(0.14)
     assert report.total_usd == pytest.approx(0.14)
+
+
+def test_a_stated_projection_never_lowers_what_the_span_projects(
+    make_processor: Any, tracer: Any, exporter: InMemorySpanExporter
+) -> None:
+    """A hand-written GenAI span that states ``projected_usd=0`` is still reserved at what its
+    own attributes project (model, max tokens, the assumed input): refused on a small
+    budget before anything is spent, and exported as refused."""
+    make_processor(0.001)
+    start = {**gen_ai_attrs("gpt-4o"), attrs.GEN_AI_REQUEST_MAX_TOKENS: 1000,
+             attrs.COST_PROJECTED_USD: 0.0}  # fmt: skip
+    with tracer.start_as_current_span("agent"):
+        with pytest.raises(BudgetExceededError) as info:
+            tracer.start_span("chat gpt-4o", kind=SpanKind.CLIENT, attributes=start)
+    assert info.value.reason == "limit" and info.value.projected_usd > 0.01
+    refused = by_name(exporter)["chat gpt-4o"]
+    assert refused.status.status_code is StatusCode.ERROR
+    assert refused.attributes[attrs.COST_PROJECTED_USD] > 0.01

@@ -193,8 +193,14 @@ class BudgetSpanProcessor(SpanProcessor):
             if is_nested(runtime, span):
                 return
             projected = attributes.get(attrs.COST_PROJECTED_USD)
-            if projected is not None and operation is not None:  # it states its projection
+            if projected is not None and operation is not None:
+                # A span that states its projection: reserved at what it states, never below
+                # what its own attributes project (a stated $0 is no way around a budget).
                 amount = _usd_nanos(projected, attrs.COST_PROJECTED_USD)
+                own = reserve_arguments(self, span, span.parent is None, attributes)
+                if own is not None:
+                    amount = max(amount, _usd_nanos(own[1], attrs.COST_PROJECTED_USD))
+                    span.set_attribute(attrs.COST_PROJECTED_USD, to_usd(amount))
             else:
                 # Another instrumentation's GenAI span: project it from what it carries.
                 foreign = reserve_arguments(self, span, span.parent is None, attributes)
