@@ -31,36 +31,17 @@ BodyArgs = tuple[TokenUsage | None, dict[str, Any], Any, str | None]
 """The arguments of ``LLMCall.succeed`` for a body: usage, attributes, response model, text."""
 
 
-def chat_usage(usage: Any) -> TokenUsage | None:
-    """Usage of a chat completion (or chunk), or of a legacy completion.
-
-    Audio tokens (``*_tokens_details.audio_tokens``) are part of the prompt / completion
-    totals: they are passed on as the audio part of them, priced at the audio rates."""
+def _usage(usage: Any, names: tuple[str, str, str, str]) -> TokenUsage | None:
+    """Usage from an OpenAI usage object whose input, output, input-details and
+    output-details fields are ``names``. Audio tokens (``*_details.audio_tokens``) are part of
+    the input / output totals: passed on as their audio part, priced at the audio rates."""
     if usage is None:
         return None
-    prompt = _int(_get(usage, "prompt_tokens"))
-    completion = _int(_get(usage, "completion_tokens"))
-    prompt_details = _get(usage, "prompt_tokens_details")
-    completion_details = _get(usage, "completion_tokens_details")
-    cached = _int(_get(prompt_details, "cached_tokens"))
-    audio_in = _int(_get(prompt_details, "audio_tokens"))
-    reasoning = _int(_get(completion_details, "reasoning_tokens"))
-    audio_out = _int(_get(completion_details, "audio_tokens"))
-    return TokenUsage(
-        input_tokens=max(prompt, cached, audio_in), output_tokens=max(completion, reasoning, audio_out),
-        cache_read_tokens=cached, reasoning_tokens=reasoning,
-        input_audio_tokens=audio_in, output_audio_tokens=audio_out,
-    )  # fmt: skip
-
-
-def responses_usage(usage: Any) -> TokenUsage | None:
-    """Usage of a Responses body (``input_tokens`` / ``output_tokens`` and their details)."""
-    if usage is None:
-        return None
-    inp = _int(_get(usage, "input_tokens"))
-    out = _int(_get(usage, "output_tokens"))
-    input_details = _get(usage, "input_tokens_details")
-    output_details = _get(usage, "output_tokens_details")
+    inp_key, out_key, inp_details_key, out_details_key = names
+    inp = _int(_get(usage, inp_key))
+    out = _int(_get(usage, out_key))
+    input_details = _get(usage, inp_details_key)
+    output_details = _get(usage, out_details_key)
     cached = _int(_get(input_details, "cached_tokens"))
     audio_in = _int(_get(input_details, "audio_tokens"))
     reasoning = _int(_get(output_details, "reasoning_tokens"))
@@ -70,6 +51,22 @@ def responses_usage(usage: Any) -> TokenUsage | None:
         cache_read_tokens=cached, reasoning_tokens=reasoning,
         input_audio_tokens=audio_in, output_audio_tokens=audio_out,
     )  # fmt: skip
+
+
+_CHAT_USAGE = ("prompt_tokens", "completion_tokens", "prompt_tokens_details",
+               "completion_tokens_details")  # fmt: skip
+_RESPONSES_USAGE = ("input_tokens", "output_tokens", "input_tokens_details",
+                    "output_tokens_details")  # fmt: skip
+
+
+def chat_usage(usage: Any) -> TokenUsage | None:
+    """Usage of a chat completion (or chunk), or of a legacy completion."""
+    return _usage(usage, _CHAT_USAGE)
+
+
+def responses_usage(usage: Any) -> TokenUsage | None:
+    """Usage of a Responses body (``input_tokens`` / ``output_tokens`` and their details)."""
+    return _usage(usage, _RESPONSES_USAGE)
 
 
 # -- bodies behind with_raw_response / with_streaming_response --------------------------------
