@@ -173,6 +173,18 @@ def with_history(
     return total
 
 
+def server_of(client: Any) -> tuple[str | None, int | None]:
+    """``(server.address, server.port)`` of an SDK client, from its ``base_url`` (the port
+    implied by the scheme when the URL names none)."""
+    base_url = getattr(client, "base_url", None)
+    if base_url is None:
+        return None, None
+    port = getattr(base_url, "port", None)
+    if port is None:
+        port = 443 if getattr(base_url, "scheme", "https") == "https" else 80
+    return getattr(base_url, "host", None) or None, port
+
+
 def get(obj: Any, name: str) -> Any:
     """``obj[name]`` for a dict, ``obj.name`` otherwise; None when absent or unreadable."""
     if obj is None:

@@ -29,7 +29,7 @@ from otel_budget.instrumentation._call import (
     capture_content,
     start_call,
 )
-from otel_budget.instrumentation._util import RequestParams
+from otel_budget.instrumentation._util import RequestParams, server_of
 from otel_budget.instrumentation._util import content_attribute as _content_attribute
 from otel_budget.runtime import BudgetRuntime
 from otel_budget.tokens import estimate_input_tokens
@@ -56,15 +56,7 @@ def client_info(instance: Any) -> tuple[str, str | None, int | None]:
     provider = getattr(client, "_gen_ai_provider_name", None)
     if not isinstance(provider, str) or not provider:
         provider = PROVIDER_ANTHROPIC
-    host: str | None = None
-    port: int | None = None
-    base_url = getattr(client, "base_url", None)
-    if base_url is not None:
-        host = getattr(base_url, "host", None) or None
-        port = getattr(base_url, "port", None)
-        if port is None:
-            port = 443 if getattr(base_url, "scheme", "https") == "https" else 80
-    return provider, host, port
+    return (provider, *server_of(client))
 
 
 def messages_request(instance: Any, kwargs: dict[str, Any], stream: bool | None = None) -> LLMRequest:

@@ -21,6 +21,7 @@ from otel_budget.instrumentation._util import (
     count_param,
     refuse_if,
     request_attributes,
+    server_of,
     with_history,
 )
 from otel_budget.instrumentation._util import content_attribute as _content_attribute
@@ -56,16 +57,7 @@ def client_info(instance: Any) -> tuple[str, str | None, int | None]:
     provider = PROVIDER_OPENAI
     if client is not None and _is_azure(client):
         provider = PROVIDER_AZURE
-    host: str | None = None
-    port: int | None = None
-    base_url = getattr(client, "base_url", None)
-    if base_url is not None:
-        host = getattr(base_url, "host", None) or None
-        port = getattr(base_url, "port", None)
-        if port is None:
-            scheme = getattr(base_url, "scheme", "https")
-            port = 443 if scheme == "https" else 80
-    return provider, host, port
+    return (provider, *server_of(client))
 
 
 def _common_attributes(params: dict[str, Any]) -> dict[str, Any]:
