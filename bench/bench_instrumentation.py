@@ -114,7 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:
         print("opentelemetry-instrumentation-genai-openai not installed: case skipped")
 
-    lifetime = 60 + args.rounds * args.calls * len(cases) * 0.02
+    # A safety net, not a deadline: sync, async and stream per case, up to 50 ms a call on a
+    # loaded machine.
+    lifetime = 60 + args.rounds * args.calls * len(cases) * 3 * 0.05
     server, base_url = start_server(lifetime)
     client = openai.OpenAI(base_url=base_url, api_key="bench", max_retries=0)
     aclient = openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0)
