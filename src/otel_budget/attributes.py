@@ -17,6 +17,9 @@ semantic-conventions-genai PR #443 proposes ``gen_ai.usage.cost.*``):
 ``otel_budget.cost.output_assumed``    the output bound came from a default, not the request
 ``otel_budget.cost.input_estimated``   how input tokens were projected (``tiktoken``/``bytes``)
 ``otel_budget.cost.estimated``         the actual cost had no usage to go on (estimated)
+``otel_budget.cost.source``            what the actual cost is: ``provider`` (its bill) or ``local``
+``otel_budget.cost.provider_reported_usd``  the cost the provider reported (OpenRouter ``usage.cost``)
+``otel_budget.cost.price_delta_usd``   that reported cost minus our price of the reported usage
 ``otel_budget.price.source``           ``override``, ``genai-prices <ver>``, ``price_as``, ``default``
 ``otel_budget.price.model``            the model id the price was resolved to
 ``otel_budget.budget.scope``           the scope that refused the call (on aborted spans)
@@ -51,6 +54,11 @@ GEN_AI_CONVERSATION_ID = "gen_ai.conversation.id"
 ERROR_TYPE = "error.type"
 SERVER_ADDRESS = "server.address"
 SERVER_PORT = "server.port"
+# Proposed (semantic-conventions-genai PR #443), emitted only on opt-in (``semconv_cost``):
+# the cost of the operation (double), its ISO 4217 currency, and ``provider`` | ``local``.
+GEN_AI_USAGE_COST_AMOUNT = "gen_ai.usage.cost.amount"
+GEN_AI_USAGE_COST_CURRENCY = "gen_ai.usage.cost.currency"
+GEN_AI_USAGE_COST_SOURCE = "gen_ai.usage.cost.source"
 # Deprecated names still emitted by older instrumentations: read-only fallbacks.
 GEN_AI_SYSTEM_DEPRECATED = "gen_ai.system"
 GEN_AI_USAGE_PROMPT_TOKENS_DEPRECATED = "gen_ai.usage.prompt_tokens"
@@ -75,6 +83,9 @@ COST_OVERSHOOT_USD = "otel_budget.cost.overshoot_usd"
 COST_OUTPUT_ASSUMED = "otel_budget.cost.output_assumed"
 COST_INPUT_ESTIMATED = "otel_budget.cost.input_estimated"
 COST_ESTIMATED = "otel_budget.cost.estimated"
+COST_SOURCE = "otel_budget.cost.source"
+COST_PROVIDER_REPORTED_USD = "otel_budget.cost.provider_reported_usd"
+COST_PRICE_DELTA_USD = "otel_budget.cost.price_delta_usd"
 PRICE_SOURCE = "otel_budget.price.source"
 PRICE_MODEL = "otel_budget.price.model"
 BUDGET_SCOPE = "otel_budget.budget.scope"

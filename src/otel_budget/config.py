@@ -255,6 +255,12 @@ def read_env(environ: Mapping[str, str] | None = None) -> EnvConfig:
                 out[key] = _bool(name, value)
             except ValueError:
                 problem(name, value, "expected true or false", "using the default true")
+    if (value := get(env.OTEL_BUDGET_SEMCONV_COST)) is not None:
+        try:
+            out["semconv_cost"] = _bool(env.OTEL_BUDGET_SEMCONV_COST, value)
+        except ValueError:
+            problem(env.OTEL_BUDGET_SEMCONV_COST, value, "expected true or false",
+                    "using the default false (otel_budget.cost.* only)")  # fmt: skip
 
     _read_prices(get, out, problem)
     _read_ledger(get, out, problem, config, policy)

@@ -134,3 +134,13 @@ Directory of the Redis ledger's durable replay journal: charges made while Redis
 unreachable, replayed by this or the next process once it is back (default
 ``$XDG_STATE_HOME/otel-budget/journal``).
 """
+
+OTEL_BUDGET_SEMCONV_COST = "OTEL_BUDGET_SEMCONV_COST"
+"""
+.. envvar:: OTEL_BUDGET_SEMCONV_COST
+
+``true``: also record the proposed ``gen_ai.usage.cost.amount`` / ``.currency`` / ``.source``
+(semantic-conventions-genai PR #443) on GenAI spans, beside ``otel_budget.cost.*``: the
+provider's reported cost (``source=provider``), else our price of the usage it reported
+(``local``). ``false`` (default): only ``otel_budget.cost.*``.
+"""

@@ -124,6 +124,7 @@ class BudgetSpanProcessor(SpanProcessor):
         min_output_tokens: int = 16,
         stream_include_usage: bool = True,
         log_interval_seconds: float = 60.0,
+        semconv_cost: bool = False,
         meter_provider: Any = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -142,6 +143,7 @@ class BudgetSpanProcessor(SpanProcessor):
             min_output_tokens=min_output_tokens,
             stream_include_usage=stream_include_usage,
             log_interval_seconds=log_interval_seconds,
+            semconv_cost=semconv_cost,
         )
         self.runtime = BudgetRuntime(
             settings, prices=prices, storage=storage, meter_provider=meter_provider, clock=clock

@@ -107,6 +107,9 @@ class BudgetSettings:
     # Our own failures and refusals are logged in full once per (site, error type), then
     # counted: at most one "N more" line per key and interval (``otel_budget.logs``).
     log_interval_seconds: float = 60.0
+    # Also emit the proposed gen_ai.usage.cost.{amount,currency,source} (semantic-conventions
+    # -genai PR #443) on our GenAI spans, beside otel_budget.cost.*.
+    semconv_cost: bool = False
 
     limit_nanos: int | None = field(init=False, default=None)
 
@@ -156,6 +159,8 @@ class BudgetSettings:
             or interval < 0
         ):
             raise ValueError(f"log_interval_seconds must be a number >= 0, got {interval!r}")
+        if not isinstance(self.semconv_cost, bool):
+            raise ValueError(f"semconv_cost must be True or False, got {self.semconv_cost!r}")
         for name in ("on_warning", "on_exceeded"):
             value = getattr(self, name)
             if value is not None and not callable(value):

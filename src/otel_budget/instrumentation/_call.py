@@ -30,7 +30,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from otel_budget import attributes as attrs
-from otel_budget.costing import price_call
+from otel_budget.costing import price_call, reconcile
 from otel_budget.engine import KIND_LLM, Charge
 from otel_budget.errors import REASON_INVALID_REQUEST, REASON_UNKNOWN_MODEL, BudgetExceededError
 from otel_budget.instrumentation._attempts import is_transport_error, may_be_billed
@@ -346,18 +346,41 @@ class LLMCall:
             if estimated:
                 out[attrs.COST_ESTIMATED] = True
             out.update(usage_attributes(usage))
+            local: int | None = None
             try:
-                actual, provenance = self.price(usage, response_model)
+                local, provenance = self.price(usage, response_model)
                 out.update(provenance)
-            except Exception as exc:  # unpriceable after the fact: keep the reservation
-                if self.processor is not None:
+            except Exception as exc:  # unpriceable after the fact: a report, or the reservation
+                if self.processor is not None and attrs.COST_PROVIDER_REPORTED_USD not in out:
                     self.processor.engine.log_once("price after call", exc)
-                actual = self.budgeted.projected_nanos
+            actual = self._reconciled(local, out, estimated)
         except Exception as exc:
             if self.processor is not None:
                 self.processor.engine.internal_error("LLMCall settle", exc)
             return self.budgeted.projected_nanos, TokenUsage()
         return actual, usage
+
+    def _reconciled(self, local: int | None, out: dict[str, Any], estimated: bool) -> int:
+        """What to charge: our price ``local``, or the provider's own bill when the response
+        reported one (``otel_budget.cost.provider_reported_usd`` in ``out``, put there by the
+        response readers), by the one rule of ``costing.reconcile``; recorded in ``out``.
+        Neither known: the reservation (never free)."""
+        runtime = self.processor
+        if runtime is None:
+            return local or 0
+        cost = reconcile(local, out.pop(attrs.COST_PROVIDER_REPORTED_USD, None))
+        out.update(cost.attributes())
+        if runtime.settings.semconv_cost:
+            out.update(cost.semconv_attributes(estimated))
+        if cost.distrusted:
+            runtime.engine.log_once.warning(
+                f"reported cost {self.request.provider} {self.request.model}",
+                f"otel-budget: {self.request.provider} reported a cost for {self.request.model} "
+                f"far below its price (${to_usd(cost.reported_nanos or 0):.9f} < "
+                f"${to_usd(local or 0):.9f}): charging the price; add a price override if "
+                "the report is the whole bill",
+            )  # fmt: skip
+        return cost.nanos if cost.nanos is not None else self.budgeted.projected_nanos
 
     # -- settling ------------------------------------------------------------------------------
     def succeed_steps(

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from otel_budget import attributes as attrs
+from otel_budget.costing import reported_usd
 from otel_budget.pricing import TokenUsage
 from otel_budget.token_output import token_limit as _count
 from otel_budget.tokens import InputEstimate
@@ -197,6 +198,13 @@ def get(obj: Any, name: str) -> Any:
         return None
 
 
+def usage_cost(body: Any) -> float | None:
+    """The cost a provider reported in an OpenAI-shaped body's (or chunk's) ``usage.cost``
+    (OpenRouter, in chat and Responses bodies and in a stream's usage chunk), in USD; None
+    when there is none or it is no sane amount (``costing.reported_usd``)."""
+    return reported_usd(get(get(body, "usage"), "cost"))
+
+
 def _attr(obj: Any, name: str) -> Any:
     try:
         return getattr(obj, name, None)
@@ -275,13 +283,14 @@ class ChatChunkAccumulator:
     reasons, the final usage chunk. ``delta_fields`` name the delta keys holding text."""
 
     __slots__ = ("usage", "response_model", "units", "_parts", "_id", "_reasons",
-                 "_read_usage", "_fields", "_capture")  # fmt: skip
+                 "_read_usage", "_fields", "_capture", "_read_cost", "_cost")  # fmt: skip
 
     def __init__(
         self,
         read_usage: Callable[[Any], TokenUsage | None],
         delta_fields: tuple[str, ...] = ("content", "refusal"),
         capture: bool = False,
+        read_cost: Callable[[Any], float | None] = usage_cost,
     ) -> None:
         self.usage: TokenUsage | None = None
         self.response_model: str | None = None
@@ -292,6 +301,8 @@ class ChatChunkAccumulator:
         self._read_usage = read_usage
         self._fields = delta_fields
         self._capture = capture
+        self._read_cost = read_cost  # the cost a usage chunk reports (None: none)
+        self._cost: float | None = None
 
     def add(self, chunk: Any) -> None:
         # Runs for every chunk of every stream: plain getattr on SDK objects (the common
@@ -333,12 +344,15 @@ class ChatChunkAccumulator:
         usage = g(chunk, "usage")
         if usage is not None:
             self.usage = self._read_usage(usage)
+            self._cost = self._read_cost(chunk)
 
     def text(self) -> str:
         return "".join(self._parts)
 
     def attributes(self) -> dict[str, Any]:
         out = response_attributes(self._id or None, self.response_model, self._reasons)
+        if self._cost is not None:
+            out[attrs.COST_PROVIDER_REPORTED_USD] = self._cost
         if self._capture and self._parts:
             out["gen_ai.output.messages"] = output_messages(self.text())
         return out

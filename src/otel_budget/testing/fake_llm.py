@@ -61,7 +61,9 @@ where a chat request that asks for audio (``modalities`` containing ``"audio"``,
 ``audio`` parameter) has every output token billed as audio, at ``audio_prices[model][1]``
 (reported as ``completion_tokens_details.audio_tokens``; the reply carries a
 ``message.audio`` with the text as its transcript),
-rounded *up* to the next nano-USD per request, as ``otel_budget.money`` does. A stream that
+rounded *up* to the next nano-USD per request, as ``otel_budget.money`` does.
+``Behaviour(usage_cost=True)`` reports that bill in USD as OpenRouter does (``usage.cost`` of
+chat and Responses bodies and of a stream's usage chunk); another value is sent as scripted. A stream that
 ends early (``break_stream_after``, ``stream_error_after``, a client that disconnects
 mid-stream) is billed its whole input plus the output tokens of the deltas actually written
 (reasoning tokens count as written with the first delta). A response lost in transit
@@ -201,6 +203,10 @@ class Behaviour:
     #: report this usage object instead of the true one (``{}``, zeros, negatives, nulls):
     #: the bill stays the true usage, as with a provider whose usage report is broken
     reported_usage: Mapping[str, Any] | None = None
+    #: OpenRouter's ``usage.cost`` on OpenAI-shaped usage (chat, its stream's usage chunk,
+    #: Responses): ``True`` reports the true bill in USD, as OpenRouter does; any other value
+    #: is sent as it is (``"0.01"``, ``-1``, ``float("nan")``, ``1e30``); None: no cost field.
+    usage_cost: Any = None
 
 
 @dataclass
@@ -739,21 +745,7 @@ class FakeLLMServer:
     def _bill(self, record: CallRecord, plan: _Plan, output_tokens: int, outcome: str) -> None:
         """Bill a request (once), before the bytes that let the client see it complete."""
         price = self.price_for(plan.model)
-        nanos = 0
-        if price is not None:
-            p_in, p_out, p_read, p_write = price
-            audio_price = self.audio_price_for(plan.model) if plan.audio else None
-            if audio_price is not None:
-                p_out = audio_price[1]
-            usd_per_mtok = (
-                plan.input * p_in
-                + plan.cache_read * p_read
-                + plan.cache_write * p_write
-                + output_tokens * p_out
-            )
-            nanos = int(
-                (usd_per_mtok * _NANOS_PER_USD_PER_MTOK).to_integral_value(rounding=ROUND_CEILING)
-            )
+        nanos = self._bill_nanos(plan, output_tokens)
         record.input_tokens = plan.total_input
         record.output_tokens = output_tokens
         record.billed_nanos = nanos
@@ -773,6 +765,26 @@ class FakeLLMServer:
             key = _OUTCOME_COUNTERS.get(outcome)
             if key:
                 self._stats[key] += 1
+
+    def _bill_nanos(self, plan: _Plan, output_tokens: int) -> int:
+        """What a request is billed (nano-USD, rounded up), 0 for an unpriced model."""
+        price = self.price_for(plan.model)
+        nanos = 0
+        if price is not None:
+            p_in, p_out, p_read, p_write = price
+            audio_price = self.audio_price_for(plan.model) if plan.audio else None
+            if audio_price is not None:
+                p_out = audio_price[1]
+            usd_per_mtok = (
+                plan.input * p_in
+                + plan.cache_read * p_read
+                + plan.cache_write * p_write
+                + output_tokens * p_out
+            )
+            nanos = int(
+                (usd_per_mtok * _NANOS_PER_USD_PER_MTOK).to_integral_value(rounding=ROUND_CEILING)
+            )
+        return nanos
 
     def _counters(self, record: CallRecord, model: str | None = None) -> list[dict[str, int]]:
         # caller holds self._lock
@@ -895,6 +907,15 @@ class FakeLLMServer:
 
     # -- rendering: OpenAI chat / completions --
 
+    def _with_cost(self, beh: Behaviour, plan: _Plan, usage: dict[str, Any]) -> dict[str, Any]:
+        """``usage`` with OpenRouter's ``cost`` field when the behaviour scripts one."""
+        if beh.usage_cost is None:
+            return usage
+        cost = beh.usage_cost
+        if cost is True:  # the true bill of the whole reply, in USD
+            cost = self._bill_nanos(plan, plan.output) / 1_000_000_000
+        return {**usage, "cost": cost}
+
     def _chat_usage(self, plan: _Plan) -> dict[str, Any]:
         prompt_details: dict[str, Any] = {"cached_tokens": plan.cache_read, "audio_tokens": 0}
         if plan.cache_write:
@@ -959,7 +980,7 @@ class FakeLLMServer:
                 ]
             reply: dict[str, Any] = {**base, "choices": choices, "service_tier": "default"}
             if beh.usage:
-                reply["usage"] = _reported(beh, self._chat_usage(plan))
+                reply["usage"] = _reported(beh, self._with_cost(beh, plan, self._chat_usage(plan)))
             return reply
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         base["object"] = "text_completion" if legacy else "chat.completion.chunk"
@@ -1003,7 +1024,8 @@ class FakeLLMServer:
             events.append(_Event(chunk(final), reasoning_due))
         if include_usage and beh.usage:
             events.append(_Event(_sse(
-                {**base, "choices": [], "usage": _reported(beh, self._chat_usage(plan))}
+                {**base, "choices": [],
+                 "usage": _reported(beh, self._with_cost(beh, plan, self._chat_usage(plan)))}
             )))  # fmt: skip
         events.append(_Event(b"data: [DONE]\n\n"))
         return events
@@ -1062,7 +1084,9 @@ class FakeLLMServer:
                 "tools": body.get("tools") or [],
                 "top_p": 1.0,
                 "truncation": "disabled",
-                "usage": _reported(beh, usage) if with_usage and beh.usage else None,
+                "usage": _reported(beh, self._with_cost(beh, plan, usage))
+                if with_usage and beh.usage
+                else None,
                 "user": None,
                 "metadata": body.get("metadata") or {},
             }

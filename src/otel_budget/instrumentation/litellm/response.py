@@ -7,17 +7,22 @@
 
 ``litellm_usage`` reads litellm's OpenAI-shaped ``Usage`` (every provider's usage mapped by
 litellm into it) and also serves the stream accumulator of ``streams``. A cost the provider
-reported itself (OpenRouter's ``usage.cost``, which litellm keeps on ``Usage.cost`` and as the
-``llm_provider-x-litellm-response-cost`` header of the response's hidden params) is recorded
-on the span as ``otel_budget.cost.provider_reported_usd``, beside the cost we charge.
+reported itself (``reported_cost_usd``: OpenRouter's ``usage.cost``, or the cost header of a
+LiteLLM proxy upstream) goes to the span as ``otel_budget.cost.provider_reported_usd``, and
+``LLMCall`` settles with it (``costing.reconcile``).
+
+litellm's own ``_hidden_params["response_cost"]`` is not read: it is litellm's price map
+(the upstream's figure only when there was one, which is read at its source), and litellm
+writes it over ``usage.cost`` on the usage chunk of a stream, keeping the upstream's figure as
+``_hidden_params["upstream_usage_cost"]``, which is then read instead.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 from otel_budget import attributes as attrs
+from otel_budget.costing import reported_usd
 from otel_budget.instrumentation._call import capture_content
 from otel_budget.instrumentation._util import get as _get
 from otel_budget.instrumentation._util import nonneg_int as _int
@@ -25,11 +30,11 @@ from otel_budget.instrumentation._util import output_messages, response_attribut
 from otel_budget.instrumentation.litellm.request import KIND_CHAT
 from otel_budget.pricing import TokenUsage
 
-#: The cost (USD, double) a provider reported for the call, when litellm passed one on.
-COST_PROVIDER_REPORTED_USD = "otel_budget.cost.provider_reported_usd"
+#: The cost (USD, double) a provider reported for the call (kept here under its first name).
+COST_PROVIDER_REPORTED_USD = attrs.COST_PROVIDER_REPORTED_USD
 _COST_HEADER = "llm_provider-x-litellm-response-cost"
-#: A reported cost above this (USD) for one call is garbage: not recorded.
-_MAX_REPORTED_USD = 1_000_000.0
+# Where litellm keeps the upstream's usage.cost once it wrote its own bill over it.
+_UPSTREAM_COST = "upstream_usage_cost"
 # Message fields holding generated text (the reasoning is billed as output too).
 _TEXT_FIELDS = ("content", "reasoning_content")
 
@@ -65,26 +70,19 @@ def litellm_usage(usage: Any) -> TokenUsage | None:
     )  # fmt: skip
 
 
-def _usd(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        return None
-    try:
-        usd = float(value)
-    except ValueError:
-        return None
-    return usd if math.isfinite(usd) and 0 <= usd <= _MAX_REPORTED_USD else None
-
-
 def reported_cost_usd(result: Any) -> float | None:
-    """The cost the provider reported for the call (USD), as litellm passed it on: the
-    ``cost`` of its ``Usage`` (OpenRouter) or the cost header of its hidden params. None when
-    there is none, or it is no sane amount. (litellm's own ``response_cost`` is its price
-    map's computation, not the provider's word: not read.)"""
-    cost = _usd(_get(_get(result, "usage"), "cost"))
+    """The cost the provider reported for a response or a stream's usage chunk (USD), as
+    litellm passed it on: the upstream's ``usage.cost`` (OpenRouter), from the hidden params
+    when litellm wrote its own bill over it, else the cost header of a LiteLLM proxy
+    upstream. None when there is none, or it is no sane amount (``costing.reported_usd``)."""
+    hidden = _get(result, "_hidden_params")
+    if isinstance(hidden, dict) and _UPSTREAM_COST in hidden:
+        cost = reported_usd(hidden[_UPSTREAM_COST])  # usage.cost is litellm's bill now
+    else:
+        cost = reported_usd(_get(_get(result, "usage"), "cost"))
     if cost is not None:
         return cost
-    hidden = _get(result, "_hidden_params")
-    return _usd(_get(_get(hidden, "additional_headers"), _COST_HEADER))
+    return reported_usd(_get(_get(hidden, "additional_headers"), _COST_HEADER), text=True)
 
 
 def result_attributes(result: Any) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from otel_budget.instrumentation._call import LLMCall, capture_content
 from otel_budget.instrumentation._stream import AsyncStreamProxy, SyncStreamProxy
 from otel_budget.instrumentation._util import ChatChunkAccumulator
 from otel_budget.instrumentation._util import usage_only as _usage_only
-from otel_budget.instrumentation.litellm.response import litellm_usage
+from otel_budget.instrumentation.litellm.response import litellm_usage, reported_cost_usd
 
 # Delta fields holding generated text.
 _DELTA_FIELDS = ("content", "reasoning_content", "refusal")
@@ -64,11 +64,11 @@ def stream_proxy(result: Any, call: LLMCall, hide_usage: bool, asynchronous: boo
     if asynchronous:
         if not hasattr(result, "__anext__"):
             return None
-        acc = ChatChunkAccumulator(litellm_usage, _DELTA_FIELDS, capture_content())
+        acc = ChatChunkAccumulator(litellm_usage, _DELTA_FIELDS, capture_content(), reported_cost_usd)
         return AsyncLiteLLMStream(result, call, acc, hide_usage)
     if not hasattr(result, "__next__"):
         return None
-    acc = ChatChunkAccumulator(litellm_usage, _DELTA_FIELDS, capture_content())
+    acc = ChatChunkAccumulator(litellm_usage, _DELTA_FIELDS, capture_content(), reported_cost_usd)
     return LiteLLMStream(result, call, acc, hide_usage)
 
 

@@ -23,7 +23,7 @@ from otel_budget.instrumentation._call import LLMCall, capture_content
 from otel_budget.instrumentation._util import content_attribute as _content_attribute
 from otel_budget.instrumentation._util import get as _get
 from otel_budget.instrumentation._util import nonneg_int as _int
-from otel_budget.instrumentation._util import response_attributes
+from otel_budget.instrumentation._util import response_attributes, usage_cost
 from otel_budget.instrumentation.openai import history
 from otel_budget.pricing import TokenUsage
 
@@ -158,6 +158,8 @@ def read_body(
                     for c in (_get(body, "choices") or [])
                 ]  # fmt: skip
                 text = "".join(p for p in parts if isinstance(p, str))
+        if (cost := usage_cost(body)) is not None:  # OpenRouter's own bill
+            attributes[attrs.COST_PROVIDER_REPORTED_USD] = cost
         if capture_content() and isinstance(text, str) and text:
             attributes["gen_ai.output.messages"] = _content_attribute(
                 [{"role": "assistant", "parts": [{"type": "text", "content": text}]}]

@@ -24,9 +24,10 @@ from typing import Any
 
 import wrapt
 
+from otel_budget import attributes as attrs
 from otel_budget.instrumentation._call import LLMCall, capture_content
 from otel_budget.instrumentation._stream import AsyncStreamProxy, SyncStreamProxy
-from otel_budget.instrumentation._util import ChatChunkAccumulator, response_attributes
+from otel_budget.instrumentation._util import ChatChunkAccumulator, response_attributes, usage_cost
 from otel_budget.instrumentation._util import get as _get
 from otel_budget.instrumentation._util import usage_only as _usage_only
 from otel_budget.instrumentation.openai import history
@@ -38,7 +39,7 @@ from otel_budget.pricing import TokenUsage
 class ResponsesAccumulator:
     """Reads Responses stream events: text and argument deltas, and the final response."""
 
-    __slots__ = ("_id", "_parts", "_status", "response_model", "units", "usage")
+    __slots__ = ("_cost", "_id", "_parts", "_status", "response_model", "units", "usage")
 
     def __init__(self) -> None:
         self.usage: TokenUsage | None = None
@@ -47,6 +48,7 @@ class ResponsesAccumulator:
         self._parts: list[str] = []
         self._id: str | None = None
         self._status: str | None = None
+        self._cost: float | None = None
 
     def add(self, event: Any) -> None:
         kind = _get(event, "type")
@@ -64,6 +66,7 @@ class ResponsesAccumulator:
             usage = _get(response, "usage")
             if usage is not None:
                 self.usage = responses_usage(usage)
+                self._cost = usage_cost(response)
                 history.remember(self._id, self.usage)  # its context, for previous_response_id
 
     def text(self) -> str:
@@ -71,9 +74,12 @@ class ResponsesAccumulator:
 
     def attributes(self) -> dict[str, Any]:
         status = self._status
-        return response_attributes(
+        out = response_attributes(
             self._id, self.response_model, [status] if isinstance(status, str) else None
         )
+        if self._cost is not None:
+            out[attrs.COST_PROVIDER_REPORTED_USD] = self._cost
+        return out
 
 
 def accumulator(kind: str) -> Any:
