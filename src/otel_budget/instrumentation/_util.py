@@ -269,7 +269,7 @@ class ChatChunkAccumulator:
         self,
         read_usage: Callable[[Any], TokenUsage | None],
         delta_fields: tuple[str, ...] = ("content", "refusal"),
-        capture: bool = False,
+        capture: Any = None,
     ) -> None:
         self.usage: TokenUsage | None = None
         self.response_model: str | None = None
@@ -279,6 +279,7 @@ class ChatChunkAccumulator:
         self._reasons: list[str] = []
         self._read_usage = read_usage
         self._fields = delta_fields
+        # A content collector (``_content.ChatStreamContent``): only when content is captured
         self._capture = capture
 
     def add(self, chunk: Any) -> None:
@@ -321,14 +322,16 @@ class ChatChunkAccumulator:
         usage = g(chunk, "usage")
         if usage is not None:
             self.usage = self._read_usage(usage)
+        if self._capture is not None:
+            self._capture.add(chunk)
 
     def text(self) -> str:
         return "".join(self._parts)
 
     def attributes(self) -> dict[str, Any]:
         out = response_attributes(self._id or None, self.response_model, self._reasons)
-        if self._capture and self._parts:
-            out["gen_ai.output.messages"] = output_messages(self.text())
+        if self._capture is not None:
+            self._capture.into(out)
         return out
 
 

@@ -24,7 +24,8 @@ from typing import Any
 
 import wrapt
 
-from otel_budget.instrumentation._call import LLMCall, capture_content
+from otel_budget.instrumentation import _content
+from otel_budget.instrumentation._call import LLMCall
 from otel_budget.instrumentation._stream import AsyncStreamProxy, SyncStreamProxy
 from otel_budget.instrumentation._util import ChatChunkAccumulator, response_attributes
 from otel_budget.instrumentation._util import get as _get
@@ -38,7 +39,7 @@ from otel_budget.pricing import TokenUsage
 class ResponsesAccumulator:
     """Reads Responses stream events: text and argument deltas, and the final response."""
 
-    __slots__ = ("_id", "_parts", "_status", "response_model", "units", "usage")
+    __slots__ = ("_id", "_parts", "_status", "_response", "response_model", "units", "usage")
 
     def __init__(self) -> None:
         self.usage: TokenUsage | None = None
@@ -47,6 +48,7 @@ class ResponsesAccumulator:
         self._parts: list[str] = []
         self._id: str | None = None
         self._status: str | None = None
+        self._response: Any = None  # the last response an event carried (the final one)
 
     def add(self, event: Any) -> None:
         kind = _get(event, "type")
@@ -58,6 +60,7 @@ class ResponsesAccumulator:
             return
         response = _get(event, "response")
         if response is not None:
+            self._response = response
             self._id = _get(response, "id") or self._id
             self.response_model = _get(response, "model") or self.response_model
             self._status = _get(response, "status") or self._status
@@ -71,16 +74,19 @@ class ResponsesAccumulator:
 
     def attributes(self) -> dict[str, Any]:
         status = self._status
-        return response_attributes(
+        out = response_attributes(
             self._id, self.response_model, [status] if isinstance(status, str) else None
         )
+        if self._response is not None:
+            _content.output_into(out, lambda: _content.responses_output(self._response))
+        return out
 
 
 def accumulator(kind: str) -> Any:
     """The accumulator of a stream of ``kind`` ("responses", "chat", "completions")."""
     if kind == "responses":
         return ResponsesAccumulator()
-    return ChatChunkAccumulator(chat_usage, capture=capture_content())
+    return ChatChunkAccumulator(chat_usage, capture=_content.chat_stream_content())
 
 
 # -- stream proxies that also settle when the SDK's helpers close the response ----------------
