@@ -100,7 +100,7 @@ def _request_of(kwargs: dict[str, Any]) -> tuple[Any, ...]:
     libraries = kwargs.get("libraries")
     return (
         explicit, kwargs.get("processor"), kwargs.get("tracer_provider"),
-        None if libraries is None else tuple(libraries), environ,
+        None if libraries is None else tuple(libraries), environ, kwargs.get("logger_provider"),
     )  # fmt: skip
 
 
@@ -115,8 +115,9 @@ class BudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     """Installs the budget processor and instruments openai, anthropic and litellm.
 
     Keyword arguments of ``instrument()``: those of ``BudgetSpanProcessor`` (``max_usd``,
-    ``scopes``, ``failure_policy``, ...), ``tracer_provider``, ``processor`` (use an existing
-    one), and ``libraries`` (a subset of ``("openai", "anthropic", "litellm")``). Without
+    ``scopes``, ``failure_policy``, ...), ``tracer_provider``, ``logger_provider`` (for the
+    GenAI events of the content capture modes; default: the global one), ``processor`` (use
+    an existing one), and ``libraries`` (a subset of ``("openai", "anthropic", "litellm")``). Without
     processor arguments the ``OTEL_BUDGET_*`` environment variables are read. Called again
     with other arguments, it applies them (a new processor replaces the previous one).
     """
@@ -158,6 +159,8 @@ class BudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 processor = self._processor_from_env()
         previous = self.processor
         previous_provider = self._request[2] if self._request is not None else None
+        logger_provider = kwargs.get("logger_provider")
+        previous_loggers = self._request[5] if self._request is not None else None
         self.processor = processor
         self._request = request
         if self._handle is None:
@@ -181,12 +184,15 @@ class BudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 libraries = SUPPORTED_LIBRARIES
         wanted = [name for name in libraries if name in _INSTRUMENTORS]
         for name, instrumentor in list(self._instrumented.items()):
-            if name not in wanted or provider is not previous_provider:
+            if (
+                name not in wanted or provider is not previous_provider
+                or logger_provider is not previous_loggers
+            ):  # fmt: skip
                 instrumentor.uninstrument()  # (a new provider: its tracers are re-created)
                 del self._instrumented[name]
         for name in wanted:
             if name not in self._instrumented:
-                self._instrument_library(name, provider)
+                self._instrument_library(name, provider, logger_provider)
         if previous is not None and previous is not processor:
             previous.shutdown()  # inert from now on, even if still on a provider
 
@@ -238,7 +244,7 @@ class BudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
         trace.set_tracer_provider = set_tracer_provider  # type: ignore[assignment]
 
-    def _instrument_library(self, name: str, provider: Any) -> None:
+    def _instrument_library(self, name: str, provider: Any, logger_provider: Any = None) -> None:
         if importlib.util.find_spec(name) is None:
             logger.debug("otel-budget: %s is not installed; skipped", name)
             return
@@ -250,6 +256,8 @@ class BudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             kwargs: dict[str, Any] = {"runtime": self._handle}
             if provider is not None:
                 kwargs["tracer_provider"] = provider
+            if logger_provider is not None:  # the GenAI events' (else the global one)
+                kwargs["logger_provider"] = logger_provider
             instrumentor.instrument(**kwargs)
             if instrumentor.is_instrumented_by_opentelemetry:
                 self._instrumented[name] = instrumentor

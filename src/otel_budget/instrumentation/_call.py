@@ -20,11 +20,10 @@ recorded truthfully when it happens).
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
@@ -34,6 +33,13 @@ from otel_budget.costing import price_call, reconcile
 from otel_budget.engine import KIND_LLM, Charge
 from otel_budget.errors import REASON_INVALID_REQUEST, REASON_UNKNOWN_MODEL, BudgetExceededError
 from otel_budget.instrumentation._attempts import is_transport_error, may_be_billed
+from otel_budget.instrumentation._content import (
+    OUTPUT_MESSAGES,
+    CallContent,
+    SpanKeeper,
+    content_mode,
+    emit_event,
+)
 from otel_budget.metered import (
     CURRENT_CALL,
     MeteredCall,
@@ -65,8 +71,9 @@ PRICE_SOURCE_UNKNOWN = "unknown"
 
 
 def capture_content() -> bool:
-    value = os.environ.get(CAPTURE_CONTENT_ENV, "").strip().lower()
-    return value in ("true", "1", "yes", "span_only", "span_and_event")
+    """Whether message content goes on spans (``SPAN_ONLY`` / ``SPAN_AND_EVENT``, or the
+    ``true`` this repository accepted first); see ``_content`` for the modes and events."""
+    return content_mode().span
 
 
 @dataclass
@@ -91,6 +98,7 @@ class LLMRequest:
     # returns whether it wrote it; None: ``kwargs[output_param] = cap``.
     write_output: Callable[[dict[str, Any], int], bool] | None = None
     output_audio: bool = False  # spoken output asked for: every output token priced as audio
+    content: CallContent | None = None  # message content / event (None: both off)
 
 
 class LLMCall:
@@ -261,9 +269,9 @@ class LLMCall:
             engine.internal_error("LLMCall unreserved charge", exc)
         self.needs_reservation = False
 
-    def _end_span(self, actual: int) -> None:
-        """Record the whole call's cost (``actual`` plus every charged attempt) and end the
-        span."""
+    def _end_span(self, actual: int, error: BaseException | None = None) -> None:
+        """Record the whole call's cost (``actual`` plus every charged attempt), emit the
+        operation-details event (when asked for) and end the span."""
         span = self.budgeted.span
         try:
             if self.charged_attempts and span.is_recording():
@@ -275,7 +283,21 @@ class LLMCall:
             if self.processor is not None:
                 self.processor.engine.internal_error("LLMCall end span", exc)
         finally:
+            content = self.request.content
+            if content is not None:
+                if error is not None:
+                    content.base.setdefault(attrs.ERROR_TYPE, type(error).__qualname__)
+                emit_event(content, span, content.base)
             span.end()
+
+    def _take_content(self, out: dict[str, Any]) -> None:
+        """The output messages a response reader left in ``out`` (see ``_content``)."""
+        content = self.request.content
+        if content is None:
+            out.pop(OUTPUT_MESSAGES, None)
+            return
+        content.take_output(out)
+        content.base.update(out)
 
     # -- pricing -------------------------------------------------------------------------------
     def price(self, usage: TokenUsage, response_model: str | None = None) -> tuple[int, dict[str, Any]]:
@@ -403,6 +425,7 @@ class LLMCall:
             # A transcript says little about the audio billed: at least the reservation.
             floor_nanos = max(floor_nanos, self.budgeted.projected_nanos)
         out: dict[str, Any] = dict(response_attributes or {})
+        self._take_content(out)
         actual, usage = self._actual(usage, output_text, output_units, response_model, out)
         actual = max(actual, floor_nanos)
         self._unreserved_charge()
@@ -434,7 +457,7 @@ class LLMCall:
         if self.attempts == 0 and is_transport_error(exc) and may_be_billed(exc):
             yield from self.attempt_may_be_billed_steps(exc)
         yield from self.budgeted.release_steps(exc, end=False)
-        self._end_span(0)
+        self._end_span(0, exc)
         self.record_metrics(None, None, exc)
         return None
 
@@ -459,6 +482,7 @@ class LLMCall:
         if self.budgeted.done:
             return None
         out: dict[str, Any] = dict(response_attributes or {})
+        self._take_content(out)
         if usage is None and not output_text:
             actual = self.budgeted.projected_nanos
             out[attrs.COST_ESTIMATED] = True
@@ -470,7 +494,7 @@ class LLMCall:
             actual, error=exc, attributes=out, input_tokens=usage.input_tokens,
             output_tokens=usage.output_tokens, end=False,
         )  # fmt: skip
-        self._end_span(actual)
+        self._end_span(actual, exc)
         self.record_metrics(None, None, exc)
         return None
 
@@ -500,7 +524,7 @@ class LLMCall:
             actual, error=exc, attributes=out, input_tokens=usage.input_tokens,
             output_tokens=usage.output_tokens, end=False,
         )  # fmt: skip
-        self._end_span(actual)
+        self._end_span(actual, exc)
         self.record_metrics(None, None, exc)
         return None
 
@@ -595,6 +619,13 @@ def start_steps(
     if request.server_port:
         span_attributes[attrs.SERVER_PORT] = request.server_port
     span_attributes.update(request.attributes)
+    content = request.content
+    if content is not None:
+        span_attributes.update(content.span_attributes())
+        content.base = span_attributes
+        content.logger = getattr(tracer, "_self_otel_budget_logger", None)
+        if content.mode.emit:  # a refused call's event goes in its span's context
+            tracer = cast(trace.Tracer, SpanKeeper(tracer))
     span_name = f"{request.operation} {request.model}"
     if runtime is None:  # only tracing: no budget configured anywhere
         span = start_span(tracer, span_name, span_attributes, SpanKind.CLIENT)
@@ -644,7 +675,7 @@ def start_steps(
         # fail_open: reserve nothing up front; the cost is charged when the call settles.
     if refusal is not None:
         # (No projected cost on this span: nothing was reserved for it.)
-        raise refuse(tracer, span_name, span_attributes, refusal)
+        raise _refused_event(content, refuse(tracer, span_name, span_attributes, refusal), tracer)
 
     if request.output_param is not None:
         if assumed:  # projected with a default the request does not carry
@@ -678,12 +709,27 @@ def start_steps(
                 late[attrs.GEN_AI_REQUEST_MAX_TOKENS] = cap
         return projected
 
-    budgeted = yield from begin_steps(
-        runtime, tracer, span_name, span_attributes, minimum=minimum, maximum=maximum,
-        name=request.model, provider=request.provider, operation=request.operation,
-        span_kind=SpanKind.CLIENT, charge_kind=KIND_LLM, on_grant=on_grant,
-    )  # fmt: skip
+    try:
+        budgeted = yield from begin_steps(
+            runtime, tracer, span_name, span_attributes, minimum=minimum, maximum=maximum,
+            name=request.model, provider=request.provider, operation=request.operation,
+            span_kind=SpanKind.CLIENT, charge_kind=KIND_LLM, on_grant=on_grant,
+        )  # fmt: skip
+    except BudgetExceededError as error:
+        _refused_event(content, error, tracer)
+        raise
     return LLMCall(budgeted, request, runtime, estimate.tokens, estimate.method)
+
+
+def _refused_event(
+    content: CallContent | None, error: BudgetExceededError, tracer: Any
+) -> BudgetExceededError:
+    """A refused call is an operation that failed: its event (in the refused span's context)
+    carries the request and ``error.type``."""
+    if content is not None:
+        content.base[attrs.ERROR_TYPE] = "BudgetExceededError"  # as mark_refused records it
+        emit_event(content, getattr(tracer, "last_span", None), content.base)
+    return error
 
 
 def start_call(

@@ -274,9 +274,6 @@ def response_attributes(rid: Any, model: Any, reasons: Any = None) -> dict[str, 
     return out
 
 
-def output_messages(text: str) -> str:
-    return content_attribute([{"role": "assistant", "parts": [{"type": "text", "content": text}]}])
-
 
 class ChatChunkAccumulator:
     """Reads OpenAI-compatible chat completion chunks: text, tool-call arguments, finish
@@ -289,7 +286,7 @@ class ChatChunkAccumulator:
         self,
         read_usage: Callable[[Any], TokenUsage | None],
         delta_fields: tuple[str, ...] = ("content", "refusal"),
-        capture: bool = False,
+        capture: Any = None,
         read_cost: Callable[[Any], float | None] = usage_cost,
     ) -> None:
         self.usage: TokenUsage | None = None
@@ -300,6 +297,7 @@ class ChatChunkAccumulator:
         self._reasons: list[str] = []
         self._read_usage = read_usage
         self._fields = delta_fields
+        # A content collector (``_content.ChatStreamContent``): only when content is captured
         self._capture = capture
         self._read_cost = read_cost  # the cost a usage chunk reports (None: none)
         self._cost: float | None = None
@@ -345,6 +343,8 @@ class ChatChunkAccumulator:
         if usage is not None:
             self.usage = self._read_usage(usage)
             self._cost = self._read_cost(chunk)
+        if self._capture is not None:
+            self._capture.add(chunk)
 
     def text(self) -> str:
         return "".join(self._parts)
@@ -353,8 +353,8 @@ class ChatChunkAccumulator:
         out = response_attributes(self._id or None, self.response_model, self._reasons)
         if self._cost is not None:
             out[attrs.COST_PROVIDER_REPORTED_USD] = self._cost
-        if self._capture and self._parts:
-            out["gen_ai.output.messages"] = output_messages(self.text())
+        if self._capture is not None:
+            self._capture.into(out)
         return out
 
 

@@ -80,11 +80,12 @@ class AnthropicBudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
     def _instrument(self, **kwargs: Any) -> None:
         from otel_budget import __version__
+        from otel_budget.instrumentation._content import event_tracer
 
-        tracer = trace.get_tracer(
+        tracer = event_tracer(trace.get_tracer(
             __name__, __version__, kwargs.get("tracer_provider"),
             schema_url="https://opentelemetry.io/schemas/1.37.0",
-        )  # fmt: skip
+        ), __name__, kwargs.get("logger_provider"))  # fmt: skip
         source = RuntimeSource(kwargs.get("runtime"))  # the runtime the wrappers enforce
         self._wrapped: list[tuple[str, str, str]] = []
         for module, cls, method, factory in (*_TARGETS, *_ATTEMPT_TARGETS):

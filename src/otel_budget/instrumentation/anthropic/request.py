@@ -22,15 +22,14 @@ from typing import Any
 from opentelemetry import trace
 
 from otel_budget import attributes as attrs
+from otel_budget.instrumentation import _content
 from otel_budget.instrumentation._call import (
     LLMCall,
     LLMRequest,
     astart_call,
-    capture_content,
     start_call,
 )
 from otel_budget.instrumentation._util import RequestParams, server_of
-from otel_budget.instrumentation._util import content_attribute as _content_attribute
 from otel_budget.runtime import BudgetRuntime
 from otel_budget.tokens import estimate_input_tokens
 
@@ -82,11 +81,10 @@ def messages_request(instance: Any, kwargs: dict[str, Any], stream: bool | None 
     streaming = bool(params.get("stream")) if stream is None else stream
     if streaming:
         attributes["gen_ai.request.stream"] = True
-    if capture_content():
-        if messages is not None:
-            attributes["gen_ai.input.messages"] = _content_attribute(messages)
-        if system is not None:
-            attributes["gen_ai.system_instructions"] = _content_attribute(system)
+    content = _content.request_content(
+        _content.content_mode(), lambda: _content.anthropic_input(messages),
+        lambda: _content.anthropic_system(system), lambda: _content.anthropic_tools(tools),
+    )  # fmt: skip
     # max_tokens is required by the SDK and the API: left out, it stays out (see above).
     writer = sent.output_writer("max_tokens") if params.get("max_tokens") is not None else _leave_out
     return LLMRequest(
@@ -94,6 +92,7 @@ def messages_request(instance: Any, kwargs: dict[str, Any], stream: bool | None 
         estimate=lambda: estimate_input_tokens(model, messages=messages, system=system, tools=tools),
         output_param="max_tokens", server_address=host, server_port=port,
         stream=streaming, attributes=attributes, params=params, write_output=writer,
+        content=content,
     )  # fmt: skip
 
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 from typing import Any
 
 from otel_budget import attributes as attrs
+from otel_budget.instrumentation import _content
 from otel_budget.instrumentation._attempts import response_json
-from otel_budget.instrumentation._call import LLMCall, capture_content
+from otel_budget.instrumentation._call import LLMCall
 from otel_budget.instrumentation._util import content_attribute as _content_attribute
 from otel_budget.instrumentation._util import get as _get
 from otel_budget.instrumentation._util import nonneg_int as _int
@@ -56,26 +57,6 @@ def message_text(message: Any) -> str:
     return "".join(t for t in (_block_text(b) for b in (_get(message, "content") or ())) if t)
 
 
-def _output_messages(message: Any) -> str:
-    parts: list[dict[str, Any]] = []
-    for block in _get(message, "content") or ():
-        kind = _get(block, "type")
-        if kind == "text":
-            parts.append({"type": "text", "content": _get(block, "text")})
-        elif kind == "thinking":
-            parts.append({"type": "reasoning", "content": _get(block, "thinking")})
-        elif kind == "tool_use":
-            parts.append({
-                "type": "tool_call", "id": _get(block, "id"), "name": _get(block, "name"),
-                "arguments": _get(block, "input"),
-            })  # fmt: skip
-    reason = _get(message, "stop_reason")
-    out: dict[str, Any] = {"role": "assistant", "parts": parts}
-    if isinstance(reason, str):
-        out["finish_reason"] = reason
-    return _content_attribute([out])
-
-
 def message_attributes(message: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     rid = _get(message, "id")
@@ -87,8 +68,7 @@ def message_attributes(message: Any) -> dict[str, Any]:
     reason = _get(message, "stop_reason")
     if isinstance(reason, str):
         out[attrs.GEN_AI_RESPONSE_FINISH_REASONS] = [reason]
-    if capture_content():
-        out["gen_ai.output.messages"] = _output_messages(message)
+    _content.output_into(out, lambda: _content.anthropic_output(message))
     return out
 
 

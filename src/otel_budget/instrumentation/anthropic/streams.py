@@ -19,9 +19,9 @@ from typing import Any, cast
 import wrapt
 
 from otel_budget import attributes as attrs
-from otel_budget.instrumentation._call import LLMCall, capture_content
+from otel_budget.instrumentation import _content
+from otel_budget.instrumentation._call import LLMCall
 from otel_budget.instrumentation._stream import Accumulator, AsyncStreamProxy, SyncStreamProxy
-from otel_budget.instrumentation._util import content_attribute as _content_attribute
 from otel_budget.instrumentation._util import get as _get
 from otel_budget.instrumentation._util import nonneg_int as _int
 from otel_budget.instrumentation._util import response_attributes
@@ -41,7 +41,7 @@ class MessagesAccumulator:
 
     __slots__ = (
         "response_model", "units", "_parts", "_id", "_reasons", "_fallback_input", "_input",
-        "_cache_read", "_cache_write", "_output", "_thinking", "_final", "_seen",
+        "_cache_read", "_cache_write", "_output", "_thinking", "_final", "_seen", "_content",
     )  # fmt: skip
 
     def __init__(self, fallback_input: int = 0) -> None:
@@ -58,6 +58,7 @@ class MessagesAccumulator:
         self._thinking = 0
         self._final = False
         self._seen = False
+        self._content = _content.anthropic_stream_content()  # None: content not captured
 
     def _read_usage(self, usage: Any) -> None:
         if usage is None:
@@ -78,6 +79,8 @@ class MessagesAccumulator:
             self._thinking = _int(thinking)
 
     def add(self, event: Any) -> None:
+        if self._content is not None:
+            self._content.add(event)
         kind = _get(event, "type")
         if kind == "content_block_delta":
             delta = _get(event, "delta")
@@ -135,10 +138,8 @@ class MessagesAccumulator:
         out = response_attributes(self._id, self.response_model, self._reasons)
         if self._seen and self.estimated:
             out[attrs.COST_ESTIMATED] = True
-        if capture_content() and self._parts:
-            out["gen_ai.output.messages"] = _content_attribute(
-                [{"role": "assistant", "parts": [{"type": "text", "content": self.text()}]}]
-            )
+        if self._content is not None and self._seen:
+            self._content.into(out)
         return out
 
 

@@ -106,11 +106,12 @@ class LiteLLMBudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
     def _instrument(self, **kwargs: Any) -> None:
         from otel_budget import __version__
+        from otel_budget.instrumentation._content import event_tracer
 
-        self._tracer = trace.get_tracer(
+        self._tracer = event_tracer(trace.get_tracer(
             __name__, __version__, kwargs.get("tracer_provider"),
             schema_url="https://opentelemetry.io/schemas/1.37.0",
-        )  # fmt: skip
+        ), __name__, kwargs.get("logger_provider"))  # fmt: skip
         self._switch = wrappers.Switch()
         self._source = RuntimeSource(kwargs.get("runtime"))  # the runtime the wrappers enforce
         self._lock = threading.Lock()

@@ -23,14 +23,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from otel_budget import attributes as attrs
-from otel_budget.instrumentation._call import LLMRequest, capture_content
+from otel_budget.instrumentation import _content
+from otel_budget.instrumentation._call import LLMRequest
 from otel_budget.instrumentation._util import (
     RequestParams,
     count_param,
     refuse_if,
     request_attributes,
 )
-from otel_budget.instrumentation._util import content_attribute as _content_attribute
 from otel_budget.runtime import BudgetRuntime
 from otel_budget.tokens import estimate_input_tokens, wants_audio_output
 
@@ -182,8 +182,10 @@ def _chat_request(params: dict[str, Any]) -> LLMRequest:
     messages = merged.get("messages")
     tools = merged.get("tools") or merged.get("functions")
     attributes = _common_attributes(merged)
-    if capture_content() and messages is not None:
-        attributes["gen_ai.input.messages"] = _content_attribute(messages)
+    content = _content.request_content(  # litellm speaks the OpenAI chat shape
+        _content.content_mode(), lambda: _content.openai_chat_input(messages),
+        tools=lambda: _content.openai_chat_tools(merged.get("tools")),
+    )  # fmt: skip
     tier = merged.get("service_tier")
     choices, problem = count_param(merged, "n")
     output_param = _output_param(merged)
@@ -194,7 +196,7 @@ def _chat_request(params: dict[str, Any]) -> LLMRequest:
         service_tier=tier if isinstance(tier, str) and tier != "auto" else None,
         stream=merged.get("stream") is True, attributes=attributes, choices=choices,
         params=merged, write_output=sent.output_writer(output_param),
-        output_audio=wants_audio_output(merged),
+        output_audio=wants_audio_output(merged), content=content,
     )  # fmt: skip
 
 

@@ -23,10 +23,10 @@ from typing import Any, NamedTuple
 
 from otel_budget import attributes as attrs
 from otel_budget.costing import reported_usd
-from otel_budget.instrumentation._call import capture_content
+from otel_budget.instrumentation import _content
 from otel_budget.instrumentation._util import get as _get
 from otel_budget.instrumentation._util import nonneg_int as _int
-from otel_budget.instrumentation._util import output_messages, response_attributes
+from otel_budget.instrumentation._util import response_attributes
 from otel_budget.instrumentation.litellm.request import KIND_CHAT
 from otel_budget.pricing import TokenUsage
 
@@ -131,8 +131,7 @@ def settlement(result: Any, kind: str) -> Settlement:
     text: str | None = None
     if kind == KIND_CHAT:
         text = _output_text(result)
-        if capture_content() and text:
-            attributes["gen_ai.output.messages"] = output_messages(text)
+        _content.output_into(attributes, lambda: _content.openai_chat_output(_get(result, "choices")))
     model = attributes.get(attrs.GEN_AI_RESPONSE_MODEL)
     return Settlement(usage, attributes, model if isinstance(model, str) else None, text)
 

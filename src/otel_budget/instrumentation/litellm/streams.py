@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from otel_budget.instrumentation._call import LLMCall, capture_content
+from otel_budget.instrumentation import _content
+from otel_budget.instrumentation._call import LLMCall
 from otel_budget.instrumentation._stream import AsyncStreamProxy, SyncStreamProxy
 from otel_budget.instrumentation._util import ChatChunkAccumulator
 from otel_budget.instrumentation._util import usage_only as _usage_only
@@ -64,11 +65,11 @@ def stream_proxy(result: Any, call: LLMCall, hide_usage: bool, asynchronous: boo
     if asynchronous:
         if not hasattr(result, "__anext__"):
             return None
-        acc = ChatChunkAccumulator(litellm_usage, _DELTA_FIELDS, capture_content(), reported_cost_usd)
+        acc = ChatChunkAccumulator(litellm_usage, _DELTA_FIELDS, _content.chat_stream_content(), reported_cost_usd)
         return AsyncLiteLLMStream(result, call, acc, hide_usage)
     if not hasattr(result, "__next__"):
         return None
-    acc = ChatChunkAccumulator(litellm_usage, _DELTA_FIELDS, capture_content(), reported_cost_usd)
+    acc = ChatChunkAccumulator(litellm_usage, _DELTA_FIELDS, _content.chat_stream_content(), reported_cost_usd)
     return LiteLLMStream(result, call, acc, hide_usage)
 
 

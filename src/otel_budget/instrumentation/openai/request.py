@@ -15,7 +15,8 @@ from __future__ import annotations
 from typing import Any
 
 from otel_budget import attributes as attrs
-from otel_budget.instrumentation._call import LLMRequest, capture_content
+from otel_budget.instrumentation import _content
+from otel_budget.instrumentation._call import LLMRequest
 from otel_budget.instrumentation._util import (
     RequestParams,
     count_param,
@@ -24,7 +25,6 @@ from otel_budget.instrumentation._util import (
     server_of,
     with_history,
 )
-from otel_budget.instrumentation._util import content_attribute as _content_attribute
 from otel_budget.instrumentation.openai import history
 from otel_budget.runtime import BudgetRuntime
 from otel_budget.tokens import InputEstimate, estimate_input_tokens, wants_audio_output
@@ -93,8 +93,10 @@ def chat_request(instance: Any, kwargs: dict[str, Any]) -> LLMRequest:
     messages = params.get("messages")
     tools = params.get("tools") or params.get("functions")
     attributes = _common_attributes(params)
-    if capture_content() and messages is not None:
-        attributes["gen_ai.input.messages"] = _content_attribute(messages)
+    content = _content.request_content(
+        _content.content_mode(), lambda: _content.openai_chat_input(messages),
+        tools=lambda: _content.openai_chat_tools(params.get("tools")),
+    )  # fmt: skip
     choices, problem = _choices(params, "n")
     return LLMRequest(
         provider=provider, operation=attrs.OP_CHAT, model=model,
@@ -102,7 +104,7 @@ def chat_request(instance: Any, kwargs: dict[str, Any]) -> LLMRequest:
         output_param=output_param, server_address=host, server_port=port,
         service_tier=_tier(sent), stream=bool(params.get("stream")), attributes=attributes,
         choices=choices, params=params, write_output=sent.output_writer(output_param),
-        output_audio=wants_audio_output(params),
+        output_audio=wants_audio_output(params), content=content,
     )  # fmt: skip
 
 
@@ -117,8 +119,11 @@ def responses_request(instance: Any, kwargs: dict[str, Any]) -> LLMRequest:
     instructions = params.get("instructions")
     tools = params.get("tools")
     attributes = _common_attributes(params)
-    if capture_content() and inp is not None:
-        attributes["gen_ai.input.messages"] = _content_attribute(inp)
+    content = _content.request_content(
+        _content.content_mode(), lambda: _content.responses_input(inp),
+        lambda: [_content.text_part(instructions)] if isinstance(instructions, str) else None,
+        lambda: _content.responses_tools(tools),
+    )  # fmt: skip
     # previous_response_id / conversation: the provider bills the stored history as input.
     stored, assumed = history.history_tokens(provider, model, params)
     if stored:
@@ -134,7 +139,7 @@ def responses_request(instance: Any, kwargs: dict[str, Any]) -> LLMRequest:
         estimate=with_history(estimate, stored), output_param="max_output_tokens",
         server_address=host, server_port=port, service_tier=_tier(sent),
         stream=bool(params.get("stream")), attributes=attributes, params=params,
-        write_output=sent.output_writer("max_output_tokens"),
+        write_output=sent.output_writer("max_output_tokens"), content=content,
     )  # fmt: skip
 
 
@@ -151,8 +156,13 @@ def completions_request(instance: Any, kwargs: dict[str, Any]) -> LLMRequest:
         sent.set("max_tokens", _LEGACY_DEFAULT_MAX_TOKENS)
     prompt = params.get("prompt")
     attributes = _common_attributes(params)
-    if capture_content() and prompt is not None:
-        attributes["gen_ai.input.messages"] = _content_attribute(prompt)
+    # (No official instrumentation records legacy completions: the prompt as user text.)
+    content = _content.request_content(
+        _content.content_mode(),
+        lambda: [_content.input_message("user", [_content.text_part(p)])
+                 for p in ([prompt] if isinstance(prompt, str) else prompt or ())
+                 if isinstance(p, str)],
+    )  # fmt: skip
     # best_of: generated (and billed) server-side
     choices, problem = _choices(params, "n", "best_of")
     return LLMRequest(
@@ -161,6 +171,7 @@ def completions_request(instance: Any, kwargs: dict[str, Any]) -> LLMRequest:
         output_param="max_tokens", server_address=host, server_port=port,
         service_tier=_tier(sent), stream=bool(params.get("stream")), attributes=attributes,
         choices=choices, params=params, write_output=sent.output_writer("max_tokens"),
+        content=content,
     )  # fmt: skip
 
 

@@ -18,9 +18,9 @@ import inspect
 from typing import Any
 
 from otel_budget import attributes as attrs
+from otel_budget.instrumentation import _content
 from otel_budget.instrumentation._attempts import response_json
-from otel_budget.instrumentation._call import LLMCall, capture_content
-from otel_budget.instrumentation._util import content_attribute as _content_attribute
+from otel_budget.instrumentation._call import LLMCall
 from otel_budget.instrumentation._util import get as _get
 from otel_budget.instrumentation._util import nonneg_int as _int
 from otel_budget.instrumentation._util import response_attributes, usage_cost
@@ -135,6 +135,21 @@ def _responses_text(body: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def _output_messages(body: Any, kind: str) -> list[dict[str, Any]] | None:
+    if kind == "responses":
+        return _content.responses_output(body)
+    if kind == "chat":
+        return _content.openai_chat_output(_get(body, "choices"))
+    if kind == "completions":
+        return [
+            _content.output_message("assistant", [_content.text_part(text)],
+                                    _content.openai_finish_reason(_get(c, "finish_reason")))
+            for c in (_get(body, "choices") or ())
+            if isinstance(text := _get(c, "text"), str)
+        ]  # fmt: skip
+    return None
+
+
 def read_body(
     call: LLMCall, body: Any, kind: str
 ) -> tuple[TokenUsage | None, dict[str, Any], str | None]:
@@ -160,10 +175,7 @@ def read_body(
                 text = "".join(p for p in parts if isinstance(p, str))
         if (cost := usage_cost(body)) is not None:  # OpenRouter's own bill
             attributes[attrs.COST_PROVIDER_REPORTED_USD] = cost
-        if capture_content() and isinstance(text, str) and text:
-            attributes["gen_ai.output.messages"] = _content_attribute(
-                [{"role": "assistant", "parts": [{"type": "text", "content": text}]}]
-            )
+        _content.output_into(attributes, lambda: _output_messages(body, kind))
     except Exception as exc:
         if call.processor is not None:
             call.processor.engine.log_once("openai response", exc)

@@ -25,7 +25,8 @@ from typing import Any
 import wrapt
 
 from otel_budget import attributes as attrs
-from otel_budget.instrumentation._call import LLMCall, capture_content
+from otel_budget.instrumentation import _content
+from otel_budget.instrumentation._call import LLMCall
 from otel_budget.instrumentation._stream import AsyncStreamProxy, SyncStreamProxy
 from otel_budget.instrumentation._util import ChatChunkAccumulator, response_attributes, usage_cost
 from otel_budget.instrumentation._util import get as _get
@@ -39,7 +40,7 @@ from otel_budget.pricing import TokenUsage
 class ResponsesAccumulator:
     """Reads Responses stream events: text and argument deltas, and the final response."""
 
-    __slots__ = ("_cost", "_id", "_parts", "_status", "response_model", "units", "usage")
+    __slots__ = ("_cost", "_id", "_parts", "_response", "_status", "response_model", "units", "usage")
 
     def __init__(self) -> None:
         self.usage: TokenUsage | None = None
@@ -49,6 +50,7 @@ class ResponsesAccumulator:
         self._id: str | None = None
         self._status: str | None = None
         self._cost: float | None = None
+        self._response: Any = None  # the last response an event carried (the final one)
 
     def add(self, event: Any) -> None:
         kind = _get(event, "type")
@@ -60,6 +62,7 @@ class ResponsesAccumulator:
             return
         response = _get(event, "response")
         if response is not None:
+            self._response = response
             self._id = _get(response, "id") or self._id
             self.response_model = _get(response, "model") or self.response_model
             self._status = _get(response, "status") or self._status
@@ -79,6 +82,8 @@ class ResponsesAccumulator:
         )
         if self._cost is not None:
             out[attrs.COST_PROVIDER_REPORTED_USD] = self._cost
+        if self._response is not None:
+            _content.output_into(out, lambda: _content.responses_output(self._response))
         return out
 
 
@@ -86,7 +91,7 @@ def accumulator(kind: str) -> Any:
     """The accumulator of a stream of ``kind`` ("responses", "chat", "completions")."""
     if kind == "responses":
         return ResponsesAccumulator()
-    return ChatChunkAccumulator(chat_usage, capture=capture_content())
+    return ChatChunkAccumulator(chat_usage, capture=_content.chat_stream_content())
 
 
 # -- stream proxies that also settle when the SDK's helpers close the response ----------------
