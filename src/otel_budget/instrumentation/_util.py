@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from otel_budget import attributes as attrs
+from otel_budget.instrumentation._finish_reasons import normalize_finish_reasons
 from otel_budget.pricing import TokenUsage
 from otel_budget.token_output import token_limit as _count
 from otel_budget.tokens import InputEstimate
@@ -243,14 +244,17 @@ def request_attributes(params: dict[str, Any], numeric: dict[str, str]) -> dict[
 
 def response_attributes(rid: Any, model: Any, reasons: Any = None) -> dict[str, Any]:
     """``gen_ai.response.{id,model,finish_reasons}`` from what a response or stream carried;
-    values of the wrong type are left out."""
+    values of the wrong type are left out, finish reasons normalized
+    (``_finish_reasons.normalize_finish_reason``)."""
     out: dict[str, Any] = {}
     if isinstance(rid, str):
         out[attrs.GEN_AI_RESPONSE_ID] = rid
     if isinstance(model, str):
         out[attrs.GEN_AI_RESPONSE_MODEL] = model
     if reasons:
-        out[attrs.GEN_AI_RESPONSE_FINISH_REASONS] = list(reasons)
+        normalized = normalize_finish_reasons(reasons)
+        if normalized:
+            out[attrs.GEN_AI_RESPONSE_FINISH_REASONS] = normalized
     return out
 
 
@@ -260,16 +264,19 @@ def output_messages(text: str) -> str:
 
 class ChatChunkAccumulator:
     """Reads OpenAI-compatible chat completion chunks: text, tool-call arguments, finish
-    reasons, the final usage chunk. ``delta_fields`` name the delta keys holding text."""
+    reasons, the final usage chunk. ``delta_fields`` name the delta keys holding text;
+    ``tier_attribute``, when given, is the span attribute of the service tier the chunks
+    report (``openai.response.service_tier``)."""
 
     __slots__ = ("usage", "response_model", "units", "_parts", "_id", "_reasons",
-                 "_read_usage", "_fields", "_capture")  # fmt: skip
+                 "_read_usage", "_fields", "_capture", "_tier_attribute", "_tier")  # fmt: skip
 
     def __init__(
         self,
         read_usage: Callable[[Any], TokenUsage | None],
         delta_fields: tuple[str, ...] = ("content", "refusal"),
         capture: bool = False,
+        tier_attribute: str | None = None,
     ) -> None:
         self.usage: TokenUsage | None = None
         self.response_model: str | None = None
@@ -280,6 +287,8 @@ class ChatChunkAccumulator:
         self._read_usage = read_usage
         self._fields = delta_fields
         self._capture = capture
+        self._tier_attribute = tier_attribute
+        self._tier: str | None = None
 
     def add(self, chunk: Any) -> None:
         # Runs for every chunk of every stream: plain getattr on SDK objects (the common
@@ -290,6 +299,9 @@ class ChatChunkAccumulator:
             self._id = rid if isinstance(rid, str) else None
             model = g(chunk, "model")
             self.response_model = model if isinstance(model, str) and model else None
+        if self._tier is None and self._tier_attribute is not None:
+            tier = g(chunk, "service_tier")
+            self._tier = tier if isinstance(tier, str) and tier else None
         choices = g(chunk, "choices")
         if choices:
             parts = self._parts
@@ -327,6 +339,8 @@ class ChatChunkAccumulator:
 
     def attributes(self) -> dict[str, Any]:
         out = response_attributes(self._id or None, self.response_model, self._reasons)
+        if self._tier is not None and self._tier_attribute is not None:
+            out[self._tier_attribute] = self._tier
         if self._capture and self._parts:
             out["gen_ai.output.messages"] = output_messages(self.text())
         return out

@@ -17,6 +17,7 @@ from typing import Any
 from otel_budget import attributes as attrs
 from otel_budget.instrumentation._attempts import response_json
 from otel_budget.instrumentation._call import LLMCall, capture_content
+from otel_budget.instrumentation._finish_reasons import normalize_finish_reason
 from otel_budget.instrumentation._util import content_attribute as _content_attribute
 from otel_budget.instrumentation._util import get as _get
 from otel_budget.instrumentation._util import nonneg_int as _int
@@ -85,8 +86,8 @@ def message_attributes(message: Any) -> dict[str, Any]:
     if isinstance(model, str):
         out[attrs.GEN_AI_RESPONSE_MODEL] = model
     reason = _get(message, "stop_reason")
-    if isinstance(reason, str):
-        out[attrs.GEN_AI_RESPONSE_FINISH_REASONS] = [reason]
+    if isinstance(reason, str) and reason:
+        out[attrs.GEN_AI_RESPONSE_FINISH_REASONS] = [normalize_finish_reason(reason)]
     if capture_content():
         out["gen_ai.output.messages"] = _output_messages(message)
     return out
