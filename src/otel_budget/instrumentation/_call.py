@@ -58,6 +58,7 @@ EVENT_ATTEMPT_CHARGED = "otel_budget.attempt.charged"
 #: Reported token counts above this are garbage (no context window is near it): clamped.
 MAX_TOKENS = 100_000_000
 _MTOK = 1_000_000
+_INT64_MAX = 2**63 - 1
 
 # Kept under its earlier name: set while a metered call is being sent (see CURRENT_CALL).
 IN_METERED_CALL = CURRENT_CALL
@@ -564,16 +565,16 @@ def usage_attributes(usage: TokenUsage, output: bool = True) -> dict[str, Any]:
     """The ``gen_ai.usage.*`` span attributes of a reported usage (no output count for an
     operation without output, such as embeddings; cache and reasoning counts when nonzero,
     as util-genai writes them)."""
-    out: dict[str, Any] = {attrs.GEN_AI_USAGE_INPUT_TOKENS: usage.input_tokens}
+    counts: list[tuple[str, int | None]] = [(attrs.GEN_AI_USAGE_INPUT_TOKENS, usage.input_tokens)]
     if output:
-        out[attrs.GEN_AI_USAGE_OUTPUT_TOKENS] = usage.output_tokens
-    if usage.cache_read_tokens:
-        out[attrs.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS] = usage.cache_read_tokens
-    if usage.cache_write_tokens:
-        out[attrs.GEN_AI_USAGE_CACHE_WRITE_INPUT_TOKENS] = usage.cache_write_tokens
-    if usage.reasoning_tokens:
-        out[attrs.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS] = usage.reasoning_tokens
-    return out
+        counts.append((attrs.GEN_AI_USAGE_OUTPUT_TOKENS, usage.output_tokens))
+    counts += [
+        (attrs.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS, usage.cache_read_tokens or None),
+        (attrs.GEN_AI_USAGE_CACHE_WRITE_INPUT_TOKENS, usage.cache_write_tokens or None),
+        (attrs.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS, usage.reasoning_tokens or None),
+    ]
+    # (a count no int64 attribute can hold is garbage: left out rather than break export)
+    return {k: v for k, v in counts if v is not None and v <= _INT64_MAX}
 
 
 def _quote(runtime: BudgetRuntime, request: LLMRequest, inp: int, out: int) -> Any:
