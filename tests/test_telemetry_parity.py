@@ -13,6 +13,7 @@ the module prefix, ids the fake numbers per request, timings) are left out by na
 
 from __future__ import annotations
 
+import asyncio
 import gc
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -237,6 +238,32 @@ def chat_stream_caller_raises_without_with(oai: openai.OpenAI, _: Any) -> Any:
     with pytest.raises(KeyError):
         for _chunk in oai.chat.completions.create(model=MINI, messages=MESSAGES, stream=True):
             raise KeyError("the caller's own")
+
+
+def async_chat_stream_caller_raises(oai: openai.OpenAI, _: Any) -> Any:
+    async def main() -> None:
+        client = openai.AsyncOpenAI(base_url=str(oai.base_url), api_key="test", max_retries=0)
+        with pytest.raises(KeyError):
+            async with await client.chat.completions.create(model=MINI, messages=MESSAGES, stream=True) as stream:
+                async for _chunk in stream:
+                    raise KeyError("the caller's own")
+        await client.close()
+
+    asyncio.run(main())
+
+
+def responses_helper_caller_raises(oai: openai.OpenAI, _: Any) -> Any:
+    with pytest.raises(KeyError):
+        with oai.responses.stream(model=MINI, input="Say hi.") as stream:
+            for _event in stream:
+                raise KeyError("the caller's own")
+
+
+def claude_helper_caller_raises(_: Any, anth: anthropic.Anthropic) -> Any:
+    with pytest.raises(KeyError):
+        with anth.messages.stream(model=CLAUDE, max_tokens=64, messages=MESSAGES) as stream:
+            for _text in stream.text_stream:
+                raise KeyError("the caller's own")
 
 
 def chat_stream_provider_error(oai: openai.OpenAI, _: Any) -> Any:
@@ -476,7 +503,14 @@ def test_anthropic_stream_closed_early_reports_what_the_stream_said(fake: FakeLL
 
 
 # -- 8. a stream ended by the caller's exception -------------------------------------------------
-@pytest.mark.parametrize("scenario", [chat_stream_caller_raises, chat_stream_caller_raises_without_with])
+@pytest.mark.parametrize(
+    "scenario",
+    [
+        chat_stream_caller_raises, chat_stream_caller_raises_without_with,
+        async_chat_stream_caller_raises, responses_helper_caller_raises,
+        claude_helper_caller_raises,
+    ],
+)  # fmt: skip
 def test_stream_ended_by_the_callers_exception_is_an_error(fake: FakeLLMServer, scenario: Any) -> None:
     theirs, ours = both(fake, scenario)
     a, b = theirs.genai(), ours.genai()
@@ -484,6 +518,11 @@ def test_stream_ended_by_the_callers_exception_is_an_error(fake: FakeLLMServer, 
     assert b.status.status_code is StatusCode.ERROR
     assert a.status.description == b.status.description
     assert_same(a, b, attrs.ERROR_TYPE)
+    if scenario is claude_helper_caller_raises:  # (genai-anthropic: no response model there)
+        for point in ours.points("gen_ai.client.operation.duration"):
+            point.attributes.pop(attrs.GEN_AI_RESPONSE_MODEL, None)
+        for point in theirs.points("gen_ai.client.operation.duration"):
+            point.attributes.pop(attrs.GEN_AI_RESPONSE_MODEL, None)
     assert_same_points(theirs, ours, "gen_ai.client.operation.duration")
     money_path_unchanged(ours)  # an early end, charged as one
 

@@ -16,7 +16,9 @@ Each settles the call exactly once:
 
 The span and the metrics say what the official GenAI instrumentations say of the same
 stream: a ``with`` block left by the caller's exception ends the span in ERROR with that
-exception's ``error.type``, a stream dropped unfinished with ``error.type=_OTHER``
+exception's ``error.type`` (also the ``with`` of an SDK stream helper, ``messages.stream()``,
+``responses.stream()``, ``chat.completions.stream()``: ``manager_exit`` / ``manager_aexit``
+wrap their managers' exits), a stream dropped unfinished with ``error.type=_OTHER``
 ("abandoned stream"); ``close()`` and exhaustion end it OK. The usage on the span is what the
 provider reported (an estimate goes to ``otel_budget.usage.*``). Each chunk is timed:
 ``gen_ai.response.time_to_first_chunk`` on the span, and the
@@ -39,6 +41,8 @@ import asyncio
 import inspect
 import time
 import weakref
+from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any, Protocol
 
 import wrapt
@@ -151,6 +155,47 @@ def _internal_error(call: LLMCall, exc: Exception) -> None:
         call.processor.engine.internal_error("stream settle", exc)
 
 
+#: The caller's exception while an SDK stream helper's manager exits (set by ``manager_exit``):
+#: the stream the manager closes then was ended by it.
+_ENDING_WITH: ContextVar[BaseException | None] = ContextVar("otel_budget_ending_with", default=None)
+
+
+def _exc_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> BaseException | None:
+    exc = args[1] if len(args) > 1 else kwargs.get("exc", kwargs.get("exc_val"))
+    return exc if isinstance(exc, BaseException) else None
+
+
+def manager_exit(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
+                 kwargs: dict[str, Any]) -> Any:  # fmt: skip
+    """wrapt wrapper of a stream manager's ``__exit__``: the stream it closes is ended by the
+    caller's exception, if any."""
+    exc = _exc_of(args, kwargs)
+    if exc is None:
+        return wrapped(*args, **kwargs)
+    token = _ENDING_WITH.set(exc)
+    try:
+        return wrapped(*args, **kwargs)
+    finally:
+        _ENDING_WITH.reset(token)
+
+
+def manager_aexit(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
+                  kwargs: dict[str, Any]) -> Any:  # fmt: skip
+    """``manager_exit`` for an async manager's ``__aexit__``."""
+    exc = _exc_of(args, kwargs)
+    if exc is None:
+        return wrapped(*args, **kwargs)
+
+    async def aexit() -> Any:
+        token = _ENDING_WITH.set(exc)
+        try:
+            return await wrapped(*args, **kwargs)
+        finally:
+            _ENDING_WITH.reset(token)
+
+    return aexit()
+
+
 def _settle_abandoned(call: LLMCall, acc: Accumulator) -> None:
     settle(call, acc, None, complete=False, ended_by=AbandonedStreamError())
 
@@ -173,6 +218,8 @@ class _StreamProxy(wrapt.ObjectProxy):  # type: ignore[type-arg]
     ) -> None:  # fmt: skip
         """End the stream from sync code (blocking ledger calls)."""
         self._self_finalizer.detach()
+        if ended_by is None and not complete:
+            ended_by = _ENDING_WITH.get()  # closed by a stream helper left by an exception
         settle(self._self_call, self._self_acc, error, complete, ended_by)
 
     def _self_feed(self, item: Any) -> Any:
@@ -262,6 +309,8 @@ class AsyncStreamProxy(_StreamProxy):
     ) -> None:  # fmt: skip
         """End the stream from a coroutine: never blocks the event loop on the ledger."""
         self._self_finalizer.detach()
+        if ended_by is None and not complete:
+            ended_by = _ENDING_WITH.get()  # closed by a stream helper left by an exception
         await asettle(self._self_call, self._self_acc, error, complete, ended_by)
 
     def __aiter__(self) -> AsyncStreamProxy:
