@@ -161,7 +161,7 @@ def test_anthropic_route_with_cache_tokens_costs_what_is_billed(
     assert a[attrs.GEN_AI_REQUEST_MAX_TOKENS] == 50
     assert fake.last_call.path == "/v1/messages" and fake.last_call.body["max_tokens"] == 50
     assert a[attrs.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS] == 400
-    assert a[attrs.GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS] == 300
+    assert a[attrs.GEN_AI_USAGE_CACHE_WRITE_INPUT_TOKENS] == 300
     assert a[attrs.GEN_AI_USAGE_INPUT_TOKENS] == fake.last_call.input_tokens  # the total
     assert _nanos(a[attrs.COST_USD]) == fake.stats()["billed_nanos"] > 0
 

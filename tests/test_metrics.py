@@ -61,6 +61,8 @@ SPEC_DURATION_BUCKETS = [
 CLIENT_ATTRIBUTES = {
     attrs.GEN_AI_OPERATION_NAME, attrs.GEN_AI_PROVIDER_NAME, attrs.GEN_AI_REQUEST_MODEL,
     attrs.GEN_AI_RESPONSE_MODEL, attrs.SERVER_ADDRESS, attrs.SERVER_PORT,
+    # genai-openai's, on a chat completion's points (see test_telemetry_parity)
+    attrs.OPENAI_RESPONSE_SERVICE_TIER, attrs.OPENAI_RESPONSE_SYSTEM_FINGERPRINT,
 }  # fmt: skip
 NEVER_A_LABEL = {
     "user.id", "session.id", "tenant.id", attrs.GEN_AI_CONVERSATION_ID, attrs.GEN_AI_RESPONSE_ID,

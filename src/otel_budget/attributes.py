@@ -20,6 +20,8 @@ semantic-conventions-genai PR #443 proposes ``gen_ai.usage.cost.*``):
 ``otel_budget.cost.source``            what the actual cost is: ``provider`` (its bill) or ``local``
 ``otel_budget.cost.provider_reported_usd``  the cost the provider reported (OpenRouter ``usage.cost``)
 ``otel_budget.cost.price_delta_usd``   that reported cost minus our price of the reported usage
+``otel_budget.usage.input_tokens``     the (estimated) input tokens that cost was computed from
+``otel_budget.usage.output_tokens``    the (estimated) output tokens that cost was computed from
 ``otel_budget.price.source``           ``override``, ``genai-prices <ver>``, ``price_as``, ``default``
 ``otel_budget.price.model``            the model id the price was resolved to
 ``otel_budget.budget.scope``           the scope that refused the call (on aborted spans)
@@ -42,10 +44,16 @@ GEN_AI_RESPONSE_FINISH_REASONS = "gen_ai.response.finish_reasons"
 GEN_AI_USAGE_INPUT_TOKENS = "gen_ai.usage.input_tokens"
 GEN_AI_USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
 GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS = "gen_ai.usage.cache_read.input_tokens"
-GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS = "gen_ai.usage.cache_creation.input_tokens"
-# util-genai >= 1.3 emits the newer spelling; read both.
+# Cache writes: the spelling util-genai 1.3, genai-anthropic and the Anthropic SDK emit (and
+# ours); the semconv package (0.66b2) still names the older one, which is read too.
 GEN_AI_USAGE_CACHE_WRITE_INPUT_TOKENS = "gen_ai.usage.cache_write.input_tokens"
+GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS = "gen_ai.usage.cache_creation.input_tokens"
 GEN_AI_USAGE_REASONING_OUTPUT_TOKENS = "gen_ai.usage.reasoning.output_tokens"
+GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK = "gen_ai.response.time_to_first_chunk"
+GEN_AI_OUTPUT_TYPE = "gen_ai.output.type"
+GEN_AI_EMBEDDINGS_DIMENSION_COUNT = "gen_ai.embeddings.dimension.count"
+GEN_AI_REQUEST_ENCODING_FORMATS = "gen_ai.request.encoding_formats"
+GEN_AI_TOKEN_TYPE = "gen_ai.token.type"
 GEN_AI_TOOL_NAME = "gen_ai.tool.name"
 GEN_AI_TOOL_CALL_ID = "gen_ai.tool.call.id"
 GEN_AI_TOOL_TYPE = "gen_ai.tool.type"
@@ -65,6 +73,9 @@ GEN_AI_USAGE_PROMPT_TOKENS_DEPRECATED = "gen_ai.usage.prompt_tokens"
 GEN_AI_USAGE_COMPLETION_TOKENS_DEPRECATED = "gen_ai.usage.completion_tokens"
 # Request tier, as the OpenAI instrumentations record it.
 OPENAI_REQUEST_SERVICE_TIER = "openai.request.service_tier"
+OPENAI_RESPONSE_SERVICE_TIER = "openai.response.service_tier"
+OPENAI_RESPONSE_SYSTEM_FINGERPRINT = "openai.response.system_fingerprint"
+OPENAI_API_TYPE = "openai.api.type"
 
 # gen_ai.operation.name values
 OP_CHAT = "chat"
@@ -86,6 +97,10 @@ COST_ESTIMATED = "otel_budget.cost.estimated"
 COST_SOURCE = "otel_budget.cost.source"
 COST_PROVIDER_REPORTED_USD = "otel_budget.cost.provider_reported_usd"
 COST_PRICE_DELTA_USD = "otel_budget.cost.price_delta_usd"
+# The token counts an estimated cost was computed from (the standard gen_ai.usage.* carry only
+# what the provider reported).
+USAGE_INPUT_TOKENS = "otel_budget.usage.input_tokens"
+USAGE_OUTPUT_TOKENS = "otel_budget.usage.output_tokens"
 PRICE_SOURCE = "otel_budget.price.source"
 PRICE_MODEL = "otel_budget.price.model"
 BUDGET_SCOPE = "otel_budget.budget.scope"

@@ -211,8 +211,15 @@ class MeteredCall:
         self.settle(actual_nanos, **kw)
 
 
+def error_type(error: BaseException) -> str:
+    """The ``error.type`` of an exception: its class name, or the ``_gen_ai_error_type`` it
+    declares (util-genai's convention, e.g. ``_OTHER`` for an abandoned stream)."""
+    declared = getattr(error, "_gen_ai_error_type", None)
+    return declared if isinstance(declared, str) and declared else type(error).__qualname__
+
+
 def _record_error(span: Any, error: BaseException) -> None:
-    span.set_attribute(attrs.ERROR_TYPE, type(error).__qualname__)
+    span.set_attribute(attrs.ERROR_TYPE, error_type(error))
     span.record_exception(error)
     span.set_status(Status(StatusCode.ERROR, str(error)))
 
@@ -445,6 +452,7 @@ __all__ = [
     "begin",
     "begin_call",
     "begin_steps",
+    "error_type",
     "is_nested",
     "mark_refused",
     "refuse",

@@ -6,14 +6,21 @@
 
 Instruments (no trace ids or other high-cardinality labels):
 
-==========================================  =========  ==========================================
-``gen_ai.client.token.usage``               histogram  ``{token}``; spec attributes and buckets
-``gen_ai.client.operation.duration``        histogram  ``s``; spec attributes and buckets
+==============================================  =========  ======================================
+``gen_ai.client.token.usage``                   histogram  ``{token}``; spec attributes, buckets
+``gen_ai.client.operation.duration``            histogram  ``s``; spec attributes and buckets
+``gen_ai.client.operation.time_to_first_chunk`` histogram  ``s``; streams: request to first chunk
+``gen_ai.client.operation.time_per_output_chunk`` histogram ``s``; streams: each later chunk's gap
 ``otel_budget.cost``                        counter    ``USD``; provider, model, operation, tool
 ``otel_budget.aborts``                      counter    ``{call}``; scope kind, reason
 ``otel_budget.warnings``                    counter    ``{warning}``; scope kind, threshold
 ``otel_budget.scope.remaining``             gauge      ``USD``; remaining budget of named scopes
-==========================================  =========  ==========================================
+==============================================  =========  ======================================
+
+The ``gen_ai.client.*`` instruments match what ``opentelemetry-util-genai`` records (names,
+units, descriptions, advisory buckets, attributes): token counts are only those the provider
+reported (an estimate is never recorded as usage), and a failed call records its tokens too
+when it reported any.
 
 The counter is a float of USD (Prometheus: ``otel_budget_cost_USD_total``); each add is the
 exact nano-USD amount divided once, so sums over many calls stay faithful to the ledger.
@@ -23,7 +30,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from opentelemetry import metrics
@@ -62,12 +69,26 @@ class BudgetMetrics:
         meter = metrics.get_meter("otel_budget", __version__, meter_provider)
         self.token_usage = meter.create_histogram(
             "gen_ai.client.token.usage", unit="{token}",
-            description="Number of input and output tokens used.",
+            description="Number of input and output tokens used by GenAI clients",
             explicit_bucket_boundaries_advisory=list(TOKEN_BUCKETS),
         )  # fmt: skip
         self.duration = meter.create_histogram(
             "gen_ai.client.operation.duration", unit="s",
-            description="GenAI operation duration.",
+            description="Duration of GenAI client operation",
+            explicit_bucket_boundaries_advisory=list(DURATION_BUCKETS),
+        )  # fmt: skip
+        self.time_to_first_chunk = meter.create_histogram(
+            "gen_ai.client.operation.time_to_first_chunk", unit="s",
+            description="Time to receive the first chunk, measured from when the client issues "
+            "the generation request to when the first chunk is received in the response "
+            "stream.",
+            explicit_bucket_boundaries_advisory=list(DURATION_BUCKETS),
+        )  # fmt: skip
+        self.time_per_output_chunk = meter.create_histogram(
+            "gen_ai.client.operation.time_per_output_chunk", unit="s",
+            description="Time per output chunk, recorded for each chunk received after the "
+            "first one, measured as the time elapsed from the end of the previous chunk to the "
+            "end of the current chunk.",
             explicit_bucket_boundaries_advisory=list(DURATION_BUCKETS),
         )  # fmt: skip
         self.cost = meter.create_counter(
@@ -120,32 +141,46 @@ class BudgetMetrics:
             if len(self._remaining) > _MAX_GAUGE_SCOPES:
                 self._remaining.popitem(last=False)
 
-    def record_call(
-        self, *, operation: str, provider: str, model: str, response_model: str | None,
-        server_address: str | None, server_port: int | None, duration_s: float,
-        input_tokens: int | None, output_tokens: int | None, error_type: str | None,
-    ) -> None:  # fmt: skip
+    @staticmethod
+    def call_labels(
+        *, operation: str, provider: str, model: str, response_model: str | None,
+        server_address: str | None, server_port: int | None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        """The attributes of a call's ``gen_ai.client.*`` points (``extra``: the
+        provider-specific ones the official instrumentation adds, e.g. the service tier)."""
         labels: dict[str, Any] = {
             attrs.GEN_AI_OPERATION_NAME: operation,
             attrs.GEN_AI_PROVIDER_NAME: provider,
             attrs.GEN_AI_REQUEST_MODEL: model,
         }
-        if response_model:
-            labels[attrs.GEN_AI_RESPONSE_MODEL] = response_model
         if server_address:
             labels[attrs.SERVER_ADDRESS] = server_address
         if server_port:
             labels[attrs.SERVER_PORT] = server_port
-        duration_labels = dict(labels)
+        if response_model:
+            labels[attrs.GEN_AI_RESPONSE_MODEL] = response_model
+        if extra:
+            labels.update(extra)
+        return labels
+
+    def record_call(
+        self, labels: Mapping[str, Any], *, duration_s: float, input_tokens: int | None,
+        output_tokens: int | None, error_type: str | None,
+    ) -> None:  # fmt: skip
+        """A finished call: its duration (with ``error.type`` when it failed) and the token
+        counts the provider reported (None: not reported, not recorded)."""
         if error_type:
-            duration_labels[attrs.ERROR_TYPE] = error_type
-        self.duration.record(duration_s, duration_labels)
-        if error_type:
-            return
+            labels = {**labels, attrs.ERROR_TYPE: error_type}
+        self.duration.record(max(duration_s, 0.0), labels)
         if input_tokens is not None:
-            self.token_usage.record(input_tokens, {**labels, "gen_ai.token.type": "input"})
+            self.token_usage.record(input_tokens, {**labels, attrs.GEN_AI_TOKEN_TYPE: "input"})
         if output_tokens is not None:
-            self.token_usage.record(output_tokens, {**labels, "gen_ai.token.type": "output"})
+            self.token_usage.record(output_tokens, {**labels, attrs.GEN_AI_TOKEN_TYPE: "output"})
+
+    def record_chunk(self, gap_s: float, labels: Mapping[str, Any], first: bool) -> None:
+        """A stream chunk arrived ``gap_s`` after the request (``first``) or the last chunk."""
+        (self.time_to_first_chunk if first else self.time_per_output_chunk).record(gap_s, labels)
 
     def _observe_remaining(self, options: CallbackOptions) -> Iterable[Observation]:
         with self._lock:

@@ -101,6 +101,7 @@ def _request_of(kwargs: dict[str, Any]) -> tuple[Any, ...]:
     return (
         explicit, kwargs.get("processor"), kwargs.get("tracer_provider"),
         None if libraries is None else tuple(libraries), environ, kwargs.get("logger_provider"),
+        kwargs.get("meter_provider"),
     )  # fmt: skip
 
 
@@ -115,9 +116,11 @@ class BudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     """Installs the budget processor and instruments openai, anthropic and litellm.
 
     Keyword arguments of ``instrument()``: those of ``BudgetSpanProcessor`` (``max_usd``,
-    ``scopes``, ``failure_policy``, ...), ``tracer_provider``, ``logger_provider`` (for the
-    GenAI events of the content capture modes; default: the global one), ``processor`` (use
-    an existing one), and ``libraries`` (a subset of ``("openai", "anthropic", "litellm")``). Without
+    ``scopes``, ``failure_policy``, ...), ``tracer_provider``, ``meter_provider`` (of the
+    ``gen_ai.client.*`` and ``otel_budget.*`` metrics; default: the global one),
+    ``logger_provider`` (for the GenAI events of the content capture modes; default: the
+    global one), ``processor`` (use an existing one: it keeps its own meter provider), and
+    ``libraries`` (a subset of ``("openai", "anthropic", "litellm")``). Without
     processor arguments the ``OTEL_BUDGET_*`` environment variables are read. Called again
     with other arguments, it applies them (a new processor replaces the previous one).
     """
@@ -152,11 +155,19 @@ class BudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         processor = kwargs.get("processor")
         libraries = kwargs.get("libraries")
         explicit = {k: kwargs[k] for k in _PROCESSOR_ARGS if k in kwargs}
+        meter_provider = kwargs.get("meter_provider")
         if processor is None:
             if explicit:
-                processor = BudgetSpanProcessor(**explicit)  # bad values raise: caller's code
+                # bad values raise: caller's code
+                processor = BudgetSpanProcessor(**explicit, meter_provider=meter_provider)
             else:
-                processor = self._processor_from_env()
+                processor = self._processor_from_env(meter_provider)
+        elif meter_provider is not None:
+            logger.warning(
+                "otel-budget: instrument(processor=..., meter_provider=...): the processor "
+                "records its metrics with the meter provider it was built with; pass "
+                "meter_provider to BudgetSpanProcessor instead"
+            )
         previous = self.processor
         previous_provider = self._request[2] if self._request is not None else None
         logger_provider = kwargs.get("logger_provider")
@@ -196,7 +207,7 @@ class BudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         if previous is not None and previous is not processor:
             previous.shutdown()  # inert from now on, even if still on a provider
 
-    def _processor_from_env(self) -> BudgetSpanProcessor:
+    def _processor_from_env(self, meter_provider: Any = None) -> BudgetSpanProcessor:
         """The processor the ``OTEL_BUDGET_*`` variables configure. Never raises: zero-code
         runs cannot raise into the app, so each invalid variable is logged and falls back to
         its safe default, and a limit or ledger that cannot be configured makes every paid
@@ -204,13 +215,15 @@ class BudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         try:
             config = read_env()
         except Exception as exc:  # pragma: no cover - read_env handles each variable
-            return self._unconfigured(f"the OTEL_BUDGET_* configuration cannot be read: {exc}")
+            return self._unconfigured(
+                f"the OTEL_BUDGET_* configuration cannot be read: {exc}", meter_provider
+            )
         for problem in config.problems:
             logger.error("otel-budget: %s", problem)
         try:
-            processor = BudgetSpanProcessor(**config.kwargs)
+            processor = BudgetSpanProcessor(**config.kwargs, meter_provider=meter_provider)
         except Exception as exc:  # pragma: no cover - read_env validates each value
-            return self._unconfigured(f"invalid OTEL_BUDGET_* configuration: {exc}")
+            return self._unconfigured(f"invalid OTEL_BUDGET_* configuration: {exc}", meter_provider)
         if config.refusal is not None:
             refuse_paid_calls(processor, str(config.refusal), config.refusal.variable)
             logger.error(
@@ -219,13 +232,13 @@ class BudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             )
         return processor
 
-    def _unconfigured(self, problem: str) -> BudgetSpanProcessor:
+    def _unconfigured(self, problem: str, meter_provider: Any = None) -> BudgetSpanProcessor:
         policy = os.environ.get("OTEL_BUDGET_FAILURE_POLICY", "").strip()
         if policy == FAIL_OPEN:
             logger.error("otel-budget: %s; failure_policy=fail_open: calls are NOT budgeted", problem)
-            return BudgetSpanProcessor(failure_policy=FAIL_OPEN)
+            return BudgetSpanProcessor(failure_policy=FAIL_OPEN, meter_provider=meter_provider)
         logger.error("otel-budget: %s; every paid call is refused until it is fixed", problem)
-        processor = BudgetSpanProcessor(failure_policy=FAIL_CLOSED)
+        processor = BudgetSpanProcessor(failure_policy=FAIL_CLOSED, meter_provider=meter_provider)
         refuse_paid_calls(processor, problem, "OTEL_BUDGET_*")
         return processor
 

@@ -44,9 +44,11 @@ from otel_budget.metered import (
     CURRENT_CALL,
     MeteredCall,
     begin_steps,
+    error_type,
     refuse,
     start_span,
 )
+from otel_budget.metrics import BudgetMetrics
 from otel_budget.misconfigured import MisconfiguredEngine, configuration_error
 from otel_budget.money import to_usd
 from otel_budget.pricing import TokenUsage, UnknownModelError
@@ -62,12 +64,20 @@ EVENT_ATTEMPT_CHARGED = "otel_budget.attempt.charged"
 #: Reported token counts above this are garbage (no context window is near it): clamped.
 MAX_TOKENS = 100_000_000
 _MTOK = 1_000_000
+_INT64_MAX = 2**63 - 1
 
 # Kept under its earlier name: set while a metered call is being sent (see CURRENT_CALL).
 IN_METERED_CALL = CURRENT_CALL
 UNKNOWN_MODEL_ENV = "OTEL_BUDGET_UNKNOWN_MODEL"
 #: ``otel_budget.price.source`` of a call let through without a price (no limit applied).
 PRICE_SOURCE_UNKNOWN = "unknown"
+
+
+class _Reported:
+    """``reported_usage`` default: the usage given is what the provider reported."""
+
+
+_SAME = _Reported()
 
 
 def capture_content() -> bool:
@@ -116,7 +126,7 @@ class LLMCall:
     __slots__ = (
         "budgeted", "request", "processor", "input_tokens", "input_method", "started",
         "attempts", "charged_attempts", "charged_nanos", "needs_reservation", "status",
-        "response",
+        "response", "metric_attributes",
     )  # fmt: skip
 
     def __init__(
@@ -135,6 +145,9 @@ class LLMCall:
         self.needs_reservation = False  # the reservation went to a charged attempt
         self.status: int | None = None  # HTTP status of the last attempt (None: no answer)
         self.response: Any = None  # the last 2xx HTTP response
+        # Provider-specific attributes of the gen_ai.client.* points (the response readers
+        # add those the official instrumentation records, e.g. openai.response.service_tier).
+        self.metric_attributes: dict[str, Any] = {}
 
     @property
     def runtime(self) -> BudgetRuntime | None:
@@ -359,15 +372,27 @@ class LLMCall:
 
     def _actual(
         self, usage: TokenUsage | None, output_text: str | None, output_units: int,
-        response_model: str | None, out: dict[str, Any],
+        response_model: str | None, out: dict[str, Any], reported: Any = _SAME,
     ) -> tuple[int, TokenUsage]:  # fmt: skip
-        """(nano-USD, usage) to commit; fills ``out`` with the usage attributes. Falls back
-        to the reservation when the usage cannot be priced; never raises."""
+        """(nano-USD, usage) to commit; fills ``out`` with the usage attributes: the standard
+        ``gen_ai.usage.*`` from what the provider reported (``reported``, by default
+        ``usage``), and, when the usage charged is (partly) estimated, its counts as
+        ``otel_budget.usage.*`` with ``otel_budget.cost.estimated``. Falls back to the
+        reservation when the usage cannot be priced; never raises."""
         try:
-            usage, estimated = self.checked_usage(usage, output_text, output_units)
-            if estimated:
+            if reported is _SAME:
+                reported = usage
+            charged, estimated = self.checked_usage(usage, output_text, output_units)
+            if reported is not None:
+                out.update(usage_attributes(reported, self.request.operation != attrs.OP_EMBEDDINGS))
+            if estimated or reported is None or (
+                (charged.input_tokens, charged.output_tokens)
+                != (reported.input_tokens, reported.output_tokens)
+            ):
                 out[attrs.COST_ESTIMATED] = True
-            out.update(usage_attributes(usage))
+                out[attrs.USAGE_INPUT_TOKENS] = charged.input_tokens
+                out[attrs.USAGE_OUTPUT_TOKENS] = charged.output_tokens
+            usage = charged
             local: int | None = None
             try:
                 local, provenance = self.price(usage, response_model)
@@ -414,11 +439,17 @@ class LLMCall:
         output_text: str | None = None,
         output_units: int = 0,
         floor_nanos: int = 0,
+        reported_usage: Any = _SAME,
+        error: BaseException | None = None,
     ) -> Steps[None]:
         """Commit the actual cost. Without usage (the provider did not report it, or reported
         zeros or garbage), the cost is estimated from the input estimate and the output
         seen, never zero, and never below ``floor_nanos`` (a stream left early is charged its
-        reservation)."""
+        reservation). ``reported_usage``: what the provider reported, when ``usage`` adds
+        estimates to it (the span's ``gen_ai.usage.*`` carry only the reported counts).
+        ``error``: the caller's exception that ended a stream early, recorded on the span and
+        the duration metric as the official instrumentations do (the cost is that of an early
+        end all the same)."""
         if self.budgeted.done:
             return None
         if usage is None and self.request.output_audio:
@@ -426,15 +457,17 @@ class LLMCall:
             floor_nanos = max(floor_nanos, self.budgeted.projected_nanos)
         out: dict[str, Any] = dict(response_attributes or {})
         self._take_content(out)
-        actual, usage = self._actual(usage, output_text, output_units, response_model, out)
+        actual, usage = self._actual(
+            usage, output_text, output_units, response_model, out, reported_usage
+        )
         actual = max(actual, floor_nanos)
         self._unreserved_charge()
         yield from self.budgeted.settle_steps(
             actual, input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
-            attributes=out, end=False,
+            attributes=out, end=False, error=error,
         )  # fmt: skip
         self._end_span(actual)
-        self.record_metrics(usage, out.get(attrs.GEN_AI_RESPONSE_MODEL), None)
+        self.record_metrics(out, error)
         return None
 
     def succeed(self, usage: TokenUsage | None, *args: Any, **kw: Any) -> None:
@@ -458,7 +491,7 @@ class LLMCall:
             yield from self.attempt_may_be_billed_steps(exc)
         yield from self.budgeted.release_steps(exc, end=False)
         self._end_span(0, exc)
-        self.record_metrics(None, None, exc)
+        self.record_metrics({}, exc)
         return None
 
     def fail(self, exc: BaseException) -> None:
@@ -495,7 +528,7 @@ class LLMCall:
             output_tokens=usage.output_tokens, end=False,
         )  # fmt: skip
         self._end_span(actual, exc)
-        self.record_metrics(None, None, exc)
+        self.record_metrics(out, exc)
         return None
 
     def fail_after_response(self, exc: BaseException, usage: TokenUsage | None, *args: Any,
@@ -507,15 +540,18 @@ class LLMCall:
         await arun(self.fail_after_response_steps(exc, usage, *args, **kw), self._storage())
 
     def fail_after_output_steps(
-        self, exc: BaseException, usage: TokenUsage | None, output_text: str | None, units: int
+        self, exc: BaseException, usage: TokenUsage | None, output_text: str | None, units: int,
+        response_attributes: Mapping[str, Any] | None = None, reported_usage: Any = _SAME,
     ) -> Steps[None]:
         """A stream broke after producing output: that output was billed, so charge it. When
         the connection was lost (rather than the provider sending an error event), the
         provider may have gone on generating: charge at least the reservation."""
         if self.budgeted.done:
             return None
-        out: dict[str, Any] = {}
-        actual, usage = self._actual(usage, output_text, units, None, out)
+        out: dict[str, Any] = dict(response_attributes or {})
+        actual, usage = self._actual(
+            usage, output_text, units, None, out, reported_usage
+        )
         if is_transport_error(exc) and actual < self.budgeted.projected_nanos:
             actual = self.budgeted.projected_nanos
             out[attrs.COST_ESTIMATED] = True
@@ -525,31 +561,41 @@ class LLMCall:
             output_tokens=usage.output_tokens, end=False,
         )  # fmt: skip
         self._end_span(actual, exc)
-        self.record_metrics(None, None, exc)
+        self.record_metrics(out, exc)
         return None
 
     def fail_after_output(
-        self, exc: BaseException, usage: TokenUsage | None, output_text: str | None, units: int
-    ) -> None:
-        run(self.fail_after_output_steps(exc, usage, output_text, units), self._storage())
+        self, exc: BaseException, usage: TokenUsage | None, output_text: str | None, units: int,
+        *args: Any, **kw: Any,
+    ) -> None:  # fmt: skip
+        run(self.fail_after_output_steps(exc, usage, output_text, units, *args, **kw),
+            self._storage())  # fmt: skip
 
-    def record_metrics(
-        self, usage: TokenUsage | None, response_model: Any, error: BaseException | None
-    ) -> None:
-        """The GenAI client metrics: duration always, token usage on success."""
+    def metric_labels(self, response_model: Any) -> dict[str, Any]:
+        """The attributes of this call's ``gen_ai.client.*`` points."""
+        request = self.request
+        return BudgetMetrics.call_labels(
+            operation=request.operation, provider=request.provider, model=request.model,
+            response_model=response_model if isinstance(response_model, str) else None,
+            server_address=request.server_address, server_port=request.server_port,
+            extra=self.metric_attributes,
+        )  # fmt: skip
+
+    def record_metrics(self, span_attributes: Mapping[str, Any], error: BaseException | None) -> None:
+        """The GenAI client metrics: the duration, and the token counts the span reports
+        (those the provider reported; never an estimate)."""
         runtime = self.processor
         if runtime is None:
             return
-        request = self.request
         try:
+            inp = span_attributes.get(attrs.GEN_AI_USAGE_INPUT_TOKENS)
+            out = span_attributes.get(attrs.GEN_AI_USAGE_OUTPUT_TOKENS)
             runtime.metrics.record_call(
-                operation=request.operation, provider=request.provider, model=request.model,
-                response_model=response_model if isinstance(response_model, str) else None,
-                server_address=request.server_address, server_port=request.server_port,
+                self.metric_labels(span_attributes.get(attrs.GEN_AI_RESPONSE_MODEL)),
                 duration_s=time.monotonic() - self.started,
-                input_tokens=usage.input_tokens if usage is not None else None,
-                output_tokens=usage.output_tokens if usage is not None else None,
-                error_type=type(error).__qualname__ if error is not None else None,
+                input_tokens=inp if isinstance(inp, int) else None,
+                output_tokens=out if isinstance(out, int) else None,
+                error_type=error_type(error) if error is not None else None,
             )  # fmt: skip
         except Exception as exc:
             runtime.engine.log_once("metrics", exc)
@@ -562,18 +608,20 @@ class LLMCall:
         )
 
 
-def usage_attributes(usage: TokenUsage) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        attrs.GEN_AI_USAGE_INPUT_TOKENS: usage.input_tokens,
-        attrs.GEN_AI_USAGE_OUTPUT_TOKENS: usage.output_tokens,
-    }
-    if usage.cache_read_tokens:
-        out[attrs.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS] = usage.cache_read_tokens
-    if usage.cache_write_tokens:
-        out[attrs.GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS] = usage.cache_write_tokens
-    if usage.reasoning_tokens:
-        out[attrs.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS] = usage.reasoning_tokens
-    return out
+def usage_attributes(usage: TokenUsage, output: bool = True) -> dict[str, Any]:
+    """The ``gen_ai.usage.*`` span attributes of a reported usage (no output count for an
+    operation without output, such as embeddings; cache and reasoning counts when nonzero,
+    as util-genai writes them)."""
+    counts: list[tuple[str, int | None]] = [(attrs.GEN_AI_USAGE_INPUT_TOKENS, usage.input_tokens)]
+    if output:
+        counts.append((attrs.GEN_AI_USAGE_OUTPUT_TOKENS, usage.output_tokens))
+    counts += [
+        (attrs.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS, usage.cache_read_tokens or None),
+        (attrs.GEN_AI_USAGE_CACHE_WRITE_INPUT_TOKENS, usage.cache_write_tokens or None),
+        (attrs.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS, usage.reasoning_tokens or None),
+    ]
+    # (a count no int64 attribute can hold is garbage: left out rather than break export)
+    return {k: v for k, v in counts if v is not None and v <= _INT64_MAX}
 
 
 def _quote(runtime: BudgetRuntime, request: LLMRequest, inp: int, out: int) -> Any:

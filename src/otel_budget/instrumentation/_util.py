@@ -18,6 +18,7 @@ from typing import Any
 
 from otel_budget import attributes as attrs
 from otel_budget.costing import reported_usd
+from otel_budget.instrumentation._finish_reasons import normalize_finish_reasons
 from otel_budget.pricing import TokenUsage
 from otel_budget.token_output import token_limit as _count
 from otel_budget.tokens import InputEstimate
@@ -263,24 +264,30 @@ def request_attributes(params: dict[str, Any], numeric: dict[str, str]) -> dict[
 
 def response_attributes(rid: Any, model: Any, reasons: Any = None) -> dict[str, Any]:
     """``gen_ai.response.{id,model,finish_reasons}`` from what a response or stream carried;
-    values of the wrong type are left out."""
+    values of the wrong type are left out, finish reasons normalized
+    (``_finish_reasons.normalize_finish_reason``)."""
     out: dict[str, Any] = {}
     if isinstance(rid, str):
         out[attrs.GEN_AI_RESPONSE_ID] = rid
     if isinstance(model, str):
         out[attrs.GEN_AI_RESPONSE_MODEL] = model
     if reasons:
-        out[attrs.GEN_AI_RESPONSE_FINISH_REASONS] = list(reasons)
+        normalized = normalize_finish_reasons(reasons)
+        if normalized:
+            out[attrs.GEN_AI_RESPONSE_FINISH_REASONS] = normalized
     return out
 
 
 
 class ChatChunkAccumulator:
     """Reads OpenAI-compatible chat completion chunks: text, tool-call arguments, finish
-    reasons, the final usage chunk. ``delta_fields`` name the delta keys holding text."""
+    reasons, the final usage chunk. ``delta_fields`` name the delta keys holding text;
+    ``tier_attribute``, when given, is the span attribute of the service tier the chunks
+    report (``openai.response.service_tier``)."""
 
     __slots__ = ("usage", "response_model", "units", "_parts", "_id", "_reasons",
-                 "_read_usage", "_fields", "_capture", "_read_cost", "_cost")  # fmt: skip
+                 "_read_usage", "_fields", "_capture", "_read_cost", "_cost", "_tier_attribute",
+                 "_tier")  # fmt: skip
 
     def __init__(
         self,
@@ -288,6 +295,7 @@ class ChatChunkAccumulator:
         delta_fields: tuple[str, ...] = ("content", "refusal"),
         capture: Any = None,
         read_cost: Callable[[Any], float | None] = usage_cost,
+        tier_attribute: str | None = None,
     ) -> None:
         self.usage: TokenUsage | None = None
         self.response_model: str | None = None
@@ -301,6 +309,8 @@ class ChatChunkAccumulator:
         self._capture = capture
         self._read_cost = read_cost  # the cost a usage chunk reports (None: none)
         self._cost: float | None = None
+        self._tier_attribute = tier_attribute
+        self._tier: str | None = None
 
     def add(self, chunk: Any) -> None:
         # Runs for every chunk of every stream: plain getattr on SDK objects (the common
@@ -311,6 +321,9 @@ class ChatChunkAccumulator:
             self._id = rid if isinstance(rid, str) else None
             model = g(chunk, "model")
             self.response_model = model if isinstance(model, str) and model else None
+        if self._tier is None and self._tier_attribute is not None:
+            tier = g(chunk, "service_tier")
+            self._tier = tier if isinstance(tier, str) and tier else None
         choices = g(chunk, "choices")
         if choices:
             parts = self._parts
@@ -355,6 +368,8 @@ class ChatChunkAccumulator:
             out[attrs.COST_PROVIDER_REPORTED_USD] = self._cost
         if self._capture is not None:
             self._capture.into(out)
+        if self._tier is not None and self._tier_attribute is not None:
+            out[self._tier_attribute] = self._tier
         return out
 
 

@@ -207,6 +207,9 @@ class Behaviour:
     #: Responses): ``True`` reports the true bill in USD, as OpenRouter does; any other value
     #: is sent as it is (``"0.01"``, ``-1``, ``float("nan")``, ``1e30``); None: no cost field.
     usage_cost: Any = None
+    #: report this finish / stop reason (chat ``finish_reason``, Anthropic ``stop_reason``,
+    #: e.g. ``tool_calls`` / ``tool_use``) instead of ``stop`` / ``end_turn``
+    stop_reason: str | None = None
 
 
 @dataclass
@@ -939,7 +942,7 @@ class FakeLLMServer:
         legacy = api == "completions"
         cid = f"{'cmpl' if legacy else 'chatcmpl'}-fake{rid:08d}"
         created = int(time.time())
-        finish = "length" if plan.truncated else "stop"
+        finish = beh.stop_reason or ("length" if plan.truncated else "stop")
         base = {
             "id": cid,
             "object": "text_completion" if legacy else "chat.completion",
@@ -984,6 +987,8 @@ class FakeLLMServer:
             return reply
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         base["object"] = "text_completion" if legacy else "chat.completion.chunk"
+        if not legacy:
+            base["service_tier"] = "default"  # as OpenAI sends it on every chunk
         extra = {"usage": None} if include_usage and not legacy else {}
 
         def chunk(choice: dict[str, Any]) -> bytes:
@@ -1169,7 +1174,7 @@ class FakeLLMServer:
         self, body: Mapping[str, Any], plan: _Plan, beh: Behaviour, rid: int
     ) -> Any:
         msg_id = f"msg_fake{rid:08d}"
-        stop_reason = "max_tokens" if plan.truncated else "end_turn"
+        stop_reason = beh.stop_reason or ("max_tokens" if plan.truncated else "end_turn")
         usage: dict[str, Any] = {
             "input_tokens": plan.input,
             "cache_creation_input_tokens": plan.cache_write,

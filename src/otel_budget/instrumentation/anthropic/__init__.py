@@ -41,6 +41,7 @@ from opentelemetry.instrumentation.utils import unwrap
 from wrapt import wrap_function_wrapper
 
 from otel_budget.instrumentation._attempts import async_attempt, sync_attempt
+from otel_budget.instrumentation._stream import manager_aexit, manager_exit
 from otel_budget.instrumentation.anthropic import wrappers
 from otel_budget.runtime import RuntimeSource
 
@@ -70,6 +71,16 @@ _ATTEMPT_TARGETS = (
     ("anthropic._base_client", "SyncAPIClient", "_attempt_request", lambda _tracer, _source: sync_attempt),
     ("anthropic._base_client", "AsyncAPIClient", "_attempt_request", lambda _tracer, _source: async_attempt),
 )
+# The ``messages.stream()`` managers: a ``with`` left by the caller's exception ends the
+# stream's span in error (see ``_stream.manager_exit``).
+_GA_STREAMING = "anthropic.lib.streaming._messages"
+_BETA_STREAMING = "anthropic.lib.streaming._beta_messages"
+_MANAGER_TARGETS = (
+    (_GA_STREAMING, "MessageStreamManager", "__exit__", lambda _t, _s: manager_exit),
+    (_GA_STREAMING, "AsyncMessageStreamManager", "__aexit__", lambda _t, _s: manager_aexit),
+    (_BETA_STREAMING, "BetaMessageStreamManager", "__exit__", lambda _t, _s: manager_exit),
+    (_BETA_STREAMING, "BetaAsyncMessageStreamManager", "__aexit__", lambda _t, _s: manager_aexit),
+)
 
 
 class AnthropicBudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
@@ -88,7 +99,7 @@ class AnthropicBudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         ), __name__, kwargs.get("logger_provider"))  # fmt: skip
         source = RuntimeSource(kwargs.get("runtime"))  # the runtime the wrappers enforce
         self._wrapped: list[tuple[str, str, str]] = []
-        for module, cls, method, factory in (*_TARGETS, *_ATTEMPT_TARGETS):
+        for module, cls, method, factory in (*_TARGETS, *_ATTEMPT_TARGETS, *_MANAGER_TARGETS):
             try:
                 owner = getattr(importlib.import_module(module), cls)
                 if not callable(getattr(owner, method, None)):

@@ -18,6 +18,7 @@ from otel_budget import attributes as attrs
 from otel_budget.instrumentation import _content
 from otel_budget.instrumentation._attempts import response_json
 from otel_budget.instrumentation._call import LLMCall
+from otel_budget.instrumentation._finish_reasons import normalize_finish_reason
 from otel_budget.instrumentation._util import content_attribute as _content_attribute
 from otel_budget.instrumentation._util import get as _get
 from otel_budget.instrumentation._util import nonneg_int as _int
@@ -66,8 +67,8 @@ def message_attributes(message: Any) -> dict[str, Any]:
     if isinstance(model, str):
         out[attrs.GEN_AI_RESPONSE_MODEL] = model
     reason = _get(message, "stop_reason")
-    if isinstance(reason, str):
-        out[attrs.GEN_AI_RESPONSE_FINISH_REASONS] = [reason]
+    if isinstance(reason, str) and reason:
+        out[attrs.GEN_AI_RESPONSE_FINISH_REASONS] = [normalize_finish_reason(reason)]
     _content.output_into(out, lambda: _content.anthropic_output(message))
     return out
 

@@ -36,7 +36,7 @@ class MessagesAccumulator:
     (a stream closed early, dropped or broken) the input side is still exact (from
     ``message_start``) and the output is estimated from what was streamed, never below the
     placeholder ``message_start`` reports; ``fallback_input`` (the projection's estimate) is
-    used when the stream never said.
+    used when the stream never said. ``reported`` is the part the stream did say.
     """
 
     __slots__ = (
@@ -124,6 +124,19 @@ class MessagesAccumulator:
         return TokenUsage(
             input_tokens=raw_input + self._cache_read + self._cache_write,
             output_tokens=max(output, self._thinking), cache_read_tokens=self._cache_read,
+            cache_write_tokens=self._cache_write, reasoning_tokens=self._thinking,
+        )  # fmt: skip
+
+    @property
+    def reported(self) -> TokenUsage | None:
+        """The usage as the stream reported it (the span's ``gen_ai.usage.*``): the input
+        side of ``message_start``, the last output count sent (before ``message_delta``, the
+        placeholder ``message_start`` carries, as genai-anthropic reports it)."""
+        if not self._seen or self._input is None:
+            return None
+        return TokenUsage(
+            input_tokens=self._input + self._cache_read + self._cache_write,
+            output_tokens=self._output, cache_read_tokens=self._cache_read,
             cache_write_tokens=self._cache_write, reasoning_tokens=self._thinking,
         )  # fmt: skip
 

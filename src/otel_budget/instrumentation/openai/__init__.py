@@ -27,6 +27,7 @@ from opentelemetry.instrumentation.utils import unwrap
 from wrapt import wrap_function_wrapper
 
 from otel_budget.instrumentation._attempts import async_attempt, sync_attempt
+from otel_budget.instrumentation._stream import manager_aexit, manager_exit
 from otel_budget.instrumentation.openai import wrappers
 from otel_budget.runtime import RuntimeSource
 
@@ -53,6 +54,16 @@ _ATTEMPT_TARGETS = (
     ("openai._base_client", "SyncAPIClient", "_send_request", lambda _tracer, _source: sync_attempt),
     ("openai._base_client", "AsyncAPIClient", "_send_request", lambda _tracer, _source: async_attempt),
 )
+# The stream helpers' managers: a ``with`` left by the caller's exception ends the stream's
+# span in error (see ``_stream.manager_exit``).
+_RESPONSES_STREAMING = "openai.lib.streaming.responses._responses"
+_CHAT_STREAMING = "openai.lib.streaming.chat._completions"
+_MANAGER_TARGETS = (
+    (_RESPONSES_STREAMING, "ResponseStreamManager", "__exit__", lambda _t, _s: manager_exit),
+    (_RESPONSES_STREAMING, "AsyncResponseStreamManager", "__aexit__", lambda _t, _s: manager_aexit),
+    (_CHAT_STREAMING, "ChatCompletionStreamManager", "__exit__", lambda _t, _s: manager_exit),
+    (_CHAT_STREAMING, "AsyncChatCompletionStreamManager", "__aexit__", lambda _t, _s: manager_aexit),
+)
 
 
 class OpenAIBudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
@@ -75,7 +86,7 @@ class OpenAIBudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         self._wrapped: list[tuple[str, str, str]] = []
         import importlib
 
-        for module, cls, method, factory in (*_TARGETS, *_ATTEMPT_TARGETS):
+        for module, cls, method, factory in (*_TARGETS, *_ATTEMPT_TARGETS, *_MANAGER_TARGETS):
             try:
                 owner = getattr(importlib.import_module(module), cls)
                 if not hasattr(owner, method):

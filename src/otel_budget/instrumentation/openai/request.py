@@ -12,6 +12,7 @@ projected. The output cap goes where it takes effect (``RequestParams.output_wri
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from otel_budget import attributes as attrs
@@ -64,6 +65,18 @@ def _common_attributes(params: dict[str, Any]) -> dict[str, Any]:
     return request_attributes(params, _REQUEST_ATTRIBUTES)
 
 
+def _output_type(response_format: Any) -> str | None:
+    """``gen_ai.output.type`` of a ``response_format`` / Responses ``text.format``, as
+    genai-openai reads it: a pydantic class or a JSON format is ``json``; another type as
+    named."""
+    if isinstance(response_format, type):
+        return "json"
+    kind = response_format.get("type") if isinstance(response_format, Mapping) else response_format
+    if not isinstance(kind, str) or not kind:
+        return None
+    return "json" if kind in ("json_object", "json_schema") else kind
+
+
 def _choices(params: dict[str, Any], *names: str) -> tuple[int, str | None]:
     """How many completions the request generates (``n``, legacy ``best_of``): each may use
     the whole output cap, and each is billed. ``(1, problem)`` for a value that is no count."""
@@ -93,6 +106,9 @@ def chat_request(instance: Any, kwargs: dict[str, Any]) -> LLMRequest:
     messages = params.get("messages")
     tools = params.get("tools") or params.get("functions")
     attributes = _common_attributes(params)
+    output_type = _output_type(params.get("response_format"))
+    if output_type is not None:
+        attributes[attrs.GEN_AI_OUTPUT_TYPE] = output_type
     content = _content.request_content(
         _content.content_mode(), lambda: _content.openai_chat_input(messages),
         tools=lambda: _content.openai_chat_tools(params.get("tools")),
@@ -119,6 +135,13 @@ def responses_request(instance: Any, kwargs: dict[str, Any]) -> LLMRequest:
     instructions = params.get("instructions")
     tools = params.get("tools")
     attributes = _common_attributes(params)
+    attributes[attrs.OPENAI_API_TYPE] = "responses"
+    text = params.get("text")
+    output_type = _output_type(text.get("format") if isinstance(text, Mapping) else None)
+    if output_type is None and isinstance(params.get("text_format"), type):
+        output_type = "json"
+    if output_type is not None:
+        attributes[attrs.GEN_AI_OUTPUT_TYPE] = output_type
     content = _content.request_content(
         _content.content_mode(), lambda: _content.responses_input(inp),
         lambda: [_content.text_part(instructions)] if isinstance(instructions, str) else None,
@@ -183,10 +206,17 @@ def embeddings_request(instance: Any, kwargs: dict[str, Any]) -> LLMRequest:
     provider, host, port = client_info(instance)
     model = str(params.get("model") or "unknown")
     inp = params.get("input")
+    attributes: dict[str, Any] = {}
+    dimensions = params.get("dimensions")
+    if isinstance(dimensions, int) and not isinstance(dimensions, bool):
+        attributes[attrs.GEN_AI_EMBEDDINGS_DIMENSION_COUNT] = dimensions
+    encoding = params.get("encoding_format")
+    if isinstance(encoding, str) and encoding:
+        attributes[attrs.GEN_AI_REQUEST_ENCODING_FORMATS] = [encoding]
     return LLMRequest(
         provider=provider, operation=attrs.OP_EMBEDDINGS, model=model,
         estimate=lambda: estimate_input_tokens(model, input=inp), output_param=None,
-        server_address=host, server_port=port, params=params,
+        server_address=host, server_port=port, params=params, attributes=attributes,
     )  # fmt: skip
 
 

@@ -21,6 +21,7 @@ from otel_budget import attributes as attrs
 from otel_budget.instrumentation import _content
 from otel_budget.instrumentation._attempts import response_json
 from otel_budget.instrumentation._call import LLMCall
+from otel_budget.instrumentation._finish_reasons import responses_finish_reasons
 from otel_budget.instrumentation._util import get as _get
 from otel_budget.instrumentation._util import nonneg_int as _int
 from otel_budget.instrumentation._util import response_attributes, usage_cost
@@ -109,18 +110,42 @@ async def aparsed(result: Any) -> Any:
 
 # -- reading a body ---------------------------------------------------------------------------
 def _response_attributes(result: Any, choices: bool) -> dict[str, Any]:
+    """Span attributes of a chat / completions (``choices``) or Responses body, as
+    genai-openai writes them: a choice without a finish reason is ``error``; the Responses
+    status read by ``responses_finish_reasons``; service tier and system fingerprint."""
     if choices:
         reasons: list[str] | None = [
-            r for r in (_get(c, "finish_reason") for c in (_get(result, "choices") or []))
-            if isinstance(r, str)
+            r if isinstance(r, str) and r else "error"
+            for r in (_get(c, "finish_reason") for c in (_get(result, "choices") or []))
         ]  # fmt: skip
     else:
-        status = _get(result, "status")
-        reasons = [status] if isinstance(status, str) else None
+        reasons = responses_finish_reasons(result)
     out = response_attributes(_get(result, "id"), _get(result, "model"), reasons)
     tier = _get(result, "service_tier")
-    if isinstance(tier, str):
-        out["openai.response.service_tier"] = tier
+    if isinstance(tier, str) and tier:
+        out[attrs.OPENAI_RESPONSE_SERVICE_TIER] = tier
+    fingerprint = _get(result, "system_fingerprint")
+    if isinstance(fingerprint, str) and fingerprint:
+        out[attrs.OPENAI_RESPONSE_SYSTEM_FINGERPRINT] = fingerprint
+    return out
+
+
+def _chat_metric_attributes(call: LLMCall, attributes: dict[str, Any]) -> None:
+    """genai-openai also puts a chat completion's service tier and system fingerprint on its
+    metric points (not a stream's, not a Responses body's)."""
+    for key in (attrs.OPENAI_RESPONSE_SERVICE_TIER, attrs.OPENAI_RESPONSE_SYSTEM_FINGERPRINT):
+        if key in attributes:
+            call.metric_attributes[key] = attributes[key]
+
+
+def _embeddings_attributes(body: Any) -> dict[str, Any]:
+    """``gen_ai.response.model`` and ``gen_ai.embeddings.dimension.count`` (the length of the
+    first vector; a base64 vector is not counted)."""
+    out = response_attributes(None, _get(body, "model"))
+    data = _get(body, "data")
+    first = _get(data[0], "embedding") if isinstance(data, list) and data else None
+    if isinstance(first, list) and first:
+        out[attrs.GEN_AI_EMBEDDINGS_DIMENSION_COUNT] = len(first)
     return out
 
 
@@ -164,9 +189,14 @@ def read_body(
             text = _get(body, "output_text") if body is not None else None
             if not isinstance(text, str) and isinstance(body, dict):
                 text = _responses_text(body)
+        elif kind == "embeddings":
+            usage = chat_usage(_get(body, "usage"))
+            attributes = _embeddings_attributes(body)
         else:
             usage = chat_usage(_get(body, "usage"))
             attributes = _response_attributes(body, choices=kind in ("chat", "completions"))
+            if kind == "chat":
+                _chat_metric_attributes(call, attributes)
             if kind in ("chat", "completions"):
                 parts = [
                     _get(_get(c, "message"), "content") if kind == "chat" else _get(c, "text")

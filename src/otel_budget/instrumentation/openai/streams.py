@@ -27,6 +27,7 @@ import wrapt
 from otel_budget import attributes as attrs
 from otel_budget.instrumentation import _content
 from otel_budget.instrumentation._call import LLMCall
+from otel_budget.instrumentation._finish_reasons import responses_finish_reasons
 from otel_budget.instrumentation._stream import AsyncStreamProxy, SyncStreamProxy
 from otel_budget.instrumentation._util import ChatChunkAccumulator, response_attributes, usage_cost
 from otel_budget.instrumentation._util import get as _get
@@ -38,9 +39,11 @@ from otel_budget.pricing import TokenUsage
 
 # -- accumulators ----------------------------------------------------------------------------
 class ResponsesAccumulator:
-    """Reads Responses stream events: text and argument deltas, and the final response."""
+    """Reads Responses stream events: text and argument deltas, and the final response (its
+    finish reasons and service tier are those of the last response an event carried: none
+    for a stream closed while in progress)."""
 
-    __slots__ = ("_cost", "_id", "_parts", "_response", "_status", "response_model", "units", "usage")
+    __slots__ = ("_cost", "_id", "_parts", "_response", "response_model", "units", "usage")
 
     def __init__(self) -> None:
         self.usage: TokenUsage | None = None
@@ -48,7 +51,6 @@ class ResponsesAccumulator:
         self.units = 0
         self._parts: list[str] = []
         self._id: str | None = None
-        self._status: str | None = None
         self._cost: float | None = None
         self._response: Any = None  # the last response an event carried (the final one)
 
@@ -62,10 +64,9 @@ class ResponsesAccumulator:
             return
         response = _get(event, "response")
         if response is not None:
-            self._response = response
             self._id = _get(response, "id") or self._id
             self.response_model = _get(response, "model") or self.response_model
-            self._status = _get(response, "status") or self._status
+            self._response = response
             usage = _get(response, "usage")
             if usage is not None:
                 self.usage = responses_usage(usage)
@@ -76,14 +77,15 @@ class ResponsesAccumulator:
         return "".join(self._parts)
 
     def attributes(self) -> dict[str, Any]:
-        status = self._status
-        out = response_attributes(
-            self._id, self.response_model, [status] if isinstance(status, str) else None
-        )
+        response = self._response
+        out = response_attributes(self._id, self.response_model, responses_finish_reasons(response))
+        tier = _get(response, "service_tier")
+        if isinstance(tier, str) and tier and _get(response, "status") not in ("queued", "in_progress"):
+            out[attrs.OPENAI_RESPONSE_SERVICE_TIER] = tier
         if self._cost is not None:
             out[attrs.COST_PROVIDER_REPORTED_USD] = self._cost
-        if self._response is not None:
-            _content.output_into(out, lambda: _content.responses_output(self._response))
+        if response is not None:
+            _content.output_into(out, lambda: _content.responses_output(response))
         return out
 
 
@@ -91,7 +93,10 @@ def accumulator(kind: str) -> Any:
     """The accumulator of a stream of ``kind`` ("responses", "chat", "completions")."""
     if kind == "responses":
         return ResponsesAccumulator()
-    return ChatChunkAccumulator(chat_usage, capture=_content.chat_stream_content())
+    return ChatChunkAccumulator(
+        chat_usage, capture=_content.chat_stream_content(),
+        tier_attribute=attrs.OPENAI_RESPONSE_SERVICE_TIER,
+    )  # fmt: skip
 
 
 # -- stream proxies that also settle when the SDK's helpers close the response ----------------
