@@ -1,20 +1,20 @@
 """Parity harness: the same calls under otel-budget and under the official GenAI instrumentations.
 
     from tests.parity import MODES, collect, compare
-    runs = collect(["official", "ours"], MODES)          # one subprocess per (side, mode)
+    runs = collect(("official", "ours"), MODES)         # one subprocess per side
     diff = compare(runs["official", "SPAN_ONLY"]["chat"], runs["ours", "SPAN_ONLY"]["chat"])
     assert not diff, "\\n".join(diff)
 
-    # one side by hand, the raw telemetry as JSON:
-    # OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=SPAN_ONLY \\
-    #     PYTHONPATH=src python -m tests.parity ours out.json chat messages_tools
+    # one side by hand, the raw telemetry as JSON ({mode: {scenario: ...}}):
+    # PYTHONPATH=src:. python -m tests.parity ours out.json SPAN_ONLY,EVENT_ONLY chat messages_tools
 
 Each scenario drives the real ``openai`` / ``anthropic`` SDK against ``FakeLLMServer`` with a
-scripted behaviour, inside an application span ``app``. A side is run in its own subprocess,
-with the capture mode in its environment from the start (as a user sets it), and its own SDK
-``TracerProvider`` + ``InMemorySpanExporter``, ``MeterProvider`` + ``InMemoryMetricReader``
-(delta temporality: each scenario's points alone) and ``LoggerProvider`` + in-memory log
-exporter, set as the global providers and also passed to ``instrument()``:
+scripted behaviour, inside an application span ``app``. Each side runs in its own subprocess,
+with its own SDK ``TracerProvider`` + ``InMemorySpanExporter``, ``MeterProvider`` +
+``InMemoryMetricReader`` (delta temporality: each scenario's points alone) and
+``LoggerProvider`` + in-memory log exporter, set as the global providers (the anthropic SDK's
+own span, and anything either side takes from the API, land there) and also passed to
+``instrument()``:
 
 * ``official``: ``opentelemetry-instrumentation-genai-openai`` and ``-genai-anthropic``
   (built on ``opentelemetry-util-genai``), otel-budget not imported;
@@ -22,18 +22,21 @@ exporter, set as the global providers and also passed to ``instrument()``:
   not imported.
 
 A subprocess per side keeps the two from ever sharing a wrapper, a singleton instrumentor or a
-global provider, and lets the capture mode be read wherever each side reads it (util-genai
-reads it when ``instrument()`` builds its handler). ``util-genai`` 1.3b0 and the two official
-packages read neither ``OTEL_SEMCONV_STABILITY_OPT_IN`` nor anything but
-``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT`` (and ``..._EMIT_EVENT``, which is left
-unset: events follow the capture mode), so the harness removes the others from the children's
-environment.
+global provider. Inside it, each capture mode is set in the environment, then the side is
+instrumented (util-genai reads the mode when ``instrument()`` builds its handler), the
+scenarios run against a fresh server (so response ids match between runs), and the side is
+uninstrumented. The official packages re-instrument cleanly: ``test_parity.py`` runs one mode
+twice and finds the repeat identical. ``util-genai`` 1.3b0 and the two official packages read
+neither ``OTEL_SEMCONV_STABILITY_OPT_IN`` nor anything but
+``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT`` (and ``..._EMIT_EVENT``, left unset:
+events follow the capture mode); the children get no ``OTEL_*`` variable from the parent (no
+sampler, limit or budget setting of the developer's shell changes a run).
 
-What is captured (``capture``): every finished span (name, kind, status, attributes, events
-with their attributes, the parent's name), every log record (event name, body, attributes,
-severity, the name of the span it belongs to), every metric point (name, unit, attributes,
-count, and for token counts the sum and the bucket counts; bucket boundaries), and the
-scenario's outcome (``ok`` or the exception type the application saw).
+What is captured (``run_side``): every finished span (name, kind, status, attributes, events
+with their attributes, the parent), every log record (event name, body, attributes, severity,
+the name of the span it belongs to), every metric point (name, unit, attributes, count, sum,
+bucket counts and boundaries), and the scenario's outcome (``ok`` or the exception type the
+application saw).
 
 What is compared (``normalise``): all of it except what depends on time or on the run (ids,
 timestamps, durations, the fake server's port, exception stack traces, instrumentation
@@ -61,10 +64,9 @@ SIDES = ("official", "ours")
 #: The capture modes: the variable unset, then each value util-genai 1.3b0 accepts.
 MODES = ("unset", "NO_CONTENT", "SPAN_ONLY", "EVENT_ONLY", "SPAN_AND_EVENT")
 CAPTURE_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
-#: Variables either side could read that would make the two runs differ by accident.
-_SCRUBBED_ENV = ("OTEL_SEMCONV_STABILITY_OPT_IN", "OTEL_INSTRUMENTATION_GENAI_EMIT_EVENT",
-                 "OTEL_INSTRUMENTATION_GENAI_COMPLETION_HOOK", "ANTHROPIC_OPEN_TELEMETRY",
-                 "ANTHROPIC_OPEN_TELEMETRY_TRACES_CONTENT_MODE")  # fmt: skip
+#: Variables either side (or the SDK: a sampler, attribute limits) could read, which would make
+#: the runs differ by accident: none reaches the children.
+_SCRUBBED_PREFIXES = ("OTEL_", "ANTHROPIC_OPEN_TELEMETRY")
 _REPO = Path(__file__).resolve().parent.parent
 OURS_PREFIX = "otel_budget."
 MAX_TOKENS = "gen_ai.request.max_tokens"
@@ -587,7 +589,7 @@ def main(argv: Sequence[str]) -> int:
 
 # -- running both sides (from the tests) -----------------------------------------------------------
 def child_environment() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV and k != CAPTURE_ENV}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_SCRUBBED_PREFIXES)}
     env["PYTHONPATH"] = os.pathsep.join([str(_REPO / "src"), str(_REPO)])
     return env
 
