@@ -39,7 +39,7 @@ REPEATED = "SPAN_AND_EVENT"
 # -- the known differences (one line each; see XFAIL) -------------------------------------------
 EVENT = "no gen_ai.client.inference.operation.details log record in the event modes"
 CONTENT = "gen_ai.input/output.messages not in util-genai's schema (parts, name, finish_reason)"
-SYSTEM = "gen_ai.system_instructions a JSON string, not a list of parts"
+SYSTEM = "gen_ai.system_instructions missing (Responses) or a JSON string (Anthropic), not a list of parts"
 TOOL_DEFS = "no gen_ai.tool.definitions"
 FINISH = "gen_ai.response.finish_reasons: provider values (end_turn, tool_use, completed) or missing, not stop/tool_call/error"
 ERROR_TYPE = "error.type without its module (BadRequestError, not openai.BadRequestError), span and metrics"
