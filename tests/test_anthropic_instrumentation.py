@@ -33,6 +33,7 @@ from otel_budget.instrumentation._call import COST_OUTPUT_CAPPED, IN_METERED_CAL
 from otel_budget.instrumentation.anthropic import _TARGETS, AnthropicBudgetInstrumentor
 from otel_budget.instrumentation.anthropic.response import anthropic_usage
 from otel_budget.instrumentation.anthropic.streams import MessagesAccumulator
+from otel_budget.metered import error_type
 from otel_budget.pricing import TokenUsage
 from otel_budget.storage.memory import MemoryStorage
 from otel_budget.testing import Behaviour, FakeLLMServer
@@ -397,7 +398,7 @@ def test_raw_stream_broken_mid_stream_charges_what_was_produced(
         list(create(client, stream=True))
     assert not isinstance(info.value, BudgetExceededError)
     span = only(exporter)
-    assert_error_span(span, type(info.value).__qualname__)
+    assert_error_span(span, error_type(info.value))
     assert server.wait_idle(5)
     assert server.stats()["broken_streams"] == 1
     billed = server.stats()["billed_nanos"]
@@ -542,7 +543,9 @@ def test_stream_helper_never_entered_releases_the_reservation(
     gc.collect()
     assert ledger(processor) == (0, 0)
     assert server.stats()["requests"] == 0
-    assert_error_span(only(exporter), "StreamManagerNotEnteredError")
+    assert_error_span(
+        only(exporter), "otel_budget.instrumentation.anthropic.wrappers.StreamManagerNotEnteredError"
+    )
 
 
 def test_stream_helper_error_on_enter_releases(
@@ -568,7 +571,7 @@ def test_http_errors_release_the_reservation(
         create(client)
     assert ledger(processor) == (0, 0)
     span = only(exporter)
-    assert_error_span(span, error)
+    assert_error_span(span, f"anthropic.{error}")
     assert span.attributes[attrs.COST_USD] == 0.0
     assert server.stats()["billed_nanos"] == 0
 
@@ -619,7 +622,7 @@ def test_async_stream_endings_and_errors(setup: Any, server: FakeLLMServer, expo
         with pytest.raises(Exception) as info:  # noqa: PT011
             async for _event in stream:
                 pass
-        assert_error_span(only(exporter), type(info.value).__qualname__)
+        assert_error_span(only(exporter), error_type(info.value))
         assert only(exporter).attributes[attrs.COST_USD] > 0
         # close() part-way
         exporter.clear()
@@ -648,7 +651,7 @@ def test_async_stream_endings_and_errors(setup: Any, server: FakeLLMServer, expo
             server.script(Behaviour(status=status))
             with pytest.raises(anthropic.APIStatusError):
                 await create(c)
-            assert_error_span(only(exporter), error)
+            assert_error_span(only(exporter), f"anthropic.{error}")
         exporter.clear()
         server.script(Behaviour(status=500))
         with pytest.raises(anthropic.APIStatusError):

@@ -710,3 +710,48 @@ def test_module_has_no_third_party_imports():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+# --- scripted tool calls and thinking (the parity scenarios)
+
+WEATHER = [{"name": "get_weather", "arguments": {"city": "Paris"}}]
+
+
+def test_tool_calls_in_chat_plain_and_streamed(server, oai):
+    server.script(Behaviour(tool_calls=WEATHER))
+    choice = oai.chat.completions.create(model="gpt-4o-mini", messages=HELLO).choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    call = choice.message.tool_calls[0]
+    assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Paris"})
+    server.script(Behaviour(tool_calls=WEATHER))
+    chunks = list(oai.chat.completions.create(
+        model="gpt-4o-mini", messages=HELLO, stream=True, stream_options={"include_usage": True}
+    ))  # fmt: skip
+    deltas = [c.choices[0].delta.tool_calls for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert [d[0].function.name for d in deltas] == ["get_weather"]
+    assert chunks[-1].usage.completion_tokens == server.default_output_tokens  # still billed
+
+
+def test_tool_calls_in_responses_plain_and_streamed(server, oai):
+    server.script(Behaviour(tool_calls=WEATHER))
+    (item,) = oai.responses.create(model="gpt-4o-mini", input="hi").output
+    assert (item.type, item.name, item.arguments) == ("function_call", "get_weather", '{"city":"Paris"}')
+    server.script(Behaviour(tool_calls=WEATHER))
+    with oai.responses.stream(model="gpt-4o-mini", input="hi") as stream:
+        (item,) = stream.get_final_response().output
+    assert item.type == "function_call" and item.call_id.startswith("call_")
+
+
+def test_tool_use_and_thinking_in_anthropic_plain_and_streamed(server, ant):
+    for streamed in (False, True):
+        server.script(Behaviour(tool_calls=WEATHER, thinking="Let me think."))
+        kwargs = {"model": CLAUDE, "max_tokens": 100, "messages": HELLO}
+        if streamed:
+            with ant.messages.stream(**kwargs) as stream:
+                message = stream.get_final_message()
+        else:
+            message = ant.messages.create(**kwargs)
+        assert [b.type for b in message.content] == ["thinking", "text", "tool_use"]
+        assert message.content[0].thinking == "Let me think."
+        assert (message.content[2].name, message.content[2].input) == ("get_weather", {"city": "Paris"})
+        assert message.stop_reason == "tool_use"

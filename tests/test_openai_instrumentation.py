@@ -37,6 +37,7 @@ from otel_budget import attributes as attrs
 from otel_budget.engine import trace_key
 from otel_budget.instrumentation._call import COST_OUTPUT_CAPPED
 from otel_budget.instrumentation.openai import _TARGETS, OpenAIBudgetInstrumentor
+from otel_budget.metered import error_type
 from otel_budget.pricing import TokenUsage
 from otel_budget.testing import Behaviour, FakeLLMServer
 from otel_budget.tokens import estimate_input_tokens
@@ -556,7 +557,7 @@ def test_broken_stream_is_an_error_and_charged(
         list(stream_chat(client))
     assert not isinstance(info.value, BudgetExceededError)
     span = only(exporter)
-    assert_error_span(span, type(info.value).__qualname__)
+    assert_error_span(span, error_type(info.value))
     assert span.attributes[attrs.COST_USD] > 0  # the input and first delta were billed
     assert server.stats()["broken_streams"] == 1
     assert ledger(processor) == (nanos(span.attributes[attrs.COST_USD]), 0)
@@ -672,7 +673,7 @@ def test_async_stream_endings(setup: Any, server: FakeLLMServer, exporter: Any) 
         with pytest.raises(Exception) as info:  # noqa: PT011
             async for _chunk in s:
                 pass
-        assert_error_span(only(exporter), type(info.value).__qualname__)
+        assert_error_span(only(exporter), error_type(info.value))
         assert only(exporter).attributes[attrs.COST_USD] > 0
         # no usage
         exporter.clear()
@@ -822,7 +823,7 @@ def test_http_errors_release_the_reservation(
         client.chat.completions.create(model=MINI, messages=MESSAGES, max_tokens=50)
     assert ledger(processor) == (0, 0)
     span = only(exporter)
-    assert_error_span(span, error)
+    assert_error_span(span, f"openai.{error}")
     assert span.attributes[attrs.COST_USD] == 0.0
     assert server.stats()["billed_nanos"] == 0
 
@@ -837,7 +838,7 @@ def test_timeout_charges_the_reservation(setup: Any, server: FakeLLMServer, expo
     with pytest.raises(openai.APITimeoutError):
         c.chat.completions.create(model=MINI, messages=MESSAGES, max_tokens=50)
     span = only(exporter)
-    assert_error_span(span, "APITimeoutError")
+    assert_error_span(span, "openai.APITimeoutError")
     projected = nanos(span.attributes[attrs.COST_PROJECTED_USD])
     assert ledger(processor) == (projected, 0)
     assert nanos(span.attributes[attrs.COST_USD]) == projected
@@ -852,7 +853,7 @@ def test_connection_refused_releases_the_reservation(setup: Any, exporter: Any) 
     with pytest.raises(openai.APIConnectionError):
         c.chat.completions.create(model=MINI, messages=MESSAGES, max_tokens=50)
     assert ledger(processor) == (0, 0)
-    assert_error_span(only(exporter), "APIConnectionError")
+    assert_error_span(only(exporter), "openai.APIConnectionError")
     c.close()
 
 

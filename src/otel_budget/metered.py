@@ -212,15 +212,27 @@ class MeteredCall:
 
 
 def error_type(error: BaseException) -> str:
-    """The ``error.type`` of an exception: its class name, or the ``_gen_ai_error_type`` it
-    declares (util-genai's convention, e.g. ``_OTHER`` for an abandoned stream)."""
+    """The ``error.type`` of an exception, as the official GenAI instrumentations (and the
+    SDK's ``exception.type``) spell it: the ``_gen_ai_error_type`` it declares (util-genai's
+    convention, e.g. ``_OTHER`` for an abandoned stream), else the fully qualified class name
+    (``openai.APITimeoutError``; builtins unqualified: ``TimeoutError``). A refusal is
+    ``BudgetExceededError``, as ``mark_refused`` records it."""
     declared = getattr(error, "_gen_ai_error_type", None)
-    return declared if isinstance(declared, str) and declared else type(error).__qualname__
+    if isinstance(declared, str) and declared:
+        return declared
+    if isinstance(error, BudgetExceededError):
+        return _ABORTED
+    cls = type(error)
+    module = cls.__module__
+    return cls.__qualname__ if not module or module == "builtins" else f"{module}.{cls.__qualname__}"
 
 
 def _record_error(span: Any, error: BaseException) -> None:
+    """A failed call's span, as the official GenAI instrumentations record it: ERROR status
+    and ``error.type`` (no exception event; refusals, ours alone, keep theirs)."""
     span.set_attribute(attrs.ERROR_TYPE, error_type(error))
-    span.record_exception(error)
+    if isinstance(error, BudgetExceededError):
+        span.record_exception(error)
     span.set_status(Status(StatusCode.ERROR, str(error)))
 
 

@@ -210,6 +210,12 @@ class Behaviour:
     #: report this finish / stop reason (chat ``finish_reason``, Anthropic ``stop_reason``,
     #: e.g. ``tool_calls`` / ``tool_use``) instead of ``stop`` / ``end_turn``
     stop_reason: str | None = None
+    #: answer with these tool calls (``{"name": ..., "arguments": {...}}`` each): chat
+    #: ``tool_calls`` (no text, finish ``tool_calls``), Responses ``function_call`` items,
+    #: Anthropic ``tool_use`` blocks after the text (stop ``tool_use``); streamed too
+    tool_calls: Sequence[Mapping[str, Any]] | None = None
+    #: Anthropic: a ``thinking`` block with this text (and a fake signature) before the text
+    thinking: str | None = None
 
 
 @dataclass
@@ -442,6 +448,15 @@ def _asks_audio(body: Mapping[str, Any]) -> bool:
 def _reported(beh: Behaviour, usage: dict[str, Any]) -> Any:
     """The usage object to send: the true one, or the scripted (broken) report."""
     return dict(beh.reported_usage) if beh.reported_usage is not None else usage
+
+
+def _tool_calls(beh: Behaviour, rid: int) -> list[tuple[str, str, str]]:
+    """The scripted tool calls as (call id, name, JSON arguments)."""
+    return [
+        (f"call_fake{rid:08d}_{i}", str(call.get("name", "tool")),
+         json.dumps(call.get("arguments") or {}, separators=(",", ":")))
+        for i, call in enumerate(beh.tool_calls or ())
+    ]  # fmt: skip
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -942,7 +957,10 @@ class FakeLLMServer:
         legacy = api == "completions"
         cid = f"{'cmpl' if legacy else 'chatcmpl'}-fake{rid:08d}"
         created = int(time.time())
-        finish = beh.stop_reason or ("length" if plan.truncated else "stop")
+        calls = [] if legacy else _tool_calls(beh, rid)
+        finish = beh.stop_reason or (
+            "length" if plan.truncated else ("tool_calls" if calls else "stop")
+        )
         base = {
             "id": cid,
             "object": "text_completion" if legacy else "chat.completion",
@@ -964,6 +982,13 @@ class FakeLLMServer:
                     "refusal": None,
                     "annotations": [],
                 }
+                if calls:  # a tool-calling reply has no text
+                    message["content"] = None
+                    message["tool_calls"] = [
+                        {"id": cid_, "type": "function",
+                         "function": {"name": name, "arguments": args}}
+                        for cid_, name, args in calls
+                    ]  # fmt: skip
                 if plan.audio:  # spoken reply: no text content, the text is the transcript
                     message["content"] = None
                     message["audio"] = {
@@ -1010,7 +1035,15 @@ class FakeLLMServer:
                         )
                     )
                 )
-            for text, tokens in plan.pieces:
+            for j, (call_id, name, args) in enumerate(calls):  # the output tokens ride here
+                call_delta = {"index": j, "id": call_id, "type": "function",
+                              "function": {"name": name, "arguments": args}}  # fmt: skip
+                choice = {"index": i, "delta": {"tool_calls": [call_delta]}, "logprobs": None,
+                          "finish_reason": None}  # fmt: skip
+                due = plan.output_per_choice if j == 0 else 0
+                events.append(_Event(chunk(choice), due))
+                reasoning_due = 0
+            for text, tokens in [] if calls else plan.pieces:
                 if legacy:
                     choice = {"text": text, "index": i, "logprobs": None, "finish_reason": None}
                 else:
@@ -1107,8 +1140,21 @@ class FakeLLMServer:
             }
 
         full_message = message(plan.text, status)
+        calls = _tool_calls(beh, rid)
+
+        def function_call(index: int, arguments: str, state: str) -> dict[str, Any]:
+            call_id, name, _ = calls[index]
+            return {"type": "function_call", "id": f"fc_fake{rid:08d}_{index}",
+                    "call_id": call_id, "name": name, "arguments": arguments, "status": state}  # fmt: skip
+
+        if calls:  # a tool-calling reply: only the function calls
+            full_output = [
+                function_call(i, args, "completed") for i, (_, _, args) in enumerate(calls)
+            ]
+        else:
+            full_output = [full_message]
         if not body.get("stream"):
-            return response(status, [full_message], True)
+            return response(status, full_output, True)
         seq = itertools.count()
 
         def ev(kind: str, tokens: int = 0, **fields: Any) -> _Event:
@@ -1116,6 +1162,24 @@ class FakeLLMServer:
                 _sse({"type": kind, "sequence_number": next(seq), **fields}, event=kind), tokens
             )
 
+        if calls:
+            events = [
+                ev("response.created", response=response("in_progress", [], False)),
+                ev("response.in_progress", response=response("in_progress", [], False)),
+            ]
+            for i, (_, _, args) in enumerate(calls):
+                item_id = f"fc_fake{rid:08d}_{i}"
+                events += [
+                    ev("response.output_item.added", output_index=i,
+                       item=function_call(i, "", "in_progress")),
+                    ev("response.function_call_arguments.delta",
+                       plan.output if i == 0 else 0, item_id=item_id, output_index=i, delta=args),
+                    ev("response.function_call_arguments.done", item_id=item_id, output_index=i,
+                       arguments=args),
+                    ev("response.output_item.done", output_index=i, item=full_output[i]),
+                ]  # fmt: skip
+            events.append(ev(f"response.{status}", response=response(status, full_output, True)))
+            return events
         empty_part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
         done_part = {"type": "output_text", "text": plan.text, "annotations": [], "logprobs": []}
         where: dict[str, Any] = {"item_id": msg_id, "output_index": 0, "content_index": 0}
@@ -1141,7 +1205,7 @@ class FakeLLMServer:
             ev("response.output_text.done", reasoning_due, text=plan.text, logprobs=[], **where),
             ev("response.content_part.done", part=done_part, **where),
             ev("response.output_item.done", output_index=0, item=full_message),
-            ev(f"response.{status}", response=response(status, [full_message], True)),
+            ev(f"response.{status}", response=response(status, full_output, True)),
         ]
         return events
 
@@ -1174,7 +1238,20 @@ class FakeLLMServer:
         self, body: Mapping[str, Any], plan: _Plan, beh: Behaviour, rid: int
     ) -> Any:
         msg_id = f"msg_fake{rid:08d}"
-        stop_reason = beh.stop_reason or ("max_tokens" if plan.truncated else "end_turn")
+        calls = _tool_calls(beh, rid)
+        stop_reason = beh.stop_reason or (
+            "max_tokens" if plan.truncated else ("tool_use" if calls else "end_turn")
+        )
+        signature = base64.b64encode(f"fake-signature-{rid}".encode()).decode()
+        blocks: list[dict[str, Any]] = []
+        if beh.thinking is not None:
+            blocks.append({"type": "thinking", "thinking": beh.thinking, "signature": signature})
+        blocks.append({"type": "text", "text": plan.text})
+        blocks += [
+            {"type": "tool_use", "id": call_id.replace("call_", "toolu_"), "name": name,
+             "input": json.loads(args)}
+            for call_id, name, args in calls
+        ]  # fmt: skip
         usage: dict[str, Any] = {
             "input_tokens": plan.input,
             "cache_creation_input_tokens": plan.cache_write,
@@ -1193,7 +1270,7 @@ class FakeLLMServer:
             "type": "message",
             "role": "assistant",
             "model": plan.model,
-            "content": [{"type": "text", "text": plan.text}],
+            "content": blocks,
             "stop_reason": stop_reason,
             "stop_sequence": None,
         }
@@ -1207,9 +1284,21 @@ class FakeLLMServer:
         if beh.usage:  # message_start carries the input side and a placeholder output count
             start_message["usage"] = {**usage, "output_tokens": 1}
             start_message["usage"].pop("output_tokens_details", None)
-        events = [
-            ev("message_start", message=start_message),
-            ev("content_block_start", index=0, content_block={"type": "text", "text": ""}),
+        events = [ev("message_start", message=start_message)]
+        index = 0
+        if beh.thinking is not None:
+            events += [
+                ev("content_block_start", index=index,
+                   content_block={"type": "thinking", "thinking": "", "signature": ""}),
+                ev("content_block_delta", index=index,
+                   delta={"type": "thinking_delta", "thinking": beh.thinking}),
+                ev("content_block_delta", index=index,
+                   delta={"type": "signature_delta", "signature": signature}),
+                ev("content_block_stop", index=index),
+            ]  # fmt: skip
+            index += 1
+        events += [
+            ev("content_block_start", index=index, content_block={"type": "text", "text": ""}),
             ev("ping"),
         ]
         reasoning_due = plan.reasoning
@@ -1218,16 +1307,26 @@ class FakeLLMServer:
                 ev(
                     "content_block_delta",
                     tokens + reasoning_due,
-                    index=0,
+                    index=index,
                     delta={"type": "text_delta", "text": text},
                 )
             )
             reasoning_due = 0
+        events.append(ev("content_block_stop", index=index))
+        for call_id, name, args in calls:
+            index += 1
+            events += [
+                ev("content_block_start", index=index, content_block={
+                    "type": "tool_use", "id": call_id.replace("call_", "toolu_"), "name": name,
+                    "input": {}}),
+                ev("content_block_delta", index=index,
+                   delta={"type": "input_json_delta", "partial_json": args}),
+                ev("content_block_stop", index=index),
+            ]  # fmt: skip
         delta_usage: dict[str, Any] = {"output_tokens": plan.output}
         if plan.reasoning:
             delta_usage["output_tokens_details"] = {"thinking_tokens": plan.reasoning}
         events += [
-            ev("content_block_stop", index=0),
             ev(
                 "message_delta",
                 reasoning_due,
