@@ -299,9 +299,23 @@ class LLMCall:
             content = self.request.content
             if content is not None:
                 if error is not None:
-                    content.base.setdefault(attrs.ERROR_TYPE, type(error).__qualname__)
+                    content.base.setdefault(attrs.ERROR_TYPE, error_type(error))
                 emit_event(content, span, content.base)
             span.end()
+
+    def _settle_steps(
+        self, actual: int, usage: TokenUsage, out: dict[str, Any], error: BaseException | None
+    ) -> Steps[None]:
+        """Commit ``actual`` (and any attempt charged unreserved), then end the span (with
+        its event) and record the metrics: the last step of every settlement."""
+        self._unreserved_charge()
+        yield from self.budgeted.settle_steps(
+            actual, error=error, attributes=out, input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens, end=False,
+        )  # fmt: skip
+        self._end_span(actual, error)
+        self.record_metrics(out, error)
+        return None
 
     def _take_content(self, out: dict[str, Any]) -> None:
         """The output messages a response reader left in ``out`` (see ``_content``)."""
@@ -461,13 +475,7 @@ class LLMCall:
             usage, output_text, output_units, response_model, out, reported_usage
         )
         actual = max(actual, floor_nanos)
-        self._unreserved_charge()
-        yield from self.budgeted.settle_steps(
-            actual, input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
-            attributes=out, end=False, error=error,
-        )  # fmt: skip
-        self._end_span(actual)
-        self.record_metrics(out, error)
+        yield from self._settle_steps(actual, usage, out, error)
         return None
 
     def succeed(self, usage: TokenUsage | None, *args: Any, **kw: Any) -> None:
@@ -522,13 +530,7 @@ class LLMCall:
             usage = self.estimated_usage(None, 0)
         else:
             actual, usage = self._actual(usage, output_text, 0, response_model, out)
-        self._unreserved_charge()
-        yield from self.budgeted.settle_steps(
-            actual, error=exc, attributes=out, input_tokens=usage.input_tokens,
-            output_tokens=usage.output_tokens, end=False,
-        )  # fmt: skip
-        self._end_span(actual, exc)
-        self.record_metrics(out, exc)
+        yield from self._settle_steps(actual, usage, out, exc)
         return None
 
     def fail_after_response(self, exc: BaseException, usage: TokenUsage | None, *args: Any,
@@ -555,13 +557,7 @@ class LLMCall:
         if is_transport_error(exc) and actual < self.budgeted.projected_nanos:
             actual = self.budgeted.projected_nanos
             out[attrs.COST_ESTIMATED] = True
-        self._unreserved_charge()
-        yield from self.budgeted.settle_steps(
-            actual, error=exc, attributes=out, input_tokens=usage.input_tokens,
-            output_tokens=usage.output_tokens, end=False,
-        )  # fmt: skip
-        self._end_span(actual, exc)
-        self.record_metrics(out, exc)
+        yield from self._settle_steps(actual, usage, out, exc)
         return None
 
     def fail_after_output(
