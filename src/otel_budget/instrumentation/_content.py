@@ -41,6 +41,10 @@ from typing import Any, NamedTuple, cast
 import wrapt
 from opentelemetry.trace import Tracer
 
+from otel_budget.instrumentation._finish_reasons import (
+    normalize_finish_reason,
+    status_finish_reason,
+)
 from otel_budget.instrumentation._util import get as _get
 
 _logger = logging.getLogger(__name__)
@@ -582,7 +586,6 @@ def responses_tools(tools: Any) -> list[dict[str, Any]] | None:
     return out or None
 
 
-_INCOMPLETE_REASONS = {"max_output_tokens": "length", "content_filter": "content_filter"}
 _SERVER_TOOLS = {
     "code_interpreter_call": "code_interpreter", "file_search_call": "file_search",
     "image_generation_call": "image_generation", "mcp_call": "mcp",
@@ -590,19 +593,6 @@ _SERVER_TOOLS = {
     "web_search_call": "web_search",
 }  # fmt: skip
 _SERVER_TOOL_RESPONSES = {"tool_search_output": "tool_search"}
-
-
-def status_finish_reason(status: Any, incomplete_reason: Any = None) -> str | None:
-    if status == "completed":
-        return "stop"
-    if status in ("failed", "cancelled"):
-        return "error"
-    if status == "incomplete":
-        if incomplete_reason is None:
-            return "incomplete"
-        reason: str | None = _INCOMPLETE_REASONS.get(incomplete_reason, incomplete_reason)
-        return reason
-    return None
 
 
 def _server_tool(item: Any, kind: str) -> tuple[dict[str, Any], str] | None:
@@ -700,14 +690,8 @@ _ANTHROPIC_SERVER_RESULTS = {
     "text_editor_code_execution_tool_result": "text_editor_code_execution",
     "tool_search_tool_result": "tool_search",
 }  # fmt: skip
-_ANTHROPIC_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
-                      "tool_use": "tool_call"}  # fmt: skip
-
-
 def anthropic_finish_reason(stop_reason: Any) -> Any:
-    if stop_reason is None:
-        return None
-    return _ANTHROPIC_REASONS.get(stop_reason) or stop_reason
+    return normalize_finish_reason(stop_reason) if isinstance(stop_reason, str) else stop_reason
 
 
 def _anthropic_blob(source: Any, modality: str) -> dict[str, Any] | None:

@@ -54,7 +54,8 @@ def normalize_finish_reasons(reasons: Iterable[Any]) -> list[str]:
     return [_MAPPED.get(r, r) for r in reasons if isinstance(r, str)]
 
 
-def _from_status(status: Any, incomplete_reason: Any = None) -> str | None:
+def status_finish_reason(status: Any, incomplete_reason: Any = None) -> str | None:
+    """The finish reason of a Responses status (of a body or of one output item)."""
     if status == "completed":
         return "stop"
     if status in ("failed", "cancelled"):
@@ -69,7 +70,7 @@ def _from_status(status: Any, incomplete_reason: Any = None) -> str | None:
 def responses_finish_reasons(response: Any) -> list[str]:
     """The finish reasons of a Responses body (SDK object or dict); [] while in progress."""
     status = _get(response, "status")
-    overall = _from_status(status, _get(_get(response, "incomplete_details"), "reason"))
+    overall = status_finish_reason(status, _get(_get(response, "incomplete_details"), "reason"))
     if status in ("failed", "cancelled", "incomplete"):
         return [overall] if overall else []
     if status in ("queued", "in_progress") or not isinstance(status, str):
@@ -82,11 +83,14 @@ def responses_finish_reasons(response: Any) -> list[str]:
             if item_status is None or item_status in _TERMINAL_TOOL_CALL:
                 reasons.append("tool_calls")
         elif kind == "message":
-            reason = _from_status(item_status)
+            reason = status_finish_reason(item_status)
             if reason is not None:
                 reasons.append(reason)
     reasons = list(dict.fromkeys(reasons))
     return reasons or ([overall] if overall else [])
 
 
-__all__ = ["normalize_finish_reason", "normalize_finish_reasons", "responses_finish_reasons"]
+__all__ = [
+    "normalize_finish_reason", "normalize_finish_reasons", "responses_finish_reasons",
+    "status_finish_reason",
+]
