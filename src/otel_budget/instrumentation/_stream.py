@@ -49,6 +49,7 @@ import wrapt
 
 from otel_budget import attributes as attrs
 from otel_budget.instrumentation._call import LLMCall
+from otel_budget.instrumentation._util import usage_only
 from otel_budget.pricing import TokenUsage
 from otel_budget.steps import Steps, arun, run
 
@@ -202,12 +203,15 @@ def _settle_abandoned(call: LLMCall, acc: Accumulator) -> None:
 
 class _StreamProxy(wrapt.ObjectProxy):  # type: ignore[type-arg]
     """What both proxies share: the call, its accumulator, the finalizer of an abandoned
-    stream, the reading and timing of each item, and the blocking ending (``_self_end``)."""
+    stream, the reading and timing of each item, and the blocking ending (``_self_end``).
+    ``hide_usage``: the usage-only chunk the wrapper asked for (``include_usage``) is read,
+    then not passed on to a caller who did not ask for it."""
 
-    def __init__(self, stream: Any, call: LLMCall, acc: Accumulator) -> None:
+    def __init__(self, stream: Any, call: LLMCall, acc: Accumulator, hide_usage: bool = False) -> None:
         super().__init__(stream)
         self._self_call = call
         self._self_acc = acc
+        self._self_hide_usage = hide_usage
         self._self_finalizer = weakref.finalize(self, _settle_abandoned, call, acc)
         self._self_last_chunk: float | None = None  # when the previous chunk arrived
         self._self_labels: dict[str, Any] | None = None  # of the chunk metrics
@@ -221,6 +225,10 @@ class _StreamProxy(wrapt.ObjectProxy):  # type: ignore[type-arg]
         if ended_by is None and not complete:
             ended_by = _ENDING_WITH.get()  # closed by a stream helper left by an exception
         settle(self._self_call, self._self_acc, error, complete, ended_by)
+
+    def _self_passes(self, item: Any) -> bool:
+        """Whether the caller sees ``item`` (it has been read and metered either way)."""
+        return not (self._self_hide_usage and usage_only(item))
 
     def _self_feed(self, item: Any) -> Any:
         now = time.monotonic()
@@ -267,15 +275,17 @@ class SyncStreamProxy(_StreamProxy):
         return self
 
     def __next__(self) -> Any:
-        try:
-            item = next(self.__wrapped__)
-        except StopIteration:
-            self._self_end(None)
-            raise
-        except Exception as exc:
-            self._self_end(exc)
-            raise
-        return self._self_feed(item)
+        while True:
+            try:
+                item = next(self.__wrapped__)
+            except StopIteration:
+                self._self_end(None)
+                raise
+            except Exception as exc:
+                self._self_end(exc)
+                raise
+            if self._self_passes(self._self_feed(item)):
+                return item
 
     def __enter__(self) -> SyncStreamProxy:
         enter = getattr(self.__wrapped__, "__enter__", None)
@@ -317,15 +327,17 @@ class AsyncStreamProxy(_StreamProxy):
         return self
 
     async def __anext__(self) -> Any:
-        try:
-            item = await self.__wrapped__.__anext__()
-        except StopAsyncIteration:
-            await self._self_aend(None)
-            raise
-        except Exception as exc:
-            await self._self_aend(exc)
-            raise
-        return self._self_feed(item)
+        while True:
+            try:
+                item = await self.__wrapped__.__anext__()
+            except StopAsyncIteration:
+                await self._self_aend(None)
+                raise
+            except Exception as exc:
+                await self._self_aend(exc)
+                raise
+            if self._self_passes(self._self_feed(item)):
+                return item
 
     async def __aenter__(self) -> AsyncStreamProxy:
         enter = getattr(self.__wrapped__, "__aenter__", None)

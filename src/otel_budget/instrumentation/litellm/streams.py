@@ -17,40 +17,15 @@ from otel_budget.instrumentation import _content
 from otel_budget.instrumentation._call import LLMCall
 from otel_budget.instrumentation._stream import AsyncStreamProxy, SyncStreamProxy
 from otel_budget.instrumentation._util import ChatChunkAccumulator
-from otel_budget.instrumentation._util import usage_only as _usage_only
 from otel_budget.instrumentation.litellm.response import litellm_usage, reported_cost_usd
 
 # Delta fields holding generated text.
 _DELTA_FIELDS = ("content", "reasoning_content", "refusal")
 
 
-class LiteLLMStream(SyncStreamProxy):
-    """A sync ``CustomStreamWrapper``; hides the usage chunk we asked for, if the caller did not."""
-
-    def __init__(self, stream: Any, call: LLMCall, acc: ChatChunkAccumulator, hide_usage: bool) -> None:
-        super().__init__(stream, call, acc)
-        self._self_hide_usage = hide_usage
-
-    def __next__(self) -> Any:
-        while True:
-            item = SyncStreamProxy.__next__(self)
-            if not (self._self_hide_usage and _usage_only(item)):
-                return item
-
-
 class AsyncLiteLLMStream(AsyncStreamProxy):
     """An async ``CustomStreamWrapper``: ``async for``, ``async with``, ``aclose()`` (settled
     with the ledger's coroutines, as every async proxy), and its synchronous ``close()``."""
-
-    def __init__(self, stream: Any, call: LLMCall, acc: ChatChunkAccumulator, hide_usage: bool) -> None:
-        super().__init__(stream, call, acc)
-        self._self_hide_usage = hide_usage
-
-    async def __anext__(self) -> Any:
-        while True:
-            item = await AsyncStreamProxy.__anext__(self)
-            if not (self._self_hide_usage and _usage_only(item)):
-                return item
 
     def close(self) -> None:  # type: ignore[override]  # CustomStreamWrapper.close is sync
         try:
@@ -62,15 +37,13 @@ class AsyncLiteLLMStream(AsyncStreamProxy):
 def stream_proxy(result: Any, call: LLMCall, hide_usage: bool, asynchronous: bool) -> Any:
     """The proxy of a streamed result (sync or async iteration, as the entry point was), or
     None when ``result`` does not iterate that way (litellm returned a whole response)."""
-    if asynchronous:
-        if not hasattr(result, "__anext__"):
-            return None
-        acc = ChatChunkAccumulator(litellm_usage, _DELTA_FIELDS, _content.chat_stream_content(), reported_cost_usd)
-        return AsyncLiteLLMStream(result, call, acc, hide_usage)
-    if not hasattr(result, "__next__"):
+    if not hasattr(result, "__anext__" if asynchronous else "__next__"):
         return None
-    acc = ChatChunkAccumulator(litellm_usage, _DELTA_FIELDS, _content.chat_stream_content(), reported_cost_usd)
-    return LiteLLMStream(result, call, acc, hide_usage)
+    acc = ChatChunkAccumulator(
+        litellm_usage, _DELTA_FIELDS, _content.chat_stream_content(), reported_cost_usd
+    )
+    proxy = AsyncLiteLLMStream if asynchronous else SyncStreamProxy
+    return proxy(result, call, acc, hide_usage)
 
 
-__all__ = ["AsyncLiteLLMStream", "LiteLLMStream", "stream_proxy"]
+__all__ = ["AsyncLiteLLMStream", "stream_proxy"]

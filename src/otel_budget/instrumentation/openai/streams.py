@@ -31,7 +31,6 @@ from otel_budget.instrumentation._finish_reasons import responses_finish_reasons
 from otel_budget.instrumentation._stream import AsyncStreamProxy, SyncStreamProxy
 from otel_budget.instrumentation._util import ChatChunkAccumulator, response_attributes, usage_cost
 from otel_budget.instrumentation._util import get as _get
-from otel_budget.instrumentation._util import usage_only as _usage_only
 from otel_budget.instrumentation.openai import history
 from otel_budget.instrumentation.openai.response import chat_usage, responses_usage
 from otel_budget.pricing import TokenUsage
@@ -136,17 +135,7 @@ def _close_sync(stream: Any) -> None:
 
 
 class SyncStream(SyncStreamProxy):
-    """A metered SDK ``Stream``; hides the usage chunk the wrapper asked for."""
-
-    def __init__(self, stream: Any, call: LLMCall, acc: Any, hide_usage: bool = False) -> None:
-        super().__init__(stream, call, acc)
-        self._self_hide_usage = hide_usage
-
-    def __next__(self) -> Any:
-        while True:
-            item = super().__next__()  # read (and metered) first
-            if not (self._self_hide_usage and _usage_only(item)):
-                return item
+    """A metered SDK ``Stream``, whose ``response`` settles the call when closed."""
 
     @property
     def response(self) -> Any:
@@ -155,17 +144,7 @@ class SyncStream(SyncStreamProxy):
 
 
 class AsyncStream(AsyncStreamProxy):
-    """A metered SDK ``AsyncStream``; hides the usage chunk the wrapper asked for."""
-
-    def __init__(self, stream: Any, call: LLMCall, acc: Any, hide_usage: bool = False) -> None:
-        super().__init__(stream, call, acc)
-        self._self_hide_usage = hide_usage
-
-    async def __anext__(self) -> Any:
-        while True:
-            item = await super().__anext__()
-            if not (self._self_hide_usage and _usage_only(item)):
-                return item
+    """A metered SDK ``AsyncStream``, whose ``response`` settles the call when closed."""
 
     @property
     def response(self) -> Any:
