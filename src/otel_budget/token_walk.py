@@ -79,26 +79,6 @@ ESTIMATED_TOOLS_OVERHEAD = 500
 # models without a known formula.
 
 
-
-# --- frames and flat charges ------------------------------------------------------------------
-# OpenAI cookbook chat accounting: <|start|>{role/name}\n{content}<|end|>, reply primed with
-# <|start|>assistant<|message|>.
-OPENAI_TOKENS_PER_MESSAGE = 3
-OPENAI_TOKENS_PER_NAME = 1
-OPENAI_REPLY_PRIMING = 3
-# Role markers and separators of other providers (~8 measured for Claude in the ctok frame).
-ESTIMATED_TOKENS_PER_MESSAGE = 8
-# Tool schemas are counted as their JSON text; the provider also wraps them in a preamble.
-# OpenAI's "# Tools / namespace functions {...}" wrapper is 13 o200k tokens, plus a system frame.
-OPENAI_TOOLS_OVERHEAD = 20
-# Anthropic documents a 346-token tool-use system prompt (Claude 3.7-4.x); Opus 4.7's tokenizer
-# needs up to 1.35x more tokens for the same text.
-ESTIMATED_TOOLS_OVERHEAD = 500
-# DEFAULT_IMAGE_TOKENS (imported from .media): the flat charge of audio, files, and images of
-# models without a known formula.
-
-
-
 def count_text_tokens(text: str, model: str | None, *, strict: bool = False) -> InputEstimate:
     """Tokens of one text, without any chat frame."""
     if not isinstance(text, str):
