@@ -139,6 +139,23 @@ class DurableJournal:
             else:
                 self._write({"d": seq})
 
+    def done_many(self, seqs: list[int]) -> None:
+        """``done`` for a batch: one write (or the truncation) for all of them."""
+        seqs = [seq for seq in seqs if seq >= 0]
+        if not seqs:
+            return
+        with self._lock:
+            if self._closed:
+                return
+            self._open -= len(seqs)
+            if self._open <= 0:
+                self._open = 0
+                self._handle.truncate(0)
+                self._handle.flush()
+            else:
+                self._handle.write("".join(f'{{"d":{seq}}}\n' for seq in seqs))
+                self._handle.flush()
+
     # -- adopting what exited processes left ------------------------------------------------
     def adopt(self) -> list[tuple[int, Any]]:
         """Take over the pending entries of every journal in the directory whose process is

@@ -104,6 +104,8 @@ Failure handling (Redis down, hung or slow; measured figures in the tests'
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import functools
 import json
 import logging
@@ -113,6 +115,7 @@ import re
 import socket
 import threading
 import time
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from importlib import resources
@@ -259,6 +262,26 @@ class _Breaker:
             return self.failures >= self.threshold and time.monotonic() < self.open_until
 
 
+_AT_EXIT: weakref.WeakSet[RedisStorage] = weakref.WeakSet()
+_AT_EXIT_HOOKED: list[bool] = []
+
+
+def _drain_at_exit(storage: RedisStorage | None = None) -> None:
+    """Registers ``storage``; at interpreter exit, sends what every live one still queues
+    (what cannot be sent stays in its durable journal for the next start)."""
+    if storage is not None:
+        if not _AT_EXIT_HOOKED:
+            _AT_EXIT_HOOKED.append(True)
+            atexit.register(_drain_at_exit)
+        _AT_EXIT.add(storage)
+        return
+    for live in list(_AT_EXIT):
+        try:
+            live._drain()
+        except Exception:  # pragma: no cover - best effort at exit; the journal keeps it
+            pass
+
+
 def lease_name(lease_id: LeaseId) -> str:
     """A lease id as Redis text: ints (span-derived, possibly negative, up to 192 bits) in
     hex; anything else by ``repr`` behind a '~' so the two spaces cannot collide."""
@@ -328,6 +351,9 @@ class RedisStorage(LedgerStorage):
         journal_fsync: str = "everysec",
         durable_journal: bool = True,
         process_ttl_seconds: float = PROCESS_TTL_SECONDS,
+        settle_async: bool = True,
+        settle_interval_seconds: float = 0.002,
+        settle_batch: int = 128,
     ) -> None:
         if _redis is None:
             raise ImportError(
@@ -339,6 +365,8 @@ class RedisStorage(LedgerStorage):
             raise ValueError("retries >= 0, breaker_failures >= 1, breaker_reset_seconds >= 0")
         if socket_timeout <= 0 or socket_connect_timeout <= 0:
             raise ValueError("socket timeouts must be positive (None would block for ever)")
+        if settle_interval_seconds < 0 or settle_batch < 1:
+            raise ValueError("settle_interval_seconds >= 0 and settle_batch >= 1")
         if sweep_per_scope < 1 or max_journal < 1 or max_local_leases < 1:
             raise ValueError("sweep_per_scope, max_journal and max_local_leases must be >= 1")
         self._own_client = client is None
@@ -388,8 +416,25 @@ class RedisStorage(LedgerStorage):
         # Tests move the ledger's clock (lease deadlines) with this; production leaves 0.
         self._clock_offset_ms = 0
         self._lock = threading.Lock()
-        # Open leases reserved through this instance: lease name -> (scopes, amount).
-        self._local: OrderedDict[str, tuple[tuple[ScopeLimit, ...], int]] = OrderedDict()
+        # Open leases reserved through this instance: lease name -> (scopes, amount, the
+        # monotonic second past which a settle is no longer queued: near its deadline).
+        self._local: OrderedDict[str, tuple[tuple[ScopeLimit, ...], int, float]] = (
+            OrderedDict()
+        )
+        # Leases this instance settled (queued or sent): a second settle is a duplicate.
+        self._settled: OrderedDict[str, None] = OrderedDict()
+        # Settlements queued for the background writer: (entry, seq in the durable journal).
+        self.settle_async = bool(settle_async)
+        self._settle_interval = float(settle_interval_seconds)
+        self._settle_batch = int(settle_batch)
+        # Queue a settle only while its lease has this long left, so that it lands before
+        # the deadline even if the writer is held up (an outage journals it anyway).
+        self._queue_margin = min(60.0, self.lease_seconds / 2)
+        self._queue: deque[tuple[tuple[Any, ...], int]] = deque()
+        self._queue_wake = threading.Event()
+        self._send_lock = threading.Lock()  # one batch in flight: drains wait for it
+        self._writer: threading.Thread | None = None
+        self._writer_pid = 0
         # Degraded mode: leases held by the fallback, and what this process last saw.
         self._fallback_leases: OrderedDict[LeaseId, tuple[str, tuple[ScopeLimit, ...]]] = (
             OrderedDict()
@@ -408,7 +453,7 @@ class RedisStorage(LedgerStorage):
         self.stats: dict[str, int] = {
             "expired_leases": 0, "failures": 0, "fast_failures": 0, "fallback_reserves": 0,
             "journaled": 0, "replayed": 0, "journal_dropped": 0, "ghosts_released": 0,
-            "adopted": 0,
+            "adopted": 0, "queued": 0, "batches": 0, "batched": 0,
         }  # fmt: skip
         # The durable journal: opened at once when earlier processes left entries (adopted
         # and replayed), else at the first operation that cannot reach Redis.
@@ -655,7 +700,9 @@ class RedisStorage(LedgerStorage):
         return self._charge_once(name, specs, amount)
 
     def flush(self, timeout: float = 5.0) -> bool:
-        """Wait until the journal is replayed (True) or ``timeout`` passes (False)."""
+        """Send the queued settlements, then wait until the journal is replayed (True) or
+        ``timeout`` passes (False)."""
+        self._drain()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._lock:
@@ -683,25 +730,191 @@ class RedisStorage(LedgerStorage):
         args.extend(self._spec(s) for s in scopes)
         return self._scripts["reserve"](keys=keys, args=args, client=self.client)
 
-    def _settle_once(self, name: str, keys: Sequence[str] | None, mode: str, actual: int) -> Any:
+    def _settle_once(
+        self, name: str, keys: Sequence[str] | None, mode: str, actual: int, client: Any = None
+    ) -> Any:
+        """Settle one lease; with ``client`` (a pipeline) the call is only queued on it and
+        the reply comes from its ``execute`` (raw: ``_settle_many`` reads it)."""
         if keys is None:  # reserved by another instance (or forgotten here): ask the record
             stored = self.client.hget(self._rkey(name), "k")
             keys = json.loads(_text(stored)) if stored else []
         redis_keys = [self._rkey(name), *self._scope_keys(keys)]
-        reply = self._scripts["settle"](
-            keys=redis_keys, args=[name, mode, str(actual), self._settled_ms], client=self.client
-        )
+        args = [name, mode, str(actual), self._settled_ms]
+        if client is not None:
+            # EVALSHA itself: a pipeline running a Script object sends SCRIPT EXISTS first
+            # (one more round trip per batch); NOSCRIPT is handled by _settle_many.
+            client.evalsha(self._scripts["settle"].sha, len(redis_keys), *redis_keys, *args)
+            return keys
+        reply = self._scripts["settle"](keys=redis_keys, args=args, client=self.client)
         return [keys, *_text(reply).split(" ")]
 
-    def _charge_once(self, name: str, specs: Sequence[ScopeLimit], amount: int) -> Any:
+    def _charge_once(
+        self, name: str, specs: Sequence[ScopeLimit], amount: int, client: Any = None
+    ) -> Any:
+        """Charge without a reservation; ``client`` (a pipeline) as in ``_settle_once``."""
         keys = [self._rkey(name), *self._scope_keys([s.key for s in specs])]
         args: list[Any] = [name, str(amount), self._settled_ms]
         args.extend(self._spec(s) for s in specs)
+        if client is not None:
+            client.evalsha(self._scripts["charge"].sha, len(keys), *keys, *args)
+            return None
         return self._scripts["charge"](keys=keys, args=args, client=self.client)
+
+    def _settle_many(self, entries: Sequence[tuple[Any, ...]]) -> None:
+        """Send queued settlements (``("settle", lease, keys, specs, mode, actual)`` and
+        ``("charge", lease, specs, amount)``) in one pipeline of the same script calls
+        ``_settle_once`` and ``_charge_once`` make. Raises if any failed: the caller journals
+        the whole batch (idempotent: the ones that landed count once)."""
+        for attempt in range(2):
+            pipe = self.client.pipeline(transaction=False)
+            for entry in entries:
+                if entry[0] == "settle":
+                    self._settle_once(entry[1], entry[2], entry[4], entry[5], client=pipe)
+                else:
+                    self._charge_once(entry[1], entry[2], entry[3], client=pipe)
+            replies = pipe.execute(raise_on_error=False)
+            errors = [r for r in replies if isinstance(r, Exception)]
+            if not errors:
+                break
+            if attempt == 0 and all(isinstance(e, _redis.exceptions.NoScriptError) for e in errors):
+                for script in ("settle", "charge"):  # a server restart forgot them
+                    self.client.script_load(SCRIPTS[script])
+                continue
+            raise errors[0]
+        for entry, reply in zip(entries, replies, strict=True):
+            if entry[0] == "settle" and entry[4] == "c" and entry[3] and _text(reply) == "none":
+                # Its record is gone (see _settle_op): charged instead, never dropped.
+                self._charge_once(entry[1], entry[3], entry[5])
+
+    # -- settlements off the critical path ------------------------------------------------
+    def _enqueue(self, entry: tuple[Any, ...]) -> None:
+        """Journal ``entry`` durably, then queue it for the writer thread."""
+        seq = -1
+        durable = self._durable
+        if durable is None:
+            with self._lock:
+                durable = self._durable_journal()
+        if durable is not None:
+            try:
+                seq = durable.append(self._encode(entry))
+            except (OSError, TypeError, ValueError) as exc:
+                logger.error("otel-budget: cannot write the ledger journal: %s", exc)
+        queue = self._queue
+        queue.append((entry, seq))
+        self.stats["queued"] += 1
+        if self._writer_pid != os.getpid():
+            self._start_writer()
+        size = len(queue)
+        if size == 1 or size >= self._settle_batch:
+            self._queue_wake.set()
+
+    def _start_writer(self) -> None:
+        with self._lock:
+            if self._closed or self._writer_pid == os.getpid():
+                return
+            self._writer_pid = os.getpid()  # a forked child starts its own
+            self._writer = threading.Thread(
+                target=self._writer_loop, name="otel-budget-redis-settle", daemon=True
+            )
+            self._writer.start()
+        _drain_at_exit(self)
+
+    def _writer_loop(self) -> None:
+        queue, wake = self._queue, self._queue_wake
+        while not self._closed:
+            wake.wait()
+            wake.clear()
+            if self._settle_interval and len(queue) < self._settle_batch:
+                # Coalesce: more settlements arrive meanwhile; a full batch wakes us early.
+                wake.wait(self._settle_interval)
+            while queue and not self._closed:
+                with self._send_lock:
+                    self._send_batch()
+
+    def _send_batch(self) -> None:
+        """Send up to ``settle_batch`` queued settlements (call with ``_send_lock`` held).
+        If Redis does not take them they move to the replay journal, kept durable."""
+        queue = self._queue
+        batch: list[tuple[tuple[Any, ...], int]] = []
+        while queue and len(batch) < self._settle_batch:
+            batch.append(queue.popleft())
+        if not batch:
+            return
+        try:
+            self._call(functools.partial(self._settle_many, [e for e, _ in batch]), settle=True)
+        except Exception as exc:
+            if not isinstance(exc, LedgerUnavailableError):  # our bug: still never lost
+                logger.error("otel-budget: a settlement batch failed: %r", exc)
+            with self._lock:
+                self._journal.extend(batch)
+                self.stats["journaled"] += len(batch)
+                self._start_flusher()
+            self._wake.set()
+            return
+        self.stats["batches"] += 1
+        self.stats["batched"] += len(batch)
+        durable = self._durable
+        if durable is not None:
+            durable.done_many([seq for _, seq in batch])
+
+    def _drain(self) -> None:
+        """Send every queued settlement now, after any batch in flight (read-your-writes
+        for this instance; bounded: one attempt per batch, none while Redis is failing)."""
+        if not self._queue and not self._send_lock.locked():
+            return
+        with self._send_lock:
+            while self._queue:
+                self._send_batch()
+
+    def _queued_settle(self, lease_id: LeaseId, mode: str, actual: int) -> CommitResult | None:
+        """Queue the settle of a lease this instance reserved and return its result,
+        computed locally; None when it must go the synchronous way (async settles off, Redis
+        failing, a lease reserved elsewhere or near its deadline, a fallback lease)."""
+        if not self.settle_async or self._closed or self._breaker.failures:
+            return None
+        name = lease_name(lease_id)
+        with self._lock:
+            if name in self._settled:
+                return CommitResult(CommitStatus.DUPLICATE)
+            entry = self._local.get(name)
+            # Spend above the reservation would be invisible to other reservations until
+            # it lands (they could take room already spent): such a commit goes at once.
+            if (
+                entry is None
+                or actual > entry[1]
+                or time.monotonic() + self._clock_offset_ms / 1000 >= entry[2]
+            ):
+                return None
+            del self._local[name]
+            self._mark_settled(name)
+            specs, amount = entry[0], entry[1]
+            # The usage this instance last saw, with this settle applied (exact for one
+            # instance; other processes' settles show from this instance's next reserve).
+            known = self._known
+            usages = []
+            for spec in specs:
+                seen = known.get(spec.key)
+                if seen is not None:
+                    seen = ScopeUsage(
+                        spec.key, seen.limit, seen.spent + actual,
+                        seen.reserved - amount if seen.reserved > amount else 0,
+                    )  # fmt: skip
+                    known[spec.key] = seen
+                    usages.append(seen)
+        self._enqueue(("settle", name, [s.key for s in specs], specs, mode, actual))
+        if mode == "r":
+            return CommitResult(CommitStatus.RELEASED, amount, 0, tuple(usages))
+        return CommitResult(CommitStatus.OK, amount, 0, tuple(usages))
+
+    def _mark_settled(self, name: str) -> None:
+        settled = self._settled
+        settled[name] = None
+        if len(settled) > self._max_local:
+            settled.popitem(last=False)
 
     # -- degraded mode -----------------------------------------------------------------------
     def _remember(self, usages: Sequence[ScopeUsage]) -> None:
-        if self._fallback is None:
+        if self._fallback is None and not self.settle_async:
             return
         with self._lock:
             known = self._known
@@ -777,11 +990,18 @@ class RedisStorage(LedgerStorage):
         minimum, maximum = reserve_range(minimum, maximum)
         scopes = tuple(scopes)
         name = lease_name(lease_id)
-        want = self._fallback is not None
+        want = self._fallback is not None or self.settle_async
         try:
             reply = self._call(
                 lambda: self._reserve_once(name, scopes, minimum, maximum, pause_keys, want)
             )
+            if _text(reply[0]) == "denied" and (self._queue or self._send_lock.locked()):
+                # This instance's own queued settlements may free the room: a denial is
+                # decided after they land (read-your-writes; a round trip more only then).
+                self._drain()
+                reply = self._call(
+                    lambda: self._reserve_once(name, scopes, minimum, maximum, pause_keys, want)
+                )
         except LedgerUnavailableError as exc:
             if exc.attempted:
                 # Unknown outcome: the command may still run when the server wakes up (a
@@ -798,9 +1018,10 @@ class RedisStorage(LedgerStorage):
             self.stats["expired_leases"] += swept
         if status == "ok" or status == "dup":
             granted = int(reply[3] if status == "ok" else reply[2])
+            until = time.monotonic() + self.lease_seconds - self._queue_margin
             with self._lock:
                 local = self._local
-                local[name] = (scopes, granted)
+                local[name] = (scopes, granted, until)
                 if len(local) > self._max_local:
                     local.popitem(last=False)
             if status == "dup":
@@ -880,6 +1101,9 @@ class RedisStorage(LedgerStorage):
 
     def commit(self, lease_id: LeaseId, actual: int) -> CommitResult:
         actual = settle_amount(actual)  # never an error: the lease must be settled
+        queued = self._queued_settle(lease_id, "c", actual)
+        if queued is not None:
+            return queued
         held = self._take_fallback_lease(lease_id)
         if held is not None:
             assert self._fallback is not None
@@ -893,6 +1117,9 @@ class RedisStorage(LedgerStorage):
         return self._settle(lease_id, "c", actual)
 
     def release(self, lease_id: LeaseId) -> CommitResult:
+        queued = self._queued_settle(lease_id, "r", 0)
+        if queued is not None:
+            return queued
         held = self._take_fallback_lease(lease_id)
         if held is not None:
             assert self._fallback is not None
@@ -919,7 +1146,22 @@ class RedisStorage(LedgerStorage):
         self._remember(usages)
         return CommitResult(CommitStatus.OK, 0, amount, usages)
 
+    # acommit/arelease queue inline (a file append, no network): a thread only when they go
+    # the synchronous way.
+    async def acommit(self, lease_id: LeaseId, actual: int) -> CommitResult:
+        queued = self._queued_settle(lease_id, "c", settle_amount(actual))
+        if queued is not None:
+            return queued
+        return await asyncio.to_thread(self.commit, lease_id, actual)
+
+    async def arelease(self, lease_id: LeaseId) -> CommitResult:
+        queued = self._queued_settle(lease_id, "r", 0)
+        if queued is not None:
+            return queued
+        return await asyncio.to_thread(self.release, lease_id)
+
     def usage(self, key: str) -> ScopeUsage | None:
+        self._drain()  # this instance's settlements first
         try:
             values = self._call(
                 lambda: self.client.hmget(self.scope_key(key), "limit", "spent", "reserved")
@@ -934,6 +1176,7 @@ class RedisStorage(LedgerStorage):
 
     def scopes(self, prefix: str = "") -> list[ScopeUsage]:
         """Every scope whose key starts with ``prefix`` (SCAN: for operators, not hot paths)."""
+        self._drain()
         head = self.prefix + "s:"
         pattern = _GLOB.sub(r"\\\1", head + prefix) + "*"
 
@@ -962,6 +1205,7 @@ class RedisStorage(LedgerStorage):
     def set_limit(self, key: str, limit: int) -> None:
         if limit < 0:
             raise ValueError("a limit cannot be negative")
+        self._drain()
         if self._fallback is not None:
             self._fallback.set_limit(key, limit)
         self._call(
@@ -991,6 +1235,7 @@ class RedisStorage(LedgerStorage):
 
     def evict(self, key: str) -> None:
         # Best effort: a scope that is not evicted still goes when its TTL runs out.
+        self._drain()  # a queued settle still holds its reservation: it would keep the scope
         if self._fallback is not None:
             self._fallback.evict(key)
         try:
@@ -1005,6 +1250,7 @@ class RedisStorage(LedgerStorage):
     def reset(self, key: str) -> bool:
         """Set a scope's spent and reserved to 0, keeping its limit (an operator decision;
         commits of leases open at the time still count, as late spend). False if unknown."""
+        self._drain()
         if self._fallback is not None:
             self._fallback.reset(key)
         return bool(
@@ -1019,6 +1265,7 @@ class RedisStorage(LedgerStorage):
     def delete(self, key: str) -> bool:
         """Forget a scope entirely (limit override included), even with open leases. False if
         it did not exist."""
+        self._drain()
         if self._fallback is not None:
             self._fallback.delete(key)
         return bool(
@@ -1040,10 +1287,20 @@ class RedisStorage(LedgerStorage):
     def close(self) -> None:
         """Stop the replay thread and close our connections (a client passed in by the
         caller is left open). Unreplayed entries stay in the durable journal, replayed by the
-        next ``RedisStorage`` on this ledger (without one, they are lost: logged)."""
+        next ``RedisStorage`` on this ledger (without one, they are lost: logged). Queued
+        settlements are sent first."""
+        if not self._closed:
+            self._drain()
         with self._lock:
             self._closed = True
             flusher = self._flusher
+            writer = self._writer
+        self._queue_wake.set()
+        if writer is not None and writer is not threading.current_thread():
+            writer.join(timeout=self.max_settle_block_seconds + 1.0)
+        with self._send_lock, self._lock:
+            self._journal.extend(self._queue)  # raced with close: kept durable like these
+            self._queue.clear()
         self._wake.set()
         if flusher is not None and flusher is not threading.current_thread():
             flusher.join(timeout=2 * self.max_block_seconds + 1.0)
