@@ -232,3 +232,25 @@ def bench_worker(
     end = time.time()
     store.close()
     return out, begin, end
+
+
+def settle_then_exit_worker(
+    url: str, prefix: str, journal_dir: str, leases: int, amount: int, actual: int, how: str
+) -> None:
+    """Reserve ``leases`` leases and commit each (queued: the writer is held back a minute,
+    so nothing is sent), then end: ``"exit"`` returns normally (no close: the interpreter's
+    exit drains the queue), ``"kill"`` SIGKILLs itself (the journal file is all that is
+    left)."""
+    from otel_budget.storage import ScopeLimit
+    from otel_budget.storage.redis import RedisStorage
+
+    store = RedisStorage(url, prefix=prefix, journal_dir=journal_dir, socket_timeout=2.0,
+                         socket_connect_timeout=2.0, settle_interval_seconds=60.0)  # fmt: skip
+    scope = ScopeLimit("user:crash", 10**12)
+    for lease in range(1, leases + 1):
+        assert store.reserve(lease, [scope], amount).ok
+    for lease in range(1, leases + 1):
+        store.commit(lease, actual)
+    assert store.stats["batches"] == 0, store.stats  # all of them still queued
+    if how == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
