@@ -1,18 +1,24 @@
-"""Ledger throughput and latency: RedisStorage against MemoryStorage, 1 and 4 processes.
+"""Ledger throughput and latency: RedisStorage (commits queued, or sent at once) against
+MemoryStorage, 1 and 4 processes on ONE trace scope, with and without per-worker daily caps.
 
-    python bench/bench_redis.py               # ~30 s on a 2-core machine
-    python bench/bench_redis.py --quick       # smaller, for a smoke run
-    python bench/bench_redis.py --json out.json
+    python bench/bench_redis.py                      # ~2 min on a 2-core machine
+    python bench/bench_redis.py --quick              # smaller, for a smoke run
+    python bench/bench_redis.py --json bench/results/redis.json
 
-Each worker process runs sequential reserve+commit pairs on two scopes (a trace of 20 calls,
-lower-only, with a TTL; and the worker's daily cap): what one metered LLM call costs the
-ledger. Workers are spawned, warm up (connections, script load), then start together at a
-common wall-clock instant. Reported: pairs/s (all workers' pairs over the wall time from the
-first start to the last end), and p50/p99 of one pair's latency (``perf_counter_ns``).
+Each worker process runs sequential metered calls' ledger work: a reserve (on the call's
+critical path) then a commit (``redis``: queued for the background writer; ``redis-sync``:
+one more round trip, the old behaviour). Cases: ``trace`` (every worker on one shared trace
+scope) and ``trace+cap`` (plus the worker's own daily cap). Workers are spawned, warm up
+(connections, script load), then start together at a common wall-clock instant. Reported:
+calls/s (all workers' calls over the wall time from the first start until every worker's
+commits have landed in Redis), p50/p99 of the time added per call (reserve + commit, as the
+caller sees it, ``perf_counter_ns``), and the caller thread's CPU per reserve and per commit
+(``thread_time_ns``, means). Then the visibility bound: how long after ``commit()`` returns
+another client sees the spend (p50/p99 over 500 commits, default 2 ms writer interval).
 
 The redis-server is started by this script on a free 127.0.0.1 port (``--save ""
---appendonly no``) and stopped by PID at the end; nothing else is contacted. Redis-side
-cost per script call is read from ``INFO commandstats``.
+--appendonly no``) and stopped by PID at the end; nothing else is contacted. Redis-side cost
+per script call is read from ``INFO commandstats``.
 """
 
 from __future__ import annotations
@@ -24,30 +30,32 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 import uuid
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # tests.redis_server: the server helper and the worker
+sys.path.insert(0, os.path.join(ROOT, "src"))
 
 from tests.redis_server import REDIS_SERVER, SKIP_REASON, RedisServer, bench_worker  # noqa: E402
 
 
-def percentile(sorted_values: list[int], q: float) -> float:
+def percentile(sorted_values: list[int] | list[float], q: float) -> float:
     if not sorted_values:
         return float("nan")
     index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
     return float(sorted_values[index])
 
 
-def run_case(backend: str, procs: int, pairs: int, url: str) -> dict[str, Any]:
+def run_case(backend: str, procs: int, pairs: int, url: str, case: str) -> dict[str, Any]:
     ctx = multiprocessing.get_context("spawn")
     prefix = f"otbbench:{uuid.uuid4().hex[:8]}:"
     start_at = time.time() + 1.5 + 0.5 * procs  # spawn + import + warm-up
     with ctx.Pool(procs) as pool:
         results = pool.starmap(
-            bench_worker, [(backend, url, prefix, i, pairs, start_at) for i in range(procs)]
+            bench_worker, [(backend, url, prefix, i, pairs, start_at, case) for i in range(procs)]
         )
     latencies = sorted(ns for r in results for ns in r[0])
     begin = min(r[1] for r in results)
@@ -55,13 +63,44 @@ def run_case(backend: str, procs: int, pairs: int, url: str) -> dict[str, Any]:
     total = len(latencies)
     return {
         "backend": backend,
+        "case": case,
         "procs": procs,
-        "pairs": total,
-        "pairs_per_s": total / (end - begin),
+        "calls": total,
+        "calls_per_s": total / (end - begin),
         "p50_us": percentile(latencies, 0.50) / 1000,
         "p99_us": percentile(latencies, 0.99) / 1000,
         "mean_us": statistics.fmean(latencies) / 1000,
+        "cpu_reserve_us": sum(r[3] for r in results) / total / 1000,
+        "cpu_commit_us": sum(r[4] for r in results) / total / 1000,
     }
+
+
+def visibility(url: str, count: int) -> dict[str, Any]:
+    """Seconds from ``commit()`` returning to the spend being visible to another client."""
+    import redis
+
+    from otel_budget.storage import ScopeLimit
+    from otel_budget.storage.redis import RedisStorage
+
+    prefix = f"otbbench:{uuid.uuid4().hex[:8]}:"
+    store = RedisStorage(url, prefix=prefix, socket_timeout=1.0, socket_connect_timeout=1.0)
+    other = redis.Redis.from_url(url)
+    key = store.scope_key("user:seen")
+    waits = []
+    try:
+        for lease in range(1, count + 1):
+            assert store.reserve(lease, [ScopeLimit("user:seen", 10**15)], 1000).ok
+            store.commit(lease, 1)
+            start = time.perf_counter_ns()
+            while int(other.hget(key, "spent") or 0) < lease:
+                pass
+            waits.append(time.perf_counter_ns() - start)
+    finally:
+        store.close()
+        other.close()
+    waits.sort()
+    return {"p50_us": percentile(waits, 0.5) / 1000, "p99_us": percentile(waits, 0.99) / 1000,
+            "samples": count}  # fmt: skip
 
 
 def ping_baseline(url: str, count: int) -> dict[str, Any]:
@@ -97,52 +136,68 @@ def script_stats(url: str) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer pairs (smoke run)")
-    parser.add_argument("--pairs", type=int, default=None, help="pairs per worker process")
+    parser.add_argument("--quick", action="store_true", help="fewer calls (smoke run)")
+    parser.add_argument("--pairs", type=int, default=None, help="calls per worker process")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
     if REDIS_SERVER is None:
         print(f"bench_redis: {SKIP_REASON}", file=sys.stderr)
         return 2
-    pairs = args.pairs or (1000 if args.quick else 5000)
+    pairs = args.pairs or (1000 if args.quick else 4000)
+    os.environ.setdefault("OTEL_BUDGET_JOURNAL_DIR", tempfile.mkdtemp(prefix="otb-bench-jnl-"))
+    try:
+        import hiredis  # noqa: F401
+
+        parser_name = "hiredis"
+    except ImportError:
+        parser_name = "python"
     rows: list[dict[str, Any]] = []
     server = RedisServer().start()
     try:
-        for procs in (1, 4):
-            for backend in ("memory", "redis"):
-                row = run_case(backend, procs, pairs, server.url)
-                rows.append(row)
-                print(
-                    f"  {backend:<7} x{procs}: {row['pairs_per_s']:>9,.0f} pairs/s  "
-                    f"p50 {row['p50_us']:8.1f} us  p99 {row['p99_us']:8.1f} us",
-                    file=sys.stderr,
-                )
+        for case in ("trace", "trace+cap"):
+            for procs in (1, 4):
+                for backend in ("memory", "redis", "redis-sync"):
+                    row = run_case(backend, procs, pairs, server.url, case)
+                    rows.append(row)
+                    print(
+                        f"  {case:<9} {backend:<10} x{procs}: {row['calls_per_s']:>9,.0f} "
+                        f"calls/s  p50 {row['p50_us']:7.1f} us  p99 {row['p99_us']:8.1f} us  "
+                        f"cpu reserve {row['cpu_reserve_us']:6.1f} commit "
+                        f"{row['cpu_commit_us']:6.1f} us", file=sys.stderr,
+                    )  # fmt: skip
+        seen = visibility(server.url, 100 if args.quick else 500)
         ping = ping_baseline(server.url, 2000)
         server_side = script_stats(server.url)
     finally:
         server.cleanup()
 
     print()
-    print(f"reserve+commit pairs, {pairs} per process; python {platform.python_version()}, "
-          f"redis-server {server_side.get('redis_version')}, {os.cpu_count()} CPUs, loopback")  # fmt: skip
-    header = f"| {'backend':<7} | {'procs':>5} | {'pairs':>6} | {'pairs/s':>9} | {'p50 us':>8} | {'p99 us':>8} |"
+    print(f"metered calls' ledger work, {pairs} per process; python "
+          f"{platform.python_version()} ({parser_name} parser), redis-server "
+          f"{server_side.get('redis_version')}, {os.cpu_count()} CPUs, loopback")  # fmt: skip
+    header = (f"| {'case':<9} | {'backend':<10} | {'procs':>5} | {'calls/s':>9} | "
+              f"{'p50 us':>8} | {'p99 us':>8} | {'cpu reserve us':>14} | {'cpu commit us':>13} |")  # fmt: skip
     print(header)
-    print("|" + "|".join("-" * (len(cell) + 0) for cell in header.split("|")[1:-1]) + "|")
+    print("|" + "|".join("-" * len(cell) for cell in header.split("|")[1:-1]) + "|")
     for row in rows:
         print(
-            f"| {row['backend']:<7} | {row['procs']:>5} | {row['pairs']:>6} | "
-            f"{row['pairs_per_s']:>9,.0f} | {row['p50_us']:>8.1f} | {row['p99_us']:>8.1f} |"
+            f"| {row['case']:<9} | {row['backend']:<10} | {row['procs']:>5} | "
+            f"{row['calls_per_s']:>9,.0f} | {row['p50_us']:>8.1f} | {row['p99_us']:>8.1f} | "
+            f"{row['cpu_reserve_us']:>14.1f} | {row['cpu_commit_us']:>13.1f} |"
         )
+    print(f"visibility of a queued commit to another client: p50 {seen['p50_us']:.0f} us, "
+          f"p99 {seen['p99_us']:.0f} us ({seen['samples']} commits)")  # fmt: skip
     print(f"baseline: redis-py PING round trip p50 {ping['p50_us']:.1f} us, "
-          f"p99 {ping['p99_us']:.1f} us (a pair is 2 round trips)")  # fmt: skip
+          f"p99 {ping['p99_us']:.1f} us")  # fmt: skip
     evalsha = server_side.get("evalsha") or {}
     if evalsha:
         print(f"server side: {evalsha.get('calls')} EVALSHA, "
               f"{evalsha.get('usec_per_call')} us per script call")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "server": server_side, "ping": ping,
-                       "pairs_per_process": pairs}, f,
+            json.dump({"rows": rows, "server": server_side, "ping": ping, "visibility": seen,
+                       "calls_per_process": pairs, "parser": parser_name,
+                       "cpus": os.cpu_count(), "python": platform.python_version()}, f,
                       indent=2)  # fmt: skip
     return 0
 

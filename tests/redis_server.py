@@ -195,43 +195,57 @@ def pause_probe_worker(url: str, prefix: str, conn: Any) -> None:
 
 
 def bench_worker(
-    backend: str, url: str, prefix: str, index: int, pairs: int, start_at: float, warmup: int = 200
-) -> tuple[list[int], float, float]:
-    """Sequential reserve+commit pairs (a trace, 20 calls each, plus a daily cap), started at
-    wall time ``start_at`` so that parallel workers overlap; returns (each pair's ns, start,
-    end) of the measured part."""
+    backend: str, url: str, prefix: str, index: int, pairs: int, start_at: float,
+    case: str = "trace", warmup: int = 200,
+) -> tuple[list[int], float, float, int, int]:
+    """Sequential metered calls' ledger work (reserve, then commit), started at wall time
+    ``start_at`` so that parallel workers overlap. ``case``: ``"trace"`` (every worker on
+    one shared trace scope) or ``"trace+cap"`` (plus the worker's own daily cap). Backends:
+    ``memory``, ``redis`` (commits queued), ``redis-sync`` (commits sent at once). Returns
+    (each call's ns, start, end, this thread's CPU ns in reserves, in commits)."""
     from otel_budget.storage import MemoryStorage, ScopeLimit
 
-    if backend == "redis":
+    if backend.startswith("redis"):
         from otel_budget.storage.redis import RedisStorage
 
         store: Any = RedisStorage(url, prefix=prefix, socket_timeout=1.0,
-                                  socket_connect_timeout=1.0)  # fmt: skip
+                                  socket_connect_timeout=1.0,
+                                  settle_async=backend == "redis")  # fmt: skip
     else:
         store = MemoryStorage()
-    cap = ScopeLimit(f"user:u{index}@d20261123", 10**15, False, 2 * 86400.0)
+    trace = ScopeLimit("t:shared", 10**15, True, 3600.0)
+    scopes: tuple[Any, ...] = (trace,)
+    if case == "trace+cap":
+        scopes = (trace, ScopeLimit(f"user:u{index}@d20261123", 10**15, False, 2 * 86400.0))
     clock = time.perf_counter_ns
-
-    def pair(n: int) -> None:
-        lease = (index << 40) | n
-        scopes = (ScopeLimit(f"t:{index}:{n // 20}", 10**12, True, 3600.0), cap)
-        store.reserve(lease, scopes, 1_000_000)
-        store.commit(lease, 700_000)
+    cpu = time.thread_time_ns
+    cpu_reserve = cpu_commit = 0
 
     for n in range(pairs, pairs + warmup):  # connections, script load
-        pair(n)
+        lease = (index << 40) | n
+        store.reserve(lease, scopes, 1_000_000)
+        store.commit(lease, 700_000)
     delay = start_at - time.time()
     if delay > 0:
         time.sleep(delay)
     out = []
     begin = time.time()
     for n in range(pairs):
+        lease = (index << 40) | n
         start = clock()
-        pair(n)
+        c0 = cpu()
+        store.reserve(lease, scopes, 1_000_000)
+        c1 = cpu()
+        store.commit(lease, 700_000)
+        c2 = cpu()
         out.append(clock() - start)
+        cpu_reserve += c1 - c0
+        cpu_commit += c2 - c1
+    if backend == "redis":
+        store.flush(timeout=30)  # the end is when every commit has landed
     end = time.time()
     store.close()
-    return out, begin, end
+    return out, begin, end, cpu_reserve, cpu_commit
 
 
 def settle_then_exit_worker(
