@@ -10,6 +10,7 @@ clear reason when the binary is missing.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import socket
@@ -262,3 +263,16 @@ def test_synchronous_settles_remain_an_option(server: RedisServer) -> None:
         assert store.stats["queued"] == 0 and store._writer is None
     finally:
         store.close()
+
+
+def test_a_queued_settles_journal_line_is_the_replayable_entry(tmp_path: Path) -> None:
+    """The cached encoding of queued settles decodes to the entry itself (odd keys too)."""
+    fake = pytest.importorskip("fakeredis").FakeRedis(decode_responses=True)
+    store = RedisStorage(client=fake, prefix="x:", durable_journal=False)
+    scopes = (ScopeLimit('t:a"b\\c', 10**15, True, 3600.0), ScopeLimit("user:é", 5, False, None, 2))
+    for name in ("1f", "~'x\"y'"):
+        for _ in range(2):  # uncached, then cached
+            entry = ("settle", name, [s.key for s in scopes], scopes, "c", 700)
+            line = store._entry_json(entry)
+            assert json.loads(line) == json.loads(json.dumps(store._encode(entry)))
+            assert store._decode(json.loads(line)) == entry
