@@ -14,7 +14,7 @@ calls/s (all workers' calls over the wall time from the first start until every 
 commits have landed in Redis), p50/p99 of the time added per call (reserve + commit, as the
 caller sees it, ``perf_counter_ns``), and the caller thread's CPU per reserve and per commit
 (``thread_time_ns``, means). Then the visibility bound: how long after ``commit()`` returns
-another client sees the spend (p50/p99 over 500 commits, default 2 ms writer interval).
+another client sees the spend (p50/p99 over 500 commits, default 5 ms writer interval).
 
 The redis-server is started by this script on a free 127.0.0.1 port (``--save ""
 --appendonly no``) and stopped by PID at the end; nothing else is contacted. Redis-side cost

@@ -38,9 +38,10 @@ Design (measured in ``shared/notes/backends.md`` §1):
   see below) after its own queued releases is decided again once they have landed (a denial
   costs one more round trip only when something is queued). A grant *short of its maximum*
   is not retried: it may be smaller than the room for up to the bound, never larger.
-  **Visibility bound** to other processes (measured in ``bench/bench_redis.py``, loopback,
-  loaded 2-core machine): p50 ~3 ms, p99 ~11 ms from ``commit()`` returning; Redis failing:
-  the journal's replay. **Nothing lost:** the queue is sent at ``close``, ``flush`` and
+  **Visibility bound** to other processes: the interval plus one pipelined round trip,
+  measured from ``commit()`` returning to another client seeing the spend
+  (``bench/bench_redis.py``, loopback, a 2-core machine at load average ~15): p50 6.0 ms,
+  p99 20.9 ms. While Redis fails, the journal's replay (above) bounds it instead. **Nothing lost:** the queue is sent at ``close``, ``flush`` and
   interpreter exit (``atexit``); after a crash or SIGKILL the journal holds every queued
   settle and the next ``RedisStorage`` on the same URL and prefix adopts and replays it
   (idempotent by lease: a settle sent before the crash counts once). Until then the
