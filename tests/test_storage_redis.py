@@ -580,7 +580,9 @@ def _machine_for(factory: Callable[[], RedisStorage]) -> type[LedgerMachine]:
 
 
 def test_state_machine_on_real_redis(server: RedisServer) -> None:
-    client_store = RedisStorage(server.url, prefix="unused:")
+    # Long timeouts: this checks the ledger's logic; a loaded machine missed the 50 ms ones.
+    client_store = RedisStorage(server.url, prefix="unused:", socket_timeout=1.0,
+                                socket_connect_timeout=1.0)  # fmt: skip
     try:
         machine = _machine_for(
             lambda: RedisStorage(client=client_store.client, prefix=unique_prefix(),

@@ -183,7 +183,20 @@ try:  # optional dependency: pip install 'otel-budget[redis]'
 except ImportError:  # pragma: no cover - exercised only without the extra
     _redis = None  # type: ignore[assignment]
 
+try:  # optional, with the extra: redis-py's own packing checks every argument in Python
+    from hiredis import pack_command as _hiredis_pack
+except ImportError:  # pragma: no cover - redis-py's packer then
+    _hiredis_pack = None  # type: ignore[assignment]
+
 logger = logging.getLogger("otel_budget.storage.redis")
+
+
+def _pack(conn: Any, command: tuple[Any, ...]) -> list[bytes]:
+    """One command in RESP (our arguments are str and int only)."""
+    if _hiredis_pack is not None:
+        return [_hiredis_pack(command)]
+    packed: list[bytes] = conn.pack_command(*command)
+    return packed
 
 ENV_URL = "OTEL_BUDGET_REDIS_URL"
 
@@ -481,6 +494,9 @@ class RedisStorage(LedgerStorage):
         # Each thread's own connection for script calls (see _evalsha).
         self._thread_conn = threading.local()
         self._specs_json: dict[tuple[ScopeLimit, ...], str] = {}
+        self._reserve_parts: dict[
+            tuple[tuple[ScopeLimit, ...], int], tuple[list[str], str, list[str]]
+        ] = {}
         self._thread_conns: weakref.WeakSet[Any] = weakref.WeakSet()
         # Degraded mode: leases held by the fallback, and what this process last saw.
         self._fallback_leases: OrderedDict[LeaseId, tuple[str, tuple[ScopeLimit, ...]]] = (
@@ -764,17 +780,26 @@ class RedisStorage(LedgerStorage):
         self, name: str, scopes: Sequence[ScopeLimit], minimum: int, maximum: int,
         pause_keys: Sequence[str], want: bool,
     ) -> Any:  # fmt: skip
-        keys = [self._pause_key, self._rkey(name)]
-        keys.extend(self._scope_keys([s.key for s in scopes]))
+        # What depends only on the scopes (their keys, their JSON, their specs) is cached:
+        # a process makes its calls on few distinct scope sets (per pid: the process scope).
+        cache_key = (tuple(scopes), os.getpid())
+        cached = self._reserve_parts.get(cache_key)
+        if cached is None:
+            names = [s.key for s in scopes]
+            cached = (self._scope_keys(names), json.dumps(names), [self._spec(s) for s in scopes])
+            if len(self._reserve_parts) >= 1024:
+                self._reserve_parts.clear()
+            self._reserve_parts[cache_key] = cached
+        scope_keys, names_json, specs = cached
+        keys = [self._pause_key, self._rkey(name), *scope_keys]
         config = (
             f"{self._lease_ms}:{self._clock_offset_ms}:{self._record_ms}:{self._sweep}:"
             f"{1 if want else 0}"
         )
         args: list[Any] = [
-            name, f"{minimum}:{maximum}", config, json.dumps([s.key for s in scopes]),
-            len(pause_keys) + 1, GLOBAL_PAUSE_KEY, *pause_keys,
+            name, f"{minimum}:{maximum}", config, names_json,
+            len(pause_keys) + 1, GLOBAL_PAUSE_KEY, *pause_keys, *specs,
         ]  # fmt: skip
-        args.extend(self._spec(s) for s in scopes)
         return self._evalsha("reserve", keys, args)
 
     def _evalsha(self, script: str, keys: list[str], args: list[Any]) -> Any:
@@ -794,12 +819,13 @@ class RedisStorage(LedgerStorage):
         sha = self._scripts[script].sha
         for stale in (True, False):
             try:
+                command = ("EVALSHA", sha, len(keys), *keys, *args)
                 try:
-                    conn.send_command("EVALSHA", sha, len(keys), *keys, *args)
+                    conn.send_packed_command(_pack(conn, command))
                     return conn.read_response()
                 except _redis.exceptions.NoScriptError:  # a restarted server forgot it
                     self.client.script_load(SCRIPTS[script])
-                    conn.send_command("EVALSHA", sha, len(keys), *keys, *args)
+                    conn.send_packed_command(_pack(conn, command))
                     return conn.read_response()
             except _redis.exceptions.ResponseError:
                 raise  # the whole reply was read: the connection is fine
@@ -889,7 +915,10 @@ class RedisStorage(LedgerStorage):
                 self._thread_conns.add(conn)
         for stale in (True, False):
             try:
-                conn.send_packed_command(conn.pack_commands(commands))
+                conn.send_packed_command(
+                    [b"".join(_pack(conn, c)[0] for c in commands)]
+                    if _hiredis_pack is not None else conn.pack_commands(commands)
+                )  # fmt: skip
                 replies: list[Any] = []
                 for _ in commands:
                     try:
