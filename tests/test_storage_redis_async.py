@@ -276,3 +276,59 @@ def test_a_queued_settles_journal_line_is_the_replayable_entry(tmp_path: Path) -
             line = store._entry_json(entry)
             assert json.loads(line) == json.loads(json.dumps(store._encode(entry)))
             assert store._decode(json.loads(line)) == entry
+
+
+def test_without_hiredis_the_same_calls_are_packed_by_redis_py(
+    server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """hiredis is optional (the ``redis`` extra brings it): without it, redis-py packs."""
+    import otel_budget.storage.redis as module
+
+    monkeypatch.setattr(module, "_hiredis_pack", None)
+    store = RedisStorage(server.url, prefix=unique_prefix())
+    cap = ScopeLimit("user:nohiredis", 10 * USD)
+    try:
+        assert store.reserve(1, [cap], USD).ok and store.reserve(2, [cap], USD).ok
+        store.commit(1, 5)
+        store.release(2)
+        assert store.usage(cap.key) == (cap.key, 10 * USD, 5, 0)
+        assert store.stats["batched"] == 2
+    finally:
+        store.close()
+
+
+def test_an_adopter_never_takes_a_journal_being_created(tmp_path: Path) -> None:
+    """Many journals created while others adopt (as processes starting together do): every
+    creator keeps its own file, locked (it was taken between creation and lock before)."""
+    import threading
+
+    from otel_budget.storage.journal import DurableJournal
+
+    made: list[DurableJournal] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def adopt() -> None:
+        adopter = DurableJournal(tmp_path)
+        while not stop.is_set():
+            adopter.adopt()
+        adopter.close()
+
+    def create() -> None:
+        for _ in range(200):
+            try:
+                made.append(DurableJournal(tmp_path))
+            except OSError as exc:
+                errors.append(exc)
+
+    adopters = [threading.Thread(target=adopt) for _ in range(2)]
+    for thread in adopters:
+        thread.start()
+    create()
+    stop.set()
+    for thread in adopters:
+        thread.join()
+    assert not errors
+    assert all(j.path.exists() for j in made)
+    for journal in made:
+        journal.close()

@@ -10,7 +10,8 @@ before it returns, and marks it done once Redis has it. The file survives the pr
 the next ``RedisStorage`` on the same ledger (same URL and prefix) adopts the pending
 entries of every journal whose process is gone and replays them.
 
-Layout: ``<directory>/<ledger id>/<pid>-<start ms>-<random>.jnl``, one JSON object per line:
+Layout: ``<directory>/<ledger id>/<pid>-<start ms>-<random>.jnl`` (created as ``.jnl.new``,
+locked, then renamed, so that no adopter can take a live file), one JSON object per line:
 ``{"i": seq, "e": entry}`` (pending) or ``{"d": seq}`` (sent). A process holds an exclusive
 ``flock`` on its own file for its lifetime, so a file whose lock can be taken belongs to a
 process that exited or died (SIGKILL included: the kernel drops the lock); its pending
@@ -95,9 +96,13 @@ class DurableJournal:
         name = f"{os.getpid()}-{int(time.time() * 1000)}-{secrets.token_hex(4)}.jnl"
         self.path = self.directory / name
         self._lock = threading.Lock()
-        self._handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held open
+        # Created under a name adopters ignore, locked, then renamed (the lock stays with the
+        # file): an adopter never sees, locks and removes a live process's new journal.
+        creating = self.directory / (name + ".new")
+        self._handle = open(creating, "a+", encoding="utf-8")  # noqa: SIM115 - held open
         if fcntl is not None:
             fcntl.flock(self._handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.replace(creating, self.path)
         self._seq = 0
         self._open = 0  # pending entries in this file
         self._last_sync = time.monotonic()

@@ -40,8 +40,8 @@ Design (measured in ``shared/notes/backends.md`` §1):
   is not retried: it may be smaller than the room for up to the bound, never larger.
   **Visibility bound** to other processes: the interval plus one pipelined round trip,
   measured from ``commit()`` returning to another client seeing the spend
-  (``bench/bench_redis.py``, loopback, a 2-core machine at load average ~15): p50 6.0 ms,
-  p99 20.9 ms. While Redis fails, the journal's replay (above) bounds it instead. **Nothing lost:** the queue is sent at ``close``, ``flush`` and
+  (``bench/bench_redis.py``, loopback, a shared 2-core machine): p50 5.7 ms, p99 30 ms
+  (6.0 / 20.9 ms in another run at load average ~15). While Redis fails, the journal's replay (above) bounds it instead. **Nothing lost:** the queue is sent at ``close``, ``flush`` and
   interpreter exit (``atexit``); after a crash or SIGKILL the journal holds every queued
   settle and the next ``RedisStorage`` on the same URL and prefix adopts and replays it
   (idempotent by lease: a settle sent before the crash counts once). Until then the
