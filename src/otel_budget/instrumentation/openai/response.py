@@ -71,8 +71,26 @@ def responses_usage(usage: Any) -> TokenUsage | None:
 
 
 # -- bodies behind with_raw_response / with_streaming_response --------------------------------
+_MODEL_TYPES: dict[type, bool] = {}  # type -> a pydantic model (a parsed body)?
+
+
+def _is_model(result: Any) -> bool:
+    kind = type(result)
+    known = _MODEL_TYPES.get(kind)
+    if known is None:
+        known = any(k.__name__ == "BaseModel" and k.__module__.startswith("pydantic")
+                    for k in kind.__mro__)  # fmt: skip
+        if len(_MODEL_TYPES) < 1024:
+            _MODEL_TYPES[kind] = known
+    return known
+
+
 def is_raw(result: Any) -> bool:
-    """An HTTP response wrapper (``with_raw_response`` / ``with_streaming_response``)."""
+    """An HTTP response wrapper (``with_raw_response`` / ``with_streaming_response``). A
+    parsed body (a pydantic model) is none: answered without ``hasattr``, which costs a
+    pydantic ``__getattr__`` miss on every call."""
+    if _is_model(result):
+        return False
     return hasattr(result, "http_response") and hasattr(result, "parse")
 
 
