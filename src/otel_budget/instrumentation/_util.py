@@ -214,12 +214,55 @@ def server_of(client: Any) -> tuple[str | None, int | None]:
 _SERVERS: dict[int, tuple[Any, tuple[str | None, int | None]]] = {}
 
 
+_MODEL_TYPES: dict[type, bool] = {}  # type -> a pydantic (v2) model?
+
+
+def is_model(obj: Any) -> bool:
+    """A pydantic v2 model instance (an SDK's parsed body), answered once per type."""
+    kind = type(obj)
+    known = _MODEL_TYPES.get(kind)
+    if known is None:
+        known = any(k.__name__ == "BaseModel" and k.__module__ == "pydantic.main"
+                    for k in kind.__mro__)  # fmt: skip
+        if len(_MODEL_TYPES) < 1024:
+            _MODEL_TYPES[kind] = known
+    return known
+
+
+_CLASS_ATTRS: dict[tuple[type, str], bool] = {}
+
+
+def _class_has(kind: type, name: str) -> bool:
+    """``hasattr(kind, name)`` without pydantic's metaclass ``__getattr__`` (which raises for
+    a miss), answered once per class and name."""
+    key = (kind, name)
+    known = _CLASS_ATTRS.get(key)
+    if known is None:
+        known = any(name in k.__dict__ for k in kind.__mro__)
+        if len(_CLASS_ATTRS) < 4096:
+            _CLASS_ATTRS[key] = known
+    return known
+
+
 def get(obj: Any, name: str) -> Any:
     """``obj[name]`` for a dict, ``obj.name`` otherwise; None when absent or unreadable."""
     if obj is None:
         return None
     if isinstance(obj, dict):
         return obj.get(name)
+    if name[:1] != "_" and is_model(obj):
+        # A field or an extra, read where pydantic keeps it: an absent one (``usage.cost``,
+        # asked of every body) would otherwise cost a raised and caught AttributeError in
+        # pydantic's ``__getattr__``, ~50 times a present one. (Private attributes, such as
+        # litellm's ``_hidden_params``, live elsewhere: read by ``getattr``.)
+        fields = obj.__dict__
+        if name in fields:
+            return fields[name]
+        extra = getattr(obj, "__pydantic_extra__", None)
+        if extra and name in extra:
+            return extra[name]
+        if not _class_has(type(obj), name):  # no property or method of that name either
+            return None
     try:
         return getattr(obj, name, None)
     except Exception:  # some pydantic models raise other errors for unknown fields
