@@ -1,25 +1,32 @@
-"""Per-call overhead of otel-budget's instrumentation + enforcement on a real ``openai`` SDK
-call over loopback, against the bare call and the official GenAI instrumentation, one run.
+"""Per-call overhead of otel-budget's instrumentation + enforcement on real ``openai`` and
+``anthropic`` SDK calls over loopback, against the bare call, the official GenAI
+instrumentations and a hand-written wrapt span, in one run.
 
-    bash bench/setup.sh                             # a venv with the official instrumentation
-    /work/bench-venv/bin/python bench/bench_instrumentation.py [--rounds 15 --calls 200]
+    PYTHONPATH=src python bench/bench_instrumentation.py [--rounds 15 --calls 200 --json out]
 
 Cases, interleaved round by round (medians of the per-round means, in µs per call):
 
-* ``bare``: ``client.chat.completions.create`` uninstrumented;
+* ``bare``: the SDK method uninstrumented;
 * ``otel-budget``: BudgetInstrumentor (span + projection + reservation + commit + root
   breakdown), with a budget far above what the run spends, so nothing is refused;
-* ``genai-openai``: ``opentelemetry-instrumentation-genai-openai`` (the official GenAI
-  instrumentation, which enforces nothing), when installed.
+* ``genai-official``: ``opentelemetry-instrumentation-genai-openai`` and ``-genai-anthropic``
+  (the official GenAI instrumentations, which enforce nothing), when installed;
+* ``wrapt-span``: a hand-written ``wrapt`` wrapper starting one CLIENT span with the three
+  request attributes and setting the response model and token counts (the floor of any
+  instrumentation: the stretch target is otel-budget within 1.2x its overhead).
 
-For sync, async and streaming (fully consumed, usage included). The fake server runs in a
-child process so that it does not compete with the measured process for the GIL; every
-call is the same request. Each case's wrapper is installed once and swapped in per round.
+Kinds: openai ``sync``, ``async`` and ``stream`` (fully consumed, usage included), anthropic
+``anthropic`` (sync) and ``anthropic_stream``. The fake server runs in a child process so
+that it does not compete with the measured process for the GIL; every call is the same
+request. Each case's wrappers (the SDK methods and the HTTP attempt hooks) are installed once
+and swapped in per round, so ``bare`` runs no wrapper at all.
 
 Times are the calling thread's CPU time per call (``time.thread_time``): the work the
 application pays for, which is what an instrumentation adds; the network wait, identical in
 every case, is left out, and with it most of the noise of a shared machine (loopback round
 trips varied 2-3x between runs here). ``--wall`` measures wall-clock time instead.
+``*_vs_official`` is otel-budget's overhead over the official one's (target: at most 0.8),
+``*_vs_wrapt`` over the hand-written span's (stretch: within 1.2).
 """
 
 from __future__ import annotations
@@ -71,12 +78,65 @@ def start_server(lifetime: float) -> tuple[subprocess.Popen[str], str]:
 
 
 def capture(targets: Sequence[tuple[Any, str]]) -> dict[str, Any]:
-    return {f"{owner.__name__}.{name}": owner.__dict__[name] for owner, name in targets}
+    return {f"{owner.__qualname__}.{name}": owner.__dict__[name] for owner, name in targets}
 
 
 def install(targets: Sequence[tuple[Any, str]], saved: dict[str, Any]) -> None:
     for owner, name in targets:
-        setattr(owner, name, saved[f"{owner.__name__}.{name}"])
+        setattr(owner, name, saved[f"{owner.__qualname__}.{name}"])
+
+
+def wrapt_span(tracer: Any, provider_name: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """The hand-written baseline: one CLIENT span per call, request attributes at start,
+    response model and token counts at the end (a stream's when it is exhausted)."""
+    import wrapt
+
+    def start(kwargs: dict[str, Any]) -> Any:
+        model = kwargs.get("model")
+        return tracer.start_span(f"chat {model}", kind=trace.SpanKind.CLIENT, attributes={
+            "gen_ai.operation.name": "chat", "gen_ai.provider.name": provider_name,
+            "gen_ai.request.model": model,
+        })  # fmt: skip
+
+    def finish(span: Any, response: Any) -> None:
+        usage = getattr(response, "usage", None)
+        if usage is not None:
+            inp = getattr(usage, "prompt_tokens", None) or getattr(usage, "input_tokens", 0)
+            out = getattr(usage, "completion_tokens", None) or getattr(usage, "output_tokens", 0)
+            span.set_attributes({"gen_ai.response.model": getattr(response, "model", ""),
+                                 "gen_ai.usage.input_tokens": inp,
+                                 "gen_ai.usage.output_tokens": out})  # fmt: skip
+        span.end()
+
+    class Stream(wrapt.ObjectProxy):  # type: ignore[misc]
+        def __init__(self, stream: Any, span: Any) -> None:
+            super().__init__(stream)
+            self._self_span = span
+
+        def __iter__(self) -> Any:
+            last = None
+            for chunk in self.__wrapped__:
+                last = chunk if getattr(chunk, "usage", None) is not None else last
+                yield chunk
+            finish(self._self_span, last)
+
+    def sync(wrapped: Any, instance: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+        span = start(kwargs)
+        with trace.use_span(span, end_on_exit=False):
+            result = wrapped(*args, **kwargs)
+        if kwargs.get("stream"):
+            return Stream(result, span)
+        finish(span, result)
+        return result
+
+    async def asynchronous(wrapped: Any, instance: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+        span = start(kwargs)
+        with trace.use_span(span, end_on_exit=False):
+            result = await wrapped(*args, **kwargs)
+        finish(span, result)
+        return result
+
+    return sync, asynchronous
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -88,10 +148,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     clock = time.perf_counter if args.wall else time.thread_time
 
+    import anthropic
     import openai
+    from anthropic._base_client import AsyncAPIClient as AnthropicAsyncAPIClient
+    from anthropic._base_client import SyncAPIClient as AnthropicSyncAPIClient
+    from anthropic.resources.messages import AsyncMessages, Messages
+    from openai._base_client import AsyncAPIClient, SyncAPIClient
     from openai.resources.chat.completions import AsyncCompletions, Completions
 
-    targets = [(Completions, "create"), (AsyncCompletions, "create")]
+    # Every method an instrumentation wraps on the measured paths, swapped per case.
+    targets = [
+        (Completions, "create"), (AsyncCompletions, "create"), (Messages, "create"),
+        (AsyncMessages, "create"), (SyncAPIClient, "_send_request"),
+        (AsyncAPIClient, "_send_request"), (AnthropicSyncAPIClient, "_attempt_request"),
+        (AnthropicAsyncAPIClient, "_attempt_request"),
+    ]  # fmt: skip
     provider = TracerProvider()
     provider.add_span_processor(BatchSpanProcessor(NoopExporter(), max_queue_size=1 << 16))
     trace.set_tracer_provider(provider)
@@ -100,26 +171,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     from otel_budget import BudgetInstrumentor
 
     ours = BudgetInstrumentor()
-    ours.instrument(max_usd=1_000_000, tracer_provider=provider, libraries=("openai",))
+    ours.instrument(max_usd=1_000_000, tracer_provider=provider, libraries=("openai", "anthropic"))
     cases["otel-budget"] = capture(targets)
     # Unwrap our wrappers (keeping the processor registered) so another can be measured.
     install(targets, cases["bare"])
     try:
+        from opentelemetry.instrumentation.genai.anthropic import AnthropicInstrumentor
         from opentelemetry.instrumentation.genai.openai import OpenAIInstrumentor
 
-        official = OpenAIInstrumentor()
-        official.instrument(tracer_provider=provider)
-        cases["genai-openai"] = capture(targets)
+        OpenAIInstrumentor().instrument(tracer_provider=provider)
+        AnthropicInstrumentor().instrument(tracer_provider=provider)
+        cases["genai-official"] = capture(targets)
         install(targets, cases["bare"])
     except ImportError:
-        print("opentelemetry-instrumentation-genai-openai not installed: case skipped")
+        print("the official genai instrumentations are not installed: case skipped")
+    import wrapt
 
-    # A safety net, not a deadline: sync, async and stream per case, up to 50 ms a call on a
-    # loaded machine.
-    lifetime = 60 + args.rounds * args.calls * len(cases) * 3 * 0.05
+    tracer = provider.get_tracer("bench.wrapt")
+    for owner, provider_name in ((Completions, "openai"), (AsyncCompletions, "openai"),
+                                 (Messages, "anthropic"), (AsyncMessages, "anthropic")):  # fmt: skip
+        sync, asynchronous = wrapt_span(tracer, provider_name)
+        wrapper = asynchronous if owner in (AsyncCompletions, AsyncMessages) else sync
+        wrapt.wrap_function_wrapper(owner, "create", wrapper)
+    cases["wrapt-span"] = capture(targets)
+    install(targets, cases["bare"])
+
+    kinds_n = 5
+    # A safety net, not a deadline: up to 50 ms a call on a loaded machine.
+    lifetime = 60 + args.rounds * args.calls * len(cases) * kinds_n * 0.05
     server, base_url = start_server(lifetime)
+    anthropic_url = base_url.rsplit("/v1", 1)[0]
     client = openai.OpenAI(base_url=base_url, api_key="bench", max_retries=0)
     aclient = openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0)
+    claude = anthropic.Anthropic(base_url=anthropic_url, api_key="bench", max_retries=0)
     loop = asyncio.new_event_loop()
 
     def sync_call() -> None:
@@ -137,11 +221,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         for _ in range(n):
             await aclient.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=64)
 
+    def anthropic_call() -> None:
+        claude.messages.create(model="claude-3-5-haiku-latest", messages=MESSAGES[1:],
+                               system=MESSAGES[0]["content"], max_tokens=64)  # fmt: skip
+
+    def anthropic_stream_call() -> None:
+        stream = claude.messages.create(
+            model="claude-3-5-haiku-latest", messages=MESSAGES[1:], system=MESSAGES[0]["content"],
+            max_tokens=64, stream=True,
+        )  # fmt: skip
+        for _ in stream:
+            pass
+
     kinds: dict[str, Callable[[int], None]] = {
         "sync": lambda n: [sync_call() for _ in range(n)] and None,
         "async": lambda n: loop.run_until_complete(async_many(n)),
         "stream": lambda n: [stream_call() for _ in range(n)] and None,
+        "anthropic": lambda n: [anthropic_call() for _ in range(n)] and None,
+        "anthropic_stream": lambda n: [anthropic_stream_call() for _ in range(n)] and None,
     }
+    assert len(kinds) == kinds_n
     results: dict[str, dict[str, list[float]]] = {k: {c: [] for c in cases} for k in kinds}
     try:
         for _name, saved in cases.items():  # warm-up: connections, caches, imports
@@ -161,19 +260,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         server.stdin.close()
         server.wait(timeout=10)
 
-    summary: dict[str, Any] = {"rounds": args.rounds, "calls_per_round": args.calls, "cases": {}}
+    summary: dict[str, Any] = {
+        "rounds": args.rounds, "calls_per_round": args.calls,
+        "clock": "wall" if args.wall else "thread_cpu", "cases": {},
+    }  # fmt: skip
     for kind_name, per_case in results.items():
         bare = statistics.median(per_case["bare"])
-        row = {"bare_us": round(bare, 1)}
+        row: dict[str, float] = {"bare_us": round(bare, 1)}
+        overhead: dict[str, float] = {}
         for name, values in per_case.items():
             if name == "bare":
                 continue
             median = statistics.median(values)
+            overhead[name] = median - bare
             row[f"{name}_us"] = round(median, 1)
             row[f"{name}_overhead_us"] = round(median - bare, 1)
-            row[f"{name}_ratio"] = round(median / bare, 3)
+        ours_overhead = overhead["otel-budget"]
+        for name, label in (("genai-official", "vs_official"), ("wrapt-span", "vs_wrapt")):
+            if overhead.get(name, 0) > 0:
+                row[f"otel-budget_{label}"] = round(ours_overhead / overhead[name], 2)
         summary["cases"][kind_name] = row
-        summary["clock"] = "wall" if args.wall else "thread_cpu"
         print(kind_name, json.dumps(row), flush=True)
     if args.json:
         with open(args.json, "w") as handle:

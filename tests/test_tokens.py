@@ -1430,4 +1430,24 @@ def test_exact_counts_are_remembered_per_text() -> None:
     assert count(long_text) == count(long_text) == len(long_text) // 4
     assert calls == [long_text]  # encoded once
     count("tiny"), count("tiny")
-    assert calls.count("tiny") == 2  # short texts are not worth remembering
+    assert calls.count("tiny") == 1  # short texts too: a role or a system prompt, every call
+
+
+def test_count_cache_is_bounded_for_many_short_texts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each remembered text is charged at least ``_COUNT_CACHE_ENTRY`` characters: a flood
+    of distinct tiny texts clears the cache instead of growing it without bound."""
+    from otel_budget import token_encoders as te
+
+    calls: list[str] = []
+
+    class Enc:
+        def encode_ordinary(self, text: str) -> list[int]:
+            calls.append(text)
+            return [0]
+
+    monkeypatch.setattr(te, "_COUNT_CACHE_CHARS", 10 * te._COUNT_CACHE_ENTRY)
+    count = te._counter_from(Enc())
+    for i in range(25):
+        count(str(i))
+    count("0")
+    assert calls.count("0") == 2  # forgotten: at most 10 entries were held

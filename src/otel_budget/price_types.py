@@ -48,6 +48,11 @@ class TokenUsage:
     output_audio_tokens: int = 0
 
     def __post_init__(self) -> None:
+        values = (self.input_tokens, self.output_tokens, self.cache_read_tokens,
+                  self.cache_write_tokens, self.reasoning_tokens, self.input_audio_tokens,
+                  self.output_audio_tokens)  # fmt: skip
+        if all(type(v) is int for v in values) and min(values) >= 0:
+            return  # the common case, checked in one pass (built on every call, twice)
         for name in TokenUsage.__slots__:
             value = getattr(self, name)
             # bool is an int subclass; True tokens is a bug, not one token.

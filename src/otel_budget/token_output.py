@@ -21,7 +21,7 @@ from typing import Any
 
 from otel_budget.token_walk import _check_count
 
-__all__ = ["output_bound", "output_limits_are_ints", "token_limit", "wants_audio_output"]
+__all__ = ["output_bound", "output_bound_ints", "output_limits_are_ints", "token_limit", "wants_audio_output"]
 
 
 def wants_audio_output(params: Mapping[str, Any]) -> bool:
@@ -70,12 +70,10 @@ def _is_absent(value: Any) -> bool:
 
 def _output_values(params: Any, where: str) -> list[tuple[str, Any]]:
     found: list[tuple[str, Any]] = []
+    mapping = type(params) is dict or isinstance(params, Mapping)
     for key in _OUTPUT_KEYS:
-        if isinstance(params, Mapping):
-            value = params.get(key)
-        else:
-            value = getattr(params, key, None)
-        if not _is_absent(value):
+        value = params.get(key) if mapping else getattr(params, key, None)
+        if value is not None and not _is_absent(value):
             found.append((f"{where}{key}", value))
     return found
 
@@ -108,10 +106,11 @@ def token_limit(key: str, value: Any) -> int:
 
 def _output_limits(params: Mapping[str, Any]) -> list[tuple[str, Any]]:
     found = _output_values(params, "")
-    for container in _OUTPUT_CONTAINERS:
-        nested = params.get(container) if isinstance(params, Mapping) else None
-        if not _is_absent(nested):
-            found.extend(_output_values(nested, f"{container}."))
+    if type(params) is dict or isinstance(params, Mapping):
+        for container in _OUTPUT_CONTAINERS:
+            nested = params.get(container)
+            if nested is not None and not _is_absent(nested):
+                found.extend(_output_values(nested, f"{container}."))
     return found
 
 
@@ -125,17 +124,28 @@ def output_bound(params: Mapping[str, Any], default: int) -> tuple[int, bool]:
     up. A bool, negative, NaN, infinite or non-numeric value raises ``ValueError`` naming the
     parameter: a typo in the limit must not silently become the default.
     """
+    bound, assumed, _ = output_bound_ints(params, default)
+    return bound, assumed
+
+
+def output_bound_ints(params: Mapping[str, Any], default: int) -> tuple[int, bool, bool]:
+    """``output_bound`` plus ``output_limits_are_ints``, from one reading of ``params``."""
     default = _check_count(default, "default max output tokens")
     found = _output_limits(params)
     if not found:
-        return default, True
-    return max(token_limit(key, value) for key, value in found), False
+        return default, True, True
+    bound = max(token_limit(key, value) for key, value in found)
+    return bound, False, _all_ints(found)
+
+
+def _all_ints(found: list[tuple[str, Any]]) -> bool:
+    return all(
+        type(value) is int or (isinstance(value, numbers.Integral) and not isinstance(value, bool))
+        for _, value in found
+    )
 
 
 def output_limits_are_ints(params: Mapping[str, Any]) -> bool:
     """True when every output limit ``params`` carries is an int (or there is none): a
     float or numeric string limit is one an enforced cap should replace with an int."""
-    return all(
-        isinstance(value, numbers.Integral) and not isinstance(value, bool)
-        for _, value in _output_limits(params)
-    )
+    return _all_ints(_output_limits(params))

@@ -54,8 +54,8 @@ from otel_budget.money import to_usd
 from otel_budget.pricing import TokenUsage, UnknownModelError
 from otel_budget.runtime import BudgetRuntime
 from otel_budget.steps import Steps, arun, run
-from otel_budget.tokens import InputEstimate, bytes_rule, output_bound
-from otel_budget.tokens import output_limits_are_ints as _int_limits
+from otel_budget.token_output import output_bound_ints
+from otel_budget.tokens import InputEstimate, bytes_rule
 
 CAPTURE_CONTENT_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 COST_OUTPUT_CAPPED = "otel_budget.cost.output_capped"
@@ -170,21 +170,28 @@ class LLMCall:
         return self.processor.storage if self.processor is not None else None
 
     # -- attempts (reported by the SDK hooks in ``_attempts``) ---------------------------------
-    def begin_attempt_steps(self) -> Steps[None]:
-        """The SDK is about to send an attempt. After one that may have been billed, reserve
-        the projection again (raises ``BudgetExceededError`` when it no longer fits)."""
+    def _next_attempt(self) -> bool:
+        """Count an attempt; True when it needs a reservation (the last may have been billed)."""
         self.attempts += 1
         self.status = None
         self.response = None
-        if self.needs_reservation and not self.budgeted.done:
+        return self.needs_reservation and not self.budgeted.done
+
+    def begin_attempt_steps(self) -> Steps[None]:
+        """The SDK is about to send an attempt. After one that may have been billed, reserve
+        the projection again (raises ``BudgetExceededError`` when it no longer fits)."""
+        if self._next_attempt():
             yield from self._reserve_next_steps()
         return None
 
+    # (The usual attempt reserves nothing: no steps driver is started for it.)
     def begin_attempt(self) -> None:
-        run(self.begin_attempt_steps(), self._storage())
+        if self._next_attempt():
+            run(self._reserve_next_steps(), self._storage())
 
     async def abegin_attempt(self) -> None:
-        await arun(self.begin_attempt_steps(), self._storage())
+        if self._next_attempt():
+            await arun(self._reserve_next_steps(), self._storage())
 
     def attempt_answered(self, status: int, response: Any = None) -> None:
         self.status = status
@@ -347,15 +354,16 @@ class LLMCall:
         such count is raised to the estimate (input from the projection's estimate, output
         from the output seen); counts beyond what is possible (an output above the request's
         cap, an input above ``MAX_TOKENS``) are clamped."""
-        estimate = self.estimated_usage(output_text, output_units)
         if usage is None:
-            return estimate, True
+            return self.estimated_usage(output_text, output_units), True
         estimated = False
         inp, out = usage.input_tokens, usage.output_tokens
-        if inp <= 0 and estimate.input_tokens > 0:
-            inp, estimated = estimate.input_tokens, True
-        if out <= 0 and estimate.output_tokens > 0:
-            out, estimated = estimate.output_tokens, True
+        if inp <= 0 and self.input_tokens > 0:
+            inp, estimated = self.input_tokens, True
+        if out <= 0:  # (the output estimate reads the whole text: only when it is needed)
+            seen = self.estimated_usage(output_text, output_units).output_tokens
+            if seen > 0:
+                out, estimated = seen, True
         if inp > MAX_TOKENS:
             inp, estimated = MAX_TOKENS, True
         bound = self._output_bound()
@@ -679,7 +687,7 @@ def start_steps(
     estimate = InputEstimate(0, "none")
     refusal: BudgetExceededError | None = None
     minimum = maximum = 0
-    out_tokens, assumed = 0, False
+    out_tokens, assumed, int_limits = 0, False, True
     choices = max(1, request.choices)
     capping = False
     sent: Mapping[str, Any] = request.params if request.params is not None else kwargs
@@ -687,7 +695,9 @@ def start_steps(
         estimate = request.estimate()
         span_attributes[attrs.COST_INPUT_ESTIMATED] = estimate.method
         if request.output_param is not None:
-            out_tokens, assumed = output_bound(sent, settings.default_max_output_tokens)
+            out_tokens, assumed, int_limits = output_bound_ints(
+                sent, settings.default_max_output_tokens
+            )
         capping = request.output_param is not None and settings.cap_output_tokens
         try:
             maximum = _quote(runtime, request, estimate.tokens, out_tokens * choices).nanos
@@ -741,7 +751,7 @@ def start_steps(
                 cap -= 1
                 projected = _quote(runtime, request, estimate.tokens, cap * choices).nanos
             late[COST_OUTPUT_CAPPED] = cap
-        if cap != out_tokens or assumed or not _int_limits(sent):
+        if cap != out_tokens or assumed or not int_limits:
             # The cap is what the request now carries: injected, lowered, or the int a float
             # or numeric-string limit rounds up to; written where it takes effect.
             wrote = True

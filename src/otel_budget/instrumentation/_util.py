@@ -45,7 +45,12 @@ def materialised(value: Any, depth: int = 0) -> Any:
     """``value`` with every one-shot iterator in it (a generator of messages, a content
     generator inside a message dict) turned into a list; the same object when there is none.
     Containers holding one are copied, never changed in place (they are the caller's)."""
-    if depth > _MATERIALISE_DEPTH or isinstance(value, (str, bytes, bytearray)):
+    kind = type(value)
+    if kind is str or depth > _MATERIALISE_DEPTH:  # (exact types first: runs per node)
+        return value
+    if kind is dict:
+        return _materialised_dict(value, depth)
+    if isinstance(value, (str, bytes, bytearray)):
         return value
     if isinstance(value, Iterator):
         value = list(value)
@@ -56,10 +61,19 @@ def materialised(value: Any, depth: int = 0) -> Any:
         if any(a is not b for a, b in zip(items, value, strict=True)):
             return items if isinstance(value, list) else tuple(items)
         return value
-    if type(value) is dict:
-        changed = {k: materialised(v, depth + 1) for k, v in value.items()}
-        return changed if any(changed[k] is not v for k, v in value.items()) else value
     return value
+
+
+def _materialised_dict(value: dict[Any, Any], depth: int) -> dict[Any, Any]:
+    """``materialised`` of a dict: copied only when a value changes (most hold none)."""
+    changed: dict[Any, Any] | None = None
+    for key, item in value.items():
+        new = item if type(item) is str else materialised(item, depth + 1)
+        if new is not item and changed is None:
+            changed = dict(value)  # (each value materialised once: an iterator is read once)
+        if changed is not None:
+            changed[key] = new
+    return value if changed is None else changed
 
 
 class RequestParams:
@@ -181,10 +195,53 @@ def server_of(client: Any) -> tuple[str | None, int | None]:
     base_url = getattr(client, "base_url", None)
     if base_url is None:
         return None, None
+    # Read once per URL object (httpx URLs are immutable; the entry holds the URL, so its id
+    # is not reused while cached): parsing host and port is most of this function's cost.
+    hit = _SERVERS.get(id(base_url))
+    if hit is not None and hit[0] is base_url:
+        return hit[1]
     port = getattr(base_url, "port", None)
     if port is None:
         port = 443 if getattr(base_url, "scheme", "https") == "https" else 80
-    return getattr(base_url, "host", None) or None, port
+    server = getattr(base_url, "host", None) or None, port
+    if not isinstance(base_url, str):  # (a str is cheap to read and may be mutable-ish: no)
+        if len(_SERVERS) >= 256:
+            _SERVERS.clear()
+        _SERVERS[id(base_url)] = (base_url, server)
+    return server
+
+
+_SERVERS: dict[int, tuple[Any, tuple[str | None, int | None]]] = {}
+
+
+_MODEL_TYPES: dict[type, bool] = {}  # type -> a pydantic (v2) model?
+
+
+def is_model(obj: Any) -> bool:
+    """A pydantic v2 model instance (an SDK's parsed body), answered once per type."""
+    kind = type(obj)
+    known = _MODEL_TYPES.get(kind)
+    if known is None:
+        known = any(k.__name__ == "BaseModel" and k.__module__ == "pydantic.main"
+                    for k in kind.__mro__)  # fmt: skip
+        if len(_MODEL_TYPES) < 1024:
+            _MODEL_TYPES[kind] = known
+    return known
+
+
+_CLASS_ATTRS: dict[tuple[type, str], bool] = {}
+
+
+def _class_has(kind: type, name: str) -> bool:
+    """``hasattr(kind, name)`` without pydantic's metaclass ``__getattr__`` (which raises for
+    a miss), answered once per class and name."""
+    key = (kind, name)
+    known = _CLASS_ATTRS.get(key)
+    if known is None:
+        known = any(name in k.__dict__ for k in kind.__mro__)
+        if len(_CLASS_ATTRS) < 4096:
+            _CLASS_ATTRS[key] = known
+    return known
 
 
 def get(obj: Any, name: str) -> Any:
@@ -193,6 +250,19 @@ def get(obj: Any, name: str) -> Any:
         return None
     if isinstance(obj, dict):
         return obj.get(name)
+    if name[:1] != "_" and is_model(obj):
+        # A field or an extra, read where pydantic keeps it: an absent one (``usage.cost``,
+        # asked of every body) would otherwise cost a raised and caught AttributeError in
+        # pydantic's ``__getattr__``, ~50 times a present one. (Private attributes, such as
+        # litellm's ``_hidden_params``, live elsewhere: read by ``getattr``.)
+        fields = obj.__dict__
+        if name in fields:
+            return fields[name]
+        extra = getattr(obj, "__pydantic_extra__", None)
+        if extra and name in extra:
+            return extra[name]
+        if not _class_has(type(obj), name):  # no property or method of that name either
+            return None
     try:
         return getattr(obj, name, None)
     except Exception:  # some pydantic models raise other errors for unknown fields

@@ -45,11 +45,20 @@ _LEGACY_DEFAULT_MAX_TOKENS = 16  # what the completions API generates when max_t
 
 def _is_azure(client: Any) -> bool:
     """``AzureOpenAI`` / ``AsyncAzureOpenAI`` or any subclass, whatever its name."""
-    try:
-        from openai.lib.azure import BaseAzureClient
-    except Exception:  # an SDK without it: fall back to the class names
+    if not _AZURE:  # the import looked up once, not per call
+        try:
+            from openai.lib.azure import BaseAzureClient
+        except Exception:  # an SDK without it: fall back to the class names
+            _AZURE.append(None)
+        else:
+            _AZURE.append(BaseAzureClient)
+    base = _AZURE[0]
+    if base is None:
         return any("Azure" in klass.__name__ for klass in type(client).__mro__)
-    return isinstance(client, BaseAzureClient)
+    return isinstance(client, base)
+
+
+_AZURE: list[Any] = []
 
 
 def client_info(instance: Any) -> tuple[str, str | None, int | None]:

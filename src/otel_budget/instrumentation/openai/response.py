@@ -23,8 +23,8 @@ from otel_budget.instrumentation._attempts import response_json
 from otel_budget.instrumentation._call import LLMCall
 from otel_budget.instrumentation._finish_reasons import responses_finish_reasons
 from otel_budget.instrumentation._util import get as _get
+from otel_budget.instrumentation._util import is_model, response_attributes, usage_cost
 from otel_budget.instrumentation._util import nonneg_int as _int
-from otel_budget.instrumentation._util import response_attributes, usage_cost
 from otel_budget.instrumentation.openai import history
 from otel_budget.pricing import TokenUsage
 
@@ -72,7 +72,11 @@ def responses_usage(usage: Any) -> TokenUsage | None:
 
 # -- bodies behind with_raw_response / with_streaming_response --------------------------------
 def is_raw(result: Any) -> bool:
-    """An HTTP response wrapper (``with_raw_response`` / ``with_streaming_response``)."""
+    """An HTTP response wrapper (``with_raw_response`` / ``with_streaming_response``). A
+    parsed body (a pydantic model) is none: answered without ``hasattr``, which costs a
+    pydantic ``__getattr__`` miss on every call."""
+    if is_model(result):
+        return False
     return hasattr(result, "http_response") and hasattr(result, "parse")
 
 
@@ -205,7 +209,8 @@ def read_body(
                 text = "".join(p for p in parts if isinstance(p, str))
         if (cost := usage_cost(body)) is not None:  # OpenRouter's own bill
             attributes[attrs.COST_PROVIDER_REPORTED_USD] = cost
-        _content.output_into(attributes, lambda: _output_messages(body, kind))
+        if call.request.content is not None:  # (else dropped by the call: not built)
+            _content.output_into(attributes, lambda: _output_messages(body, kind))
     except Exception as exc:
         if call.processor is not None:
             call.processor.engine.log_once("openai response", exc)

@@ -1,0 +1,125 @@
+"""The per-call shortcuts of the instrumentation answer exactly what the slow reads did.
+
+    PYTHONPATH=src python -m pytest -q tests/test_instrumentation_fast_paths.py
+
+Each shortcut (reading pydantic bodies without ``__getattr__`` misses, materialising without
+copying, reading output limits once, caching the server of a client's URL, estimating the
+output only when the usage lacks it) is checked against the plain reading it replaces, and
+against the ways a caller could make a cached answer stale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+from openai.types.chat import ChatCompletion
+
+from otel_budget.instrumentation._util import get, is_model, materialised, server_of
+from otel_budget.instrumentation.openai.request import client_info
+from otel_budget.instrumentation.openai.response import is_raw
+from otel_budget.token_output import output_bound, output_bound_ints, output_limits_are_ints
+
+BODY = {
+    "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini",
+    "choices": [{"index": 0, "finish_reason": "stop",
+                 "message": {"role": "assistant", "content": "hi"}}],
+    "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4, "cost": 0.25},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("build", ["validate", "construct"])
+@pytest.mark.parametrize(
+    "name", ["model", "usage", "system_fingerprint", "nope", "model_dump", "__next__", "parse"]
+)
+def test_get_reads_pydantic_models_as_getattr_does(build: str, name: str) -> None:
+    body = ChatCompletion.model_validate(BODY) if build == "validate" else ChatCompletion.construct(**BODY)
+    assert is_model(body)
+    assert get(body, name) == getattr(body, name, None)
+    usage = get(body, "usage")
+    for field in ("prompt_tokens", "cost", "prompt_tokens_details", "missing"):
+        assert get(usage, field) == getattr(usage, field, None)
+    assert get(usage, "cost") == 0.25  # an extra field (OpenRouter's bill) is still read
+
+
+def test_get_reads_private_attributes() -> None:
+    from litellm.types.utils import ModelResponse, Usage
+
+    reply = ModelResponse(usage=Usage(prompt_tokens=10, completion_tokens=5, cost=0.1))
+    reply._hidden_params = {"x": 1}
+    assert get(reply, "_hidden_params") == {"x": 1}
+    assert get(get(reply, "usage"), "cost") == 0.1
+
+
+def test_get_sees_an_extra_set_after_the_first_read() -> None:
+    body = ChatCompletion.model_validate(BODY)
+    assert get(body, "provider") is None
+    body.__pydantic_extra__["provider"] = "openrouter"  # (extras may be set later)
+    assert get(body, "provider") == "openrouter"
+
+
+def test_is_raw_tells_bodies_from_raw_responses() -> None:
+    body = ChatCompletion.model_validate({**BODY, "http_response": 1, "parse": 2})
+    assert not is_raw(body)  # a body is no raw response, whatever extra keys it carries
+
+    class Raw:
+        http_response = object()
+
+        def parse(self) -> Any:
+            return body
+
+    assert is_raw(Raw())
+    assert not is_raw({"usage": None})
+
+
+def test_materialised_reads_each_iterator_once_and_never_mutates() -> None:
+    parts = iter([{"type": "text", "text": "a"}])
+    message = {"role": "user", "content": parts, "name": "x"}
+    messages = [message]
+    out = materialised(messages)
+    assert out is not messages and out[0] is not message
+    assert out == [{"role": "user", "content": [{"type": "text", "text": "a"}], "name": "x"}]
+    assert list(out[0]) == ["role", "content", "name"]  # key order kept
+    assert message["content"] is parts  # the caller's dict is not changed
+
+    plain = [{"role": "user", "content": "hi"}, {"role": "user", "content": [{"type": "text"}]}]
+    assert materialised(plain) is plain  # nothing to read: the same objects
+
+    def gen() -> Iterator[dict[str, Any]]:
+        yield {"role": "user", "content": iter(["x"])}
+
+    assert materialised(gen()) == [{"role": "user", "content": ["x"]}]
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {}, {"max_tokens": 64}, {"max_tokens": 64.5}, {"max_tokens": "100"},
+        {"max_completion_tokens": 10, "max_tokens": 20}, {"max_tokens": None},
+        {"generation_config": {"max_output_tokens": 7}}, {"config": {"maxOutputTokens": 3.0}},
+        {"max_tokens": True}, {"max_tokens": -1}, {"max_tokens": "lots"},
+    ],
+)
+def test_output_bound_ints_is_output_bound_and_ints(params: dict[str, Any]) -> None:
+    try:
+        expected = (*output_bound(params, 4096), output_limits_are_ints(params))
+    except ValueError as exc:
+        with pytest.raises(ValueError, match=str(exc).split(",")[0]):
+            output_bound_ints(params, 4096)
+        return
+    assert output_bound_ints(params, 4096) == expected
+
+
+def test_server_of_follows_a_client_whose_base_url_changes() -> None:
+    client = openai.OpenAI(base_url="http://127.0.0.1:8001/v1", api_key="x")
+    assert server_of(client) == ("127.0.0.1", 8001)
+    assert server_of(client) == ("127.0.0.1", 8001)  # (cached)
+    client.base_url = "https://example.test/v1"  # type: ignore[assignment]
+    assert server_of(client) == ("example.test", 443)
+    azure = openai.AzureOpenAI(
+        azure_endpoint="https://x.openai.azure.com", api_key="k", api_version="2024-06-01"
+    )
+    assert client_info(azure.chat.completions)[0] == "azure.ai.openai"
+    assert client_info(client.chat.completions)[0] == "openai"
