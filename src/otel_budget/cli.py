@@ -221,7 +221,7 @@ def _open_storage(args: argparse.Namespace) -> LedgerStorage:
     except ImportError as exc:  # pragma: no cover - the extra is missing
         raise CliError(f"{exc}; install with: pip install '.[redis]' (from the checkout)") from None
     try:
-        return RedisStorage(
+        return RedisStorage.from_url(  # redis+cluster:// picks the cluster ledger
             url, prefix=args.key_prefix, socket_timeout=args.timeout,
             socket_connect_timeout=args.timeout, retries=1, breaker_failures=1_000_000,
         )  # fmt: skip

@@ -346,18 +346,7 @@ class RedisStorage(LedgerStorage):
             url = url or os.environ.get(ENV_URL)
             if not url:
                 raise ValueError(f"no Redis URL: pass url= or set {ENV_URL}")
-            # Our own retry loop below; redis-py's (10 attempts with backoff by default in
-            # 8.x) would multiply the time a call can block.
-            pool = _redis.ConnectionPool.from_url(
-                url,
-                socket_timeout=socket_timeout,
-                socket_connect_timeout=socket_connect_timeout,
-                retry=_Retry(_NoBackoff(), 0),
-                retry_on_timeout=False,
-                health_check_interval=0,
-                decode_responses=True,
-            )
-            client = _redis.Redis(connection_pool=pool)
+            client = self._make_client(url, socket_timeout, socket_connect_timeout)
         self.url = redact(url) if url else repr(client)
         self.client = client
         self.prefix = prefix
@@ -425,8 +414,30 @@ class RedisStorage(LedgerStorage):
             if leftover:
                 self._adopt()
 
+    def _make_client(self, url: str, socket_timeout: float, socket_connect_timeout: float) -> Any:
+        """The redis-py client for ``url`` (a hook: ``RedisClusterStorage`` makes a cluster
+        client)."""
+        # Our own retry loop below; redis-py's (10 attempts with backoff by default in
+        # 8.x) would multiply the time a call can block.
+        pool = _redis.ConnectionPool.from_url(
+            url,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_connect_timeout,
+            retry=_Retry(_NoBackoff(), 0),
+            retry_on_timeout=False,
+            health_check_interval=0,
+            decode_responses=True,
+        )
+        return _redis.Redis(connection_pool=pool)
+
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> RedisStorage:
+        """The ledger at ``url``; ``redis+cluster://`` / ``rediss+cluster://`` give a
+        ``RedisClusterStorage`` (``storage/redis_cluster.py``)."""
+        from otel_budget.storage.redis_cluster import RedisClusterStorage, is_cluster_url
+
+        if is_cluster_url(url) and not issubclass(cls, RedisClusterStorage):
+            return RedisClusterStorage(url=url, **kwargs)
         return cls(url=url, **kwargs)
 
     # -- keys -----------------------------------------------------------------------------
