@@ -73,6 +73,11 @@ def cluster() -> Iterator[RedisCluster3]:
     nodes.cleanup()
 
 
+# Generous timeouts: these tests check the ledger, not outages, on a loaded 2-core machine
+# where the default 50 ms can expire (tests/test_storage_redis_outages.py tests those).
+SLOW = {"socket_timeout": 1.0, "socket_connect_timeout": 1.0}
+
+
 def unique_prefix() -> str:
     return f"otbtest:{uuid.uuid4().hex[:12]}:"
 
@@ -82,7 +87,8 @@ def make_backend(cluster: RedisCluster3) -> Iterator[Callable[..., Backend]]:
     made: list[LedgerStorage] = []
 
     def make(lease_seconds: float = 3600.0) -> Backend:
-        store = RedisClusterStorage(cluster.url, prefix=unique_prefix(), lease_seconds=lease_seconds)
+        store = RedisClusterStorage(cluster.url, prefix=unique_prefix(), lease_seconds=lease_seconds,
+                                    **SLOW)  # fmt: skip
 
         def advance(seconds: float) -> None:
             store._clock_offset_ms += int(seconds * 1000)
@@ -102,7 +108,7 @@ def backend(make_backend: Callable[..., Backend]) -> Backend:
 
 def test_state_machine_on_the_cluster(cluster: RedisCluster3) -> None:
     machine = _machine_for(
-        lambda: RedisClusterStorage(cluster.url, prefix=unique_prefix(), lease_seconds=30)
+        lambda: RedisClusterStorage(cluster.url, prefix=unique_prefix(), lease_seconds=30, **SLOW)
     )
     run_state_machine_as_test(
         machine,
@@ -115,7 +121,7 @@ def test_state_machine_on_the_cluster(cluster: RedisCluster3) -> None:
 def test_url_scheme_picks_the_cluster_ledger(cluster: RedisCluster3) -> None:
     assert is_cluster_url(cluster.url) and is_cluster_url("rediss+cluster://h:1")
     assert not is_cluster_url("redis://h:1/0") and not is_cluster_url(None)
-    store = RedisStorage.from_url(cluster.url, prefix=unique_prefix())
+    store = RedisStorage.from_url(cluster.url, prefix=unique_prefix(), **SLOW)
     try:
         assert isinstance(store, RedisClusterStorage) and not store.single_slot
         assert store.ping()
@@ -124,7 +130,7 @@ def test_url_scheme_picks_the_cluster_ledger(cluster: RedisCluster3) -> None:
 
 
 def test_each_scope_is_its_own_slot_group(cluster: RedisCluster3) -> None:
-    store = RedisClusterStorage(cluster.url, prefix=unique_prefix())
+    store = RedisClusterStorage(cluster.url, prefix=unique_prefix(), **SLOW)
     try:
         client = store.client
         trace, user = ScopeLimit("t:hot", USD, True, 60.0), ScopeLimit("user:x@d20261123", USD)
@@ -141,7 +147,7 @@ def test_each_scope_is_its_own_slot_group(cluster: RedisCluster3) -> None:
 
 
 def test_a_refusal_in_a_later_group_releases_the_earlier_grants(cluster: RedisCluster3) -> None:
-    store = RedisClusterStorage(cluster.url, prefix=unique_prefix())
+    store = RedisClusterStorage(cluster.url, prefix=unique_prefix(), **SLOW)
     try:
         trace, user = ScopeLimit("t:1", 10 * USD, True), ScopeLimit("user:poor", USD)
         result = store.reserve(1, [trace, user], 2 * USD)
@@ -170,8 +176,8 @@ def test_a_refusal_in_a_later_group_releases_the_earlier_grants(cluster: RedisCl
 
 def test_settle_by_another_instance_and_a_lost_group_record(cluster: RedisCluster3) -> None:
     prefix = unique_prefix()
-    a = RedisClusterStorage(cluster.url, prefix=prefix)
-    b = RedisClusterStorage(cluster.url, prefix=prefix)
+    a = RedisClusterStorage(cluster.url, prefix=prefix, **SLOW)
+    b = RedisClusterStorage(cluster.url, prefix=prefix, **SLOW)
     try:
         trace, user = ScopeLimit("t:2", 10 * USD, True), ScopeLimit("user:y", 10 * USD)
         assert a.reserve(1, [trace, user], USD).ok
@@ -192,7 +198,7 @@ def test_settle_by_another_instance_and_a_lost_group_record(cluster: RedisCluste
 
 
 def test_single_slot_prefix_runs_one_script_per_call(cluster: RedisCluster3) -> None:
-    store = RedisClusterStorage(cluster.url, prefix="{otb" + uuid.uuid4().hex[:6] + "}:")
+    store = RedisClusterStorage(cluster.url, prefix="{otb" + uuid.uuid4().hex[:6] + "}:", **SLOW)
     try:
         assert store.single_slot
         trace, user = ScopeLimit("t:3", USD, True), ScopeLimit("user:z", USD // 2)
@@ -209,8 +215,8 @@ def test_single_slot_prefix_runs_one_script_per_call(cluster: RedisCluster3) -> 
 
 def test_a_pause_applies_within_the_refresh_bound(cluster: RedisCluster3) -> None:
     prefix = unique_prefix()
-    operator = RedisClusterStorage(cluster.url, prefix=prefix)
-    worker = RedisClusterStorage(cluster.url, prefix=prefix, pause_refresh_seconds=0.1)
+    operator = RedisClusterStorage(cluster.url, prefix=prefix, **SLOW)
+    worker = RedisClusterStorage(cluster.url, prefix=prefix, pause_refresh_seconds=0.1, **SLOW)
     try:
         user = ScopeLimit("user:alice", USD)
         keys = ("user:alice", "user:*")
@@ -328,7 +334,7 @@ def test_a_slot_migrated_while_calls_run(cluster: RedisCluster3) -> None:
 
 def test_hash_tags_in_scope_names_stay_in_one_group(cluster: RedisCluster3) -> None:
     """A hostile scope name with braces cannot split one script call across slots."""
-    store = RedisClusterStorage(cluster.url, prefix=unique_prefix())
+    store = RedisClusterStorage(cluster.url, prefix=unique_prefix(), **SLOW)
     try:
         odd = [ScopeLimit("user:{a}b}", USD), ScopeLimit("user:{", USD), ScopeLimit("}{", USD)]
         assert store.reserve(1, odd, 10).ok
