@@ -205,3 +205,43 @@ def cluster_contention_worker(
         thread.join()
     store.close()
     return sum(admitted), sum(committed)
+
+
+def cluster_bench_worker(
+    url: str, prefix: str, index: int, pairs: int, start_at: float, users: int, warmup: int = 200
+) -> tuple[list[int], float, float, float]:
+    """``bench_worker`` of tests/redis_server.py for any ledger URL (``redis://`` or
+    ``redis+cluster://``): sequential reserve+commit pairs on a trace of 20 calls plus one
+    of ``users`` daily caps (so traces and users spread over the slots). Returns (each pair's
+    ns, start, end, this process's CPU seconds) of the measured part."""
+    from otel_budget.storage import ScopeLimit
+    from otel_budget.storage.redis import RedisStorage
+
+    store = RedisStorage.from_url(url, prefix=prefix, socket_timeout=1.0,
+                                  socket_connect_timeout=1.0)  # fmt: skip
+    caps = [ScopeLimit(f"user:u{index}:{u}@d20261123", 10**15, False, 2 * 86400.0)
+            for u in range(users)]  # fmt: skip
+    clock = time.perf_counter_ns
+
+    def pair(n: int) -> None:
+        lease = (index << 40) | n
+        trace = ScopeLimit(f"t:{index}:{n // 20}", 10**12, True, 3600.0)
+        store.reserve(lease, (trace, caps[n % users]), 1_000_000)
+        store.commit(lease, 700_000)
+
+    for n in range(pairs, pairs + warmup):  # connections, slot map, script load
+        pair(n)
+    delay = start_at - time.time()
+    if delay > 0:
+        time.sleep(delay)
+    out = []
+    cpu = time.process_time()
+    begin = time.time()
+    for n in range(pairs):
+        start = clock()
+        pair(n)
+        out.append(clock() - start)
+    end = time.time()
+    cpu = time.process_time() - cpu
+    store.close()
+    return out, begin, end, cpu

@@ -140,8 +140,16 @@ def test_each_scope_is_its_own_slot_group(cluster: RedisCluster3) -> None:
             assert len(slots) == 1
         nodes = {cluster.node_of(client.keyslot(store.scope_key(s.key))) for s in (trace, user)}
         assert len(nodes) == 2
+        # The nodes forget their scripts (a restart): the pipelined calls load them again
+        # and run each script once (a settle run twice would answer "duplicate").
+        for port in cluster.ports:
+            cluster.cli("SCRIPT", "FLUSH", port=port)
         assert store.commit(1, USD // 5).status is CommitStatus.OK
         assert store.usage("user:x@d20261123").spent == USD // 5
+        for port in cluster.ports:
+            cluster.cli("SCRIPT", "FLUSH", port=port)
+        assert store.reserve(2, [trace, user], 1).ok  # the first group's pipeline
+        assert store.usage("t:hot").reserved == 1
     finally:
         store.close()
 

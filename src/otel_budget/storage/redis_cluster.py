@@ -26,8 +26,9 @@ Each group's record holds that group's own amount, so settling is exact per grou
 ``spent + reserved <= limit`` still holds in every scope at every instant: each group's
 script is atomic. Settles and charges run once per group as well.
 
-**Cost:** one round trip per scope group on the critical path (one when a call has one
-scope), for the reserve and for the settle. A locator ``P{l:<lease>}`` (the lease's scope
+**Cost:** one round trip per scope group for the reserve (they run in turn: each asks up
+to the previous grant), one for the settle whatever the number of groups (the groups'
+settles are independent: one cluster pipeline, the nodes answer in parallel). A locator ``P{l:<lease>}`` (the lease's scope
 keys, for a settle by an instance that did not reserve it) is written in the same pipeline
 as the first group's reserve. The single-slot alternative stays available: a prefix with a
 hash tag (``prefix="{otb}:"``) puts every key in one slot, and then this class runs
@@ -231,22 +232,51 @@ class RedisClusterStorage(RedisStorage):
         self, script: Any, keys: list[str], args: list[Any], name: str,
         scopes: Sequence[ScopeLimit],
     ) -> Any:  # fmt: skip
-        """The first group's reserve and the lease's locator in one pipeline (one round
-        trip per node; a settle by another instance reads the locator)."""
+        """The first group's reserve and the lease's locator in one pipeline (a settle by
+        another instance reads the locator)."""
         locator = json.dumps([s.key for s in scopes])
+        also = [("SET", self._rkey(name), locator, "PX", self._record_ms)]
+        return self._parallel(script, [(keys, args)], also)[0]
+
+    def _parallel(
+        self, script: Any, calls: Sequence[tuple[list[str], list[Any]]],
+        also: Sequence[tuple[Any, ...]] = (),
+    ) -> list[Any]:  # fmt: skip
+        """Run ``script`` once per (keys, args) (each call's keys in one slot), plus the
+        plain commands ``also``, in one cluster pipeline: one round trip per node, the nodes
+        in parallel. Returns the scripts' replies, in order."""
+        if not calls and not also:
+            return []
+        if len(calls) == 1 and not also:
+            keys, args = calls[0]
+            return [script(keys=keys, args=args, client=self.client)]
+        replies: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
         for attempt in (0, 1):
             pipe = self.client.pipeline(transaction=False)
-            # (redis-py blocks pipe.evalsha in cluster mode; the command itself routes by key)
-            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-            pipe.set(self._rkey(name), locator, px=self._record_ms)
-            replies = pipe.execute(raise_on_error=False)
-            reply = replies[0]
-            if isinstance(reply, _redis.exceptions.NoScriptError) and attempt == 0:
-                script.sha = self.client.script_load(script.script)  # on every primary
-                continue
-            if isinstance(reply, Exception):
-                raise reply
-            return reply
+            for i in todo:
+                keys, args = calls[i]
+                # (redis-py refuses pipe.evalsha in cluster mode; the command routes by key)
+                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            for command in also:
+                pipe.execute_command(*command)
+            got = pipe.execute(raise_on_error=False)
+            also = ()  # sent: a retry re-sends only the scripts the server did not know
+            missing = []
+            for i, reply in zip(todo, got, strict=False):
+                if isinstance(reply, _redis.exceptions.NoScriptError) and attempt == 0:
+                    missing.append(i)  # not run: safe to send again
+                elif isinstance(reply, Exception):
+                    raise reply
+                else:
+                    replies[i] = reply
+            for reply in got[len(todo):]:
+                if isinstance(reply, Exception):
+                    raise reply
+            if not missing:
+                return replies
+            script.sha = self.client.script_load(script.script)  # on every primary
+            todo = missing
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _usage_values(self, key: str) -> list[Any]:
@@ -280,11 +310,11 @@ class RedisClusterStorage(RedisStorage):
         amounts: list[int] = []
         usages: list[Any] = []
         charged = 0
-        for index, key in enumerate(keys, 1):
-            reply = _text(script(
-                keys=self._group_keys(key, name), args=[name, mode, str(actual), self._settled_ms],
-                client=self.client,
-            )).split(" ")  # fmt: skip
+        args = [name, mode, str(actual), self._settled_ms]
+        # Independent per group: sent together, the groups' nodes answer in parallel.
+        replies = self._parallel(script, [(self._group_keys(k, name), args) for k in keys])
+        for index, (key, raw) in enumerate(zip(keys, replies, strict=True), 1):
+            reply = _text(raw).split(" ")
             status = reply[0]
             if status == "none" and mode == "c" and key in by_key:
                 # This group's record is gone (a node restarted without persistence, or it
