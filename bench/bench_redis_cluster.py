@@ -73,6 +73,44 @@ def run_case(name: str, url: str, prefix: str, procs: int, pairs: int) -> dict[s
     }
 
 
+def pipeline_vs_calls(cluster: RedisCluster3, rounds: int = 7, n: int = 300) -> dict[str, Any]:
+    """Client thread CPU and wall time (medians of ``rounds``) of two one-key script calls
+    on two nodes: in turn, or in one redis-py cluster pipeline (why the ledger calls)."""
+    from redis.cluster import RedisCluster
+
+    client = RedisCluster(host="127.0.0.1", port=cluster.ports[0], decode_responses=True)
+    script = client.register_script("return 1")
+    keys = [f"{{s:k{i}}}" for i in range(64)]
+    first = keys[0]
+    second = next(k for k in keys if cluster.node_of(client.keyslot(k))
+                  != cluster.node_of(client.keyslot(first)))  # fmt: skip
+    script(keys=[first], client=client)
+    script(keys=[second], client=client)
+
+    def in_turn() -> None:
+        script(keys=[first], client=client)
+        script(keys=[second], client=client)
+
+    def pipelined() -> None:
+        pipe = client.pipeline(transaction=False)
+        pipe.execute_command("EVALSHA", script.sha, 1, first)
+        pipe.execute_command("EVALSHA", script.sha, 1, second)
+        pipe.execute()
+
+    samples: dict[str, list[tuple[float, float]]] = {"in_turn": [], "pipelined": []}
+    for _ in range(rounds):  # side by side, interleaved
+        for name, fn in (("in_turn", in_turn), ("pipelined", pipelined)):
+            cpu, wall = time.thread_time_ns(), time.perf_counter_ns()
+            for _ in range(n):
+                fn()
+            samples[name].append(((time.thread_time_ns() - cpu) / n / 1000,
+                                  (time.perf_counter_ns() - wall) / n / 1000))  # fmt: skip
+    client.close()
+    return {name: {"cpu_us": statistics.median(s[0] for s in v),
+                   "wall_us": statistics.median(s[1] for s in v)}
+            for name, v in samples.items()}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer pairs (smoke run)")
@@ -103,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{row['p50_us']:7.1f} us  p99 {row['p99_us']:8.1f} us  client CPU "
                       f"{row['client_cpu_us_per_pair']:6.1f} us/pair", file=sys.stderr)  # fmt: skip
         keys_per_node = [int(cluster.cli("DBSIZE", port=p).strip()) for p in cluster.ports]
+        piped = pipeline_vs_calls(cluster)
     finally:
         cluster.cleanup()
         server.cleanup()
@@ -125,10 +164,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {row['case']} | {row['pairs_per_s']:,.0f} | {row['p50_us']:.1f} | "
               f"{row['p99_us']:.1f} | {row['client_cpu_us_per_pair']:.1f} |")  # fmt: skip
     print(f"keys per cluster node at the end: {keys_per_node}")
+    print("two one-key scripts on two nodes, client thread CPU / wall per pair: in turn "
+          f"{piped['in_turn']['cpu_us']:.0f} / {piped['in_turn']['wall_us']:.0f} us, one "
+          f"cluster pipeline {piped['pipelined']['cpu_us']:.0f} / "
+          f"{piped['pipelined']['wall_us']:.0f} us")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"summary": summary, "rows": rows, "pairs_per_process": pairs,
-                       "keys_per_node": keys_per_node, "cpus": os.cpu_count(),
+                       "keys_per_node": keys_per_node, "pipeline_vs_calls": piped, "cpus": os.cpu_count(),
                        "python": platform.python_version()}, f, indent=2)  # fmt: skip
     return 0
 

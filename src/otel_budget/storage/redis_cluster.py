@@ -26,11 +26,11 @@ Each group's record holds that group's own amount, so settling is exact per grou
 ``spent + reserved <= limit`` still holds in every scope at every instant: each group's
 script is atomic. Settles and charges run once per group as well.
 
-**Cost:** one round trip per scope group for the reserve (they run in turn: each asks up
-to the previous grant), one for the settle whatever the number of groups (the groups'
-settles are independent: one cluster pipeline, the nodes answer in parallel). A locator ``P{l:<lease>}`` (the lease's scope
-keys, for a settle by an instance that did not reserve it) is written in the same pipeline
-as the first group's reserve. The single-slot alternative stays available: a prefix with a
+**Cost:** one round trip per scope group for the reserve, one per group for the settle,
+plus one ``SET`` of a locator ``P{l:<lease>}`` after a granted reserve (the lease's scope
+keys, for a settle by an instance that does not know them). A call on a trace and a user
+cap: 5 round trips against 2 on one Redis. (redis-py's cluster pipeline, which would send
+the groups' settles together, costs more client CPU than the calls it saves: measured.) The single-slot alternative stays available: a prefix with a
 hash tag (``prefix="{otb}:"``) puts every key in one slot, and then this class runs
 ``RedisStorage``'s one-script calls (one round trip, no scale-out).
 
@@ -197,10 +197,7 @@ class RedisClusterStorage(RedisStorage):
             keys = [group + "p", *self._group_keys(spec.key, name)[:1], group, group + "z"]
             args = [name, f"{minimum}:{grant}", config, json.dumps([spec.key]), 0,
                     self._spec(spec)]  # fmt: skip
-            if i == 0:
-                reply = self._first_reserve(script, keys, args, name, scopes)
-            else:
-                reply = script(keys=keys, args=args, client=self.client)
+            reply = script(keys=keys, args=args, client=self.client)
             status = _text(reply[0])
             swept += int(reply[1])
             if status == "denied":
@@ -223,61 +220,15 @@ class RedisClusterStorage(RedisStorage):
             if held > grant:  # a later group granted less: hold only the final grant
                 self._shrink(keys=self._group_keys(key, name), args=[name, str(grant), "0"],
                              client=self.client)  # fmt: skip
+        if granted:
+            # The locator, for a settle by an instance that does not know the lease's scopes
+            # (another process, or this one's table of open leases overflowed). A plain
+            # SET: redis-py's cluster pipeline costs more client CPU than a second call.
+            self.client.set(self._rkey(name), json.dumps(granted), px=self._record_ms)
         if scopes and not fresh:  # every group had it: what they hold, as RedisStorage says
             return ["dup", swept, grant]
         text = "\n".join(sorted(paused))
         return ["ok", swept, text, grant, *values]
-
-    def _first_reserve(
-        self, script: Any, keys: list[str], args: list[Any], name: str,
-        scopes: Sequence[ScopeLimit],
-    ) -> Any:  # fmt: skip
-        """The first group's reserve and the lease's locator in one pipeline (a settle by
-        another instance reads the locator)."""
-        locator = json.dumps([s.key for s in scopes])
-        also = [("SET", self._rkey(name), locator, "PX", self._record_ms)]
-        return self._parallel(script, [(keys, args)], also)[0]
-
-    def _parallel(
-        self, script: Any, calls: Sequence[tuple[list[str], list[Any]]],
-        also: Sequence[tuple[Any, ...]] = (),
-    ) -> list[Any]:  # fmt: skip
-        """Run ``script`` once per (keys, args) (each call's keys in one slot), plus the
-        plain commands ``also``, in one cluster pipeline: one round trip per node, the nodes
-        in parallel. Returns the scripts' replies, in order."""
-        if not calls and not also:
-            return []
-        if len(calls) == 1 and not also:
-            keys, args = calls[0]
-            return [script(keys=keys, args=args, client=self.client)]
-        replies: list[Any] = [None] * len(calls)
-        todo = list(range(len(calls)))
-        for attempt in (0, 1):
-            pipe = self.client.pipeline(transaction=False)
-            for i in todo:
-                keys, args = calls[i]
-                # (redis-py refuses pipe.evalsha in cluster mode; the command routes by key)
-                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-            for command in also:
-                pipe.execute_command(*command)
-            got = pipe.execute(raise_on_error=False)
-            also = ()  # sent: a retry re-sends only the scripts the server did not know
-            missing = []
-            for i, reply in zip(todo, got, strict=False):
-                if isinstance(reply, _redis.exceptions.NoScriptError) and attempt == 0:
-                    missing.append(i)  # not run: safe to send again
-                elif isinstance(reply, Exception):
-                    raise reply
-                else:
-                    replies[i] = reply
-            for reply in got[len(todo):]:
-                if isinstance(reply, Exception):
-                    raise reply
-            if not missing:
-                return replies
-            script.sha = self.client.script_load(script.script)  # on every primary
-            todo = missing
-        raise AssertionError("unreachable")  # pragma: no cover
 
     def _usage_values(self, key: str) -> list[Any]:
         values = self.client.hmget(self._group(key), "limit", "spent", "reserved")
@@ -311,10 +262,11 @@ class RedisClusterStorage(RedisStorage):
         usages: list[Any] = []
         charged = 0
         args = [name, mode, str(actual), self._settled_ms]
-        # Independent per group: sent together, the groups' nodes answer in parallel.
-        replies = self._parallel(script, [(self._group_keys(k, name), args) for k in keys])
-        for index, (key, raw) in enumerate(zip(keys, replies, strict=True), 1):
-            reply = _text(raw).split(" ")
+        for index, key in enumerate(keys, 1):
+            # One call per group, in turn (a cluster pipeline costs more client CPU and
+            # wall time here: bench/bench_redis_cluster.py, "pipeline_vs_calls").
+            reply = _text(script(keys=self._group_keys(key, name), args=args, client=self.client)
+                          ).split(" ")  # fmt: skip
             status = reply[0]
             if status == "none" and mode == "c" and key in by_key:
                 # This group's record is gone (a node restarted without persistence, or it
