@@ -129,6 +129,31 @@ def test_url_scheme_picks_the_cluster_ledger(cluster: RedisCluster3) -> None:
         store.close()
 
 
+def test_environment_and_cli_pick_the_cluster_ledger(cluster: RedisCluster3) -> None:
+    import io
+
+    from otel_budget.cli import main
+    from otel_budget.config import read_env
+
+    config = read_env({"OTEL_BUDGET_REDIS_URL": cluster.url})
+    store = config.kwargs["storage"]
+    try:
+        assert isinstance(store, RedisClusterStorage) and not config.problems
+    finally:
+        store.close()
+    prefix = unique_prefix()
+    writer = RedisClusterStorage(cluster.url, prefix=prefix, **SLOW)
+    try:
+        assert writer.reserve(1, [ScopeLimit("user:cli", USD)], 5).ok
+        out, err = io.StringIO(), io.StringIO()
+        code = main(["--redis-url", cluster.url, "--key-prefix", prefix, "show", "--json"],
+                    stdout=out, stderr=err)  # fmt: skip
+        assert code == 0, err.getvalue()
+        assert "user:cli" in out.getvalue()
+    finally:
+        writer.close()
+
+
 def test_each_scope_is_its_own_slot_group(cluster: RedisCluster3) -> None:
     store = RedisClusterStorage(cluster.url, prefix=unique_prefix(), **SLOW)
     try:

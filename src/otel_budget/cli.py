@@ -288,8 +288,10 @@ def _redis_rows(storage: Any, prefix: str) -> list[_Row]:
 
 def _rows(storage: LedgerStorage, prefix: str) -> list[_Row]:
     from otel_budget.storage.redis import RedisStorage  # no redis import needed: lazy inside
+    from otel_budget.storage.redis_cluster import RedisClusterStorage
 
-    if isinstance(storage, RedisStorage):
+    # (a cluster has no single connection pool to read raw names with: its own scan)
+    if isinstance(storage, RedisStorage) and not isinstance(storage, RedisClusterStorage):
         return _redis_rows(storage, prefix)
     return [_Row(u.key, u) for u in storage.scopes(prefix)]
 

@@ -44,8 +44,10 @@ Design (measured in ``shared/notes/backends.md`` §1):
   ``LedgerStorage``), bounded by the same timeouts and circuit breaker.
 * **TTLs** come from ``ScopeLimit.ttl`` and are set in the same script as the write
   (refreshed on use, never shortened below an open lease); scopes without a TTL persist.
-* **Every key a script touches is passed in ``KEYS``.** For Redis Cluster, use a prefix with
-  a hash tag, e.g. ``prefix="{otb}:"``, so that all keys of one call share a slot.
+* **Every key a script touches is passed in ``KEYS``.** On a Redis Cluster
+  (``redis+cluster://`` URLs, ``RedisStorage.from_url``) ``RedisClusterStorage``
+  (``storage/redis_cluster.py``) puts each scope in its own slot group; a prefix with a hash
+  tag, e.g. ``prefix="{otb}:"``, puts every key in one slot instead.
 
 Keys (``P`` is the prefix, default ``otb:``): ``P s:<scope>`` hash (``limit``, ``spent``,
 ``reserved``, ``olimit`` operator override, ``ttl`` ms), ``P z:<scope>`` sorted set of open
