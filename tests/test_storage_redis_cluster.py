@@ -246,6 +246,14 @@ def test_single_slot_prefix_runs_one_script_per_call(cluster: RedisCluster3) -> 
         store.close()
 
 
+@pytest.mark.parametrize("prefix", ["a{}b{c}:", "otb{:", "{}"])
+def test_a_prefix_that_would_split_a_group_across_slots_is_refused(
+    cluster: RedisCluster3, prefix: str
+) -> None:
+    with pytest.raises(ValueError, match="hash tag"):
+        RedisClusterStorage(cluster.url, prefix=prefix, **SLOW)
+
+
 def test_a_pause_applies_within_the_refresh_bound(cluster: RedisCluster3) -> None:
     prefix = unique_prefix()
     operator = RedisClusterStorage(cluster.url, prefix=prefix, **SLOW)

@@ -43,7 +43,6 @@ that long after ``pause()`` returned (``pause()`` on this instance applies at on
 from __future__ import annotations
 
 import json
-import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -67,7 +66,21 @@ except ImportError:  # pragma: no cover - RedisStorage raises a clear ImportErro
     _redis = None  # type: ignore[assignment]
 
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
-_HASH_TAG = re.compile(r"\{[^}]+\}")
+
+
+def _hash_tag(prefix: str) -> bool:
+    """True if ``prefix`` holds a hash tag by Redis' rule (the first '{', the first '}'
+    after it, something between). A '{' without one would make Redis hash some group keys
+    whole (a cross-slot script call): refused."""
+    start = prefix.find("{")
+    if start < 0:
+        return False
+    end = prefix.find("}", start + 1)
+    if end <= start + 1:
+        raise ValueError(
+            f"prefix {prefix!r}: a '{{' must open a hash tag ('{{otb}}:'), or not be there"
+        )
+    return True
 
 
 def is_cluster_url(url: str | None) -> bool:
@@ -84,9 +97,9 @@ class RedisClusterStorage(RedisStorage):
     ) -> None:  # fmt: skip
         if pause_refresh_seconds < 0:
             raise ValueError("pause_refresh_seconds must be >= 0")
-        super().__init__(url, client, prefix=prefix, **kwargs)
         # A prefix with a hash tag: every key in one slot, RedisStorage's one-script calls.
-        self.single_slot = _HASH_TAG.search(prefix) is not None
+        self.single_slot = _hash_tag(prefix)
+        super().__init__(url, client, prefix=prefix, **kwargs)
         self.pause_refresh_seconds = float(pause_refresh_seconds)
         if not self.single_slot:
             self._pause_key = prefix + "{pause}"
@@ -159,13 +172,17 @@ class RedisClusterStorage(RedisStorage):
                 self._pauses_at = started
             return self._pauses
 
+    def _forget_pauses(self) -> None:
+        with self._pause_lock:  # after a refresh under way, which may predate the change
+            self._pauses_at = -float("inf")
+
     def pause(self, key: str = GLOBAL_PAUSE_KEY) -> None:
         super().pause(key)
-        self._pauses_at = -float("inf")
+        self._forget_pauses()  # this instance sees its own pause at once
 
     def resume(self, key: str = GLOBAL_PAUSE_KEY) -> None:
         super().resume(key)
-        self._pauses_at = -float("inf")
+        self._forget_pauses()
 
     # -- scripts, once per slot group ---------------------------------------------------
     def _reserve_once(
