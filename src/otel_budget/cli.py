@@ -221,7 +221,7 @@ def _open_storage(args: argparse.Namespace) -> LedgerStorage:
     except ImportError as exc:  # pragma: no cover - the extra is missing
         raise CliError(f"{exc}; install with: pip install '.[redis]' (from the checkout)") from None
     try:
-        return RedisStorage(
+        return RedisStorage.from_url(  # redis+cluster:// picks the cluster ledger
             url, prefix=args.key_prefix, socket_timeout=args.timeout,
             socket_connect_timeout=args.timeout, retries=1, breaker_failures=1_000_000,
         )  # fmt: skip
@@ -288,8 +288,10 @@ def _redis_rows(storage: Any, prefix: str) -> list[_Row]:
 
 def _rows(storage: LedgerStorage, prefix: str) -> list[_Row]:
     from otel_budget.storage.redis import RedisStorage  # no redis import needed: lazy inside
+    from otel_budget.storage.redis_cluster import RedisClusterStorage
 
-    if isinstance(storage, RedisStorage):
+    # (a cluster has no single connection pool to read raw names with: its own scan)
+    if isinstance(storage, RedisStorage) and not isinstance(storage, RedisClusterStorage):
         return _redis_rows(storage, prefix)
     return [_Row(u.key, u) for u in storage.scopes(prefix)]
 

@@ -350,7 +350,7 @@ def _read_ledger(get: Callable[[str], str | None], out: dict[str, Any],
         from otel_budget.storage import MemoryStorage
         from otel_budget.storage.redis import RedisStorage
 
-        out["storage"] = RedisStorage(
+        out["storage"] = RedisStorage.from_url(  # redis+cluster:// picks the cluster ledger
             url.strip(), fallback=MemoryStorage() if fallback is not None else None
         )
     except Exception as exc:  # a bad URL, or redis-py not installed (ImportError)

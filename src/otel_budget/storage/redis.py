@@ -76,8 +76,10 @@ Design (measured in ``shared/notes/backends.md`` §1):
   the same timeouts and circuit breaker.
 * **TTLs** come from ``ScopeLimit.ttl`` and are set in the same script as the write
   (refreshed on use, never shortened below an open lease); scopes without a TTL persist.
-* **Every key a script touches is passed in ``KEYS``.** For Redis Cluster, use a prefix with
-  a hash tag, e.g. ``prefix="{otb}:"``, so that all keys of one call share a slot.
+* **Every key a script touches is passed in ``KEYS``.** On a Redis Cluster
+  (``redis+cluster://`` URLs, ``RedisStorage.from_url``) ``RedisClusterStorage``
+  (``storage/redis_cluster.py``) puts each scope in its own slot group; a prefix with a hash
+  tag, e.g. ``prefix="{otb}:"``, puts every key in one slot instead.
 
 Keys (``P`` is the prefix, default ``otb:``): ``P s:<scope>`` hash (``limit``, ``spent``,
 ``reserved``, ``olimit`` operator override, ``ttl`` ms), ``P z:<scope>`` sorted set of open
@@ -430,18 +432,7 @@ class RedisStorage(LedgerStorage):
             url = url or os.environ.get(ENV_URL)
             if not url:
                 raise ValueError(f"no Redis URL: pass url= or set {ENV_URL}")
-            # Our own retry loop below; redis-py's (10 attempts with backoff by default in
-            # 8.x) would multiply the time a call can block.
-            pool = _redis.ConnectionPool.from_url(
-                url,
-                socket_timeout=socket_timeout,
-                socket_connect_timeout=socket_connect_timeout,
-                retry=_Retry(_NoBackoff(), 0),
-                retry_on_timeout=False,
-                health_check_interval=0,
-                decode_responses=True,
-            )
-            client = _redis.Redis(connection_pool=pool)
+            client = self._make_client(url, socket_timeout, socket_connect_timeout)
         self.url = redact(url) if url else repr(client)
         self.client = client
         self.prefix = prefix
@@ -533,8 +524,30 @@ class RedisStorage(LedgerStorage):
             if leftover:
                 self._adopt()
 
+    def _make_client(self, url: str, socket_timeout: float, socket_connect_timeout: float) -> Any:
+        """The redis-py client for ``url`` (a hook: ``RedisClusterStorage`` makes a cluster
+        client)."""
+        # Our own retry loop below; redis-py's (10 attempts with backoff by default in
+        # 8.x) would multiply the time a call can block.
+        pool = _redis.ConnectionPool.from_url(
+            url,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_connect_timeout,
+            retry=_Retry(_NoBackoff(), 0),
+            retry_on_timeout=False,
+            health_check_interval=0,
+            decode_responses=True,
+        )
+        return _redis.Redis(connection_pool=pool)
+
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> RedisStorage:
+        """The ledger at ``url``; ``redis+cluster://`` / ``rediss+cluster://`` give a
+        ``RedisClusterStorage`` (``storage/redis_cluster.py``)."""
+        from otel_budget.storage.redis_cluster import RedisClusterStorage, is_cluster_url
+
+        if is_cluster_url(url) and not issubclass(cls, RedisClusterStorage):
+            return RedisClusterStorage(url=url, **kwargs)
         return cls(url=url, **kwargs)
 
     # -- keys -----------------------------------------------------------------------------
