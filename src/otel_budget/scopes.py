@@ -214,7 +214,7 @@ class ScopeResolution:
             spec = trace_stats.scope_spec = ScopeLimit(
                 trace_stats.key, limit, True, ttl, None, True  # type: ignore[arg-type]
             )
-            return spec  # type: ignore[no-any-return]
+            return spec
         key = trace_stats.key if trace_stats is not None else trace_key(trace_id)
         cap = carried if carried is not None and (limit is None or carried < limit) else None
         return ScopeLimit(
