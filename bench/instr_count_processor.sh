@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
-# Instructions per GenAI span (callgrind), bare SDK vs otel-budget's processor. ~1 minute.
+# Instructions per GenAI span (callgrind), bare SDK vs otel-budget's span paths. ~5 minutes.
+#   bash bench/instr_count_processor.sh [case ...]     # cases: bare wrapper foreign stated
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"
+SMALL="${SMALL:-300}"
+LARGE="${LARGE:-1300}"
 count() {
     valgrind --tool=callgrind --callgrind-out-file=/dev/null "$PY" bench/instr_count_processor.py "$1" "$2" 2>&1 \
         | awk '/Collected/ {gsub(",", "", $4); print $4}'
 }
-for mode in bare ours; do
-    small=$(count "$mode" 500)
-    large=$(count "$mode" 2500)
-    echo "$mode: $(( (large - small) / 2000 )) instructions per span"
-done
+one() {
+    local small large
+    small=$(count "$1" "$SMALL")
+    large=$(count "$1" "$LARGE")
+    echo "$1: $(( (large - small) / (LARGE - SMALL) )) instructions per span"
+}
+cases=("$@")
+[ ${#cases[@]} -eq 0 ] && cases=(bare wrapper foreign stated)
+for case in "${cases[@]}"; do one "$case" & done
+wait

@@ -87,6 +87,23 @@ def test_baggage_lowers_but_never_raises(make_processor: Any, tracer: Any) -> No
         context.detach(token)
 
 
+def test_a_trace_scope_built_once_still_yields_to_baggage(make_processor: Any, tracer: Any) -> None:
+    """The trace's ledger scope is built once per trace (a hot-path cache): a baggage budget
+    that appears later in the same trace still narrows the calls that carry it, and a limit
+    the processor lowers later still applies."""
+    processor = make_processor(max_usd=1.0)
+    with tracer.start_as_current_span("request"):
+        llm(tracer, 0.2)  # no baggage: the trace's scope is cached
+        with trace_budget(0.3), pytest.raises(BudgetExceededError) as info:
+            llm(tracer, 0.2)
+        assert info.value.budget_usd == pytest.approx(0.3)
+        llm(tracer, 0.2)  # without the baggage again: $0.4 of $1
+        processor.settings.limit_nanos = parse_usd(0.5)
+        with pytest.raises(BudgetExceededError) as info:
+            llm(tracer, 0.2)
+        assert info.value.budget_usd == pytest.approx(0.5)
+
+
 def test_set_trace_budget_can_only_tighten() -> None:
     ctx = set_trace_budget("0.50")
     assert baggage.get_baggage(BAGGAGE_KEY, ctx) == "0.5"

@@ -119,3 +119,57 @@ def test_assumed_input_tokens_setting() -> None:
     }
     with pytest.raises(ValueError, match="OTEL_BUDGET_ASSUMED_INPUT_TOKENS"):
         settings_from_env({"OTEL_BUDGET_ASSUMED_INPUT_TOKENS": "lots"})
+
+
+# -- the shape cache: what a span's attributes project is worked out once, never reused wrongly --
+def test_the_cache_tells_a_boolean_bound_from_the_integer_one() -> None:
+    """``True == 1`` in Python: a span whose ``max_tokens`` is ``True`` (no bound) after one
+    bounded at 1 token must still be projected at the assumed output, not at 1 token."""
+    base = {"gen_ai.operation.name": "chat", "gen_ai.request.model": "test-model"}
+    one = project_span("x", {**base, "gen_ai.request.max_tokens": 1}, SCOPE, PRICES, **KW)
+    flag = project_span("x", {**base, "gen_ai.request.max_tokens": True}, SCOPE, PRICES, **KW)
+    assert one is not None and flag is not None
+    assert one.output_tokens == 1
+    assert flag.output_tokens == 1000 and flag.output_assumed
+    assert flag.nanos == cost(5000, 1000)
+
+
+def test_the_cache_never_answers_for_a_span_with_content_or_other_settings() -> None:
+    base = {"gen_ai.operation.name": "chat", "gen_ai.request.model": "test-model"}
+    bare = project_span("x", base, SCOPE, PRICES, **KW)
+    text = "word " * 20_000
+    messages = json.dumps([{"role": "user", "parts": [{"type": "text", "content": text}]}])
+    full = project_span("x", {**base, "gen_ai.input.messages": messages}, SCOPE, PRICES, **KW)
+    again = project_span("x", base, SCOPE, PRICES, **KW)
+    other = project_span(
+        "x", base, SCOPE, PRICES, default_max_output_tokens=7, assumed_input_tokens=9
+    )
+    assert bare is not None and full is not None and again is not None and other is not None
+    assert full.input_tokens > 5000 and not full.input_assumed
+    assert again == bare
+    assert (other.input_tokens, other.output_tokens) == (9, 7)
+
+
+def test_the_price_is_asked_every_time() -> None:
+    """A price may change with the date or the time of day: only the span's shape is cached,
+    never its quote."""
+
+    class Changing:
+        def __init__(self) -> None:
+            self.rate = 1
+
+        def quote(self, provider: object, model: str, usage: TokenUsage, **kw: object) -> _Quote:
+            return _Quote(self.rate * (usage.input_tokens + usage.output_tokens))
+
+    prices = Changing()
+    attributes = {"gen_ai.operation.name": "chat", "gen_ai.request.model": "test-model"}
+    first = project_span("x", attributes, SCOPE, prices, **KW)  # type: ignore[arg-type]
+    prices.rate = 3
+    second = project_span("x", attributes, SCOPE, prices, **KW)  # type: ignore[arg-type]
+    assert first is not None and second is not None
+    assert second.nanos == 3 * first.nanos == 3 * 6000
+
+
+class _Quote:
+    def __init__(self, nanos: int) -> None:
+        self.nanos = nanos

@@ -199,10 +199,9 @@ class BudgetSpanProcessor(SpanProcessor):
                 # A span that states its projection: reserved at what it states, never below
                 # what its own attributes project (a stated $0 is no way around a budget).
                 amount = _usd_nanos(projected, attrs.COST_PROJECTED_USD)
-                own = reserve_arguments(self, span, span.parent is None, attributes)
+                own = reserve_arguments(self, span, span.parent is None, attributes, amount)
                 if own is not None:
-                    amount = max(amount, _usd_nanos(own[1], attrs.COST_PROJECTED_USD))
-                    span.set_attribute(attrs.COST_PROJECTED_USD, to_usd(amount))
+                    amount = own[1]  # the larger, recorded on the span
             else:
                 # Another instrumentation's GenAI span: project it from what it carries.
                 foreign = reserve_arguments(self, span, span.parent is None, attributes)
@@ -220,8 +219,7 @@ class BudgetSpanProcessor(SpanProcessor):
                         ),
                     )  # fmt: skip
                     return
-                attributes, usd = foreign
-                amount = _usd_nanos(usd, attrs.COST_PROJECTED_USD)
+                attributes, amount = foreign
                 operation = attributes.get(attrs.GEN_AI_OPERATION_NAME) or operation
                 if operation is None:
                     return

@@ -116,7 +116,8 @@ class TraceStats:
     __slots__ = (
         "trace_id", "limit", "spent", "llm", "tools", "calls", "tool_calls", "turns", "aborts",
         "overshoot", "by_model", "by_provider", "by_tool", "events", "started", "ended",
-        "terminated_by", "threshold_index", "root_span", "label", "key", "_lock", "__weakref__",
+        "terminated_by", "threshold_index", "root_span", "label", "key", "scope_spec", "_lock",
+        "__weakref__",
     )  # fmt: skip
 
     def __init__(self, trace_id: str | None, limit: int | None) -> None:
@@ -142,6 +143,7 @@ class TraceStats:
         # How warnings name this run: "t:<trace id>", or the budget() block's key and name.
         self.label = f"t:{trace_id}" if trace_id else "process"
         self.key = self.label  # the trace's ledger key, computed once
+        self.scope_spec: Any = None  # its ledger ScopeLimit when no baggage narrows it (scopes.py)
         self._lock = threading.Lock()
 
     def add_llm(

@@ -205,11 +205,20 @@ class ScopeResolution:
         carried = baggage_limit()
         if limit is None and carried is None:
             return None
+        ttl = self.settings.trace_ttl_seconds
+        if carried is None and trace_stats is not None:
+            # The common case: the same scope for every call of the trace, built once.
+            spec = trace_stats.scope_spec
+            if spec is not None and spec.limit == limit and spec.ttl == ttl:
+                return spec  # type: ignore[no-any-return]
+            spec = trace_stats.scope_spec = ScopeLimit(
+                trace_stats.key, limit, True, ttl, None, True  # type: ignore[arg-type]
+            )
+            return spec
         key = trace_stats.key if trace_stats is not None else trace_key(trace_id)
         cap = carried if carried is not None and (limit is None or carried < limit) else None
         return ScopeLimit(
-            key, UNLIMITED if limit is None else limit, True, self.settings.trace_ttl_seconds,
-            cap=cap, evictable=True,
+            key, UNLIMITED if limit is None else limit, True, ttl, cap=cap, evictable=True,
         )  # fmt: skip
 
     def _identity_from(self, attributes: Mapping[str, Any], kind: str, name: str) -> str | None:

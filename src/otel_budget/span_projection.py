@@ -55,6 +55,7 @@ from otel_budget import attributes as attrs
 from otel_budget.costing import provider_of
 from otel_budget.engine import KIND_LLM, Charge
 from otel_budget.errors import REASON_UNKNOWN_MODEL
+from otel_budget.money import NANOS_PER_USD
 from otel_budget.pricing import PriceBook, TokenUsage, UnknownModelError
 from otel_budget.tokens import estimate_input_tokens
 
@@ -294,6 +295,33 @@ def may_be_gen_ai(span: Any, attributes: Mapping[str, Any]) -> bool:
     )
 
 
+# Shapes of spans projected from assumed bounds (no content), by everything the projection
+# reads: a foreign instrumentation starts its spans with the same few request attributes
+# call after call, so all but the price quote is worked out once. Bounded (cleared when
+# full); spans with content are never kept (their keys would hold the prompts).
+_SHAPES: dict[Any, Any] = {}
+_MAX_SHAPES = 1024
+_NOT_PAID = ("not paid",)
+
+
+def _shape_key(
+    name: str, scope: str, attributes: Mapping[str, Any], default_max_output_tokens: int,
+    assumed_input_tokens: int,
+) -> Any:  # fmt: skip
+    """Every input of the projection. Values are compared with their types: ``True == 1``
+    but a ``max_tokens`` of ``True`` is no bound while ``1`` is."""
+    values = tuple(attributes.values())
+    key = (
+        name, scope, default_max_output_tokens, assumed_input_tokens, tuple(attributes),
+        values, tuple(map(type, values)),
+    )  # fmt: skip
+    try:
+        hash(key)
+    except TypeError:  # a plain mapping with a list in it: not kept
+        return None
+    return key
+
+
 def project_span(
     name: str,
     attributes: Mapping[str, Any] | None,
@@ -308,6 +336,57 @@ def project_span(
     names no model) under the price book's ``"block"`` policy."""
     attributes = attributes or {}
     scope = _scope_name(instrumentation_scope)
+    key = _shape_key(name, scope, attributes, default_max_output_tokens, assumed_input_tokens)
+    entry = _SHAPES.get(key) if key is not None else None
+    if entry is None:
+        shape = _shape(name, attributes, scope, default_max_output_tokens, assumed_input_tokens)
+        if shape is _NOT_PAID:
+            entry = [shape, None, None]
+        else:
+            usage = TokenUsage(input_tokens=shape[3], output_tokens=shape[4])
+            entry = [shape, usage, None]
+        if key is not None and (shape is _NOT_PAID or shape[6]):  # no content in it
+            if len(_SHAPES) >= _MAX_SHAPES:
+                _SHAPES.clear()
+            _SHAPES[key] = entry
+    shape, usage, last = entry
+    if shape is _NOT_PAID:
+        return None
+    (operation, model, provider, in_tokens, out_tokens, method, input_assumed, output_assumed,
+     model_from_name, operation_set, server) = shape  # fmt: skip
+    # The quote is asked every time: a price may depend on the date or the time of day.
+    try:
+        quote = prices.quote(provider, model or "unknown", usage, server_address=server)
+    except UnknownModelError:
+        if model is None:
+            raise ModelNotAtStartError(name, provider) from None
+        raise
+    if last is not None and last.nanos == quote.nanos:
+        return last  # type: ignore[no-any-return]  # (immutable: the same answer as last time)
+    projection = SpanProjection(
+        nanos=quote.nanos,
+        operation=operation,
+        model=model,
+        provider=provider,
+        input_tokens=in_tokens,
+        output_tokens=out_tokens,
+        input_method=method,
+        input_assumed=input_assumed,
+        output_assumed=output_assumed,
+        model_from_name=model_from_name,
+        operation_set=operation_set,
+    )
+    entry[2] = projection
+    return projection
+
+
+def _shape(
+    name: str, attributes: Mapping[str, Any], scope: str, default_max_output_tokens: int,
+    assumed_input_tokens: int,
+) -> Any:  # fmt: skip
+    """What ``project_span`` reads from a span, before pricing: ``_NOT_PAID``, or (operation,
+    model, provider, input tokens, output tokens, input method, input assumed, output
+    assumed, model from name, operation set, server address)."""
     operation_set = True
     raw_op = attributes.get(attrs.GEN_AI_OPERATION_NAME)
     if raw_op is None:
@@ -317,15 +396,15 @@ def project_span(
     if raw_op is None:
         # No attributes at start: only a known GenAI instrumentation's conventional name.
         if not scope.startswith(GENAI_SCOPE_PREFIXES):
-            return None
+            return _NOT_PAID
         named = _from_name(name, None)
         if named is None:
-            return None
+            return _NOT_PAID
         operation = named[0]
     else:
         op = _OPERATIONS.get(raw_op) if isinstance(raw_op, str) else None
         if op is None:
-            return None  # a tool, an agent, a workflow: not a paid LLM call itself
+            return _NOT_PAID  # a tool, an agent, a workflow: not a paid LLM call itself
         operation = op
 
     model = _text(attributes.get(attrs.GEN_AI_REQUEST_MODEL)) or _text(
@@ -362,37 +441,21 @@ def project_span(
         in_tokens, method = estimate.tokens, estimate.method
 
     server = attributes.get(attrs.SERVER_ADDRESS)
-    usage = TokenUsage(input_tokens=in_tokens, output_tokens=out_tokens)
-    try:
-        quote = prices.quote(
-            provider, model or "unknown", usage,
-            server_address=server if isinstance(server, str) else None,
-        )  # fmt: skip
-    except UnknownModelError:
-        if model is None:
-            raise ModelNotAtStartError(name, provider) from None
-        raise
-    return SpanProjection(
-        nanos=quote.nanos,
-        operation=operation,
-        model=model,
-        provider=provider,
-        input_tokens=in_tokens,
-        output_tokens=out_tokens,
-        input_method=method,
-        input_assumed=content is None,
-        output_assumed=output_assumed,
-        model_from_name=model_from_name,
-        operation_set=operation_set,
-    )
+    return (
+        operation, model, provider, in_tokens, out_tokens, method, content is None,
+        output_assumed, model_from_name, operation_set, server if isinstance(server, str) else None,
+    )  # fmt: skip
 
 
 # --- the processor's side (``BudgetSpanProcessor.on_start``) ----------------------------------
 def reserve_arguments(
-    processor: Any, span: Any, parentless: bool, attributes: Mapping[str, Any]
-) -> tuple[Mapping[str, Any], float] | None:
-    """For another instrumentation's span at start: ``(attributes, projected USD)`` to reserve
-    with, or None when it is not a paid GenAI call. Records the projection on the span (and
+    processor: Any, span: Any, parentless: bool, attributes: Mapping[str, Any],
+    stated: int | None = None,
+) -> tuple[Mapping[str, Any], int] | None:  # fmt: skip
+    """For another instrumentation's span at start: ``(attributes, projected nano-USD)`` to
+    reserve with, or None when it is not a paid GenAI call. A span that ``stated`` its own
+    projection (nano-USD) is reserved at the larger of the two. Records the projection on the
+    span, in one attribute update (and
     ``gen_ai.operation.name`` when only an older spelling said it, so the span settles when it
     ends). An unpriceable model under the ``"block"`` policy ends the span as refused and
     raises ``BudgetExceededError``."""
@@ -422,9 +485,11 @@ def reserve_arguments(
         # (this span is nested in ours). A worst-case projection here would only refuse
         # calls ours can afford.
         return None
-    usd = projection.usd
+    nanos = projection.nanos
+    if stated is not None and stated > nanos:
+        nanos = stated
     record: dict[str, Any] = {
-        attrs.COST_PROJECTED_USD: usd,
+        attrs.COST_PROJECTED_USD: nanos / NANOS_PER_USD,
         attrs.COST_INPUT_ESTIMATED: projection.input_method,
     }
     if projection.output_assumed:
@@ -440,7 +505,7 @@ def reserve_arguments(
     if projection.provider and provider_of(attributes) is None:
         extra[attrs.GEN_AI_PROVIDER_NAME] = projection.provider
     reserve_with = {**attributes, **extra} if extra else attributes
-    return reserve_with, usd
+    return reserve_with, nanos
 
 
 _OUR_INSTRUMENTORS = (

@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 
 from otel_budget.storage.base import (
     GLOBAL_PAUSE_KEY,
+    MAX_AMOUNT,
     CommitResult,
     CommitStatus,
     LeaseId,
@@ -52,6 +53,10 @@ logger = logging.getLogger("otel_budget.storage.memory")
 
 _SWEEP_PER_OP = 8  # bound on expired leases/scopes handled per call: no latency spikes
 _NOTHING = CommitResult(CommitStatus.DUPLICATE)
+_OK = ReserveStatus.OK
+# Results are built with tuple.__new__ on the hot path: a NamedTuple's generated __new__ is a
+# Python call, about a microsecond per result on a slow machine.
+_new_tuple = tuple.__new__
 
 
 class _Scope:
@@ -228,8 +233,9 @@ class MemoryStorage(LedgerStorage):
         maximum: int,
         pause_keys: Sequence[str] = (),
     ) -> ReserveResult:
-        minimum, maximum = reserve_range(minimum, maximum)
-        specs = scopes if isinstance(scopes, (tuple, list)) else tuple(scopes)
+        if not (type(minimum) is int and type(maximum) is int and 0 <= minimum <= maximum < MAX_AMOUNT):
+            minimum, maximum = reserve_range(minimum, maximum)
+        specs = scopes if type(scopes) is tuple or isinstance(scopes, list) else tuple(scopes)
         with self._lock:
             now = self._clock()
             deadlines = self._deadlines
@@ -252,7 +258,10 @@ class MemoryStorage(LedgerStorage):
                 for key in (GLOBAL_PAUSE_KEY, *pause_keys):
                     if key in self._paused:
                         return ReserveResult(ReserveStatus.PAUSED, ScopeUsage(key, 0, 0, 0))
-            resolved = tuple([self._scope(spec, now) for spec in specs])
+            if len(specs) == 1:
+                resolved: tuple[_Scope, ...] = (self._scope(specs[0], now),)
+            else:
+                resolved = tuple([self._scope(spec, now) for spec in specs])
             grant = maximum
             for spec, scope in zip(specs, resolved, strict=True):
                 limit = scope.limit
@@ -271,7 +280,7 @@ class MemoryStorage(LedgerStorage):
             deadline = now + self._lease_seconds
             self._leases[lease_id] = _Lease(grant, resolved, deadline)
             self._deadlines.append((deadline, lease_id))
-            return ReserveResult(ReserveStatus.OK, None, grant)
+            return _new_tuple(ReserveResult, (_OK, None, grant))  # ReserveResult(OK, None, grant)
 
     def reserve(
         self,
@@ -283,7 +292,8 @@ class MemoryStorage(LedgerStorage):
         return self.reserve_up_to(lease_id, scopes, amount, amount, pause_keys)
 
     def commit(self, lease_id: LeaseId, actual: int) -> CommitResult:
-        actual = settle_amount(actual)
+        if not (type(actual) is int and 0 <= actual < MAX_AMOUNT):
+            actual = settle_amount(actual)
         with self._lock:
             lease = self._leases.pop(lease_id, None)
             status = CommitStatus.OK
@@ -300,12 +310,14 @@ class MemoryStorage(LedgerStorage):
                         scope.reserved -= lease.amount
                     scope.spent += actual
             self._mark_settled(lease_id, lease.amount)
-            return CommitResult(
-                status,
-                lease.amount,
-                actual - lease.amount if actual > lease.amount else 0,
-                tuple([scope.snapshot() for scope in lease.scopes]),
-            )
+            amount = lease.amount
+            return _new_tuple(CommitResult, (  # CommitResult(...) without its Python __new__
+                status, amount, actual - amount if actual > amount else 0,
+                tuple([
+                    _new_tuple(ScopeUsage, (scope.key, scope.limit, scope.spent, scope.reserved))
+                    for scope in lease.scopes
+                ]),
+            ))  # fmt: skip
 
     def release(self, lease_id: LeaseId) -> CommitResult:
         with self._lock:
