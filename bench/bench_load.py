@@ -109,6 +109,7 @@ class Phase:
     refused: Counter[str] = field(default_factory=Counter)  # by reason
     refused_users: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
+    error_samples: list[str] = field(default_factory=list)
 
     def summary(self, attempts: int) -> dict[str, Any]:
         ok = sorted(self.granted_ns)
@@ -119,6 +120,7 @@ class Phase:
             "refused_by_reason": dict(self.refused),
             "users_refused": len(self.refused_users),
             "errors": dict(self.errors),
+            "error_samples": self.error_samples,
             "wall_s": round(self.wall_s, 3),
             "calls_per_s": round(attempts / self.wall_s, 1),
             "granted_per_s": round(len(ok) / self.wall_s, 1),
@@ -305,6 +307,10 @@ async def run_agents(client: Any, tracer: Any, config: LoadConfig, phase: Phase)
                     phase.refused_users[user] += 1
                 except Exception as exc:  # counted: a check fails on any
                     phase.errors[type(exc).__name__] += 1
+                    if len(phase.error_samples) < 5:
+                        cause = exc.__cause__ or exc.__context__
+                        phase.error_samples.append(f"{exc!r} after {(clock() - start) / 1e9:.1f} s"
+                                                   f" (cause: {cause!r})")  # fmt: skip
                 else:
                     phase.granted_ns.append(clock() - start)
                     phase.granted[user] += 1
@@ -487,10 +493,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         verbose=True)  # fmt: skip
     if args.quick:
         config.agents, config.calls, config.users = 200, 10, 20
+    load_before = os.getloadavg()[0]
     result = run(config)
     result["machine"] = {
         "python": platform.python_version(), "cpus": os.cpu_count(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        # Other work on the host inflates every figure; this says how much there was.
+        "load_average_1min": [round(load_before, 1), round(os.getloadavg()[0], 1)],
     }  # fmt: skip
     for name in ("bare", "instrumented", "ledger", "checks"):
         print(name, json.dumps(result[name]), flush=True)

@@ -79,3 +79,33 @@ def test_the_checker_fails_each_broken_rule() -> None:
     # A refused call that reached the provider anyway (billed nothing, say: an error).
     sent = dict(bill, requests=11)
     assert check_ledger(good, sent, {"u1": 9, "u2": 1}, caps)["refused_never_sent"]
+
+
+def test_the_fake_provider_answers_on_descriptors_above_1024() -> None:
+    """With 1,000 agents the provider holds over 1,024 sockets: select() failed on those, so
+    it read the request, billed nothing and dropped the connection (APIConnectionError,
+    which the ledger rightly charges at its projection: ledger above the bill)."""
+    import os
+    import resource
+
+    from openai import OpenAI
+
+    from otel_budget.testing import FakeLLMServer
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip("needs 1,200 open files")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    hog = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        with FakeLLMServer() as server:
+            client = OpenAI(base_url=server.openai_base_url, api_key="x", max_retries=0)
+            client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+            )
+            assert server.stats()["billed_requests"] == 1
+            client.close()
+    finally:
+        for fd in hog:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

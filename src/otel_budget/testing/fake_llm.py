@@ -1503,7 +1503,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _client_gone(self) -> bool:
         try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
+            if hasattr(select, "poll"):  # select() fails on a descriptor >= 1024 (a busy server)
+                poller = select.poll()
+                poller.register(self.connection, select.POLLIN)
+                readable: Any = poller.poll(0)
+            else:  # pragma: no cover - Windows
+                readable, _, _ = select.select([self.connection], [], [], 0)
             return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
         except (OSError, ValueError):
             return True
