@@ -693,10 +693,12 @@ class FakeLLMServer:
         )
         stats["by_path"] = {}
         stats["by_model"] = {}
+        stats["by_user"] = {}
         return stats
 
     def stats(self) -> dict[str, Any]:
-        """A snapshot: request/billing counters, overall and ``by_path``/``by_model``.
+        """A snapshot: request/billing counters, overall and ``by_path``/``by_model``, and
+        the billing counters ``by_user``, keyed by the OpenAI request body's ``user`` field.
 
         ``input_tokens``/``output_tokens`` are *billed* tokens (cache and reasoning included);
         ``billed_usd`` is ``billed_nanos / 1e9``. Also: ``errors`` (non-2xx answers),
@@ -708,7 +710,8 @@ class FakeLLMServer:
             snap: dict[str, Any] = json.loads(json.dumps(self._stats))
             snap["in_flight"] = self._in_flight
             snap["max_in_flight"] = self._max_in_flight
-        for counter in [snap, *snap["by_path"].values(), *snap["by_model"].values()]:
+        for counter in [snap, *snap["by_path"].values(), *snap["by_model"].values(),
+                        *snap["by_user"].values()]:  # fmt: skip
             counter["billed_usd"] = counter["billed_nanos"] / 1_000_000_000
         return snap
 
@@ -812,6 +815,10 @@ class FakeLLMServer:
         ]
         if model:
             counters.append(self._stats["by_model"].setdefault(model, self._blank_counter()))
+            # Billing only (the body is parsed by then): the bill per end user, for load tests.
+            user = record.body.get("user") if isinstance(record.body, dict) else None
+            if isinstance(user, str):
+                counters.append(self._stats["by_user"].setdefault(user, self._blank_counter()))
         return counters
 
     def _begin(self, record: CallRecord) -> None:
@@ -1496,7 +1503,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _client_gone(self) -> bool:
         try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
+            if hasattr(select, "poll"):  # select() fails on a descriptor >= 1024 (a busy server)
+                poller = select.poll()
+                poller.register(self.connection, select.POLLIN)
+                readable: Any = poller.poll(0)
+            else:  # pragma: no cover - Windows
+                readable, _, _ = select.select([self.connection], [], [], 0)
             return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
         except (OSError, ValueError):
             return True
