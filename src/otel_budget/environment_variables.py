@@ -106,7 +106,9 @@ OTEL_BUDGET_REDIS_URL = "OTEL_BUDGET_REDIS_URL"
 .. envvar:: OTEL_BUDGET_REDIS_URL
 
 A shared ledger on Redis (``redis://host:6379/0``; needs ``otel-budget[redis]``): every
-process using the same URL enforces the same budgets. Unset: the in-process ledger.
+process using the same URL enforces the same budgets. ``redis+cluster://host:port`` (or
+``rediss+cluster://``): a Redis Cluster, each scope in its own slot group. Unset: the
+in-process ledger.
 """
 
 OTEL_BUDGET_REDIS_FALLBACK = "OTEL_BUDGET_REDIS_FALLBACK"

@@ -8,7 +8,7 @@
 Install with ``pip install 'otel-budget[redis]'`` (redis-py >= 5). The URL defaults to
 ``OTEL_BUDGET_REDIS_URL``.
 
-Design (measured in ``shared/notes/backends.md`` §1):
+Design:
 
 * **One round trip on a call's critical path.** ``reserve_up_to`` (and ``reserve``) is one
   ``EVALSHA``
