@@ -7,7 +7,10 @@ Cases: ``ours`` (BudgetInstrumentor: span, projection, reservation, settle), ``o
 (opentelemetry-instrumentation-genai-openai, when installed) and ``wrapt`` (a hand-written
 wrapt span with the three request and three response attributes). Each wrapper is called
 around a stub ``chat.completions.create`` that returns a prebuilt ``ChatCompletion``: no
-HTTP, no SDK request building, only what the instrumentation itself adds per call.
+HTTP, no SDK request building, only what the instrumentation itself adds per call. Two more
+cases isolate parts of ``ours``: ``request`` (reading the request, the input estimate and the
+projection's two quotes) and ``response`` (reading the body, pricing its usage); the rest of
+``ours`` is the span (SDK) and the ledger (reserve, settle, scopes, report, processor).
 
 Under callgrind (``count`` mode) the process sets up with instrumentation off, blocks on
 stdin, the driver switches callgrind on and writes a line, the process runs ``calls`` wrapper
@@ -92,6 +95,37 @@ def build(cases: list[str]) -> tuple[TracerProvider, dict[str, Wrapper], Any, Ca
                 return response
 
         wrappers["wrapt"] = hand
+    if "request" in cases or "response" in cases:
+        from types import SimpleNamespace
+
+        from otel_budget.costing import price_call
+        from otel_budget.instrumentation.openai.request import chat_request
+        from otel_budget.instrumentation.openai.response import read_body
+        from otel_budget.pricing import PriceBook, TokenUsage
+
+        book = PriceBook()
+
+        def parts_request(wrapped: Any, instance: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+            request = chat_request(instance, kwargs)
+            tokens = request.estimate().tokens
+            for out in (64, 1):  # the maximum and the minimum quote of the projection
+                book.quote(request.provider, request.model,
+                           TokenUsage(input_tokens=tokens, output_tokens=out),
+                           server_address=request.server_address)  # fmt: skip
+            return request
+
+        call = SimpleNamespace(request=SimpleNamespace(content=None), processor=None,
+                               metric_attributes={})  # fmt: skip
+
+        def parts_response(wrapped: Any, instance: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+            usage, attributes, _ = read_body(call, wrapped(), "chat")  # type: ignore[arg-type]
+            assert usage is not None
+            price_call(
+                book, "openai", usage, (attributes.get("gen_ai.response.model"), "gpt-4o-mini")
+            )
+            return usage
+
+        wrappers["request"], wrappers["response"] = parts_request, parts_response
     return provider, wrappers, client.chat.completions, stub
 
 

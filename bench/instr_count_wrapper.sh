@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Instructions per call of each instrumentation's wrapper work (callgrind), side by side.
-#   bash bench/instr_count_wrapper.sh [case ...]        # cases: ours official wrapt
+#   bash bench/instr_count_wrapper.sh [case ...]   # cases: ours official wrapt request response
 #   SRC=/path/to/other/src bash bench/instr_count_wrapper.sh ours   # another checkout's code
 # Prints "case: N instructions per call"; JSON=path also writes {case: N}. ~2 minutes.
 set -euo pipefail
