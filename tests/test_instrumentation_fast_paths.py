@@ -123,3 +123,25 @@ def test_server_of_follows_a_client_whose_base_url_changes() -> None:
     )
     assert client_info(azure.chat.completions)[0] == "azure.ai.openai"
     assert client_info(client.chat.completions)[0] == "openai"
+
+
+@pytest.mark.parametrize("usage", [
+    {"prompt_tokens": 30, "completion_tokens": 10, "total_tokens": 40},
+    {"prompt_tokens": 900, "completion_tokens": 500, "total_tokens": 1400,
+     "prompt_tokens_details": {"cached_tokens": 512, "audio_tokens": 100},
+     "completion_tokens_details": {"reasoning_tokens": 300, "audio_tokens": 50}},
+    {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12, "cost": 0.5},  # an extra
+    {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
+     "prompt_tokens_details": {"cached_tokens": 64}},  # details above the total: raised
+])  # fmt: skip
+def test_parsed_usage_reads_as_its_json(usage: dict[str, Any]) -> None:
+    """The SDK's parsed usage (read straight from the model's fields) charges exactly what
+    the same usage as plain JSON (read key by key) does."""
+    from openai.types import CompletionUsage
+
+    from otel_budget.instrumentation.openai.response import chat_usage
+
+    parsed = CompletionUsage.model_validate(usage)
+    assert is_model(parsed)
+    assert chat_usage(parsed) == chat_usage(usage)
+    assert chat_usage(parsed) == chat_usage(parsed.model_dump())

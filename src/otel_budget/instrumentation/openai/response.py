@@ -39,10 +39,19 @@ def _usage(usage: Any, names: tuple[str, str, str, str]) -> TokenUsage | None:
     if usage is None:
         return None
     inp_key, out_key, inp_details_key, out_details_key = names
-    inp = _int(_get(usage, inp_key))
-    out = _int(_get(usage, out_key))
-    input_details = _get(usage, inp_details_key)
-    output_details = _get(usage, out_details_key)
+    fields = usage.__dict__ if is_model(usage) else None
+    if fields is not None and inp_key in fields and out_key in fields and (
+        inp_details_key in fields and out_details_key in fields
+    ):
+        # The SDK's parsed usage: its declared fields, read where pydantic keeps them (what
+        # ``_get`` returns for each, in one step instead of four).
+        inp, out = _int(fields[inp_key]), _int(fields[out_key])
+        input_details, output_details = fields[inp_details_key], fields[out_details_key]
+    else:
+        inp = _int(_get(usage, inp_key))
+        out = _int(_get(usage, out_key))
+        input_details = _get(usage, inp_details_key)
+        output_details = _get(usage, out_details_key)
     cached = _int(_get(input_details, "cached_tokens"))
     audio_in = _int(_get(input_details, "audio_tokens"))
     reasoning = _int(_get(output_details, "reasoning_tokens"))
