@@ -145,3 +145,24 @@ def test_parsed_usage_reads_as_its_json(usage: dict[str, Any]) -> None:
     assert is_model(parsed)
     assert chat_usage(parsed) == chat_usage(usage)
     assert chat_usage(parsed) == chat_usage(parsed.model_dump())
+
+
+def test_fields_reads_what_get_reads() -> None:
+    """``Fields`` (declared fields in one step) answers exactly what ``get`` does, for a
+    parsed body holding every name, one lacking some (legacy Completion: no service_tier;
+    an extra), a dict and None."""
+    from openai.types import Completion
+
+    from otel_budget.instrumentation._util import Fields
+
+    names = ("id", "model", "service_tier", "system_fingerprint", "choices", "extra_thing")
+    completion = Completion.model_validate({
+        "id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m",
+        "choices": [], "extra_thing": 7})  # fmt: skip
+    chat = ChatCompletion.model_validate({
+        "id": "c", "object": "chat.completion", "created": 1, "model": "m", "choices": [],
+        "service_tier": "flex"})  # fmt: skip
+    for obj in (completion, chat, completion.model_dump(), None):
+        assert Fields(*names)(obj) == tuple(get(obj, n) for n in names)
+        assert Fields(*names[:5])(obj) == tuple(get(obj, n) for n in names[:5])
+        assert Fields("id")(obj) == (get(obj, "id"),)

@@ -22,8 +22,8 @@ from otel_budget.instrumentation import _content
 from otel_budget.instrumentation._attempts import response_json
 from otel_budget.instrumentation._call import LLMCall
 from otel_budget.instrumentation._finish_reasons import responses_finish_reasons
+from otel_budget.instrumentation._util import Fields, is_model, response_attributes, usage_cost
 from otel_budget.instrumentation._util import get as _get
-from otel_budget.instrumentation._util import is_model, response_attributes, usage_cost
 from otel_budget.instrumentation._util import nonneg_int as _int
 from otel_budget.instrumentation.openai import history
 from otel_budget.pricing import TokenUsage
@@ -122,22 +122,27 @@ async def aparsed(result: Any) -> Any:
 
 
 # -- reading a body ---------------------------------------------------------------------------
+_BODY = Fields("id", "model", "service_tier", "system_fingerprint")
+_CHAT_BODY = Fields("id", "model", "service_tier", "system_fingerprint", "choices")
+_REASON = Fields("finish_reason")
+
+
 def _response_attributes(result: Any, choices: bool) -> dict[str, Any]:
     """Span attributes of a chat / completions (``choices``) or Responses body, as
     genai-openai writes them: a choice without a finish reason is ``error``; the Responses
     status read by ``responses_finish_reasons``; service tier and system fingerprint."""
     if choices:
+        rid, model, tier, fingerprint, listed = _CHAT_BODY(result)
         reasons: list[str] | None = [
             r if isinstance(r, str) and r else "error"
-            for r in (_get(c, "finish_reason") for c in (_get(result, "choices") or []))
+            for r in (_REASON(c)[0] for c in (listed or []))
         ]  # fmt: skip
     else:
+        rid, model, tier, fingerprint = _BODY(result)
         reasons = responses_finish_reasons(result)
-    out = response_attributes(_get(result, "id"), _get(result, "model"), reasons)
-    tier = _get(result, "service_tier")
+    out = response_attributes(rid, model, reasons)
     if isinstance(tier, str) and tier:
         out[attrs.OPENAI_RESPONSE_SERVICE_TIER] = tier
-    fingerprint = _get(result, "system_fingerprint")
     if isinstance(fingerprint, str) and fingerprint:
         out[attrs.OPENAI_RESPONSE_SYSTEM_FINGERPRINT] = fingerprint
     return out
