@@ -237,7 +237,7 @@ class PriceBook:
             if len(memo) >= _MEMO_SIZE:
                 memo.clear()
             memo[counts] = quote
-        return quote  # type: ignore[no-any-return]
+        return quote
 
     def tool_cost_nanos(self, tool_name: str, result: object = None) -> int | None:
         """The cost of one tool call in nano-USD, or ``None`` when no price is configured.

@@ -291,7 +291,7 @@ class Fields:
         if obj is not None and type(obj) is not dict and is_model(obj):
             fields = obj.__dict__
             if fields.keys() >= self._keys:
-                return self._pick(fields)  # type: ignore[no-any-return]
+                return self._pick(fields)
         return tuple([get(obj, name) for name in self._names])
 
 
