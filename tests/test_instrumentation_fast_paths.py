@@ -123,3 +123,46 @@ def test_server_of_follows_a_client_whose_base_url_changes() -> None:
     )
     assert client_info(azure.chat.completions)[0] == "azure.ai.openai"
     assert client_info(client.chat.completions)[0] == "openai"
+
+
+@pytest.mark.parametrize("usage", [
+    {"prompt_tokens": 30, "completion_tokens": 10, "total_tokens": 40},
+    {"prompt_tokens": 900, "completion_tokens": 500, "total_tokens": 1400,
+     "prompt_tokens_details": {"cached_tokens": 512, "audio_tokens": 100},
+     "completion_tokens_details": {"reasoning_tokens": 300, "audio_tokens": 50}},
+    {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12, "cost": 0.5},  # an extra
+    {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
+     "prompt_tokens_details": {"cached_tokens": 64}},  # details above the total: raised
+])  # fmt: skip
+def test_parsed_usage_reads_as_its_json(usage: dict[str, Any]) -> None:
+    """The SDK's parsed usage (read straight from the model's fields) charges exactly what
+    the same usage as plain JSON (read key by key) does."""
+    from openai.types import CompletionUsage
+
+    from otel_budget.instrumentation.openai.response import chat_usage
+
+    parsed = CompletionUsage.model_validate(usage)
+    assert is_model(parsed)
+    assert chat_usage(parsed) == chat_usage(usage)
+    assert chat_usage(parsed) == chat_usage(parsed.model_dump())
+
+
+def test_fields_reads_what_get_reads() -> None:
+    """``Fields`` (declared fields in one step) answers exactly what ``get`` does, for a
+    parsed body holding every name, one lacking some (legacy Completion: no service_tier;
+    an extra), a dict and None."""
+    from openai.types import Completion
+
+    from otel_budget.instrumentation._util import Fields
+
+    names = ("id", "model", "service_tier", "system_fingerprint", "choices", "extra_thing")
+    completion = Completion.model_validate({
+        "id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m",
+        "choices": [], "extra_thing": 7})  # fmt: skip
+    chat = ChatCompletion.model_validate({
+        "id": "c", "object": "chat.completion", "created": 1, "model": "m", "choices": [],
+        "service_tier": "flex"})  # fmt: skip
+    for obj in (completion, chat, completion.model_dump(), None):
+        assert Fields(*names)(obj) == tuple(get(obj, n) for n in names)
+        assert Fields(*names[:5])(obj) == tuple(get(obj, n) for n in names[:5])
+        assert Fields("id")(obj) == (get(obj, "id"),)

@@ -429,6 +429,30 @@ def test_time_of_day_prices(book: PriceBook) -> None:
         assert (peak.nanos, off.nanos, naive.nanos) == (270_000_000, 135_000_000, 135_000_000)
 
 
+def test_memoised_quotes_follow_the_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-plan quote memo never serves a price past its window: the same counts quoted
+    at peak, then (the clock moved, no timestamp given) off-peak, then peak again."""
+    book = PriceBook()
+    u = TokenUsage(input_tokens=M)
+    clock = [datetime(2026, 11, 22, 3, 0, tzinfo=UTC).timestamp()]
+    monkeypatch.setattr(pricing.time, "time", lambda: clock[0])
+    seen = []
+    for hour in (3, 3, 17, 17, 3):
+        clock[0] = datetime(2026, 11, 22, hour, 0, tzinfo=UTC).timestamp()
+        seen.append(book.quote("deepseek", "deepseek-chat", u).nanos)
+    assert seen == [270_000_000, 270_000_000, 135_000_000, 135_000_000, 270_000_000]
+    # A repeated quote is the memoised one; other counts are priced afresh.
+    assert book.quote("deepseek", "deepseek-chat", u) is book.quote("deepseek", "deepseek-chat", u)
+    assert book.quote("deepseek", "deepseek-chat", TokenUsage(input_tokens=2 * M)).nanos == 540_000_000
+
+
+def test_quote_memo_is_bounded() -> None:
+    book = PriceBook()
+    for n in range(3 * pricing._MEMO_SIZE):
+        assert book.quote("openai", "gpt-4o-mini", TokenUsage(input_tokens=n)).nanos == 150 * n
+    assert all(len(plan.memo) <= pricing._MEMO_SIZE for plan in book._plans.values())
+
+
 def test_fast_path_matches_genai_prices_on_a_sample() -> None:
     """Our integer coefficients against genai-prices' own Decimal calculation."""
     rnd = random.Random(7)

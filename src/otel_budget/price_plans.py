@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any, cast
@@ -70,6 +70,10 @@ class _Plan:
     fallback: Callable[..., int] | None = None  # genai-prices' own calc
     rebuild: Callable[[float], _Plan] | None = None  # new plan for another point in time
     blocked: bool = False  # unknown model under "block": raise
+    # Quotes already computed with this plan, by token counts: a plan's prices are fixed
+    # for its lifetime (a timed plan is replaced, memo and all, when its window ends), so a
+    # memoised quote is never stale. Bounded: counts come from requests.
+    memo: dict[tuple[int, ...], Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 def _epoch(ts: datetime) -> float:

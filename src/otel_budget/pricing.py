@@ -89,6 +89,9 @@ _INTERNALS = (
 )  # fmt: skip
 
 
+_MEMO_SIZE = 256  # quotes kept per plan
+
+
 class PriceBook:
     """Prices for LLM calls and tool calls. Thread-safe; build one and share it."""
 
@@ -223,10 +226,18 @@ class PriceBook:
                 i = cr + cw + ia
             if r + oa > o:
                 o = r + oa
-        return PriceQuote(
-            _compute(plan, i, cr, cw, o, r, ia, oa), plan.source, plan.model, plan.provider,
-            plan.variant_matched,
-        )  # fmt: skip
+        counts = (i, o, oa, cr, cw, r, ia)
+        memo = plan.memo
+        quote = memo.get(counts)
+        if quote is None:  # (a projection asks the same counts call after call)
+            quote = PriceQuote(
+                _compute(plan, i, cr, cw, o, r, ia, oa), plan.source, plan.model, plan.provider,
+                plan.variant_matched,
+            )  # fmt: skip
+            if len(memo) >= _MEMO_SIZE:
+                memo.clear()
+            memo[counts] = quote
+        return quote
 
     def tool_cost_nanos(self, tool_name: str, result: object = None) -> int | None:
         """The cost of one tool call in nano-USD, or ``None`` when no price is configured.

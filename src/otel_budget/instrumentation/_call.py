@@ -630,11 +630,20 @@ def usage_attributes(usage: TokenUsage, output: bool = True) -> dict[str, Any]:
 
 def _quote(runtime: BudgetRuntime, request: LLMRequest, inp: int, out: int) -> Any:
     audio = out if request.output_audio else 0  # worst case: every output token is audio
+    key = (inp, out, audio)
+    usage = _PROJECTED.get(key)
+    if usage is None:  # (a TokenUsage is immutable: one per token bounds, shared)
+        usage = TokenUsage(input_tokens=inp, output_tokens=out, output_audio_tokens=audio)
+        if len(_PROJECTED) >= 1024:
+            _PROJECTED.clear()
+        _PROJECTED[key] = usage
     return runtime.prices.quote(
-        request.provider, request.model,
-        TokenUsage(input_tokens=inp, output_tokens=out, output_audio_tokens=audio),
+        request.provider, request.model, usage,
         server_address=request.server_address, service_tier=request.service_tier,
     )  # fmt: skip
+
+
+_PROJECTED: dict[tuple[int, int, int], TokenUsage] = {}
 
 
 def _affordable_output(runtime: BudgetRuntime, request: LLMRequest, inp: int, room: int) -> int:

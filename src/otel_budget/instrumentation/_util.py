@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator, Mapping
+from operator import itemgetter
 from typing import Any
 
 from otel_budget import attributes as attrs
@@ -267,6 +268,31 @@ def get(obj: Any, name: str) -> Any:
         return getattr(obj, name, None)
     except Exception:  # some pydantic models raise other errors for unknown fields
         return None
+
+
+class Fields:
+    """``get(obj, name)`` for several names at once: a parsed body's declared fields are read
+    straight from the pydantic model's ``__dict__`` in one C call when it holds them all
+    (what ``get`` returns for each), else name by name through ``get``.
+
+        read = Fields("id", "model")
+        rid, model = read(body)
+    """
+
+    __slots__ = ("_names", "_keys", "_pick")
+
+    def __init__(self, *names: str) -> None:
+        self._names = names
+        self._keys = frozenset(names)
+        pick = itemgetter(*names)
+        self._pick = pick if len(names) > 1 else (lambda d: (pick(d),))
+
+    def __call__(self, obj: Any) -> tuple[Any, ...]:
+        if obj is not None and type(obj) is not dict and is_model(obj):
+            fields = obj.__dict__
+            if fields.keys() >= self._keys:
+                return self._pick(fields)
+        return tuple([get(obj, name) for name in self._names])
 
 
 def usage_cost(body: Any) -> float | None:

@@ -22,8 +22,8 @@ from otel_budget.instrumentation import _content
 from otel_budget.instrumentation._attempts import response_json
 from otel_budget.instrumentation._call import LLMCall
 from otel_budget.instrumentation._finish_reasons import responses_finish_reasons
+from otel_budget.instrumentation._util import Fields, is_model, response_attributes, usage_cost
 from otel_budget.instrumentation._util import get as _get
-from otel_budget.instrumentation._util import is_model, response_attributes, usage_cost
 from otel_budget.instrumentation._util import nonneg_int as _int
 from otel_budget.instrumentation.openai import history
 from otel_budget.pricing import TokenUsage
@@ -39,10 +39,19 @@ def _usage(usage: Any, names: tuple[str, str, str, str]) -> TokenUsage | None:
     if usage is None:
         return None
     inp_key, out_key, inp_details_key, out_details_key = names
-    inp = _int(_get(usage, inp_key))
-    out = _int(_get(usage, out_key))
-    input_details = _get(usage, inp_details_key)
-    output_details = _get(usage, out_details_key)
+    fields = usage.__dict__ if is_model(usage) else None
+    if fields is not None and inp_key in fields and out_key in fields and (
+        inp_details_key in fields and out_details_key in fields
+    ):
+        # The SDK's parsed usage: its declared fields, read where pydantic keeps them (what
+        # ``_get`` returns for each, in one step instead of four).
+        inp, out = _int(fields[inp_key]), _int(fields[out_key])
+        input_details, output_details = fields[inp_details_key], fields[out_details_key]
+    else:
+        inp = _int(_get(usage, inp_key))
+        out = _int(_get(usage, out_key))
+        input_details = _get(usage, inp_details_key)
+        output_details = _get(usage, out_details_key)
     cached = _int(_get(input_details, "cached_tokens"))
     audio_in = _int(_get(input_details, "audio_tokens"))
     reasoning = _int(_get(output_details, "reasoning_tokens"))
@@ -113,22 +122,27 @@ async def aparsed(result: Any) -> Any:
 
 
 # -- reading a body ---------------------------------------------------------------------------
+_BODY = Fields("id", "model", "service_tier", "system_fingerprint")
+_CHAT_BODY = Fields("id", "model", "service_tier", "system_fingerprint", "choices")
+_REASON = Fields("finish_reason")
+
+
 def _response_attributes(result: Any, choices: bool) -> dict[str, Any]:
     """Span attributes of a chat / completions (``choices``) or Responses body, as
     genai-openai writes them: a choice without a finish reason is ``error``; the Responses
     status read by ``responses_finish_reasons``; service tier and system fingerprint."""
     if choices:
+        rid, model, tier, fingerprint, listed = _CHAT_BODY(result)
         reasons: list[str] | None = [
             r if isinstance(r, str) and r else "error"
-            for r in (_get(c, "finish_reason") for c in (_get(result, "choices") or []))
+            for r in (_REASON(c)[0] for c in (listed or []))
         ]  # fmt: skip
     else:
+        rid, model, tier, fingerprint = _BODY(result)
         reasons = responses_finish_reasons(result)
-    out = response_attributes(_get(result, "id"), _get(result, "model"), reasons)
-    tier = _get(result, "service_tier")
+    out = response_attributes(rid, model, reasons)
     if isinstance(tier, str) and tier:
         out[attrs.OPENAI_RESPONSE_SERVICE_TIER] = tier
-    fingerprint = _get(result, "system_fingerprint")
     if isinstance(fingerprint, str) and fingerprint:
         out[attrs.OPENAI_RESPONSE_SYSTEM_FINGERPRINT] = fingerprint
     return out
