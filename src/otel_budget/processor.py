@@ -247,7 +247,7 @@ class BudgetSpanProcessor(SpanProcessor):
             attributes = _attribute_dict(span)
             operation = attributes.get(attrs.GEN_AI_OPERATION_NAME)
             if operation is not None:
-                entry = runtime.calls.pop(span_lease(ctx.trace_id, ctx.span_id))
+                entry = runtime.calls.pop((ctx.trace_id << 64) | ctx.span_id, None)  # span_lease
                 if entry is None or (type(entry) is Deferred and not entry.covered):
                     self._settle_seen_at_end(span, attributes, operation, ctx.trace_id)
                 elif isinstance(entry, MeteredCall) and not entry.done:
