@@ -56,7 +56,7 @@ from otel_budget.storage import (
     ScopeLimit,
     ScopeUsage,
 )
-from otel_budget.thresholds import ThresholdAlerts
+from otel_budget.thresholds import ThresholdAlerts, threshold_due
 
 __all__ = [
     "KIND_LLM", "KIND_TOOL", "MAX_AMOUNT", "PROCESS_SCOPE", "BudgetEngine", "Charge",
@@ -331,7 +331,7 @@ class BudgetEngine(ScopeResolution, ThresholdAlerts):
             logger.info(
                 "otel-budget: %s cost %s, %s more than its reservation", charge.name, cost, more
             )
-        if usages or charge.stats:
+        if (usages or charge.stats) and threshold_due(charge, usages):
             self._check_thresholds(charge, usages)
         return overshoot
 

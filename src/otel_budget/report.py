@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -116,7 +117,7 @@ class TraceStats:
     __slots__ = (
         "trace_id", "limit", "spent", "llm", "tools", "calls", "tool_calls", "turns", "aborts",
         "overshoot", "by_model", "by_provider", "by_tool", "events", "started", "ended",
-        "terminated_by", "threshold_index", "root_span", "label", "key", "scope_spec", "_lock",
+        "terminated_by", "threshold_index", "alert_at", "root_span", "label", "key", "scope_spec", "_lock",
         "__weakref__",
     )  # fmt: skip
 
@@ -139,6 +140,9 @@ class TraceStats:
         self.ended: float | None = None
         self.terminated_by: str | None = None
         self.threshold_index = 0  # thresholds[:threshold_index] have fired for this run
+        # Spend from which the next threshold may fire (set by thresholds.py): until then a
+        # settled call skips the threshold check (spend only grows). 0: check next time.
+        self.alert_at: float = 0 if limit is not None else math.inf
         self.root_span: Any = None  # the live local root span, when we saw it start
         # How warnings name this run: "t:<trace id>", or the budget() block's key and name.
         self.label = f"t:{trace_id}" if trace_id else "process"
