@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"
 SMALL="${SMALL:-300}"
 LARGE="${LARGE:-1300}"
+# This checkout's package, not whatever the venv has installed; a fixed hash seed, so that
+# dict layouts (and the counts) repeat from run to run.
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONHASHSEED=0
 count() {
     valgrind --tool=callgrind --callgrind-out-file=/dev/null "$PY" bench/instr_count_processor.py "$1" "$2" 2>&1 \
         | awk '/Collected/ {gsub(",", "", $4); print $4}'

@@ -56,7 +56,7 @@ from otel_budget.storage import (
     ScopeLimit,
     ScopeUsage,
 )
-from otel_budget.thresholds import ThresholdAlerts
+from otel_budget.thresholds import ThresholdAlerts, threshold_due
 
 __all__ = [
     "KIND_LLM", "KIND_TOOL", "MAX_AMOUNT", "PROCESS_SCOPE", "BudgetEngine", "Charge",
@@ -75,6 +75,11 @@ _TERMINATION = {
     REASON_INVALID_REQUEST: TERMINATED_BY_INVALID_REQUEST,
     REASON_CONFIGURATION: TERMINATED_BY_CONFIGURATION,
 }
+# Ops and results are built with tuple.__new__ on the hot path: a NamedTuple's generated
+# __new__ is a Python call per ledger operation.
+_new_tuple = tuple.__new__
+_RESERVED = ReserveStatus.OK
+_DUPLICATE = ReserveStatus.DUPLICATE
 # The largest amount a single call may move (nano-USD, about $9M): a ledger whose numbers are
 # doubles (Lua) stays exact below 2**53, and an absurd reported usage never fails a commit.
 MAX_AMOUNT = (1 << 53) - 1
@@ -183,14 +188,15 @@ class BudgetEngine(ScopeResolution, ThresholdAlerts):
             maximum = minimum
         scopes, stats, pause_keys = self.scopes_for(trace_id, parentless, attributes)
         charge = Charge(lease_id, trace_id, scopes, minimum, kind, name, provider, operation, stats)
-        result = yield Op("reserve_up_to", (lease_id, scopes, minimum, maximum, pause_keys))
-        if result.ok:
+        result = yield _new_tuple(Op, ("reserve_up_to", (lease_id, scopes, minimum, maximum, pause_keys)))
+        status = result.status
+        if status is _RESERVED or status is _DUPLICATE:  # ``result.ok``, without a property call
             charge.reserved = True
             charge.projected = result.granted if result.granted else maximum
             return charge
         usage = result.denied
         assert usage is not None
-        if result.status is ReserveStatus.PAUSED:
+        if status is ReserveStatus.PAUSED:
             raise self.refusal(
                 REASON_PAUSED, charge, usage,
                 f"otel-budget: calls are paused by the kill switch {usage.key!r}",
@@ -303,7 +309,7 @@ class BudgetEngine(ScopeResolution, ThresholdAlerts):
         actual = clamp_amount(actual)
         usages: tuple[ScopeUsage, ...] = ()
         if charge.reserved:
-            result = yield Op("commit", (charge.lease_id, actual))
+            result = yield _new_tuple(Op, ("commit", (charge.lease_id, actual)))
             if result.status is CommitStatus.DUPLICATE:
                 return 0
             overshoot: int = result.overshoot
@@ -313,7 +319,7 @@ class BudgetEngine(ScopeResolution, ThresholdAlerts):
             overshoot = actual - charge.projected if actual > charge.projected else 0
             if charge.scopes:
                 try:
-                    result = yield Op("charge", (charge.lease_id, charge.scopes, actual))
+                    result = yield _new_tuple(Op, ("charge", (charge.lease_id, charge.scopes, actual)))
                     if result.status is CommitStatus.DUPLICATE:
                         return 0
                     usages = result.scopes
@@ -325,7 +331,7 @@ class BudgetEngine(ScopeResolution, ThresholdAlerts):
             logger.info(
                 "otel-budget: %s cost %s, %s more than its reservation", charge.name, cost, more
             )
-        if usages or charge.stats:
+        if (usages or charge.stats) and threshold_due(charge, usages):
             self._check_thresholds(charge, usages)
         return overshoot
 
@@ -343,7 +349,7 @@ class BudgetEngine(ScopeResolution, ThresholdAlerts):
             return None
         charge.settled = True
         if charge.reserved:
-            yield Op("release", (charge.lease_id,))
+            yield _new_tuple(Op, ("release", (charge.lease_id,)))
         return None
 
     def release(self, charge: Charge) -> None:

@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode
 
 from otel_budget import attributes as attrs
 from otel_budget.engine import KIND_LLM, Charge
@@ -47,6 +47,7 @@ from otel_budget.runtime import (
 from otel_budget.steps import Steps, arun, run
 
 _ABORTED = "BudgetExceededError"
+_NO_PARENT_ATTR = object()
 
 # True while one of our metered spans is being started: span processors (ours, on any
 # provider) leave that span to this module.
@@ -186,7 +187,8 @@ class MeteredCall:
         return self.runtime.storage if self.runtime is not None else None
 
     def settle(self, actual_nanos: int, **kw: Any) -> None:
-        run(self.settle_steps(actual_nanos, **kw), self._storage())
+        runtime = self.runtime  # (``_storage()`` inlined: this runs on every call)
+        run(self.settle_steps(actual_nanos, **kw), runtime.storage if runtime is not None else None)
 
     async def asettle(self, actual_nanos: int, **kw: Any) -> None:
         await arun(self.settle_steps(actual_nanos, **kw), self._storage())
@@ -280,10 +282,12 @@ def begin_steps(
     operation = operation or attributes.get(attrs.GEN_AI_OPERATION_NAME) or "chat"
     engine = runtime.engine
     calls = runtime.calls
-    parent_span = trace.get_current_span()
-    parent_ctx = parent_span.get_span_context()
-    parentless = not parent_ctx.is_valid
-    if not parentless and len(calls):
+    parent_ctx: Any = None
+    parentless = False
+    if len(calls):
+        parent_ctx = trace.get_current_span().get_span_context()
+        parentless = not parent_ctx.is_valid
+    if parent_ctx is not None and not parentless:
         outer_lease = span_lease(parent_ctx.trace_id, parent_ctx.span_id)
         outer = calls.get(outer_lease)
         if isinstance(outer, MeteredCall) and outer.charge is not None and not outer.done:
@@ -300,6 +304,16 @@ def begin_steps(
     span = start_span(tracer, span_name, attributes, span_kind)
     ctx = span.get_span_context()
     recording = ctx.is_valid and span.is_recording()
+    if parent_ctx is None:
+        # No open metered call to look up: the SDK span says whether it has a parent (its
+        # ``parent`` is None exactly when the current span was invalid), which saves the
+        # context lookup; any other span, the current span says it.
+        parent = getattr(span, "parent", _NO_PARENT_ATTR) if recording else _NO_PARENT_ATTR
+        if parent is None or isinstance(parent, SpanContext):
+            parentless = parent is None
+        else:
+            parent_ctx = trace.get_current_span().get_span_context()
+            parentless = not parent_ctx.is_valid
     if recording:
         lease: int = span_lease(ctx.trace_id, ctx.span_id)
         trace_id = ctx.trace_id
@@ -308,7 +322,7 @@ def begin_steps(
         # Not a real span of its own: the API's no-op tracer hands back the *parent's*
         # context, whose id every call under that parent would share.
         lease = engine.new_lease_id()
-        trace_id = parent_ctx.trace_id if parent_ctx.is_valid else 0
+        trace_id = parent_ctx.trace_id if parent_ctx is not None and parent_ctx.is_valid else 0
         seen = attributes
     late: dict[str, Any] = {}
     refusal: BudgetExceededError | None = None

@@ -199,12 +199,12 @@ class BudgetSpanProcessor(SpanProcessor):
                 # A span that states its projection: reserved at what it states, never below
                 # what its own attributes project (a stated $0 is no way around a budget).
                 amount = _usd_nanos(projected, attrs.COST_PROJECTED_USD)
-                own = reserve_arguments(self, span, span.parent is None, attributes, amount)
+                own = reserve_arguments(runtime, span, span.parent is None, attributes, amount)
                 if own is not None:
                     amount = own[1]  # the larger, recorded on the span
             else:
                 # Another instrumentation's GenAI span: project it from what it carries.
-                foreign = reserve_arguments(self, span, span.parent is None, attributes)
+                foreign = reserve_arguments(runtime, span, span.parent is None, attributes)
                 if foreign is None:
                     # Not reserved (ours meters this SDK, or not a paid call we project):
                     # charged from its usage when it ends, unless one of ours ran inside it.
@@ -247,7 +247,7 @@ class BudgetSpanProcessor(SpanProcessor):
             attributes = _attribute_dict(span)
             operation = attributes.get(attrs.GEN_AI_OPERATION_NAME)
             if operation is not None:
-                entry = runtime.calls.pop(span_lease(ctx.trace_id, ctx.span_id))
+                entry = runtime.calls.pop((ctx.trace_id << 64) | ctx.span_id, None)  # span_lease
                 if entry is None or (type(entry) is Deferred and not entry.covered):
                     self._settle_seen_at_end(span, attributes, operation, ctx.trace_id)
                 elif isinstance(entry, MeteredCall) and not entry.done:
@@ -283,10 +283,11 @@ class BudgetSpanProcessor(SpanProcessor):
         usage = usage_from_attributes(attributes)
         if usage is None:
             return None, 0, 0
+        runtime = self.runtime  # (its parts directly: the properties are a call each)
         try:
-            return price_span(self.prices, attributes, usage).nanos, usage.input_tokens, usage.output_tokens
+            return price_span(runtime.prices, attributes, usage).nanos, usage.input_tokens, usage.output_tokens
         except LookupError as exc:
-            self.engine.log_once(
+            runtime.engine.log_once(
                 "price", None,
                 f"no price for model {model_of(attributes)!r} ({exc}); charging its projection",
             )  # fmt: skip
@@ -296,14 +297,16 @@ class BudgetSpanProcessor(SpanProcessor):
         self, call: MeteredCall, span: ReadableSpan, attributes: Mapping[str, Any], operation: str
     ) -> None:
         """Another instrumentation's span we reserved at start has ended: settle it."""
-        actual, inp, out = self._actual_cost(attributes, operation, call.projected_nanos)
+        charge = call.charge
+        projected = charge.projected if charge is not None else 0  # call.projected_nanos
+        actual, inp, out = self._actual_cost(attributes, operation, projected)
         if actual is None:
             status = span.status
             if status is not None and status.status_code is StatusCode.ERROR:
                 call.fail(_SpanFailed(), end=False)  # failed with no usage: nothing billed
                 return
             # Success without usage: never count it as free; keep the projection.
-            actual = call.projected_nanos
+            actual = projected
         call.settle(actual, input_tokens=inp, output_tokens=out, end=False)
 
     def _settle_seen_at_end(

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -116,7 +117,7 @@ class TraceStats:
     __slots__ = (
         "trace_id", "limit", "spent", "llm", "tools", "calls", "tool_calls", "turns", "aborts",
         "overshoot", "by_model", "by_provider", "by_tool", "events", "started", "ended",
-        "terminated_by", "threshold_index", "root_span", "label", "key", "scope_spec", "_lock",
+        "terminated_by", "threshold_index", "alert_at", "root_span", "label", "key", "scope_spec", "_lock",
         "__weakref__",
     )  # fmt: skip
 
@@ -139,6 +140,9 @@ class TraceStats:
         self.ended: float | None = None
         self.terminated_by: str | None = None
         self.threshold_index = 0  # thresholds[:threshold_index] have fired for this run
+        # Spend from which the next threshold may fire (set by thresholds.py): until then a
+        # settled call skips the threshold check (spend only grows). 0: check next time.
+        self.alert_at: float = 0 if limit is not None else math.inf
         self.root_span: Any = None  # the live local root span, when we saw it start
         # How warnings name this run: "t:<trace id>", or the budget() block's key and name.
         self.label = f"t:{trace_id}" if trace_id else "process"
@@ -157,8 +161,23 @@ class TraceStats:
             self.overshoot += overshoot
             if operation in attrs.INFERENCE_OPERATIONS:
                 self.turns += 1
-            _add(self.by_model, model, nanos, inp, out)
-            _add(self.by_provider, provider, nanos, inp, out)
+            # ``_add`` on both tables, inlined: a call each on every settled call.
+            by_model = self.by_model
+            line = by_model.get(model)
+            if line is None:
+                line = by_model[model] = _Line()
+            line.nanos += nanos
+            line.calls += 1
+            line.input_tokens += inp
+            line.output_tokens += out
+            by_provider = self.by_provider
+            line = by_provider.get(provider)
+            if line is None:
+                line = by_provider[provider] = _Line()
+            line.nanos += nanos
+            line.calls += 1
+            line.input_tokens += inp
+            line.output_tokens += out
 
     def add_tool(self, nanos: int, tool: str, overshoot: int = 0) -> None:
         with self._lock:

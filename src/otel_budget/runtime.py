@@ -48,34 +48,22 @@ class Deferred:
         self.covered = False
 
 
-class CallRegistry:
+class CallRegistry(dict):  # type: ignore[type-arg]
     """Open metered calls by span (``trace_id << 64 | span_id``), and GenAI spans nested in
     one (another instrumentation's span inside our call describes the same money).
 
-    Bounded: an entry leaves when its span ends; a span that never ends (a bug elsewhere)
-    is dropped past the bound rather than growing memory forever."""
+    A dict: ``get``, ``pop(lease, None)`` and ``len`` are the C methods, no Python call on
+    the per-span path. Bounded: an entry leaves when its span ends; a span that never ends
+    (a bug elsewhere) is dropped past the bound rather than growing memory forever."""
 
     NESTED = "nested"
 
-    __slots__ = ("_entries",)
-
-    def __init__(self) -> None:
-        self._entries: dict[int, Any] = {}
+    __slots__ = ()
 
     def add(self, span_lease: int, entry: Any) -> None:
-        entries = self._entries
-        entries[span_lease] = entry
-        if len(entries) > _MAX_REGISTERED:
-            entries.pop(next(iter(entries)), None)
-
-    def get(self, span_lease: int) -> Any:
-        return self._entries.get(span_lease)
-
-    def pop(self, span_lease: int) -> Any:
-        return self._entries.pop(span_lease, None) if self._entries else None
-
-    def __len__(self) -> int:
-        return len(self._entries)
+        self[span_lease] = entry
+        if len(self) > _MAX_REGISTERED:
+            self.pop(next(iter(self)), None)
 
     def cover(self, span_lease: int) -> bool:
         """One of our metered calls runs under ``span_lease``: every deferred GenAI span on
@@ -83,7 +71,7 @@ class CallRegistry:
         that chain of wrappers is the root of its trace: the call is then as parentless as a
         bare script's (charged to the process-wide scope), not the first call of a new
         trace that another instrumentation's span happened to start."""
-        entries = self._entries
+        entries = self
         for _ in range(64):  # a chain of wrappers, never a cycle
             entry = entries.get(span_lease)
             if not isinstance(entry, Deferred):

@@ -136,8 +136,19 @@ class ScopeResolution:
         elif trace_id and not parentless and not settings.scopes:
             # The common case (a call inside a trace, no budget() block, no named scopes),
             # kept allocation-light: it runs on every GenAI span.
-            trace_stats = self.trace_stats(trace_id)
+            trace_stats = self._traces.get(trace_id) or self.trace_stats(trace_id)
             stats_tuple = (trace_stats,) if trace_stats is not None else ()
+            if trace_stats is not None:
+                # ``_trace_scope``'s common case inlined: no baggage budget, the spec built
+                # for this trace's first call still matches the settings.
+                spec = trace_stats.scope_spec
+                if (
+                    spec is not None
+                    and spec.limit == settings.limit_nanos
+                    and spec.ttl == settings.trace_ttl_seconds
+                    and baggage_limit() is None
+                ):
+                    return (spec,), stats_tuple, ()
             spec = self._trace_scope(trace_id, trace_stats)
             return ((spec,) if spec is not None else ()), stats_tuple, ()
         scopes: list[ScopeLimit] = []

@@ -449,7 +449,7 @@ def _shape(
 
 # --- the processor's side (``BudgetSpanProcessor.on_start``) ----------------------------------
 def reserve_arguments(
-    processor: Any, span: Any, parentless: bool, attributes: Mapping[str, Any],
+    runtime: Any, span: Any, parentless: bool, attributes: Mapping[str, Any],
     stated: int | None = None,
 ) -> tuple[Mapping[str, Any], int] | None:  # fmt: skip
     """For another instrumentation's span at start: ``(attributes, projected nano-USD)`` to
@@ -464,10 +464,10 @@ def reserve_arguments(
         OWN_SCOPE
     ):
         return None  # ours, refused before it was reserved: nothing to reserve
-    settings = processor.settings
+    settings = runtime.settings
     try:
         projection = project_span(
-            span.name, attributes, scope, processor.prices,
+            span.name, attributes, scope, runtime.prices,
             default_max_output_tokens=settings.default_max_output_tokens,
             assumed_input_tokens=settings.assumed_input_tokens,
         )  # fmt: skip
@@ -476,7 +476,7 @@ def reserve_arguments(
             return None  # our instrumentor prices this call, under the same policy
         from otel_budget.processor import mark_refused
 
-        refusal = _unknown_model_refusal(processor.engine, span, parentless, attributes, exc)
+        refusal = _unknown_model_refusal(runtime.engine, span, parentless, attributes, exc)
         mark_refused(span, refusal)
         raise refusal from None
     if projection is None or _ours_instrument(projection.provider):

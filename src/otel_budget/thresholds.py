@@ -18,8 +18,10 @@ crossing, every amount with one precision.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from otel_budget import attributes as attrs
@@ -33,13 +35,33 @@ from otel_budget.storage import ScopeUsage
 if TYPE_CHECKING:
     from otel_budget.engine import Charge
 
-__all__ = ["MAX_NAMED_THRESHOLD_STATE", "RUN_SCOPE_PREFIXES", "ThresholdAlerts"]
+__all__ = ["MAX_NAMED_THRESHOLD_STATE", "RUN_SCOPE_PREFIXES", "ThresholdAlerts", "threshold_due"]
 
 logger = logging.getLogger("otel_budget")
 
 MAX_NAMED_THRESHOLD_STATE = 100_000
 # Scopes of one run: their crossings are never logged (one line per trace would flood).
 RUN_SCOPE_PREFIXES = ("t:", "b:")
+
+
+def _next_alert(thresholds: Sequence[float], index: int, limit: int) -> float:
+    """The spend from which ``thresholds[index]`` fires (inf: none left; 0: check always)."""
+    if index >= len(thresholds):
+        return math.inf
+    return thresholds[index] * limit if limit else 0
+
+
+def threshold_due(charge: Charge, usages: tuple[ScopeUsage, ...]) -> bool:
+    """Whether a settled call may have crossed a threshold, or reached a named scope (its
+    remaining-budget gauge): only then is ``_check_thresholds`` run. Runs' spend only grows,
+    so a run below its ``alert_at`` crossed nothing."""
+    for stats in charge.stats:
+        if stats.spent >= stats.alert_at:
+            return True
+    for usage in usages:  # noqa: SIM110 (a loop: any() would build a generator per call)
+        if not usage.key.startswith(RUN_SCOPE_PREFIXES):
+            return True
+    return False
 
 
 class ThresholdAlerts:
@@ -80,6 +102,8 @@ class ThresholdAlerts:
         else:
             index = self._named_thresholds.get(named_key or "", 0)
         if index >= len(thresholds) or (limit and spent < thresholds[index] * limit):
+            if stats is not None:
+                stats.alert_at = _next_alert(thresholds, index, limit)
             return  # the common case: nothing new crossed, nothing allocated
         fired: list[float] = []
         while index < len(thresholds) and (
@@ -89,6 +113,7 @@ class ThresholdAlerts:
             index += 1
         if stats is not None:
             stats.threshold_index = index
+            stats.alert_at = _next_alert(thresholds, index, limit)
         else:
             with self._lock:
                 self._named_thresholds[named_key or ""] = index
