@@ -22,11 +22,10 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 from typing import Any
 
-from tests.redis_server import REDIS_SERVER
+from tests.redis_server import REDIS_SERVER, hammer_threads
 
 REDIS_CLI = shutil.which("redis-cli") or (
     "/usr/bin/redis-cli" if os.path.exists("/usr/bin/redis-cli") else None
@@ -185,26 +184,11 @@ def cluster_contention_worker(
     at most what they reserved; returns (admitted, nano-USD committed)."""
     from otel_budget.storage import ScopeLimit
     from otel_budget.storage.redis import RedisStorage
-    from tests.helpers import hammer
 
     store = RedisStorage.from_url(url, prefix=prefix, socket_timeout=2.0,
                                   socket_connect_timeout=2.0, breaker_failures=1000)  # fmt: skip
     scopes = [ScopeLimit("t:hot", limit, True, 3600.0), ScopeLimit(user, limit + 1, False, 2 * 86400.0)]
-    admitted = [0] * threads
-    committed = [0] * threads
-
-    def work(t: int) -> None:
-        admitted[t], committed[t] = hammer(
-            store, scopes, index * 1000 + t, (index << 48) | (t << 32), rounds
-        )
-
-    pool = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
-    for thread in pool:
-        thread.start()
-    for thread in pool:
-        thread.join()
-    store.close()
-    return sum(admitted), sum(committed)
+    return hammer_threads(store, scopes, index, threads, rounds)
 
 
 def cluster_bench_worker(

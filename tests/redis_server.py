@@ -151,7 +151,6 @@ def contention_worker(
     commit at most what they reserved; returns (admitted, nano-USD committed)."""
     from otel_budget.storage import ScopeLimit
     from otel_budget.storage.redis import RedisStorage
-    from tests.helpers import hammer
 
     store = RedisStorage(url, prefix=prefix, socket_timeout=2.0, socket_connect_timeout=2.0,
                          breaker_failures=1000)  # fmt: skip
@@ -159,6 +158,15 @@ def contention_worker(
         ScopeLimit("t:hot", limit, True, 3600.0),
         ScopeLimit("user:x@d20261123", limit + 1, False, 2 * 86400.0),
     ]
+    return hammer_threads(store, scopes, index, threads, rounds)
+
+
+def hammer_threads(store: Any, scopes: Any, index: int, threads: int, rounds: int
+                   ) -> tuple[int, int]:  # fmt: skip
+    """Run ``tests.helpers.hammer`` in ``threads`` threads of worker ``index`` (distinct
+    seeds and lease ids), close the store; returns (admitted, nano-USD committed)."""
+    from tests.helpers import hammer
+
     admitted = [0] * threads
     committed = [0] * threads
 

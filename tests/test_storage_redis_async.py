@@ -106,6 +106,9 @@ def test_a_metered_openai_call_sends_one_command_on_its_critical_path(
                 assert storage.flush(timeout=5)
                 monitor = Monitor(server.port)
                 try:
+                    # The test's own marker connection first (its HELLO is not the call's).
+                    storage.client.echo("start")
+                    monitor.commands_until("start")
                     call()
                     storage.client.echo("returned")
                     on_path = monitor.commands_until("returned")

@@ -162,22 +162,14 @@ class TraceStats:
             if operation in attrs.INFERENCE_OPERATIONS:
                 self.turns += 1
             # ``_add`` on both tables, inlined: a call each on every settled call.
-            by_model = self.by_model
-            line = by_model.get(model)
-            if line is None:
-                line = by_model[model] = _Line()
-            line.nanos += nanos
-            line.calls += 1
-            line.input_tokens += inp
-            line.output_tokens += out
-            by_provider = self.by_provider
-            line = by_provider.get(provider)
-            if line is None:
-                line = by_provider[provider] = _Line()
-            line.nanos += nanos
-            line.calls += 1
-            line.input_tokens += inp
-            line.output_tokens += out
+            for table, key in ((self.by_model, model), (self.by_provider, provider)):
+                line = table.get(key)
+                if line is None:
+                    line = table[key] = _Line()
+                line.nanos += nanos
+                line.calls += 1
+                line.input_tokens += inp
+                line.output_tokens += out
 
     def add_tool(self, nanos: int, tool: str, overshoot: int = 0) -> None:
         with self._lock:

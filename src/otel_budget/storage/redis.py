@@ -1358,31 +1358,30 @@ class RedisStorage(LedgerStorage):
 
     def scopes(self, prefix: str = "") -> list[ScopeUsage]:
         """Every scope whose key starts with ``prefix`` (SCAN: for operators, not hot paths)."""
-        self._drain()
-        head = self.prefix + "s:"
-        pattern = _GLOB.sub(r"\\\1", head + prefix) + "*"
-
-        def scan() -> list[ScopeUsage]:
-            names = sorted({_text(k) for k in self.client.scan_iter(match=pattern, count=1000)})
-            pipe = self.client.pipeline(transaction=False)
-            for name in names:
-                pipe.hmget(name, "limit", "spent", "reserved")
-            out = []
-            for name, values in zip(names, pipe.execute(), strict=True):
-                if values[0] is not None:
-                    out.append(
-                        ScopeUsage(name[len(head):], int(values[0]), int(values[1] or 0),
-                                   int(values[2] or 0))
-                    )  # fmt: skip
-            return out
-
+        self._drain()  # this instance's settlements first
         try:
-            found: list[ScopeUsage] = self._call(scan)
+            found: list[ScopeUsage] = self._call(lambda: self._scan_scopes(prefix))
         except LedgerUnavailableError:
             if self._fallback is None:
                 raise
             return self._fallback.scopes(prefix)
         return found
+
+    def _scan_scopes(self, prefix: str) -> list[ScopeUsage]:
+        head = self.prefix + "s:"
+        pattern = _GLOB.sub(r"\\\1", head + prefix) + "*"
+        names = sorted({_text(k) for k in self.client.scan_iter(match=pattern, count=1000)})
+        pipe = self.client.pipeline(transaction=False)
+        for name in names:
+            pipe.hmget(name, "limit", "spent", "reserved")
+        out = []
+        for name, values in zip(names, pipe.execute(), strict=True):
+            if values[0] is not None:
+                out.append(
+                    ScopeUsage(name[len(head):], int(values[0]), int(values[1] or 0),
+                               int(values[2] or 0))
+                )  # fmt: skip
+        return out
 
     def set_limit(self, key: str, limit: int) -> None:
         if limit < 0:

@@ -52,7 +52,6 @@ from typing import Any
 from otel_budget.storage.base import GLOBAL_PAUSE_KEY, PROCESS_SCOPE_KEY, ScopeLimit, ScopeUsage
 from otel_budget.storage.redis import (
     _GLOB,
-    LedgerUnavailableError,
     RedisStorage,
     _text,
     process_scope_name,
@@ -386,34 +385,24 @@ class RedisClusterStorage(RedisStorage):
         return ["ok", *values] if fresh or not specs else ["dup"]
 
     # -- operator scans ---------------------------------------------------------------------
-    def scopes(self, prefix: str = "") -> list[ScopeUsage]:
+    def _scan_scopes(self, prefix: str) -> list[ScopeUsage]:
         if self.single_slot:
-            return super().scopes(prefix)
+            return super()._scan_scopes(prefix)
         head = self.prefix + "{s:"
         pattern = _GLOB.sub(r"\\\1", head + prefix) + "*"
-
-        def scan() -> list[ScopeUsage]:
-            names = sorted(
-                n for n in {_text(k) for k in self.client.scan_iter(match=pattern, count=1000)}
-                if n.endswith("}")
-            )
-            out = []
-            for name in names:  # one slot each: no cross-slot pipeline
-                values = self.client.hmget(name, "limit", "spent", "reserved")
-                if values[0] is not None:
-                    out.append(
-                        ScopeUsage(name[len(head):-1], int(values[0]), int(values[1] or 0),
-                                   int(values[2] or 0))
-                    )  # fmt: skip
-            return out
-
-        try:
-            found: list[ScopeUsage] = self._call(scan)
-        except LedgerUnavailableError:
-            if self._fallback is None:
-                raise
-            return self._fallback.scopes(prefix)
-        return found
+        names = sorted(
+            n for n in {_text(k) for k in self.client.scan_iter(match=pattern, count=1000)}
+            if n.endswith("}")
+        )
+        out = []
+        for name in names:  # one slot each: no cross-slot pipeline
+            values = self.client.hmget(name, "limit", "spent", "reserved")
+            if values[0] is not None:
+                out.append(
+                    ScopeUsage(name[len(head):-1], int(values[0]), int(values[1] or 0),
+                               int(values[2] or 0))
+                )  # fmt: skip
+        return out
 
 
 __all__ = ["CLUSTER_SCHEMES", "RedisClusterStorage", "is_cluster_url"]
