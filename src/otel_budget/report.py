@@ -161,15 +161,8 @@ class TraceStats:
             self.overshoot += overshoot
             if operation in attrs.INFERENCE_OPERATIONS:
                 self.turns += 1
-            # ``_add`` on both tables, inlined: a call each on every settled call.
-            for table, key in ((self.by_model, model), (self.by_provider, provider)):
-                line = table.get(key)
-                if line is None:
-                    line = table[key] = _Line()
-                line.nanos += nanos
-                line.calls += 1
-                line.input_tokens += inp
-                line.output_tokens += out
+            _add(self.by_model, model, nanos, inp, out)
+            _add(self.by_provider, provider, nanos, inp, out)
 
     def add_tool(self, nanos: int, tool: str, overshoot: int = 0) -> None:
         with self._lock:

@@ -822,13 +822,7 @@ class RedisStorage(LedgerStorage):
         passed in goes through redis-py as it is."""
         if not self._own_client:
             return self._scripts[script](keys=keys, args=args, client=self.client)
-        local = self._thread_conn
-        conn = getattr(local, "conn", None)
-        if conn is None or local.pid != os.getpid():
-            conn = self.client.connection_pool.make_connection()
-            local.conn, local.pid = conn, os.getpid()
-            with self._lock:
-                self._thread_conns.add(conn)  # weak: it goes with its thread
+        conn = self._connection()
         sha = self._scripts[script].sha
         for stale in (True, False):
             try:
@@ -915,17 +909,22 @@ class RedisStorage(LedgerStorage):
                 # Its record is gone (see _settle_op): charged instead, never dropped.
                 self._charge_once(entry[1], entry[3], entry[5])
 
-    def _send_commands(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """Commands in one write on this thread's connection, then their replies (an error
-        reply in its place, as ``pipeline.execute(raise_on_error=False)`` gives): the same
-        round trip as redis-py's pipeline without its per-command machinery."""
+    def _connection(self) -> Any:
+        """This thread's own connection (a new one after a fork)."""
         local = self._thread_conn
         conn = getattr(local, "conn", None)
         if conn is None or local.pid != os.getpid():
             conn = self.client.connection_pool.make_connection()
             local.conn, local.pid = conn, os.getpid()
             with self._lock:
-                self._thread_conns.add(conn)
+                self._thread_conns.add(conn)  # weak: it goes with its thread
+        return conn
+
+    def _send_commands(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Commands in one write on this thread's connection, then their replies (an error
+        reply in its place, as ``pipeline.execute(raise_on_error=False)`` gives): the same
+        round trip as redis-py's pipeline without its per-command machinery."""
+        conn = self._connection()
         for stale in (True, False):
             try:
                 conn.send_packed_command(
