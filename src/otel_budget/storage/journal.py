@@ -110,8 +110,11 @@ class DurableJournal:
 
     # -- writing ------------------------------------------------------------------------------
     def _write(self, record: dict[str, Any]) -> None:
+        self._write_line(json.dumps(record, separators=(",", ":")))
+
+    def _write_line(self, line: str) -> None:
         handle = self._handle
-        handle.write(json.dumps(record, separators=(",", ":")) + "\n")
+        handle.write(line + "\n")
         handle.flush()  # in the OS: survives the process
         if self.fsync == "always" or (
             self.fsync == "everysec" and time.monotonic() - self._last_sync >= 1.0
@@ -121,13 +124,7 @@ class DurableJournal:
 
     def append(self, entry: Any) -> int:
         """Write one pending entry (JSON-serialisable); returns its sequence number."""
-        with self._lock:
-            if self._closed:
-                return -1
-            self._seq += 1
-            self._write({"i": self._seq, "e": entry})
-            self._open += 1
-            return self._seq
+        return self.append_json(json.dumps(entry, separators=(",", ":")))
 
     def append_json(self, entry_json: str) -> int:
         """``append`` for an entry already JSON-encoded (the caller caches the constant
@@ -136,14 +133,7 @@ class DurableJournal:
             if self._closed:
                 return -1
             self._seq += 1
-            handle = self._handle
-            handle.write(f'{{"i":{self._seq},"e":{entry_json}}}\n')
-            handle.flush()  # in the OS: survives the process
-            if self.fsync == "always" or (
-                self.fsync == "everysec" and time.monotonic() - self._last_sync >= 1.0
-            ):
-                os.fsync(handle.fileno())
-                self._last_sync = time.monotonic()
+            self._write_line(f'{{"i":{self._seq},"e":{entry_json}}}')
             self._open += 1
             return self._seq
 
