@@ -30,7 +30,8 @@ same root raises it again, so a graph whose ``ToolNode(handle_tool_errors=True)`
 into a message stops at its next step instead of paying for another model turn.
 
 The handler raises (``raise_error``) only ``BudgetExceededError``; a failure of ours is logged
-rate-limited and the run goes on (the failure policy of the runtime applies to the calls).
+rate-limited and the run goes on, except that under ``failure_policy="fail_closed"`` a model
+or tool we failed to meter is refused (reason ``internal_error``) rather than run unmetered.
 It runs inline (``run_inline``): in the caller's context, so the spans it makes current are
 the parents of what the run does next. ``AsyncBudgetCallbackHandler`` is the same logic for
 async callback managers, awaiting the ledger instead of blocking on it (each event is one
@@ -39,6 +40,7 @@ flow, driven sync or async: ``_flow``).
 
 from __future__ import annotations
 
+import contextvars
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -54,7 +56,7 @@ from otel_budget.errors import BudgetExceededError
 from otel_budget.instrumentation._call import astart_call, start_call
 from otel_budget.instrumentation._flow import Flow, arun_flow, run_flow, step
 from otel_budget.instrumentation.langchain.models import chat_request, result_usage
-from otel_budget.instrumentation.langchain.runs import RUNS, Run, agent_of, enter, leave
+from otel_budget.instrumentation.langchain.runs import RUNS, Run, agent_of, enter, leave, under
 from otel_budget.logs import RateLimitedLog
 from otel_budget.metered import error_type
 from otel_budget.runtime import RuntimeSource
@@ -106,8 +108,10 @@ class _Events:
         agent = agent_of(name, metadata, tags, run.root is run)
         if agent is not None:
             manager = agent_span(agent[0], attributes=agent[1], tracer=self.tracer)
-            manager.__enter__()  # current until the run ends (its children start under it)
-            run.agent = manager
+            with under(run):  # (the span lives in a context of its own: see ``runs``)
+                context = contextvars.copy_context()
+            run.span = context.run(manager.__enter__)
+            run.agent, run.agent_context, run.agent_name = manager, context, agent[0]
         return None
         yield  # a flow (no ledger step)
 
@@ -148,24 +152,24 @@ class _Events:
         _check(run)
         request = chat_request(messages, prompts, params, metadata)
         try:
-            call = yield step(
-                start_call, astart_call, self.tracer, request, {}, runtime=self.source.get()
-            )
+            with under(run):
+                call = yield step(
+                    start_call, astart_call, self.tracer, request, {}, runtime=self.source.get()
+                )
         except BudgetExceededError as error:
             _refused(run, error)
             raise
         except BaseException:
             RUNS.pop(run_id)
             raise
-        run.call = call
-        run.token = enter(call.span)
+        _started(run, call, call.span)
         return None
 
     def llm_end(self, response: Any, *, run_id: UUID, **kwargs: Any) -> Flow[None]:
         run = RUNS.pop(run_id)
         if run is None or run.call is None:
             return None
-        leave(run.token)
+        leave(run.tokens)
         call = run.call
         if _end_taken_over(call.budgeted):
             return None
@@ -178,7 +182,7 @@ class _Events:
         run = RUNS.pop(run_id)
         if run is None or run.call is None:
             return None
-        leave(run.token)
+        leave(run.tokens)
         call = run.call
         if _end_taken_over(call.budgeted, error):
             return None
@@ -199,27 +203,28 @@ class _Events:
         tool = name or info.get("name") or "tool"
         description = info.get("description")
         try:
-            call = yield step(
-                begin_tool, abegin_tool, str(tool),
-                arguments=inputs if inputs is not None else input_str, call_id=tool_call_id,
-                description=description if isinstance(description, str) else None,
-                runtime=self.source.get(), tracer=self.tracer,
-            )  # fmt: skip
+            with under(run):
+                call = yield step(
+                    begin_tool, abegin_tool, str(tool),
+                    arguments=inputs if inputs is not None else input_str,
+                    call_id=tool_call_id,
+                    description=description if isinstance(description, str) else None,
+                    runtime=self.source.get(), tracer=self.tracer,
+                )  # fmt: skip
         except BudgetExceededError as error:
             _refused(run, error)
             raise
         except BaseException:
             RUNS.pop(run_id)
             raise
-        run.call = call
-        run.token = enter(call.span)
+        _started(run, call, call.span)
         return None
 
     def tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> Flow[None]:
         run = RUNS.pop(run_id)
         if run is None or run.call is None:
             return None
-        leave(run.token)
+        leave(run.tokens)
         call = run.call
         if _end_taken_over(call.call):
             return None
@@ -230,7 +235,7 @@ class _Events:
         run = RUNS.pop(run_id)
         if run is None or run.call is None:
             return None
-        leave(run.token)
+        leave(run.tokens)
         call = run.call
         if _end_taken_over(call.call, error):
             return None
@@ -247,6 +252,12 @@ def _check(run: Run) -> None:
         raise
 
 
+def _started(run: Run, call: Any, span: Any) -> None:
+    """A model or tool run is metered: its span current while it runs."""
+    run.call, run.span = call, span
+    run.tokens = enter(span, run.scope()[1])
+
+
 def _refused(run: Run, error: BudgetExceededError) -> None:
     RUNS.refused(run, error)
     RUNS.pop(run.run_id)
@@ -255,11 +266,13 @@ def _refused(run: Run, error: BudgetExceededError) -> None:
 def _end_agent(run: Run | None, error: BaseException | None) -> None:
     if run is None or run.agent is None:
         return
-    manager, run.agent = run.agent, None
+    manager, context, run.agent = run.agent, run.agent_context, None
+    if context is None:
+        return
     if error is None:
-        manager.__exit__(None, None, None)
+        context.run(manager.__exit__, None, None, None)
     else:
-        manager.__exit__(type(error), error, error.__traceback__)
+        context.run(manager.__exit__, type(error), error, error.__traceback__)
 
 
 _EVENTS = (
@@ -268,6 +281,24 @@ _EVENTS = (
     ("on_llm_start", "llm_start"), ("on_llm_end", "llm_end"), ("on_llm_error", "llm_error"),
     ("on_tool_start", "tool_start"), ("on_tool_end", "tool_end"), ("on_tool_error", "tool_error"),
 )  # fmt: skip
+_METERED_STARTS = frozenset({"chat_model_start", "llm_start", "tool_start"})
+
+
+def _failed(events: _Events, event: str, exc: Exception, run_id: Any) -> None:
+    """A failure of ours in an event: logged rate-limited, and the run goes on, except
+    where the failure policy says otherwise: under ``fail_closed`` a model or tool that we
+    could not meter does not start (its refusal is raised, and ends its run tree)."""
+    site = f"langchain {event}"
+    runtime = events.source.get() if event in _METERED_STARTS else None
+    if runtime is None:
+        _LOG(site, exc)
+        return
+    refusal = runtime.engine.internal_error(site, exc)
+    if refusal is not None:
+        run = RUNS.get(run_id) if isinstance(run_id, UUID) else None
+        if run is not None:
+            _refused(run, refusal)
+        raise refusal from exc
 
 
 def _sync_method(event: str) -> Callable[..., None]:
@@ -276,8 +307,8 @@ def _sync_method(event: str) -> Callable[..., None]:
             run_flow(getattr(self._events, event)(*args, **kwargs))
         except BudgetExceededError:
             raise
-        except Exception as exc:  # ours: logged, and the run goes on
-            _LOG(f"langchain {event}", exc)
+        except Exception as exc:  # ours: see _failed
+            _failed(self._events, event, exc, kwargs.get("run_id"))
 
     method.__name__ = f"on_{event}"
     return method
@@ -290,7 +321,7 @@ def _async_method(event: str) -> Callable[..., Any]:
         except BudgetExceededError:
             raise
         except Exception as exc:
-            _LOG(f"langchain {event}", exc)
+            _failed(self._events, event, exc, kwargs.get("run_id"))
 
     method.__name__ = f"on_{event}"
     return method

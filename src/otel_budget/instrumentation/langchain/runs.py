@@ -2,13 +2,24 @@
 
     run = RUNS.start(run_id, parent_run_id, "tool")   # None: another handler of ours has it
     RUNS.check(run)                                   # raises the run tree's refusal, if any
-    run.token = enter(span)                           # the run's span current until it ends
+    with under(run):                                  # the parent run's span and agent current
+        call = begin_tool(...)
+    run.tokens = enter(call.span, agent_of_run)       # current while the tool runs
     ...
-    run = RUNS.pop(run_id); leave(run.token)
+    run = RUNS.pop(run_id); leave(run.tokens)
 
 Run ids are unique in the process, so every handler of this package shares one registry:
 two of our handlers on one run (one passed in ``callbacks=`` and the instrumentor's, or the
 sync and the async twin on a manager LangChain copied) meter it once.
+
+Parents are explicit: what a run starts is parented to the span of its nearest tracked
+ancestor and attributed to its nearest agent (``under``), whatever the current context is.
+Async LangGraph starts a node's run in the graph's task and ends it in the node's own, so a
+context attached at a chain's start could not be restored at its end and would leak into the
+graph's next node (and, for the graph itself, into the caller after ``ainvoke``). So chain
+runs attach nothing to the caller's context (their ``agent_span`` lives in a context of its
+own); model and tool runs, which start and end in one task, are made current while they run,
+so that the provider call (or a tool's own metering) inside them nests and takes over.
 
 A refusal is final for its run tree: once a call under a root run was refused, every later
 chain, model or tool start under that root raises the same ``BudgetExceededError``. This is
@@ -22,14 +33,17 @@ chain runs (the graph itself), apart. See ``handler`` for what becomes an agent.
 
 from __future__ import annotations
 
+import contextvars
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 from uuid import UUID
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
+from otel_budget.context import CURRENT_AGENT
 from otel_budget.errors import BudgetExceededError
 
 #: The LangGraph node a span's spend is attributed to, and the graph step it ran in.
@@ -42,18 +56,38 @@ MAX_RUNS = 100_000
 
 
 class Run:
-    """One LangChain run we track: its root, what we started for it, the context token."""
+    """One LangChain run we track: its parent and root, what we started for it."""
 
-    __slots__ = ("run_id", "root", "kind", "agent", "call", "token", "refusal")
+    __slots__ = (
+        "run_id", "parent", "root", "kind", "span", "agent_name", "agent", "agent_context",
+        "call", "tokens", "refusal",
+    )  # fmt: skip
 
-    def __init__(self, run_id: UUID, root: Run | None, kind: str) -> None:
+    def __init__(self, run_id: UUID, parent: Run | None, kind: str) -> None:
         self.run_id = run_id
-        self.root: Run = root if root is not None else self
+        self.parent = parent
+        self.root: Run = parent.root if parent is not None else self
         self.kind = kind
-        self.agent: Any = None  # the entered ``agent_span`` context manager
+        self.span: Any = None  # our span for the run (agent, model or tool), if any
+        self.agent_name: str | None = None  # set when the run is an agent
+        self.agent: Any = None  # its entered ``agent_span``
+        self.agent_context: contextvars.Context | None = None  # where that span is current
         self.call: Any = None  # the LLMCall / ToolCall metering the run
-        self.token: object | None = None  # from ``enter``: the run's span made current
+        self.tokens: tuple[object, object] | None = None  # from ``enter``
         self.refusal: BudgetExceededError | None = None  # on a root: what refused its tree
+
+    def scope(self) -> tuple[Any, str | None]:
+        """(the span of the nearest ancestor that has one, the nearest agent's name)."""
+        span: Any = None
+        agent: str | None = None
+        run = self.parent
+        while run is not None and (span is None or agent is None):
+            if span is None and run.span is not None:
+                span = run.span
+            if agent is None and run.agent_name is not None:
+                agent = run.agent_name
+            run = run.parent
+        return span, agent
 
 
 class Runs:
@@ -71,7 +105,7 @@ class Runs:
             if run_id in self._runs:
                 return None
             parent = self._runs.get(parent_run_id) if parent_run_id is not None else None
-            run = Run(run_id, parent.root if parent is not None else None, kind)
+            run = Run(run_id, parent, kind)
             if len(self._runs) >= self._limit:
                 self._runs.pop(next(iter(self._runs)))
             self._runs[run_id] = run
@@ -103,21 +137,42 @@ class Runs:
 RUNS = Runs()
 
 
-def enter(span: Any) -> object:
-    """Make ``span`` current (its run's children, and the provider call a model run makes,
-    start under it); ``leave`` the token when the run ends."""
-    return otel_context.attach(trace.set_span_in_context(span))
+@contextmanager
+def under(run: Run) -> Iterator[None]:
+    """Inside: the current span is ``run``'s nearest ancestor span, the current agent its
+    nearest agent (each left as it is when no ancestor has one). Entered and left within
+    one callback, so in one context."""
+    span, agent = run.scope()
+    token = otel_context.attach(trace.set_span_in_context(span)) if span is not None else None
+    agent_token = CURRENT_AGENT.set(agent) if agent is not None else None
+    try:
+        yield
+    finally:
+        if agent_token is not None:
+            CURRENT_AGENT.reset(agent_token)
+        if token is not None:
+            otel_context.detach(token)
 
 
-def leave(token: object | None) -> None:
-    """Undo ``enter``. A run that ends in another context than it started in (a generator
-    finished by another task) cannot restore the one it started in: that context keeps its
-    span, and is dropped with its task; nothing to log."""
-    if token is None:
+def enter(span: Any, agent: str | None) -> tuple[object, object]:
+    """Make ``span`` (and ``agent``) current while a model or tool run runs: the provider
+    call or the tool's own metering inside it nests and takes it over. ``leave`` at the
+    run's end."""
+    return otel_context.attach(trace.set_span_in_context(span)), CURRENT_AGENT.set(agent)
+
+
+def leave(tokens: tuple[object, object] | None) -> None:
+    """Undo ``enter``; nothing when the run ended in another context than it started in
+    (that context is not ours to restore, and no error of ours is logged for it)."""
+    if tokens is None:
         return
     try:
-        otel_context._RUNTIME_CONTEXT.detach(token)  # type: ignore[arg-type]
-    except Exception:
+        CURRENT_AGENT.reset(tokens[1])  # type: ignore[arg-type]
+    except ValueError:
+        pass
+    try:
+        otel_context._RUNTIME_CONTEXT.detach(tokens[0])  # type: ignore[arg-type]
+    except ValueError:
         pass
 
 
@@ -141,4 +196,6 @@ def agent_of(
     return None
 
 
-__all__ = ["LANGGRAPH_NODE", "LANGGRAPH_STEP", "RUNS", "Run", "Runs", "agent_of", "enter", "leave"]
+__all__ = [
+    "LANGGRAPH_NODE", "LANGGRAPH_STEP", "RUNS", "Run", "Runs", "agent_of", "enter", "leave", "under",
+]
