@@ -10,7 +10,6 @@ charged once either way).
 from __future__ import annotations
 
 import asyncio
-import gc
 import socket
 from collections.abc import Iterator
 from typing import Annotated, Any
@@ -103,7 +102,6 @@ def langchain_instrumented() -> Iterator[LangChainInstrumentor]:
 @pytest.fixture(autouse=True)
 def _no_runs_left() -> Iterator[None]:
     yield
-    gc.collect()
     left = len(RUNS)
     RUNS._runs.clear()
     assert left == 0, "a run was never ended"
@@ -247,6 +245,23 @@ def test_a_stream_without_usage_is_charged_an_estimate_never_less(
     (span,) = spans_named(exporter, f"chat {MINI}")
     assert span.attributes[attrs.COST_ESTIMATED] is True
     assert attrs.GEN_AI_USAGE_INPUT_TOKENS not in span.attributes  # nothing was reported
+
+
+def test_charged_once_when_our_span_cannot_be_taken_over(
+    server: FakeLLMServer, processor: Any, tool_log: ToolLog, provider_instrumented: bool
+) -> None:
+    """The handler's spans dropped by a sampler (or no SDK provider at all): the provider
+    call underneath cannot find our span to take it over, so ours is published as the call
+    being sent and the provider wrapper passes through. Once, still."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+    handler = BudgetCallbackHandler(tracer_provider=TracerProvider(sampler=ALWAYS_OFF))
+    server.script(CALL_LOOKUP, Behaviour())
+    with budget(max_usd=1.0) as run:
+        react_graph(server, tool_log).invoke(QUESTION, config={"callbacks": [handler]})
+    assert nanos_of(run.report().total_usd) == server.stats()["billed_nanos"] > 0
+    assert run.report().calls == 2
 
 
 # -- refusals ----------------------------------------------------------------------------------

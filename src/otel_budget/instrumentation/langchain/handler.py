@@ -162,7 +162,7 @@ class _Events:
         except BaseException:
             RUNS.pop(run_id)
             raise
-        _started(run, call, call.span)
+        _started(run, call, call.span, call.budgeted)
         return None
 
     def llm_end(self, response: Any, *, run_id: UUID, **kwargs: Any) -> Flow[None]:
@@ -217,7 +217,7 @@ class _Events:
         except BaseException:
             RUNS.pop(run_id)
             raise
-        _started(run, call, call.span)
+        _started(run, call, call.span, call.call)
         return None
 
     def tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> Flow[None]:
@@ -252,10 +252,13 @@ def _check(run: Run) -> None:
         raise
 
 
-def _started(run: Run, call: Any, span: Any) -> None:
-    """A model or tool run is metered: its span current while it runs."""
+def _started(run: Run, call: Any, span: Any, metered: Any) -> None:
+    """A model or tool run is metered: its span current while it runs. A model call whose
+    span cannot be taken over (``metered.span_lease`` 0: not recording) is published as the
+    call being sent, so our provider wrapper underneath does not charge it again."""
     run.call, run.span = call, span
-    run.tokens = enter(span, run.scope()[1])
+    sending = call if run.kind == "llm" and not metered.span_lease else None
+    run.tokens = enter(span, run.scope()[1], sending)
 
 
 def _refused(run: Run, error: BudgetExceededError) -> None:

@@ -45,6 +45,7 @@ from opentelemetry import trace
 
 from otel_budget.context import CURRENT_AGENT
 from otel_budget.errors import BudgetExceededError
+from otel_budget.metered import CURRENT_CALL
 
 #: The LangGraph node a span's spend is attributed to, and the graph step it ran in.
 LANGGRAPH_NODE = "otel_budget.langgraph.node"
@@ -73,7 +74,7 @@ class Run:
         self.agent: Any = None  # its entered ``agent_span``
         self.agent_context: contextvars.Context | None = None  # where that span is current
         self.call: Any = None  # the LLMCall / ToolCall metering the run
-        self.tokens: tuple[object, object] | None = None  # from ``enter``
+        self.tokens: tuple[object, ...] | None = None  # from ``enter``
         self.refusal: BudgetExceededError | None = None  # on a root: what refused its tree
 
     def scope(self) -> tuple[Any, str | None]:
@@ -154,26 +155,33 @@ def under(run: Run) -> Iterator[None]:
             otel_context.detach(token)
 
 
-def enter(span: Any, agent: str | None) -> tuple[object, object]:
+def enter(span: Any, agent: str | None, sending: Any = None) -> tuple[object, ...]:
     """Make ``span`` (and ``agent``) current while a model or tool run runs: the provider
-    call or the tool's own metering inside it nests and takes it over. ``leave`` at the
-    run's end."""
-    return otel_context.attach(trace.set_span_in_context(span)), CURRENT_AGENT.set(agent)
+    call or the tool's own metering inside it nests and takes it over. ``sending``: the
+    ``LLMCall`` to publish as the call being sent (``CURRENT_CALL``), so that our provider
+    wrappers underneath pass through instead of metering it again: for a span that cannot
+    be taken over (not recording: no SDK provider, or sampled out). ``leave`` at the end."""
+    tokens: tuple[object, ...] = (
+        otel_context.attach(trace.set_span_in_context(span)), CURRENT_AGENT.set(agent)
+    )
+    if sending is not None:
+        tokens += (CURRENT_CALL.set(sending),)
+    return tokens
 
 
-def leave(tokens: tuple[object, object] | None) -> None:
+def leave(tokens: tuple[object, ...] | None) -> None:
     """Undo ``enter``; nothing when the run ended in another context than it started in
     (that context is not ours to restore, and no error of ours is logged for it)."""
     if tokens is None:
         return
-    try:
-        CURRENT_AGENT.reset(tokens[1])  # type: ignore[arg-type]
-    except ValueError:
-        pass
-    try:
-        otel_context._RUNTIME_CONTEXT.detach(tokens[0])  # type: ignore[arg-type]
-    except ValueError:
-        pass
+    for var, token in zip((None, CURRENT_AGENT, CURRENT_CALL), tokens, strict=False):
+        try:
+            if var is None:
+                otel_context._RUNTIME_CONTEXT.detach(token)  # type: ignore[arg-type]
+            else:
+                var.reset(token)  # type: ignore[attr-defined]
+        except ValueError:
+            pass
 
 
 def agent_of(
