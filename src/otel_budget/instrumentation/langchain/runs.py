@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import contextvars
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 from uuid import UUID
@@ -174,12 +174,12 @@ def leave(tokens: tuple[object, ...] | None) -> None:
     (that context is not ours to restore, and no error of ours is logged for it)."""
     if tokens is None:
         return
-    for var, token in zip((None, CURRENT_AGENT, CURRENT_CALL), tokens, strict=False):
+    resets: tuple[Callable[[Any], Any], ...] = (
+        otel_context._RUNTIME_CONTEXT.detach, CURRENT_AGENT.reset, CURRENT_CALL.reset
+    )
+    for reset, token in zip(resets, tokens, strict=False):
         try:
-            if var is None:
-                otel_context._RUNTIME_CONTEXT.detach(token)  # type: ignore[arg-type]
-            else:
-                var.reset(token)  # type: ignore[attr-defined]
+            reset(token)
         except ValueError:
             pass
 
