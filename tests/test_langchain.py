@@ -133,9 +133,12 @@ def llm(server: FakeLLMServer, **kwargs: Any) -> ChatOpenAI:
     )
 
 
-def react_graph(server: FakeLLMServer, log: ToolLog, **tool_node: Any) -> Any:
+def react_graph(
+    server: FakeLLMServer, log: ToolLog, sync_node: bool = False, **tool_node: Any
+) -> Any:
     """A hand-built ReAct graph: model node ``agent``, ``ToolNode`` ``tools``. The model
-    asks for usage when it streams (``stream_usage``)."""
+    asks for usage when it streams (``stream_usage``). ``sync_node``: the model node has no
+    async form (an async run calls it in a worker thread, under a sync callback manager)."""
     lookup = make_lookup(log)
     model = llm(server, stream_usage=True).bind_tools([lookup])
 
@@ -151,7 +154,7 @@ def react_graph(server: FakeLLMServer, log: ToolLog, **tool_node: Any) -> Any:
     from langchain_core.runnables import RunnableLambda
 
     builder = StateGraph(State)
-    builder.add_node("agent", RunnableLambda(agent, afunc=aagent))
+    builder.add_node("agent", agent if sync_node else RunnableLambda(agent, afunc=aagent))
     builder.add_node("tools", ToolNode([lookup], **tool_node))
     builder.add_edge(START, "agent")
     builder.add_conditional_edges("agent", tools_condition)
@@ -387,6 +390,24 @@ def test_async_refusal_stops_the_run(
     with pytest.raises(BudgetExceededError):
         asyncio.run(go())
     assert tool_log.calls == []
+
+
+def test_a_sync_step_inside_an_async_run_still_refuses(
+    server: FakeLLMServer, processor: Any, tool_log: ToolLog,
+    langchain_instrumented: LangChainInstrumentor,
+) -> None:  # fmt: skip
+    """An async run calls a sync-only node in a worker thread with a sync callback manager
+    copied from the async one: it must carry the sync twin (a sync manager runs an async
+    handler's events in a loop of its own and drops what they raise: the refusal too)."""
+    graph = react_graph(server, tool_log, sync_node=True)
+
+    async def go() -> None:
+        async with budget(max_usd=0.000001):
+            await graph.ainvoke(QUESTION)
+
+    with pytest.raises(BudgetExceededError):
+        asyncio.run(go())
+    assert server.stats()["requests"] == 0
 
 
 def test_uninstrument_removes_the_handler(
