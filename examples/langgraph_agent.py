@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
     BudgetInstrumentor().instrument(
         prices=PriceBook(tools={"search_flights": SEARCH_USD}),
-        loop_detection=not options.budget,
+        loop_detection=not options.budget, libraries=["openai"],
     )  # the openai SDK underneath is metered too: each call is still charged once
     with FakeLLMServer() as server:
         server.default_behaviour = Behaviour(tool_calls=[

@@ -17,18 +17,28 @@ pytest.importorskip("langchain_openai", reason="the langchain extra is not insta
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "langgraph_agent.py"
 
 
-def run_example(*args: str) -> str:
+def start_example(*args: str) -> subprocess.Popen[str]:
     env = dict(os.environ)
     src = str(EXAMPLE.parent.parent / "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
     for name in ("LANGSMITH_TRACING", "LANGCHAIN_TRACING_V2", "OTEL_BUDGET_MAX_USD"):
         env.pop(name, None)
-    done = subprocess.run(
-        [sys.executable, str(EXAMPLE), *args], env=env, capture_output=True, text=True,
-        timeout=120, check=False,
+    return subprocess.Popen(
+        [sys.executable, str(EXAMPLE), *args], env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def outputs() -> dict[str, str]:
+    """Both runs, started together (each spends seconds importing LangChain)."""
+    runs = {"loop": start_example(), "budget": start_example("--budget")}
+    out = {}
+    for name, proc in runs.items():
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 0, stdout + stderr
+        out[name] = stdout
+    return out
 
 
 def _usd(pattern: str, text: str) -> float:
@@ -37,11 +47,9 @@ def _usd(pattern: str, text: str) -> float:
     return float(found.group(1))
 
 
-@pytest.mark.parametrize(
-    ("args", "reason"), [((), "loop_detected"), (("--budget",), "limit")], ids=["loop", "budget"]
-)
-def test_the_agent_loop_is_stopped(args: tuple[str, ...], reason: str) -> None:
-    out = run_example(*args)
+@pytest.mark.parametrize(("mode", "reason"), [("loop", "loop_detected"), ("budget", "limit")])
+def test_the_agent_loop_is_stopped(outputs: dict[str, str], mode: str, reason: str) -> None:
+    out = outputs[mode]
     assert f"stopped: {reason}:" in out
     # Per node (agent), model and tool; the model spend is what the provider billed (once).
     assert re.search(r"agent tools\s+\$0\.080000\s+x4", out), out
