@@ -227,6 +227,28 @@ def test_react_graph_is_charged_what_the_provider_billed(
     assert len(chats) == (4 if provider_instrumented else 2)  # ours, and the SDK call's inside
 
 
+@pytest.mark.parametrize("mode", ["invoke", "ainvoke"])
+def test_parallel_tool_calls_are_each_priced_under_their_node(
+    server: FakeLLMServer, make_processor: Any, exporter: Any, tool_log: ToolLog, mode: str
+) -> None:
+    """One model turn asking for two tools: ``ToolNode`` runs them at once (threads, or
+    tasks); each is reserved, priced and parented to the ``tools`` node."""
+    make_processor(prices=PriceBook(tools={"lookup": 0.01}))
+    server.script(Behaviour(tool_calls=[
+        {"name": "lookup", "arguments": {"city": "Paris"}},
+        {"name": "lookup", "arguments": {"city": "Oslo"}},
+    ]), Behaviour())  # fmt: skip
+    agent = protect_graph(react_graph(server, tool_log), max_usd=1.0)
+    run_graph(agent, mode)
+    report = agent.report()
+    assert sorted(tool_log.calls) == ["Oslo", "Paris"] and report.tool_calls == 2
+    assert nanos_of(report.total_usd) == server.stats()["billed_nanos"] + 2 * nanos_of(0.01)
+    assert nanos_of(report.by_agent["tools"].usd) == 2 * nanos_of(0.01)
+    (node,) = spans_named(exporter, "invoke_agent tools")
+    tools = spans_named(exporter, "execute_tool lookup")
+    assert len(tools) == 2 and all(s.parent.span_id == node.context.span_id for s in tools)
+
+
 def test_chat_model_alone_under_budget(
     server: FakeLLMServer, processor: Any, exporter: Any, provider_instrumented: bool
 ) -> None:
