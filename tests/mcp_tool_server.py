@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 from collections import Counter
 from typing import Any
 
@@ -24,9 +25,21 @@ from opentelemetry import trace
 try:  # mcp 2: FastMCP is MCPServer
     from mcp.server.mcpserver import Context
     from mcp.server.mcpserver import MCPServer as Server
+    from mcp.shared.exceptions import MCPError
+
+    def rpc_error(code: int, message: str) -> Exception:
+        return MCPError(code=code, message=message)
+
 except ImportError:  # pragma: no cover - mcp 1
     from mcp.server.fastmcp import Context  # type: ignore[no-redef]
     from mcp.server.fastmcp import FastMCP as Server  # type: ignore[no-redef]
+    from mcp.shared.exceptions import McpError
+    from mcp.types import ErrorData
+
+    def rpc_error(code: int, message: str) -> Exception:
+        return McpError(ErrorData(code=code, message=message))
+
+INVALID_PARAMS = -32602
 
 EXECUTIONS: Counter[str] = Counter()
 
@@ -51,6 +64,12 @@ def build_server() -> Any:
         """Always fails: the SDK answers a CallToolResult with isError=True."""
         EXECUTIONS["broken"] += 1
         raise ValueError(f"broken: {reason}")
+
+    @server.tool()
+    def refuse(reason: str) -> str:
+        """Answers a JSON-RPC error (the server refuses the request)."""
+        EXECUTIONS["refuse"] += 1
+        raise rpc_error(INVALID_PARAMS, f"refused: {reason}")
 
     @server.tool()
     async def slow(seconds: float) -> str:
@@ -95,11 +114,16 @@ def _request_meta(ctx: Any) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--instrument", metavar="MAX_USD", default=None)
+    parser.add_argument("--search-usd", default="0.01", help="the server's price of search")
     args = parser.parse_args()
+    logging.getLogger("mcp").setLevel(logging.CRITICAL)  # tracebacks of the broken tool
     if args.instrument is not None:
-        from otel_budget import BudgetInstrumentor
+        from otel_budget import BudgetInstrumentor, PriceBook
 
-        BudgetInstrumentor().instrument(max_usd=args.instrument, libraries=["mcp"])
+        BudgetInstrumentor().instrument(
+            max_usd=args.instrument, libraries=["mcp"],
+            prices=PriceBook(tools={"search": args.search_usd}),
+        )  # fmt: skip
     build_server().run("stdio")
 
 
