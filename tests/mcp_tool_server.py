@@ -20,7 +20,7 @@ import logging
 from collections import Counter
 from typing import Any
 
-from opentelemetry import trace
+from opentelemetry import baggage, trace
 
 try:  # mcp 2: FastMCP is MCPServer
     from mcp.server.mcpserver import Context
@@ -88,6 +88,8 @@ def build_server() -> Any:
             "trace_id": f"{span_context.trace_id:032x}",
             "span_id": f"{span_context.span_id:016x}",
             "traceparent": meta.get("traceparent"),
+            "baggage": meta.get("baggage"),
+            "baggage_in_context": dict(baggage.get_all()),
         })  # fmt: skip
 
     @server.resource("stats://executions")

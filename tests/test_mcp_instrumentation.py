@@ -47,6 +47,7 @@ from otel_budget.config import libraries_from_env  # noqa: E402
 from otel_budget.instrumentation.mcp import MCPInstrumentor  # noqa: E402
 from otel_budget.instrumentation.mcp.outcome import CALL_META_KEY  # noqa: E402
 from otel_budget.instrumentation.openai import OpenAIBudgetInstrumentor  # noqa: E402
+from otel_budget.propagation import trace_budget  # noqa: E402
 from otel_budget.testing import Behaviour, FakeLLMServer  # noqa: E402
 from tests.helpers import NANOS, nanos, spans_named  # noqa: E402
 from tests.mcp_tool_server import EXECUTIONS, build_server  # noqa: E402
@@ -443,11 +444,15 @@ def test_a_server_enforces_its_own_budget_per_trace(make_processor: Any, exporte
                 second = await session.call_tool("search", {"query": "b"})
             with tracer.start_as_current_span("another run"):
                 third = await session.call_tool("search", {"query": "c"})
-            return first, second, third, await executions(session)
+            # A budget the client carries in baggage narrows the server's trace budget.
+            with tracer.start_as_current_span("tight run"), trace_budget(max_usd="0.005"):
+                fourth = await session.call_tool("search", {"query": "d"})
+            return first, second, third, fourth, await executions(session)
 
-    first, second, third, counted = asyncio.run(main())
+    first, second, third, fourth, counted = asyncio.run(main())
     assert not is_error(first) and not is_error(third)
     assert is_error(second) and "exceed the budget" in second.content[0].text
+    assert is_error(fourth) and "$0.0050" in fourth.content[0].text
     assert counted == {"search": 2}
 
 

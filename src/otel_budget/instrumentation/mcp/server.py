@@ -10,8 +10,8 @@ A refusal raises ``BudgetExceededError`` out of ``call_tool``; the SDK answers i
 client as a tool error (``isError``) with its message, so the agent sees why.
 
 The span continues the client's trace: under mcp 2 the SDK's own ``tools/call`` server span
-(parented on ``params._meta``'s ``traceparent``) is current already; under mcp 1 the wrapper
-extracts ``traceparent`` and ``baggage`` from ``params._meta`` itself. A ``budget()`` the
+(parented on ``params._meta``'s ``traceparent``) is current already, and the wrapper adds the
+``baggage`` the SDK drops; under mcp 1 the wrapper extracts both from ``params._meta``. A ``budget()`` the
 client carries in baggage therefore narrows the server's trace budget (never widens it), and
 ``user.id``-style scopes apply per trace, user or tenant as configured on the server.
 
@@ -31,8 +31,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from opentelemetry import baggage, propagate, trace
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
 
 from otel_budget.instrumentation.mcp.client import OPEN_CALLS
 from otel_budget.instrumentation.mcp.outcome import (
@@ -75,6 +75,20 @@ def _metered_by_client(meta: Mapping[str, Any]) -> bool:
     """A client wrapper in this process is sending this call, metered (see the module doc)."""
     marker = meta.get(CALL_META_KEY)
     return isinstance(marker, str) and marker in OPEN_CALLS
+
+
+def _continued(meta: Mapping[str, Any]) -> otel_context.Context:
+    """The context the tool's span starts in: the client's trace and baggage from
+    ``params._meta``. Under mcp 2 the SDK's server span is current already (parented on the
+    same ``traceparent``) but the SDK drops the extracted baggage: it is added back."""
+    extracted = propagate.extract(meta)
+    if not trace.get_current_span().get_span_context().is_valid:
+        return extracted  # mcp 1: no SDK span continues the client's trace; the tool's does
+    ctx = otel_context.get_current()
+    for key, value in baggage.get_all(extracted).items():
+        if baggage.get_baggage(key, ctx) is None:
+            ctx = baggage.set_baggage(key, value, ctx)
+    return ctx
 
 
 def _attributes(request_context: Any) -> dict[str, Any]:
@@ -123,9 +137,13 @@ def call_tool(tracer: trace.Tracer, source: RuntimeSource, switch: Any) -> Calla
         if skip:
             return await wrapped(*args, **kwargs)
         token = None
-        if not trace.get_current_span().get_span_context().is_valid and meta:
-            # mcp 1: no SDK span continues the client's trace; the tool's span does.
-            token = otel_context.attach(propagate.extract(meta))
+        if meta:
+            try:
+                token = otel_context.attach(_continued(meta))
+            except Exception as exc:  # our bug (a broken propagator): the current context
+                runtime = source.get()
+                if runtime is not None:
+                    runtime.engine.log_once("mcp server trace context", exc)
         try:
             return await metered(
                 tracer, source, name, arguments, lambda: wrapped(*args, **kwargs),
