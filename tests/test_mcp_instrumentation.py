@@ -305,6 +305,48 @@ def test_on_exceeded_substitute_answers_instead_of_the_tool(processor: Any) -> N
     assert EXECUTIONS["search"] == 0
 
 
+@pytest.mark.parametrize("policy", ["fail_open", "fail_closed"])
+def test_a_failure_of_ours_follows_the_failure_policy(
+    processor: Any, monkeypatch: pytest.MonkeyPatch, policy: str
+) -> None:
+    """fail_open: the tool runs (unmetered, logged); fail_closed: refused before it runs.
+    Either way only the tool's result or a BudgetExceededError reaches the app."""
+    processor(failure_policy=policy)
+
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug in otel-budget")
+
+    monkeypatch.setattr("otel_budget.instrumentation.mcp.tool_call.abegin_tool", broken)
+
+    async def body(client: Any) -> Any:
+        with budget(max_usd=1):
+            try:
+                return await client.call_tool("search", {"query": "a"})
+            except BudgetExceededError as error:
+                return error
+
+    outcome = run(body)
+    if policy == "fail_open":
+        assert outcome.content[0].text == "3 results for a"
+        assert EXECUTIONS["search"] == 1
+    else:
+        assert isinstance(outcome, BudgetExceededError) and outcome.reason == "internal_error"
+        assert EXECUTIONS["search"] == 0
+
+
+def test_a_failure_of_ours_while_settling_never_replaces_the_result(
+    processor: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    processor()
+
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug in otel-budget")
+
+    monkeypatch.setattr("otel_budget.instrumentation.mcp.tool_call.settle_result", broken)
+    result = run(lambda client: client.call_tool("search", {"query": "a"}))
+    assert result.content[0].text == "3 results for a"
+
+
 # -- how calls end -----------------------------------------------------------------------------
 def test_a_tool_error_result_is_an_error_span_and_is_charged(
     make_processor: Any, instrumented: Any, exporter: Any

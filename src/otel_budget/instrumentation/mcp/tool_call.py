@@ -70,16 +70,26 @@ async def start(
 
 
 async def run(call: ToolCall, send: Callable[[], Awaitable[Any]]) -> Any:
-    """``send()`` under the call's span, then settle the call from how it ended."""
+    """``send()`` under the call's span, then settle the call from how it ended. A failure
+    of ours while settling is logged; the tool's own result or exception reaches the app."""
     try:
         with trace.use_span(call.span, end_on_exit=False, record_exception=False,
                             set_status_on_exception=False):  # fmt: skip
             result = await send()
     except BaseException as exc:
-        await settle_error(call, exc)
+        await _guarded(call, settle_error(call, exc))
         raise
-    await settle_result(call, result)
+    await _guarded(call, settle_result(call, result))
     return result
+
+
+async def _guarded(call: ToolCall, settling: Awaitable[None]) -> None:
+    try:
+        await settling
+    except Exception as exc:  # our bug: never instead of the tool's outcome
+        runtime = call.call.runtime
+        if runtime is not None:
+            runtime.engine.log_once("mcp tool call settle", exc)
 
 
 async def settle_result(call: ToolCall, result: Any) -> None:
