@@ -43,7 +43,7 @@ from otel_budget.runtime import RuntimeSource
 
 logger = logging.getLogger("otel_budget")
 
-_INSTRUMENTS = ("mcp >= 1.10",)
+_INSTRUMENTS = ("mcp >= 1.30",)
 
 _WRAPPERS = (wrapt.FunctionWrapper, wrapt.BoundFunctionWrapper)
 Factory = Callable[[trace.Tracer, RuntimeSource, Switch, Any], Callable[..., Any]]
