@@ -19,7 +19,9 @@ progress. Each run (a trace, or a ``budget()`` block) has its own history; calls
 trace share the process's.
 
 What it does not count: many calls to one model with different prompts (an ordinary agent),
-or one tool with different arguments. A detector keyed by the model's name would stop every
+one tool with different arguments, or the same call repeated while the run makes progress
+(a call it never made before in between restarts the count: a test command run after each
+edit is not a loop; a cycle of the same two or three calls is). A detector keyed by the model's name would stop every
 agent that makes a tenth call; this one never looks at names alone.
 
 Only digests are kept (16 bytes per call remembered), never the arguments. The cost per
@@ -169,13 +171,37 @@ class LoopHit:
         return dict(self.__dict__)
 
 
+class _Run:
+    """One run's history: per call digest, the times of its current streak of repeats."""
+
+    __slots__ = ("calls", "novel")
+
+    def __init__(self) -> None:
+        self.calls: OrderedDict[bytes, _Streak] = OrderedDict()
+        self.novel = 0  # distinct calls seen so far: grows whenever the run does something new
+
+
+class _Streak:
+    __slots__ = ("times", "novel")
+
+    def __init__(self, maxlen: int) -> None:
+        self.times: deque[float] = deque(maxlen=maxlen)
+        self.novel = 0  # the run's ``novel`` count when this call was last seen
+
+
 class LoopDetector:
-    """Per-run histories of call fingerprints. Thread-safe; O(1) per call; bounded."""
+    """Per-run histories of call digests. Thread-safe; O(1) per call; bounded.
+
+    A repeat counts towards a loop only while the run makes no progress: when a call the run
+    has not made before happens between two identical calls, the streak starts again. So a
+    coding agent that runs the same test command after each (different) edit is not looping,
+    while one that cycles through the same two or three calls is: each call of the cycle
+    builds its streak once the cycle has gone round once."""
 
     def __init__(self, policy: LoopPolicy, clock: Callable[[], float] = time.monotonic) -> None:
         self.policy = policy
         self.clock = clock
-        self._runs: OrderedDict[str, OrderedDict[bytes, deque[float]]] = OrderedDict()
+        self._runs: OrderedDict[str, _Run] = OrderedDict()
         self._lock = threading.Lock()
 
     def key(self, kind: str, name: str, arguments: Any) -> bytes:
@@ -188,20 +214,26 @@ class LoopDetector:
         now = self.clock()
         with self._lock:
             runs = self._runs
-            calls = runs.get(run)
-            if calls is None:
-                calls = runs[run] = OrderedDict()
+            history = runs.get(run)
+            if history is None:
+                history = runs[run] = _Run()
                 if len(runs) > policy.max_runs:
                     runs.popitem(last=False)
             else:
                 runs.move_to_end(run)
-            times = calls.get(digest)
-            if times is None:
-                times = calls[digest] = deque(maxlen=policy.threshold)
+            calls = history.calls
+            streak = calls.get(digest)
+            if streak is None:
+                history.novel += 1
+                streak = calls[digest] = _Streak(policy.threshold)
                 if len(calls) > policy.max_fingerprints:
                     calls.popitem(last=False)
             else:
                 calls.move_to_end(digest)
+                if streak.novel != history.novel:  # something new happened since: progress
+                    streak.times.clear()
+            streak.novel = history.novel
+            times = streak.times
             times.append(now)
             if len(times) < policy.threshold:
                 return None
