@@ -51,6 +51,7 @@ _INSTRUMENTORS = {
     "openai": ("otel_budget.instrumentation.openai", "OpenAIBudgetInstrumentor"),
     "anthropic": ("otel_budget.instrumentation.anthropic", "AnthropicBudgetInstrumentor"),
     "litellm": ("otel_budget.instrumentation.litellm", "LiteLLMBudgetInstrumentor"),
+    "mcp": ("otel_budget.instrumentation.mcp", "MCPInstrumentor"),
 }
 _PROCESSOR_ARGS = (
     "max_usd", "scopes", "thresholds", "failure_policy", "default_max_output_tokens",
@@ -120,7 +121,7 @@ class BudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     ``gen_ai.client.*`` and ``otel_budget.*`` metrics; default: the global one),
     ``logger_provider`` (for the GenAI events of the content capture modes; default: the
     global one), ``processor`` (use an existing one: it keeps its own meter provider), and
-    ``libraries`` (a subset of ``("openai", "anthropic", "litellm")``). Without
+    ``libraries`` (a subset of ``("openai", "anthropic", "litellm", "mcp")``). Without
     processor arguments the ``OTEL_BUDGET_*`` environment variables are read. Called again
     with other arguments, it applies them (a new processor replaces the previous one).
     """
