@@ -236,6 +236,13 @@ async def _start(
         return None, kwargs  # no budget anywhere, or metered by an outer call
     bound = _bind(wrapped, args, kwargs)
     try:
+        settings = bound.get("model_settings")
+        if (stream and api == "chat_completions" and settings is not None
+                and getattr(settings, "include_usage", False) is None
+                and runtime.settings.stream_include_usage):  # fmt: skip
+            # The SDK asks a chat stream for its usage only from api.openai.com: without it
+            # the call would be charged an estimate, not what was billed.
+            bound["model_settings"] = dataclasses.replace(settings, include_usage=True)
         request = read_request(instance, bound, api, stream)
     except Exception as exc:  # ours: the failure policy decides
         refusal = runtime.engine.internal_error("openai_agents model request", exc)
@@ -312,9 +319,11 @@ def stream_response(tracer: trace.Tracer, source: RuntimeSource, api: str) -> Ca
                     response_id = getattr(response, "id", None)
                 yield event
         except BaseException as exc:
-            if isinstance(exc, GeneratorExit):  # the consumer left early: charged its reservation
-                await _succeed(call, usage, response_id, "".join(pieces),
-                               floor=call.budgeted.projected_nanos)  # fmt: skip
+            if isinstance(exc, GeneratorExit):  # closed by the consumer
+                # After the response's last event: its usage. Before: what may still be
+                # generated is billed too, so at least the reservation.
+                floor = 0 if usage is not None else call.budgeted.projected_nanos
+                await _succeed(call, usage, response_id, "".join(pieces), floor=floor)
             else:
                 await _fail(call, exc, "".join(pieces), usage)
             raise

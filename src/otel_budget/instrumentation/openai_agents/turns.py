@@ -12,15 +12,23 @@ next turn runs under the agent handed to, so handoffs show as separate agents.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 
-def _agent_of(kwargs: dict[str, Any]) -> Any:
-    """The turn's agent: ``bindings.public_agent`` (0.2x), else an ``agent`` argument."""
-    bindings = kwargs.get("bindings")
+def _agent_of(wrapped: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The turn's agent: ``bindings.public_agent`` (0.2x), else an ``agent`` argument
+    (by keyword, or positional: the streamed turn is called with positional arguments)."""
+    named = kwargs
+    if args:
+        try:
+            named = inspect.signature(wrapped).bind_partial(*args, **kwargs).arguments
+        except (TypeError, ValueError):
+            return None
+    bindings = named.get("bindings")
     agent = getattr(bindings, "public_agent", None) if bindings is not None else None
-    return agent if agent is not None else kwargs.get("agent")
+    return agent if agent is not None else named.get("agent")
 
 
 def turn() -> Callable[..., Any]:
@@ -30,7 +38,7 @@ def turn() -> Callable[..., Any]:
     async def wrapper(
         wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
-        agent = _agent_of(kwargs)
+        agent = _agent_of(wrapped, args, kwargs)
         name = getattr(agent, "name", None)
         if not isinstance(name, str) or not name:
             return await wrapped(*args, **kwargs)
