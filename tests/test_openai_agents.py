@@ -38,6 +38,7 @@ from wrapt import FunctionWrapper  # noqa: E402
 
 from otel_budget import BudgetExceededError, PriceBook, budget  # noqa: E402
 from otel_budget import attributes as attrs  # noqa: E402
+from otel_budget.instrumentation import instrumented_libraries  # noqa: E402
 from otel_budget.instrumentation.openai import OpenAIBudgetInstrumentor  # noqa: E402
 from otel_budget.instrumentation.openai_agents import (  # noqa: E402
     _TARGETS,
@@ -439,8 +440,10 @@ def test_uninstrument_restores_the_sdk(
 ) -> None:
     instrumentor = instrument()
     assert all(wrapped_targets())  # every hook point exists in this SDK version
+    assert "openai_agents" in instrumented_libraries()  # budget() does not warn "unobserved"
     instrumentor.uninstrument()
     assert not any(wrapped_targets())
+    assert "openai_agents" not in instrumented_libraries()
     agent = Agent(name="weather", tools=[lookup_tool(Counter())], model=model_of(server, "chat"))
     server.script(calls_lookup(), Behaviour(text="Sunny."))
     Runner.run_sync(agent, "weather?")
