@@ -450,3 +450,76 @@ def test_uninstrument_restores_the_sdk(
     assert not spans_named(exporter, "execute_tool lookup")
     assert not spans_named(exporter, "invoke_agent weather")
     assert not spans_named(exporter, f"chat {MINI}")
+
+
+# -- configuration and other models ------------------------------------------------------------
+@pytest.mark.parametrize("bad", ["lots", float("nan"), -1, True])
+def test_an_invalid_per_run_budget_is_refused_at_instrument(processor: Any, bad: Any) -> None:
+    instrumentor = OpenAIAgentsInstrumentor()
+    with pytest.raises(ValueError, match="max_usd_per_run"):
+        instrumentor.instrument(max_usd_per_run=bad)
+    assert not instrumentor.is_instrumented_by_opentelemetry
+    assert not any(wrapped_targets())
+
+
+class DirectModel(agents.Model):
+    """A user's own ``Model``: calls the Responses API itself."""
+
+    def __init__(self, client: AsyncOpenAI) -> None:
+        self.client = client
+
+    async def get_response(self, system_instructions: Any, input: Any, *args: Any,
+                           **kwargs: Any) -> Any:  # fmt: skip
+        response = await self.client.responses.create(model=MINI, input=input)
+        usage = agents.Usage(requests=1, input_tokens=response.usage.input_tokens,
+                             output_tokens=response.usage.output_tokens,
+                             total_tokens=response.usage.total_tokens)  # fmt: skip
+        return agents.ModelResponse(output=response.output, usage=usage,
+                                    response_id=response.id)  # fmt: skip
+
+    def stream_response(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+
+@pytest.mark.parametrize("with_openai", [False, True], ids=["agents-only", "with-openai"])
+def test_another_model_class_is_named_in_a_warning(
+    server: FakeLLMServer, processor: Any, instrument: Any, caplog: pytest.LogCaptureFixture,
+    with_openai: bool,
+) -> None:  # fmt: skip
+    instrument(openai=with_openai)
+    client = AsyncOpenAI(base_url=server.openai_base_url, api_key="x", max_retries=0)
+    agent = Agent(name="custom", model=DirectModel(client))
+    with budget(max_usd=1) as run:
+        Runner.run_sync(agent, "hi")
+    assert "uses a DirectModel, whose calls the Agents SDK integration does not meter" in caplog.text
+    # Through our openai instrumentor it is budgeted all the same; without it, it is not.
+    assert report_nanos(run) == (billed(server) if with_openai else 0)
+    assert billed(server) > 0
+
+
+def test_a_cancelled_streamed_run_closes_its_budget(
+    server: FakeLLMServer, processor: Any, instrument: Any, exporter: Any
+) -> None:
+    instrument(max_usd_per_run=1)
+    counter = Counter()
+    agent = Agent(name="weather", tools=[lookup_tool(counter)], model=model_of(server, "chat"))
+    server.script(*(calls_lookup(f"city-{i}") for i in range(60)))
+
+    async def main() -> None:
+        result = Runner.run_streamed(agent, "weather?", max_turns=60)
+        async for _ in result.stream_events():
+            if len(counter.calls) >= 2:
+                result.cancel()
+        for _ in range(50):  # the run's task ends; its done callback closes the budget
+            if result.run_loop_task.done():
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
+    server.wait_idle()
+    roots = [s for s in exporter.get_finished_spans() if s.parent is None]
+    assert [s.name for s in roots] == ["Agent workflow"]  # ended, with the breakdown
+    spent_usd = roots[0].attributes[attrs.TRACE_SPENT_USD]
+    assert round(spent_usd * 1e9) >= billed(server) > 0  # a cut stream: at least its bill
+    assert not [s for s in exporter.get_finished_spans() if s.end_time is None]

@@ -27,6 +27,7 @@ from opentelemetry import trace
 
 from otel_budget.errors import BudgetExceededError
 from otel_budget.instrumentation._attempts import budget_refusal_in
+from otel_budget.runtime import RuntimeSource
 
 # The exception the SDK's failure handler turned into a reply, for the tool call running.
 _HANDLED: contextvars.ContextVar[list[BaseException] | None] = contextvars.ContextVar(
@@ -50,7 +51,7 @@ def _output(result: Any) -> Any:
     return getattr(result, "output", result)
 
 
-def invoke_tool() -> Callable[..., Any]:
+def invoke_tool(source: RuntimeSource) -> Callable[..., Any]:
     """Wrapper of the SDK's function-tool invocation (keyword arguments ``function_tool``,
     ``context`` (a ``ToolContext``), ``arguments`` (JSON text))."""
     from otel_budget.tools import abegin_tool
@@ -65,11 +66,23 @@ def invoke_tool() -> Callable[..., Any]:
         context = kwargs.get("context")
         call_id = getattr(context, "tool_call_id", None)
         description = getattr(tool, "description", None)
-        call = await abegin_tool(
-            name, arguments=_arguments(kwargs.get("arguments")),
-            call_id=call_id if isinstance(call_id, str) else None,
-            description=description if isinstance(description, str) and description else None,
-        )  # fmt: skip  (raises BudgetExceededError before the tool runs)
+        runtime = source.get()
+        try:  # raises BudgetExceededError before the tool runs
+            call = await abegin_tool(
+                name, arguments=_arguments(kwargs.get("arguments")),
+                call_id=call_id if isinstance(call_id, str) else None,
+                description=description if isinstance(description, str) and description else None,
+                runtime=runtime,
+            )  # fmt: skip
+        except BudgetExceededError:
+            raise
+        except Exception as exc:  # ours: the failure policy decides, visibly
+            if runtime is None:
+                raise
+            refusal = runtime.engine.internal_error("openai_agents tool", exc)
+            if refusal is not None:
+                raise refusal from exc
+            return await wrapped(*args, **kwargs)
         handled: list[BaseException] = []
         token = _HANDLED.set(handled)
         try:
