@@ -1,10 +1,10 @@
 """The Agents SDK's function tools: each call an ``execute_tool {name}`` span, reserved first.
 
     wrap_function_wrapper("agents.run_internal.tool_execution",
-                          "_invoke_function_tool_with_metadata", invoke_tool())
+                          "_invoke_function_tool_with_metadata", invoke_tool(source))
 
-The SDK invokes every ``FunctionTool`` (``@function_tool``, ``Agent.as_tool()``, MCP tools it
-lists) through one function; its wrapper calls ``otel_budget.tools.abegin_tool`` with the
+The SDK invokes every ``FunctionTool`` (``@function_tool``, ``Agent.as_tool()``, hand-built
+ones) through one function; its wrapper calls ``otel_budget.tools.abegin_tool`` with the
 tool's name, the model's call id and the call's JSON arguments (loop detection hashes them)
 before the tool runs, makes the span current while it runs, and settles it with the result.
 

@@ -1,6 +1,6 @@
 """One agent turn of the Agents SDK's run loop: an ``invoke_agent {name}`` span around it.
 
-    wrap_function_wrapper("agents.run", "run_single_turn", turn())
+    wrap_function_wrapper("agents.run", "run_single_turn", turn(source))
 
 A turn is one model call of the current agent and the tools (and handoff) it asked for; the
 run loop calls one function per turn, streamed or not. Its wrapper runs the turn inside
