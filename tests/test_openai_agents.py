@@ -219,12 +219,13 @@ def test_a_run_is_charged_once(
     assert run.report().by_agent["weather"].usd == pytest.approx(billed(server) / 1e9)
 
 
+@pytest.mark.parametrize("with_openai", [False, True], ids=["agents-only", "with-openai"])
 def test_unsampled_spans_still_charge_once(
-    server: FakeLLMServer, processor: Any, instrument: Any
+    server: FakeLLMServer, processor: Any, instrument: Any, with_openai: bool
 ) -> None:
     """No recording span to take over: the outer call is the openai wrappers' CURRENT_CALL,
     which they leave to it (as they do for litellm)."""
-    instrument(openai=True, tracer_provider=TracerProvider(sampler=ALWAYS_OFF))
+    instrument(openai=with_openai, tracer_provider=TracerProvider(sampler=ALWAYS_OFF))
     agent = Agent(name="weather", tools=[lookup_tool(Counter())], model=model_of(server, "responses"))
     server.script(calls_lookup(), Behaviour(text="Sunny."))
     with budget(max_usd=1) as run:
