@@ -9,6 +9,7 @@ or not our openai instrumentor meters the same requests underneath.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 from collections.abc import Iterator
@@ -490,8 +491,13 @@ def test_another_model_class_is_named_in_a_warning(
     instrument(openai=with_openai)
     client = AsyncOpenAI(base_url=server.openai_base_url, api_key="x", max_retries=0)
     agent = Agent(name="custom", model=DirectModel(client))
-    with budget(max_usd=1) as run:
-        Runner.run_sync(agent, "hi")
+    library_log = logging.getLogger("otel_budget")  # (the demo's tests stop its propagation)
+    library_log.addHandler(caplog.handler)
+    try:
+        with budget(max_usd=1) as run:
+            Runner.run_sync(agent, "hi")
+    finally:
+        library_log.removeHandler(caplog.handler)
     assert "uses a DirectModel, whose calls the Agents SDK integration does not meter" in caplog.text
     # Through our openai instrumentor it is budgeted all the same; without it, it is not.
     assert report_nanos(run) == (billed(server) if with_openai else 0)
