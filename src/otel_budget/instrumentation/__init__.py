@@ -53,6 +53,13 @@ _INSTRUMENTORS = {
     "litellm": ("otel_budget.instrumentation.litellm", "LiteLLMBudgetInstrumentor"),
     "mcp": ("otel_budget.instrumentation.mcp", "MCPInstrumentor"),
 }
+# Framework instrumentors, instrumented on their own (``OpenAIAgentsInstrumentor``,
+# ``LangChainInstrumentor``): their model calls are metered, so a budget() block under them
+# is observed.
+_FRAMEWORKS = {
+    "openai_agents": ("otel_budget.instrumentation.openai_agents", "OpenAIAgentsInstrumentor"),
+    "langchain": ("otel_budget.instrumentation.langchain", "LangChainInstrumentor"),
+}
 _PROCESSOR_ARGS = (
     "max_usd", "scopes", "thresholds", "failure_policy", "default_max_output_tokens",
     "assumed_input_tokens", "on_warning", "on_exceeded", "prices", "storage", "trace_ttl_seconds",
@@ -85,7 +92,7 @@ class RuntimeHandle(BudgetRuntime):
 def instrumented_libraries() -> list[str]:
     """The libraries whose calls otel-budget's own instrumentors currently meter."""
     out = []
-    for name, (module_name, class_name) in _INSTRUMENTORS.items():
+    for name, (module_name, class_name) in {**_INSTRUMENTORS, **_FRAMEWORKS}.items():
         module = sys.modules.get(module_name)
         cls = getattr(module, class_name, None) if module is not None else None
         instance = getattr(cls, "_instance", None) if cls is not None else None
