@@ -182,3 +182,19 @@ def test_async_tool_calls(make_processor: Any) -> None:
     report = asyncio.run(main()).report()
     assert report.by_tool["lookup"].usd == pytest.approx(0.003)
     assert report.by_agent["async-agent"].usd == pytest.approx(0.003)
+
+
+def test_a_book_price_function_that_cannot_answer_before_the_call_still_meters(
+    make_processor: Any,
+) -> None:
+    """The price book's function is asked for ``None`` before the tool runs; one that cannot
+    answer then must not switch metering off for the tool (it reserves the minimum and
+    charges the computed price afterwards)."""
+    from otel_budget.pricing import PriceBook
+
+    make_processor(prices=PriceBook(tools={"pages": lambda result: 0.001 * len(result)}))
+    with budget(max_usd=1) as run:
+        call = begin_tool("pages", arguments={"doc": 1})
+        assert call.call.charge is not None and call.call.charge.reserved
+        call.finish("abcd")
+    assert run.report().by_tool["pages"].usd == pytest.approx(0.004)

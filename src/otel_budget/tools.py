@@ -92,7 +92,13 @@ class ToolPrice:
         if self.maximum is not None:
             return self.maximum
         if self.compute is None and runtime is not None:
-            book_price = runtime.prices.tool_cost_nanos(self.name, None)
+            try:
+                # A computed book price asked before the result exists (None): the most the
+                # call may cost, by the price book's convention.
+                book_price = runtime.prices.tool_cost_nanos(self.name, None)
+            except ValueError as exc:  # a price function that cannot answer for None
+                runtime.engine.log_once(f"tool price {self.name} before the call", exc)
+                book_price = None
             if book_price is not None:
                 return int(book_price)
         # Unknown cost up front: a paid tool still needs *some* budget left.
