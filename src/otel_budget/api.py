@@ -58,7 +58,7 @@ def _warn_if_unobserved() -> None:
         return
     from otel_budget.instrumentation import instrumented_libraries
 
-    if instrumented_libraries():
+    if set(instrumented_libraries()) - {"mcp"}:  # (MCP tool calls are no LLM calls)
         return
     _unobserved_warned = True
     logger.warning(
