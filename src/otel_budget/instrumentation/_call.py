@@ -32,6 +32,7 @@ from otel_budget import attributes as attrs
 from otel_budget.costing import price_call, reconcile
 from otel_budget.engine import KIND_LLM, Charge
 from otel_budget.errors import REASON_INVALID_REQUEST, REASON_UNKNOWN_MODEL, BudgetExceededError
+from otel_budget.instrumentation import _cache
 from otel_budget.instrumentation._attempts import is_transport_error, may_be_billed
 from otel_budget.instrumentation._content import (
     OUTPUT_MESSAGES,
@@ -40,6 +41,7 @@ from otel_budget.instrumentation._content import (
     content_mode,
     emit_event,
 )
+from otel_budget.instrumentation._flow import arun_flow, run_flow
 from otel_budget.loops import KIND_PROMPT as LOOP_KIND_PROMPT
 from otel_budget.metered import (
     CURRENT_CALL,
@@ -72,6 +74,9 @@ IN_METERED_CALL = CURRENT_CALL
 UNKNOWN_MODEL_ENV = "OTEL_BUDGET_UNKNOWN_MODEL"
 #: ``otel_budget.price.source`` of a call let through without a price (no limit applied).
 PRICE_SOURCE_UNKNOWN = "unknown"
+
+
+_NOTHING = TokenUsage()  # a cache hit's billed usage
 
 
 class _Reported:
@@ -110,6 +115,9 @@ class LLMRequest:
     write_output: Callable[[dict[str, Any], int], bool] | None = None
     output_audio: bool = False  # spoken output asked for: every output token priced as audio
     content: CallContent | None = None  # message content / event (None: both off)
+    # The prompt cache's plan (``_cache.plan_for``): None when no cache applies; looked up
+    # by ``start_call`` / ``astart_call`` before anything is reserved.
+    cache: Any = None
 
 
 class LLMCall:
@@ -127,7 +135,7 @@ class LLMCall:
     __slots__ = (
         "budgeted", "request", "processor", "input_tokens", "input_method", "started",
         "attempts", "charged_attempts", "charged_nanos", "needs_reservation", "status",
-        "response", "metric_attributes",
+        "response", "metric_attributes", "cache",
     )  # fmt: skip
 
     def __init__(
@@ -149,6 +157,7 @@ class LLMCall:
         # Provider-specific attributes of the gen_ai.client.* points (the response readers
         # add those the official instrumentation records, e.g. openai.response.service_tier).
         self.metric_attributes: dict[str, Any] = {}
+        self.cache: Any = None  # the prompt cache's plan (its ``entry``: a hit)
 
     @property
     def runtime(self) -> BudgetRuntime | None:
@@ -197,6 +206,8 @@ class LLMCall:
     def attempt_answered(self, status: int, response: Any = None) -> None:
         self.status = status
         self.response = response if 200 <= status < 300 else None
+        if self.cache is not None and self.response is not None:
+            _cache.watch(self.cache, response)  # a cacheable miss: keep the streamed bytes
 
     def attempt_may_be_billed_steps(self, exc: BaseException | None = None) -> Steps[None]:
         """The attempt ended without an answer after it was sent (timeout, lost connection):
@@ -317,6 +328,13 @@ class LLMCall:
         """Commit ``actual`` (and any attempt charged unreserved), then end the span (with
         its event) and record the metrics: the last step of every settlement."""
         self._unreserved_charge()
+        plan = self.cache
+        if plan is not None:
+            if plan.entry is not None:  # a hit: nothing billed; it saved what it priced at
+                _cache.settle_hit(self, out, actual)
+                actual, usage = 0, _NOTHING
+            elif error is None:
+                _cache.store(self, plan, out)
         yield from self.budgeted.settle_steps(
             actual, error=error, attributes=out, input_tokens=usage.input_tokens,
             output_tokens=usage.output_tokens, end=False,
@@ -341,6 +359,8 @@ class LLMCall:
         if runtime is None:
             return 0, {}
         request = self.request
+        if self.cache is not None and self.cache.entry is not None:
+            response_model = None  # a hit's saving: priced as the model asked for
         quote = price_call(
             runtime.prices, request.provider, usage, (response_model, request.model),
             server_address=request.server_address, service_tier=request.service_tier,
@@ -689,9 +709,26 @@ def start_steps(
         if content.mode.emit:  # a refused call's event goes in its span's context
             tracer = cast(trace.Tracer, SpanKeeper(tracer))
     span_name = f"{request.operation} {request.model}"
+    plan = request.cache
+    if plan is not None:
+        span_attributes[attrs.CACHE_HIT] = plan.entry is not None
     if runtime is None:  # only tracing: no budget configured anywhere
         span = start_span(tracer, span_name, span_attributes, SpanKind.CLIENT)
-        return LLMCall(MeteredCall(span, None, None), request, None, 0, "none")
+        call = LLMCall(MeteredCall(span, None, None), request, None, 0, "none")
+        if plan is not None:
+            _cache.started(call, plan)
+        return call
+    if plan is not None and plan.entry is not None:
+        # A cache hit: a metered call that costs nothing. No projection, no reservation, no
+        # ledger operation: answered even when the budget is spent.
+        budgeted = yield from begin_steps(
+            runtime, tracer, span_name, span_attributes, minimum=0, name=request.model,
+            provider=request.provider, operation=request.operation, span_kind=SpanKind.CLIENT,
+            charge_kind=KIND_LLM, free=True,
+        )  # fmt: skip
+        call = LLMCall(budgeted, request, runtime, 0, "cache")
+        _cache.started(call, plan)
+        return call
 
     settings = runtime.settings
     estimate = InputEstimate(0, "none")
@@ -761,6 +798,8 @@ def start_steps(
                 cap -= 1
                 projected = _quote(runtime, request, estimate.tokens, cap * choices).nanos
             late[COST_OUTPUT_CAPPED] = cap
+            if plan is not None:
+                plan.storable = False  # an answer the budget may have cut short
         if cap != out_tokens or assumed or not int_limits:
             # The cap is what the request now carries: injected, lowered, or the int a float
             # or numeric-string limit rounds up to; written where it takes effect.
@@ -790,7 +829,10 @@ def start_steps(
     except BudgetExceededError as error:
         _refused_event(content, error, tracer)
         raise
-    return LLMCall(budgeted, request, runtime, estimate.tokens, estimate.method)
+    call = LLMCall(budgeted, request, runtime, estimate.tokens, estimate.method)
+    if plan is not None:
+        _cache.started(call, plan)
+    return call
 
 
 def _refused_event(
@@ -815,6 +857,8 @@ def start_call(
     """``start_steps`` with blocking ledger calls."""
     if runtime is None and processor is not None:
         runtime = processor.runtime
+    if request.cache is not None:
+        run_flow(request.cache.lookup_flow())
     return run(
         start_steps(runtime, tracer, request, kwargs),
         runtime.storage if runtime is not None else None,
@@ -829,6 +873,8 @@ async def astart_call(
     runtime: BudgetRuntime | None = None,
 ) -> LLMCall:
     """``start_steps`` with the ledger's coroutines."""
+    if request.cache is not None:
+        await arun_flow(request.cache.lookup_flow())
     return await arun(
         start_steps(runtime, tracer, request, kwargs),
         runtime.storage if runtime is not None else None,
