@@ -120,8 +120,10 @@ def refusal(params: Mapping[str, Any], kind: str, cache_sampled: bool) -> str | 
         value = params.get(name)
         if value and type(value).__name__ not in _SENTINELS:
             return f"{name} (server-side state)"
-    if params.get("web_search_options") or params.get("mcp_servers") or params.get("container"):
-        return "server-side tools"
+    for name in ("web_search_options", "mcp_servers", "container"):
+        value = params.get(name)
+        if value is not None and type(value).__name__ not in _SENTINELS:  # ({} turns it on)
+            return f"server-side tools ({name})"
     tools = params.get("tools")
     if isinstance(tools, (list, tuple)):
         for tool in tools:
