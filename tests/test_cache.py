@@ -227,7 +227,15 @@ def test_with_raw_response_and_the_stream_helper(
     with client.chat.completions.stream(model=MINI, messages=MESSAGES, **ZERO) as s:
         second = s.get_final_completion()
     assert second.model_dump() == first.model_dump()
-    assert requests(server) == 2
+    with client.chat.completions.with_streaming_response.create(
+        model=MINI, messages=MESSAGES, seed=3, **ZERO
+    ) as streamed:  # the body read lazily: teed on the miss
+        lazy = streamed.parse()
+    with client.chat.completions.with_streaming_response.create(
+        model=MINI, messages=MESSAGES, seed=3, **ZERO
+    ) as streamed:
+        assert streamed.parse().model_dump() == lazy.model_dump()
+    assert requests(server) == 3
 
 
 def test_embeddings_are_cached_without_a_temperature(
@@ -374,6 +382,17 @@ def test_instrumentor_cache_argument(
     finally:
         instrumentor.uninstrument()
     assert requests(server) == 1
+
+
+def test_a_cache_without_a_budget(client: openai.OpenAI, server: FakeLLMServer, exporter: Any) -> None:
+    """Tracing only (no processor anywhere): the instrumentor's own cache still answers."""
+    instrumentor = OpenAIBudgetInstrumentor()
+    instrumentor.instrument(cache=ResponseCache(MemoryCache()))
+    try:
+        first, second = chat(client), chat(client)
+    finally:
+        instrumentor.uninstrument()
+    assert second.model_dump() == first.model_dump() and requests(server) == 1
 
 
 # -- budget: a hit costs nothing and touches no ledger ----------------------------------------------

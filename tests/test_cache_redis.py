@@ -4,6 +4,7 @@ when Redis is dead or frozen, never trusting what it reads, never touching the l
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import os
@@ -220,6 +221,24 @@ def test_a_frozen_redis_costs_at_most_the_timeout_then_recovers(
         srv.thaw()
         srv.stop()
         srv.cleanup()
+
+
+def test_async_calls_read_redis_off_the_event_loop(
+    url: str, make_processor: Any, instrumented: None, fake: FakeLLMServer
+) -> None:
+    cache = ResponseCache(RedisCache(url))
+    make_processor(1.0, prices=PriceBook(), cache=cache)
+
+    async def main() -> tuple[Any, Any]:
+        c = openai.AsyncOpenAI(base_url=fake.openai_base_url, api_key="t", max_retries=0)
+        first = await c.chat.completions.create(model=MINI, messages=MESSAGES, temperature=0)
+        await asyncio.to_thread(cache.flush)
+        second = await c.chat.completions.create(model=MINI, messages=MESSAGES, temperature=0)
+        await c.close()
+        return first, second
+
+    first, second = asyncio.run(main())
+    assert second.model_dump() == first.model_dump() and requests(fake) == 1
 
 
 def test_clear_removes_only_its_namespace(url: str) -> None:

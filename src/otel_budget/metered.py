@@ -342,7 +342,11 @@ def begin_steps(
                 lease, trace_id, parentless, seen, kind=charge_kind, name=name,
                 provider=provider, operation=operation,
             )  # fmt: skip
-            return _registered(MeteredCall(span, charge, runtime), recording, lease, calls)
+            free_call = MeteredCall(span, charge, runtime)
+            if recording:
+                free_call.span_lease = lease
+                calls.add(lease, free_call)
+            return free_call
         charge = yield from engine.reserve_steps(
             lease, trace_id, parentless, seen, minimum, maximum,
             kind=charge_kind, name=name, provider=provider, operation=operation, loop=loop,
@@ -377,12 +381,6 @@ def begin_steps(
             late[attrs.COST_PROJECTED_USD] = to_usd(charge.projected)
         if late:
             span.set_attributes(late)
-    return _registered(call, recording, lease, calls)
-
-
-def _registered(call: MeteredCall, recording: bool, lease: int, calls: CallRegistry) -> MeteredCall:
-    """Known to the registry as metered (a span processor never charges it again)."""
-    if recording:
         call.span_lease = lease
         calls.add(lease, call)
     return call

@@ -101,6 +101,7 @@ class CachePlan:
     def lookup_flow(self) -> Flow[None]:
         """Read the entry (one definition for both drivers); a backend error is a miss."""
         backend = self.cache.backend
+        self.entry, self.tee, self.storable = None, None, True  # (a request sent again)
         try:
             blob = yield step(backend.get, backend.aget, self.key)
         except Exception as exc:
@@ -231,7 +232,9 @@ def store(call: LLMCall, plan: CachePlan, out: dict[str, Any]) -> None:
     """A miss that settled successfully: store its body when it is a complete answer the
     provider reported usage for, and not cut short by the budget's cap. Never raises."""
     try:
-        if not (plan.storable and call.answered_ok and attrs.GEN_AI_USAGE_INPUT_TOKENS in out):
+        if plan.entry is not None or not (
+            plan.storable and call.answered_ok and attrs.GEN_AI_USAGE_INPUT_TOKENS in out
+        ):  # (a hit stores nothing)
             return
         body = _miss_body(call, plan)
         if not body or len(body) > plan.cache.max_entry_bytes:

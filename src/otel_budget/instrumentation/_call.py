@@ -328,13 +328,8 @@ class LLMCall:
         """Commit ``actual`` (and any attempt charged unreserved), then end the span (with
         its event) and record the metrics: the last step of every settlement."""
         self._unreserved_charge()
-        plan = self.cache
-        if plan is not None:
-            if plan.entry is not None:  # a hit: nothing billed; it saved what it priced at
-                _cache.settle_hit(self, out, actual)
-                actual, usage = 0, _NOTHING
-            elif error is None:
-                _cache.store(self, plan, out)
+        if self.cache is not None and error is None:  # a cacheable miss: store its answer
+            _cache.store(self, self.cache, out)
         yield from self.budgeted.settle_steps(
             actual, error=error, attributes=out, input_tokens=usage.input_tokens,
             output_tokens=usage.output_tokens, end=False,
@@ -359,8 +354,6 @@ class LLMCall:
         if runtime is None:
             return 0, {}
         request = self.request
-        if self.cache is not None and self.cache.entry is not None:
-            response_model = None  # a hit's saving: priced as the model asked for
         quote = price_call(
             runtime.prices, request.provider, usage, (response_model, request.model),
             server_address=request.server_address, service_tier=request.service_tier,
@@ -633,6 +626,24 @@ class LLMCall:
         )
 
 
+class CachedCall(LLMCall):
+    """A prompt-cache hit (``_cache``): a metered call that costs nothing. It settles like
+    any call (the cached body's usage, priced), then commits 0 and records the price as
+    what it saved; the price is that of the model asked for, whatever the entry claims."""
+
+    __slots__ = ()
+
+    def price(self, usage: TokenUsage, response_model: str | None = None) -> tuple[int, dict[str, Any]]:
+        return super().price(usage, None)
+
+    def _settle_steps(
+        self, actual: int, usage: TokenUsage, out: dict[str, Any], error: BaseException | None
+    ) -> Steps[None]:
+        _cache.settle_hit(self, out, actual)
+        yield from super()._settle_steps(0, _NOTHING, out, error)
+        return None
+
+
 def usage_attributes(usage: TokenUsage, output: bool = True) -> dict[str, Any]:
     """The ``gen_ai.usage.*`` span attributes of a reported usage (no output count for an
     operation without output, such as embeddings; cache and reasoning counts when nonzero,
@@ -711,23 +722,23 @@ def start_steps(
     span_name = f"{request.operation} {request.model}"
     plan = request.cache
     if plan is not None:
-        span_attributes[attrs.CACHE_HIT] = plan.entry is not None
+        span_attributes[attrs.CACHE_HIT] = hit = plan.entry is not None
+        if hit:
+            # A cache hit: a metered call that costs nothing. No projection, no reservation,
+            # no ledger operation: answered even when the budget is spent.
+            budgeted = yield from begin_steps(
+                runtime, tracer, span_name, span_attributes, minimum=0, name=request.model,
+                provider=request.provider, operation=request.operation,
+                span_kind=SpanKind.CLIENT, charge_kind=KIND_LLM, free=True,
+            )  # fmt: skip
+            hit_call = CachedCall(budgeted, request, runtime, 0, "cache")
+            _cache.started(hit_call, plan)
+            return hit_call
     if runtime is None:  # only tracing: no budget configured anywhere
         span = start_span(tracer, span_name, span_attributes, SpanKind.CLIENT)
         call = LLMCall(MeteredCall(span, None, None), request, None, 0, "none")
         if plan is not None:
-            _cache.started(call, plan)
-        return call
-    if plan is not None and plan.entry is not None:
-        # A cache hit: a metered call that costs nothing. No projection, no reservation, no
-        # ledger operation: answered even when the budget is spent.
-        budgeted = yield from begin_steps(
-            runtime, tracer, span_name, span_attributes, minimum=0, name=request.model,
-            provider=request.provider, operation=request.operation, span_kind=SpanKind.CLIENT,
-            charge_kind=KIND_LLM, free=True,
-        )  # fmt: skip
-        call = LLMCall(budgeted, request, runtime, 0, "cache")
-        _cache.started(call, plan)
+            _cache.started(call, plan)  # (a miss: its answer is stored all the same)
         return call
 
     settings = runtime.settings
@@ -947,6 +958,7 @@ def ceil_div(a: int, b: int) -> int:
 __all__ = [
     "CURRENT_CALL",
     "IN_METERED_CALL",
+    "CachedCall",
     "LLMCall",
     "LLMRequest",
     "astart_call",

@@ -21,7 +21,7 @@ from typing import Any
 from opentelemetry import trace
 
 from otel_budget.errors import BudgetExceededError
-from otel_budget.instrumentation._cache import cache_of, plan_for, unusable_hit
+from otel_budget.instrumentation._cache import plan_for, unusable_hit
 from otel_budget.instrumentation._call import (
     CURRENT_CALL,
     LLMCall,
@@ -87,7 +87,9 @@ def call_flow(
         return (yield send(partial(wrapped, *args, **kwargs)))
     runtime = source.get()
     request = read(instance, kwargs)
-    cache = cache_of(source, runtime)
+    cache = source.cache
+    if cache is None and runtime is not None:
+        cache = runtime.cache  # (inlined ``_cache.cache_of``: every call reads it)
     if cache is not None and use_cache:
         request.cache = plan_for(cache, request, kind, runtime)
     try:
