@@ -477,6 +477,18 @@ def test_tenants_and_namespaces_never_read_each_other(
         chat(client)
     assert requests(server) == 3
     assert ResponseCache(memory, namespace="svc-b").clear() == 1 and len(memory) == 2
+    assert ResponseCache(memory).clear() == 0 and len(memory) == 2  # none is un-namespaced
+    with pytest.raises(ValueError):
+        ResponseCache(memory, namespace="svc:a")  # would nest under svc's keys
+
+
+def test_beta_headers_are_part_of_the_key(
+    processor: Any, client: openai.OpenAI, server: FakeLLMServer
+) -> None:
+    chat(client, extra_headers={"X-Request-Tag": "one"})
+    chat(client, extra_headers={"X-Request-Tag": "two"})  # not in the key: a hit
+    chat(client, extra_headers={"OpenAI-Beta": "feature=v1"})  # a beta feature: a miss
+    assert requests(server) == 2
 
 
 def test_an_entry_copied_to_another_tenants_key_is_a_miss(

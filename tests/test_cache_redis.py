@@ -242,9 +242,10 @@ def test_async_calls_read_redis_off_the_event_loop(
 
 
 def test_clear_removes_only_its_namespace(url: str) -> None:
-    a = ResponseCache(RedisCache(url), namespace="a")
-    b = ResponseCache(RedisCache(url), namespace="a*")  # a glob character: matched literally
-    a.backend.set("a:1", b"x")
-    b.backend.set("a*:1", b"y")
-    assert a.clear() == 1
-    assert b.backend.get("a*:1") == b"y"
+    backend = RedisCache(url)
+    for key in ("a:1", "a*:1", "ab:1", "2"):  # namespaces a, a* (glob), ab, and none
+        backend.set(key, b"x")
+    assert ResponseCache(backend, namespace="a").clear() == 1
+    assert [backend.get(k) for k in ("a:1", "a*:1", "ab:1", "2")] == [None, b"x", b"x", b"x"]
+    assert ResponseCache(backend).clear() == 1  # no namespace: only its own keys
+    assert [backend.get(k) for k in ("a*:1", "ab:1", "2")] == [b"x", b"x", None]

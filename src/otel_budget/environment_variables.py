@@ -220,7 +220,7 @@ OTEL_BUDGET_CACHE_NAMESPACE = "OTEL_BUDGET_CACHE_NAMESPACE"
 .. envvar:: OTEL_BUDGET_CACHE_NAMESPACE
 
 Prefixes every cache key (services sharing a Redis keep apart; ``clear()`` removes only its
-own). Printable, at most 128 characters; an invalid one turns the cache off.
+own). Printable, at most 128 characters, no ``:``; an invalid one turns the cache off.
 """
 
 OTEL_BUDGET_CACHE_SAMPLED = "OTEL_BUDGET_CACHE_SAMPLED"

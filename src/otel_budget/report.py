@@ -135,7 +135,7 @@ class TraceStats:
     __slots__ = (
         "trace_id", "limit", "spent", "llm", "tools", "calls", "tool_calls", "turns", "aborts",
         "overshoot", "by_model", "by_provider", "by_tool", "by_agent", "loops", "events",
-        "cache_hits", "cache_misses", "cache_saved",
+        "cache",
         "started", "ended",
         "terminated_by", "threshold_index", "alert_at", "root_span", "label", "key", "scope_spec", "_lock",
         "__weakref__",
@@ -157,9 +157,8 @@ class TraceStats:
         self.by_tool: dict[str, _Line] = {}
         self.by_agent: dict[str, _Line] = {}
         self.loops = 0
-        self.cache_hits = 0
-        self.cache_misses = 0
-        self.cache_saved = 0  # nano-USD the cache hits did not spend
+        # Prompt cache [hits, misses, nano-USD the hits did not spend]; None: no lookup yet.
+        self.cache: list[int] | None = None
         self.events: list[dict[str, Any]] = []
         self.started = time.time()
         self.ended: float | None = None
@@ -206,9 +205,12 @@ class TraceStats:
     def add_cache(self, hits: int = 0, misses: int = 0, saved: int = 0) -> None:
         """A cache lookup's outcome, or (``saved``) what a hit would have cost live."""
         with self._lock:
-            self.cache_hits += hits
-            self.cache_misses += misses
-            self.cache_saved += saved
+            cache = self.cache
+            if cache is None:
+                cache = self.cache = [0, 0, 0]
+            cache[0] += hits
+            cache[1] += misses
+            cache[2] += saved
 
     def add_loop(self, **fields: Any) -> None:
         """A loop was detected in this run (refused or only reported)."""
@@ -250,10 +252,11 @@ class TraceStats:
                 out[attrs.TRACE_TERMINATED_BY] = self.terminated_by
             if self.loops:
                 out[attrs.TRACE_LOOPS] = self.loops
-            if self.cache_hits or self.cache_misses:
-                out[attrs.TRACE_CACHE_HITS] = self.cache_hits
-                out[attrs.TRACE_CACHE_MISSES] = self.cache_misses
-                out[attrs.TRACE_CACHE_SAVED_USD] = to_usd(self.cache_saved)
+            if self.cache is not None:
+                hits, misses, saved = self.cache
+                out[attrs.TRACE_CACHE_HITS] = hits
+                out[attrs.TRACE_CACHE_MISSES] = misses
+                out[attrs.TRACE_CACHE_SAVED_USD] = to_usd(saved)
             for names_key, costs_key, table in (
                 (attrs.TRACE_MODELS, attrs.TRACE_MODEL_COSTS_USD, self.by_model),
                 (attrs.TRACE_PROVIDERS, attrs.TRACE_PROVIDER_COSTS_USD, self.by_provider),
@@ -288,9 +291,9 @@ class TraceStats:
                 overshoot_usd=to_usd(self.overshoot),
                 by_agent={k: v.freeze() for k, v in self.by_agent.items()},
                 loops=self.loops,
-                cache_hits=self.cache_hits,
-                cache_misses=self.cache_misses,
-                cache_saved_usd=to_usd(self.cache_saved),
+                cache_hits=self.cache[0] if self.cache else 0,
+                cache_misses=self.cache[1] if self.cache else 0,
+                cache_saved_usd=to_usd(self.cache[2]) if self.cache else 0.0,
             )
 
 

@@ -169,7 +169,8 @@ class CacheBackend:
         raise NotImplementedError
 
     def clear(self, prefix: str = "") -> int:
-        """Remove every key starting with ``prefix``; returns how many were removed."""
+        """Remove every key that is ``prefix`` followed by text without ``:`` (the keys of one
+        namespace, not those of a namespace nested under it); returns how many."""
         raise NotImplementedError
 
     def set_nowait(self, key: str, value: bytes, ttl_seconds: float | None = None) -> None:

@@ -12,7 +12,8 @@ of everything that affects the answer: the provider, server and endpoint, the na
 tenant partition, and every request parameter (model, messages or input, system, tools,
 tool_choice, response_format, temperature, top_p, seed, max tokens, stop, n, logit_bias,
 reasoning, ...), ``extra_body`` merged in and ``extra_query`` included, except those that do
-not change the answer (``IGNORED``). A parameter we cannot serialise faithfully (a file
+not change the answer (``IGNORED``); of ``extra_headers``, only the beta-feature ones
+(``SEMANTIC_HEADERS``: the SDKs send ``betas=`` that way). A parameter we cannot serialise faithfully (a file
 handle, an arbitrary object) makes the request uncacheable rather than risk two different
 requests sharing a key. The key never holds prompt text and is never logged.
 
@@ -35,8 +36,10 @@ KEY_VERSION = 1
 #: Request parameters that do not change the answer: left out of the key.
 IGNORED = frozenset({
     "extra_headers", "extra_body", "timeout", "user", "safety_identifier", "metadata",
-    "prompt_cache_key", "prompt_cache_retention", "idempotency_key", "betas",
+    "prompt_cache_key", "prompt_cache_retention", "idempotency_key",
 })  # fmt: skip
+#: Request headers that change the answer (beta features): in the key; no other header is.
+SEMANTIC_HEADERS = ("anthropic-beta", "openai-beta")
 _SENTINELS = frozenset({"NotGiven", "Omit", "_NotGiven", "NoneType_"})
 _STATEFUL = ("previous_response_id", "conversation", "background", "prompt")
 _CLIENT_TOOL_TYPES = frozenset({"function", "custom"})
@@ -92,9 +95,19 @@ def request_key(identity: Mapping[str, Any], params: Mapping[str, Any]) -> str:
         "v": KEY_VERSION,
         "id": _canonical(identity),
         "params": _canonical({k: v for k, v in params.items() if k not in IGNORED}),
+        "headers": _canonical(_semantic_headers(params.get("extra_headers"))),
     }
     text = json.dumps(material, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.blake2b(text.encode("utf-8"), digest_size=32).hexdigest()
+
+
+def _semantic_headers(headers: Any) -> dict[str, Any]:
+    if not isinstance(headers, Mapping):
+        return {}
+    return {
+        str(k).lower(): v for k, v in headers.items()
+        if isinstance(k, str) and k.lower() in SEMANTIC_HEADERS
+    }  # fmt: skip
 
 
 def _tool_type(tool: Any) -> str | None:
@@ -135,4 +148,4 @@ def refusal(params: Mapping[str, Any], kind: str, cache_sampled: bool) -> str | 
     return None
 
 
-__all__ = ["IGNORED", "KEY_VERSION", "Uncacheable", "refusal", "request_key"]
+__all__ = ["IGNORED", "KEY_VERSION", "SEMANTIC_HEADERS", "Uncacheable", "refusal", "request_key"]

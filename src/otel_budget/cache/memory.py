@@ -93,7 +93,7 @@ class MemoryCache(CacheBackend):
 
     def clear(self, prefix: str = "") -> int:
         with self._lock:
-            keys = [k for k in self._data if k.startswith(prefix)]
+            keys = [k for k in self._data if k.startswith(prefix) and ":" not in k[len(prefix) :]]
             for key in keys:
                 self._drop(key)
             return len(keys)

@@ -161,10 +161,14 @@ class RedisCache(CacheBackend):
     def clear(self, prefix: str = "") -> int:
         """Remove this cache's keys under ``prefix`` (``SCAN`` + ``UNLINK``, in batches)."""
         removed = 0
+        full = (self.prefix + prefix).encode()
         pattern = _glob_escape(self.prefix + prefix) + "*"
         try:
             batch: list[Any] = []
             for name in self.client.scan_iter(match=pattern, count=500):
+                raw = name.encode() if isinstance(name, str) else bytes(name)
+                if b":" in raw[len(full) :]:
+                    continue  # another namespace's key
                 batch.append(name)
                 if len(batch) >= 500:
                     removed += int(self.client.unlink(*batch))

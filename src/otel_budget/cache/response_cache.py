@@ -70,8 +70,14 @@ class ResponseCache:
         partition_by: Sequence[str] = ("tenant",),
         max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES,
     ) -> None:
-        if not isinstance(namespace, str) or not namespace.isprintable() or len(namespace) > 128:
-            raise ValueError("ResponseCache: namespace must be printable text of at most 128 chars")
+        if (
+            not isinstance(namespace, str) or not namespace.isprintable() or len(namespace) > 128
+            or ":" in namespace
+        ):  # fmt: skip
+            raise ValueError(
+                "ResponseCache: namespace must be printable text of at most 128 chars, "
+                "without ':'"
+            )
         if ttl_seconds is not None and ttl_seconds <= 0:
             raise ValueError("ResponseCache: ttl_seconds must be > 0")
         self.backend = backend if backend is not None else MemoryCache()
@@ -101,7 +107,9 @@ class ResponseCache:
             return None
 
     def clear(self) -> int:
-        """Remove every entry of this cache's namespace; returns how many were removed."""
+        """Remove every entry of this cache's namespace (and of no other: a key of the
+        namespace is its prefix then a digest, another's has another ``:``); returns how
+        many were removed."""
         return self.backend.clear(self.prefix)
 
     async def aclear(self) -> int:

@@ -809,8 +809,8 @@ def start_steps(
                 cap -= 1
                 projected = _quote(runtime, request, estimate.tokens, cap * choices).nanos
             late[COST_OUTPUT_CAPPED] = cap
-            if plan is not None:
-                plan.storable = False  # an answer the budget may have cut short
+            if request.cache is not None:
+                request.cache.storable = False  # an answer the budget may have cut short
         if cap != out_tokens or assumed or not int_limits:
             # The cap is what the request now carries: injected, lowered, or the int a float
             # or numeric-string limit rounds up to; written where it takes effect.
