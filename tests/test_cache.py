@@ -697,6 +697,25 @@ def test_environment_variables() -> None:
     assert read_env({"OTEL_BUDGET_CACHE": "off"}).kwargs.get("cache") is None
 
 
+def test_zero_code_cache_from_the_environment(
+    monkeypatch: Any, client: openai.OpenAI, server: FakeLLMServer, exporter: Any
+) -> None:
+    from otel_budget import BudgetInstrumentor
+
+    monkeypatch.setenv("OTEL_BUDGET_MAX_USD", "1")
+    monkeypatch.setenv("OTEL_BUDGET_CACHE", "memory")
+    monkeypatch.setenv("OTEL_BUDGET_INSTRUMENT", "openai")
+    instrumentor = BudgetInstrumentor()
+    instrumentor.instrument()
+    try:
+        first, second = chat(client), chat(client)
+    finally:
+        instrumentor.uninstrument()
+        if instrumentor.processor is not None:
+            instrumentor.processor.shutdown()
+    assert second.model_dump() == first.model_dump() and requests(server) == 1
+
+
 def test_no_cache_no_attribute(
     make_processor: Any, instrumented: None, client: openai.OpenAI, exporter: Any,
     server: FakeLLMServer,

@@ -10,6 +10,11 @@
 Provider patches only know their SDK's shapes; everything budget-related lives here, so the
 OpenAI, Anthropic and LiteLLM wrappers make the same decision the same way.
 
+The prompt cache is a step of the same path: ``start_call`` looks the request's key up first
+(``LLMRequest.cache``, see ``_cache``); a hit starts a ``CachedCall`` (a span, no
+projection, no reservation, no ledger operation) that settles at cost 0; a miss is the
+ordinary call, whose successful answer is stored when it settles.
+
 The hard cap: a reservation is only a guarantee if the call cannot cost more than it. When a
 request has no output cap, one is set (the configured default); when its cap costs more than
 the remaining budget affords, it is lowered to what is affordable (and the span says so);
