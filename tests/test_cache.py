@@ -32,7 +32,7 @@ from otel_budget.instrumentation.anthropic import AnthropicBudgetInstrumentor
 from otel_budget.instrumentation.openai import OpenAIBudgetInstrumentor
 from otel_budget.storage import MemoryStorage
 from otel_budget.testing import FakeLLMServer
-from tests.helpers import NANOS, nanos
+from tests.helpers import nanos
 
 MINI = "gpt-4o-mini"
 CLAUDE = "claude-3-5-haiku-latest"
@@ -415,6 +415,11 @@ def test_a_hit_makes_no_ledger_operation_and_is_answered_when_the_budget_is_spen
     # (a miss is counted when it is sent: the refused one is an abort)
     assert report.total_usd == 0 and report.cache_hits == 1 and report.cache_misses == 0
     assert report.cache_saved_usd > 0 and report.calls == 1 and report.aborts == 1
+    storage.pause()  # the kill switch stops spending; a hit spends nothing
+    assert chat(client).model_dump() == live.model_dump()
+    with pytest.raises(BudgetExceededError):
+        chat(client, seed=8)
+    storage.resume()
     assert requests(server) == 1
 
 
@@ -725,4 +730,3 @@ def test_no_cache_no_attribute(
     chat(client)
     assert requests(server) == 2
     assert all(attrs.CACHE_HIT not in s.attributes for s in llm_spans(exporter))
-    assert NANOS  # (the helpers' constant, used by the Redis tests)
