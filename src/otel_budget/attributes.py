@@ -139,6 +139,17 @@ TRACE_LOOPS = "otel_budget.trace.loops"  # loops detected in the run
 AGENT_NAME = "otel_budget.agent.name"
 # On an execute_tool span: the digest loop detection compares (never the arguments).
 TOOL_CALL_FINGERPRINT = "otel_budget.tool.call.fingerprint"
+# Prompt cache (only when a cache is configured): on a GenAI span, whether the call was
+# answered from the cache, what the live call cost (the hit's cost is 0) and the token
+# counts the cached answer reported (not billed again: no gen_ai.usage.* on a hit).
+CACHE_HIT = "otel_budget.cache.hit"
+CACHE_SAVED_USD = "otel_budget.cache.saved_usd"
+CACHE_INPUT_TOKENS = "otel_budget.cache.input_tokens"
+CACHE_OUTPUT_TOKENS = "otel_budget.cache.output_tokens"
+# On the root span: the run's cache hits, misses and what the hits saved.
+TRACE_CACHE_HITS = "otel_budget.trace.cache.hits"
+TRACE_CACHE_MISSES = "otel_budget.trace.cache.misses"
+TRACE_CACHE_SAVED_USD = "otel_budget.trace.cache.saved_usd"
 
 # Events
 EVENT_THRESHOLD = "otel_budget.threshold"

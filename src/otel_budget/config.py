@@ -265,6 +265,7 @@ def read_env(environ: Mapping[str, str] | None = None) -> EnvConfig:
                     "using the default false (otel_budget.cost.* only)")  # fmt: skip
 
     _read_loops(get, out, problem)
+    _read_cache(get, out, problem)
     _read_prices(get, out, problem)
     _read_ledger(get, out, problem, config, policy)
     return config
@@ -316,6 +317,80 @@ def _read_loops(
                 problem(name, value, "expected true or false", "using the default false")
     if parts:
         out["loop_detection"] = LoopPolicy(**parts)
+
+
+_CACHE_DETAILS = (
+    env.OTEL_BUDGET_CACHE_TTL_SECONDS, env.OTEL_BUDGET_CACHE_MAX_ENTRIES,
+    env.OTEL_BUDGET_CACHE_MAX_BYTES, env.OTEL_BUDGET_CACHE_NAMESPACE, env.OTEL_BUDGET_CACHE_SAMPLED,
+)  # fmt: skip
+
+
+def _read_cache(
+    get: Callable[[str], str | None], out: dict[str, Any], problem: Callable[..., None]
+) -> None:
+    """``OTEL_BUDGET_CACHE*`` into ``cache``. Off unless ``OTEL_BUDGET_CACHE`` names a backend;
+    a value that cannot be read is reported and keeps the cache off (or, for a detail, its
+    default): a cache problem never changes what is enforced (a miss is an ordinary call)."""
+    from otel_budget.cache import MemoryCache, ResponseCache
+    from otel_budget.cache.memory import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, DEFAULT_TTL_SECONDS
+
+    where = get(env.OTEL_BUDGET_CACHE)
+    kind = (where or "").strip()
+    if kind.lower() in ("", "off", "false", "0", "no", "none"):
+        for name in _CACHE_DETAILS:
+            if (value := get(name)) is not None:
+                problem(name, value, f"has no effect: {env.OTEL_BUDGET_CACHE} is not set",
+                        "no prompt cache")  # fmt: skip
+        return
+    ttl: float = DEFAULT_TTL_SECONDS
+    if (value := get(env.OTEL_BUDGET_CACHE_TTL_SECONDS)) is not None:
+        try:
+            ttl = float(value.strip())
+            if not math.isfinite(ttl) or ttl <= 0:
+                raise ValueError("not positive")
+        except ValueError:
+            ttl = DEFAULT_TTL_SECONDS
+            problem(env.OTEL_BUDGET_CACHE_TTL_SECONDS, value, "expected seconds > 0",
+                    f"using the default {DEFAULT_TTL_SECONDS:g}")  # fmt: skip
+    sizes = {"max_entries": DEFAULT_MAX_ENTRIES, "max_bytes": DEFAULT_MAX_BYTES}
+    for name, key in (
+        (env.OTEL_BUDGET_CACHE_MAX_ENTRIES, "max_entries"),
+        (env.OTEL_BUDGET_CACHE_MAX_BYTES, "max_bytes"),
+    ):
+        if (value := get(name)) is not None:
+            try:
+                sizes[key] = _int(name, value)
+            except ValueError:
+                problem(name, value, "expected a positive integer", f"using the default {sizes[key]}")
+    sampled = False
+    if (value := get(env.OTEL_BUDGET_CACHE_SAMPLED)) is not None:
+        try:
+            sampled = _bool(env.OTEL_BUDGET_CACHE_SAMPLED, value)
+        except ValueError:
+            problem(env.OTEL_BUDGET_CACHE_SAMPLED, value, "expected true or false",
+                    "using the default false (sampled requests are not cached)")  # fmt: skip
+    namespace = (get(env.OTEL_BUDGET_CACHE_NAMESPACE) or "").strip()
+    try:
+        if kind.lower() == "memory":
+            backend: Any = MemoryCache(sizes["max_entries"], sizes["max_bytes"], ttl)
+        elif kind.lower().startswith(("redis://", "rediss://", "unix://")):
+            from otel_budget.cache.redis import RedisCache
+
+            backend = RedisCache(kind, ttl_seconds=ttl)
+        else:
+            problem(env.OTEL_BUDGET_CACHE, redact(kind), "expected memory, redis://..., or off",
+                    "no prompt cache")  # fmt: skip
+            return
+    except Exception as exc:  # redis-py not installed, a URL it cannot read
+        problem(env.OTEL_BUDGET_CACHE, redact(kind), f"cannot build the cache: {_error_text(exc)}",
+                "no prompt cache")  # fmt: skip
+        return
+    try:
+        out["cache"] = ResponseCache(backend, namespace=namespace, cache_sampled=sampled)
+    except ValueError as exc:
+        backend.close()
+        problem(env.OTEL_BUDGET_CACHE_NAMESPACE, namespace, _error_text(exc),
+                "no prompt cache (entries of other namespaces must not be read)")  # fmt: skip
 
 
 def _suggestion(name: str) -> str | None:

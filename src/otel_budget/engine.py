@@ -247,6 +247,20 @@ class BudgetEngine(ScopeResolution, ThresholdAlerts):
             stats = (one,) if one is not None else ()
         return Charge(lease_id, trace_id, scopes, projected, kind, name, provider, operation, stats)
 
+    def free(
+        self, lease_id: Any, trace_id: int, parentless: bool,
+        attributes: Mapping[str, Any] | None, *, kind: str, name: str, provider: str,
+        operation: str,
+    ) -> Charge:  # fmt: skip
+        """A call that costs nothing (a prompt-cache hit): it reports to its runs' totals and
+        touches no ledger scope (settling it makes no storage operation)."""
+        try:
+            _, stats, _ = self.scopes_for(trace_id, parentless, attributes)
+        except Exception:
+            one = self.trace_stats(trace_id) if trace_id else self._process_stats
+            stats = (one,) if one is not None else ()
+        return Charge(lease_id, trace_id, (), 0, kind, name, provider, operation, stats)
+
     def unreserved(
         self, lease_id: Any, trace_id: int, parentless: bool,
         attributes: Mapping[str, Any] | None, *, kind: str, name: str, provider: str,

@@ -184,3 +184,49 @@ OTEL_BUDGET_LOOP_PROMPTS = "OTEL_BUDGET_LOOP_PROMPTS"
 
 ``true``: an LLM request resent unchanged (same model, messages and parameters) counts too.
 """
+
+OTEL_BUDGET_CACHE = "OTEL_BUDGET_CACHE"
+"""
+.. envvar:: OTEL_BUDGET_CACHE
+
+The prompt cache (off by default): ``memory`` (this process), ``redis://...`` /
+``rediss://...`` (shared by every process on that Redis), or ``off``. Cached entries contain
+the answers to the prompts: they are stored only there. An unreadable value keeps it off.
+"""
+
+OTEL_BUDGET_CACHE_TTL_SECONDS = "OTEL_BUDGET_CACHE_TTL_SECONDS"
+"""
+.. envvar:: OTEL_BUDGET_CACHE_TTL_SECONDS
+
+How long an entry is served (seconds > 0; default 3600).
+"""
+
+OTEL_BUDGET_CACHE_MAX_ENTRIES = "OTEL_BUDGET_CACHE_MAX_ENTRIES"
+"""
+.. envvar:: OTEL_BUDGET_CACHE_MAX_ENTRIES
+
+The in-memory cache's bound on entries, least recently used out first (default 1024).
+"""
+
+OTEL_BUDGET_CACHE_MAX_BYTES = "OTEL_BUDGET_CACHE_MAX_BYTES"
+"""
+.. envvar:: OTEL_BUDGET_CACHE_MAX_BYTES
+
+The in-memory cache's bound on the bytes of its entries (default 67108864, 64 MiB).
+"""
+
+OTEL_BUDGET_CACHE_NAMESPACE = "OTEL_BUDGET_CACHE_NAMESPACE"
+"""
+.. envvar:: OTEL_BUDGET_CACHE_NAMESPACE
+
+Prefixes every cache key (services sharing a Redis keep apart; ``clear()`` removes only its
+own). Printable, at most 128 characters, no ``:``; an invalid one turns the cache off.
+"""
+
+OTEL_BUDGET_CACHE_SAMPLED = "OTEL_BUDGET_CACHE_SAMPLED"
+"""
+.. envvar:: OTEL_BUDGET_CACHE_SAMPLED
+
+``true``: also cache requests that sample (temperature unset or above 0); a repeat then
+always gets the first answer. Default ``false``.
+"""

@@ -269,6 +269,7 @@ def begin_steps(
     charge_kind: str = KIND_LLM,
     on_grant: Callable[[int, dict[str, Any]], int] | None = None,
     loop: tuple[str, bytes] | None = None,
+    free: bool = False,
 ) -> Steps[MeteredCall]:
     """Start the span, reserve between ``minimum`` and ``maximum`` (as much as the budget
     affords, in one atomic ledger step), and let ``on_grant(granted, late)`` shape the
@@ -276,7 +277,9 @@ def begin_steps(
     attributes that say so (the output cap) in ``late``, which are set on the span before
     anything is sent. Raises ``BudgetExceededError`` after recording the refusal on the
     ended span. ``loop`` (kind, fingerprint) is checked by loop detection before the
-    reservation. Without a runtime the call is only traced."""
+    reservation. ``free``: a call that costs nothing (a prompt-cache hit): no reservation
+    and no ledger operation, only the run's report. Without a runtime the call is only
+    traced."""
     if maximum is None:
         maximum = minimum
     attributes[attrs.COST_PROJECTED_USD] = to_usd(maximum)
@@ -335,6 +338,16 @@ def begin_steps(
     refusal: BudgetExceededError | None = None
     charge: Charge | None = None
     try:
+        if free:
+            charge = engine.free(
+                lease, trace_id, parentless, seen, kind=charge_kind, name=name,
+                provider=provider, operation=operation,
+            )  # fmt: skip
+            free_call = MeteredCall(span, charge, runtime)
+            if recording:
+                free_call.span_lease = lease
+                calls.add(lease, free_call)
+            return free_call
         charge = yield from engine.reserve_steps(
             lease, trace_id, parentless, seen, minimum, maximum,
             kind=charge_kind, name=name, provider=provider, operation=operation, loop=loop,

@@ -15,6 +15,9 @@ Instruments (no trace ids or other high-cardinality labels):
 ``otel_budget.aborts``                      counter    ``{call}``; scope kind, reason
 ``otel_budget.warnings``                    counter    ``{warning}``; scope kind, threshold
 ``otel_budget.scope.remaining``             gauge      ``USD``; remaining budget of named scopes
+``otel_budget.cache.hits``                  counter    ``{call}``; calls answered from the cache
+``otel_budget.cache.misses``                counter    ``{call}``; cacheable calls sent
+``otel_budget.cache.saved``                 counter    ``USD``; what the hits would have cost
 ==============================================  =========  ======================================
 
 The ``gen_ai.client.*`` instruments match what ``opentelemetry-util-genai`` records (names,
@@ -106,6 +109,18 @@ class BudgetMetrics:
             "otel_budget.loops", unit="{loop}",
             description="Loops detected: a tool (or an LLM request) repeated unchanged too often.",
         )  # fmt: skip
+        self.cache_hits = meter.create_counter(
+            "otel_budget.cache.hits", unit="{call}",
+            description="LLM calls answered from the prompt cache (no request sent, no cost).",
+        )  # fmt: skip
+        self.cache_misses = meter.create_counter(
+            "otel_budget.cache.misses", unit="{call}",
+            description="Cacheable LLM calls the prompt cache could not answer (sent).",
+        )  # fmt: skip
+        self.cache_saved = meter.create_counter(
+            "otel_budget.cache.saved", unit="USD",
+            description="What the calls answered from the prompt cache would have cost.",
+        )  # fmt: skip
         self._remaining: OrderedDict[str, tuple[float, dict[str, str]]] = OrderedDict()
         self._lock = threading.Lock()
         meter.create_observable_gauge(
@@ -124,6 +139,16 @@ class BudgetMetrics:
                 attrs.GEN_AI_REQUEST_MODEL: name,
             }
         self.cost.add(usd, labels)
+
+    def record_cache(self, labels: Mapping[str, Any], hit: bool, saved_usd: float = 0.0) -> None:
+        """A cache lookup's outcome (``labels``: provider, model, operation), or, with
+        ``saved_usd``, the price of a hit's cached usage."""
+        if saved_usd:
+            self.cache_saved.add(saved_usd, labels)
+        elif hit:
+            self.cache_hits.add(1, labels)
+        else:
+            self.cache_misses.add(1, labels)
 
     def record_abort(self, scope_key: str, reason: str) -> None:
         self.aborts.add(1, {"otel_budget.scope.kind": scope_kind(scope_key), "otel_budget.reason": reason})

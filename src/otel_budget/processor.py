@@ -46,6 +46,7 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.trace import StatusCode
 
 from otel_budget import attributes as attrs
+from otel_budget.cache import as_cache
 from otel_budget.costing import model_of, price_span, provider_of, usage_from_attributes
 from otel_budget.engine import KIND_LLM, KIND_TOOL, BudgetEngine
 from otel_budget.errors import BudgetExceededError
@@ -147,6 +148,7 @@ class BudgetSpanProcessor(SpanProcessor):
         semconv_cost: bool = False,
         loop_detection: Any = True,
         on_loop_detected: Callable[[dict[str, Any]], Any] | None = None,
+        cache: Any = None,
         meter_provider: Any = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -172,6 +174,8 @@ class BudgetSpanProcessor(SpanProcessor):
         self.runtime = BudgetRuntime(
             settings, prices=prices, storage=storage, meter_provider=meter_provider, clock=clock
         )
+        # The prompt cache of the wrappers that follow this runtime (off by default).
+        self.runtime.cache = as_cache(cache)
         self._shutdown = False
         register_runtime(self.runtime)
         with _ACTIVE_LOCK:

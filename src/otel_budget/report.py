@@ -65,6 +65,11 @@ class CostReport:
     # Spend of the calls made inside ``agent_span`` blocks, by the innermost agent's name.
     by_agent: dict[str, LineItem] = field(default_factory=dict)
     loops: int = 0  # loops detected (refused or, under action="warn", only reported)
+    # Prompt cache (``otel_budget.cache``): calls answered from it (counted in ``calls`` at
+    # $0), calls it could not answer (sent, enforced as usual), what the hits saved.
+    cache_hits: int = 0
+    cache_misses: int = 0
+    cache_saved_usd: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         def items(table: dict[str, LineItem]) -> dict[str, dict[str, Any]]:
@@ -89,6 +94,11 @@ class CostReport:
             lines.append(f"terminated by: {self.terminated_by}")
         if self.loops:
             lines.append(f"loops detected: {self.loops}")
+        if self.cache_hits or self.cache_misses:
+            lines.append(
+                f"cache: {self.cache_hits} hits, {self.cache_misses} misses, "
+                f"saved ${self.cache_saved_usd:.6f}"
+            )
         tables = (("agent", self.by_agent), ("model", self.by_model), ("tool", self.by_tool))
         for title, table in tables:
             for name, item in sorted(table.items(), key=lambda kv: -kv[1].usd):
@@ -125,6 +135,7 @@ class TraceStats:
     __slots__ = (
         "trace_id", "limit", "spent", "llm", "tools", "calls", "tool_calls", "turns", "aborts",
         "overshoot", "by_model", "by_provider", "by_tool", "by_agent", "loops", "events",
+        "cache",
         "started", "ended",
         "terminated_by", "threshold_index", "alert_at", "root_span", "label", "key", "scope_spec", "_lock",
         "__weakref__",
@@ -146,6 +157,8 @@ class TraceStats:
         self.by_tool: dict[str, _Line] = {}
         self.by_agent: dict[str, _Line] = {}
         self.loops = 0
+        # Prompt cache [hits, misses, nano-USD the hits did not spend]; None: no lookup yet.
+        self.cache: list[int] | None = None
         self.events: list[dict[str, Any]] = []
         self.started = time.time()
         self.ended: float | None = None
@@ -189,6 +202,16 @@ class TraceStats:
             if agent is not None:
                 _add(self.by_agent, agent, nanos, 0, 0)
 
+    def add_cache(self, hits: int = 0, misses: int = 0, saved: int = 0) -> None:
+        """A cache lookup's outcome, or (``saved``) what a hit would have cost live."""
+        with self._lock:
+            cache = self.cache
+            if cache is None:
+                cache = self.cache = [0, 0, 0]
+            cache[0] += hits
+            cache[1] += misses
+            cache[2] += saved
+
     def add_loop(self, **fields: Any) -> None:
         """A loop was detected in this run (refused or only reported)."""
         with self._lock:
@@ -229,6 +252,11 @@ class TraceStats:
                 out[attrs.TRACE_TERMINATED_BY] = self.terminated_by
             if self.loops:
                 out[attrs.TRACE_LOOPS] = self.loops
+            if self.cache is not None:
+                hits, misses, saved = self.cache
+                out[attrs.TRACE_CACHE_HITS] = hits
+                out[attrs.TRACE_CACHE_MISSES] = misses
+                out[attrs.TRACE_CACHE_SAVED_USD] = to_usd(saved)
             for names_key, costs_key, table in (
                 (attrs.TRACE_MODELS, attrs.TRACE_MODEL_COSTS_USD, self.by_model),
                 (attrs.TRACE_PROVIDERS, attrs.TRACE_PROVIDER_COSTS_USD, self.by_provider),
@@ -263,6 +291,9 @@ class TraceStats:
                 overshoot_usd=to_usd(self.overshoot),
                 by_agent={k: v.freeze() for k, v in self.by_agent.items()},
                 loops=self.loops,
+                cache_hits=self.cache[0] if self.cache else 0,
+                cache_misses=self.cache[1] if self.cache else 0,
+                cache_saved_usd=to_usd(self.cache[2]) if self.cache else 0.0,
             )
 
 

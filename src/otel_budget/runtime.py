@@ -107,6 +107,8 @@ class BudgetRuntime:
         self.engine.metrics = self.metrics
         self.calls = CallRegistry()
         self.closed = False
+        # The prompt cache (``otel_budget.cache.ResponseCache``): None, the default, is off.
+        self.cache: Any = None
 
     # -- the root-span breakdown: written here only ---------------------------------------------
     def track_root(self, span: Any, trace_id: int) -> None:
@@ -144,10 +146,12 @@ class RuntimeSource:
     """Where an instrumentor's wrappers get their runtime: a fixed one (``instrument(
     runtime=...)``), or the process's current one (the most recent live processor's)."""
 
-    __slots__ = ("fixed",)
+    __slots__ = ("cache", "fixed")
 
-    def __init__(self, fixed: BudgetRuntime | None = None) -> None:
+    def __init__(self, fixed: BudgetRuntime | None = None, cache: Any = None) -> None:
         self.fixed = fixed
+        # ``instrument(cache=...)`` of this instrumentor; None: the runtime's (if any).
+        self.cache = cache
 
     def get(self) -> BudgetRuntime | None:
         fixed = self.fixed

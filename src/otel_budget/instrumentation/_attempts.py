@@ -12,6 +12,8 @@ metered call may send several requests. Each attempt is classified when it ends:
   parsing raises afterwards); an error status (429, 5xx, 4xx) was not billed;
 * no connection at all (``ConnectError``, ``ConnectTimeout``, a pool timeout): never sent,
   not billed;
+* a prompt-cache hit (``_cache``): nothing is sent; the attempt answers with the cached
+  body, which the SDK parses as it would the provider's;
 * anything else (a read timeout, a connection lost after sending, a cancellation): the
   provider may have billed it, so it is charged its projection at once
   (``LLMCall.attempt_may_be_billed``), and before the SDK sends another attempt the
@@ -31,6 +33,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from otel_budget.instrumentation._call import LLMCall
 
+from otel_budget.instrumentation._cache import serve_flow
+from otel_budget.instrumentation._flow import arun_flow, run_flow
 from otel_budget.metered import CURRENT_CALL  # the one "call being sent" of the process
 
 # Transport errors raised before the request left the client: the provider never saw it.
@@ -114,6 +118,8 @@ def sync_attempt(
     call = CURRENT_CALL.get()
     if not hasattr(call, "begin_attempt") or call.done:
         return wrapped(*args, **kwargs)
+    if call.cache is not None and call.cache.entry is not None:  # a prompt-cache hit
+        return run_flow(serve_flow(instance, args, kwargs, call.cache.entry))
     call.begin_attempt()  # may raise BudgetExceededError: the SDK's loop lets it through
     try:
         result = wrapped(*args, **kwargs)
@@ -132,6 +138,8 @@ async def async_attempt(
     call = CURRENT_CALL.get()
     if not hasattr(call, "abegin_attempt") or call.done:
         return await wrapped(*args, **kwargs)
+    if call.cache is not None and call.cache.entry is not None:  # a prompt-cache hit
+        return await arun_flow(serve_flow(instance, args, kwargs, call.cache.entry))
     await call.abegin_attempt()  # never blocks the event loop on the ledger
     try:
         result = await wrapped(*args, **kwargs)

@@ -10,6 +10,11 @@
 Provider patches only know their SDK's shapes; everything budget-related lives here, so the
 OpenAI, Anthropic and LiteLLM wrappers make the same decision the same way.
 
+The prompt cache is a step of the same path: ``start_call`` looks the request's key up first
+(``LLMRequest.cache``, see ``_cache``); a hit starts a ``CachedCall`` (a span, no
+projection, no reservation, no ledger operation) that settles at cost 0; a miss is the
+ordinary call, whose successful answer is stored when it settles.
+
 The hard cap: a reservation is only a guarantee if the call cannot cost more than it. When a
 request has no output cap, one is set (the configured default); when its cap costs more than
 the remaining budget affords, it is lowered to what is affordable (and the span says so);
@@ -32,6 +37,7 @@ from otel_budget import attributes as attrs
 from otel_budget.costing import price_call, reconcile
 from otel_budget.engine import KIND_LLM, Charge
 from otel_budget.errors import REASON_INVALID_REQUEST, REASON_UNKNOWN_MODEL, BudgetExceededError
+from otel_budget.instrumentation import _cache
 from otel_budget.instrumentation._attempts import is_transport_error, may_be_billed
 from otel_budget.instrumentation._content import (
     OUTPUT_MESSAGES,
@@ -40,6 +46,7 @@ from otel_budget.instrumentation._content import (
     content_mode,
     emit_event,
 )
+from otel_budget.instrumentation._flow import arun_flow, run_flow
 from otel_budget.loops import KIND_PROMPT as LOOP_KIND_PROMPT
 from otel_budget.metered import (
     CURRENT_CALL,
@@ -72,6 +79,9 @@ IN_METERED_CALL = CURRENT_CALL
 UNKNOWN_MODEL_ENV = "OTEL_BUDGET_UNKNOWN_MODEL"
 #: ``otel_budget.price.source`` of a call let through without a price (no limit applied).
 PRICE_SOURCE_UNKNOWN = "unknown"
+
+
+_NOTHING = TokenUsage()  # a cache hit's billed usage
 
 
 class _Reported:
@@ -110,6 +120,9 @@ class LLMRequest:
     write_output: Callable[[dict[str, Any], int], bool] | None = None
     output_audio: bool = False  # spoken output asked for: every output token priced as audio
     content: CallContent | None = None  # message content / event (None: both off)
+    # The prompt cache's plan (``_cache.plan_for``): None when no cache applies; looked up
+    # by ``start_call`` / ``astart_call`` before anything is reserved.
+    cache: Any = None
 
 
 class LLMCall:
@@ -127,7 +140,7 @@ class LLMCall:
     __slots__ = (
         "budgeted", "request", "processor", "input_tokens", "input_method", "started",
         "attempts", "charged_attempts", "charged_nanos", "needs_reservation", "status",
-        "response", "metric_attributes",
+        "response", "metric_attributes", "cache",
     )  # fmt: skip
 
     def __init__(
@@ -149,6 +162,7 @@ class LLMCall:
         # Provider-specific attributes of the gen_ai.client.* points (the response readers
         # add those the official instrumentation records, e.g. openai.response.service_tier).
         self.metric_attributes: dict[str, Any] = {}
+        self.cache: Any = None  # the prompt cache's plan (its ``entry``: a hit)
 
     @property
     def runtime(self) -> BudgetRuntime | None:
@@ -197,6 +211,8 @@ class LLMCall:
     def attempt_answered(self, status: int, response: Any = None) -> None:
         self.status = status
         self.response = response if 200 <= status < 300 else None
+        if self.cache is not None and self.response is not None:
+            _cache.watch(self.cache, response)  # a cacheable miss: keep the streamed bytes
 
     def attempt_may_be_billed_steps(self, exc: BaseException | None = None) -> Steps[None]:
         """The attempt ended without an answer after it was sent (timeout, lost connection):
@@ -317,6 +333,8 @@ class LLMCall:
         """Commit ``actual`` (and any attempt charged unreserved), then end the span (with
         its event) and record the metrics: the last step of every settlement."""
         self._unreserved_charge()
+        if self.cache is not None and error is None:  # a cacheable miss: store its answer
+            _cache.store(self, self.cache, out)
         yield from self.budgeted.settle_steps(
             actual, error=error, attributes=out, input_tokens=usage.input_tokens,
             output_tokens=usage.output_tokens, end=False,
@@ -613,6 +631,24 @@ class LLMCall:
         )
 
 
+class CachedCall(LLMCall):
+    """A prompt-cache hit (``_cache``): a metered call that costs nothing. It settles like
+    any call (the cached body's usage, priced), then commits 0 and records the price as
+    what it saved; the price is that of the model asked for, whatever the entry claims."""
+
+    __slots__ = ()
+
+    def price(self, usage: TokenUsage, response_model: str | None = None) -> tuple[int, dict[str, Any]]:
+        return super().price(usage, None)
+
+    def _settle_steps(
+        self, actual: int, usage: TokenUsage, out: dict[str, Any], error: BaseException | None
+    ) -> Steps[None]:
+        _cache.settle_hit(self, out, actual)
+        yield from super()._settle_steps(0, _NOTHING, out, error)
+        return None
+
+
 def usage_attributes(usage: TokenUsage, output: bool = True) -> dict[str, Any]:
     """The ``gen_ai.usage.*`` span attributes of a reported usage (no output count for an
     operation without output, such as embeddings; cache and reasoning counts when nonzero,
@@ -689,9 +725,26 @@ def start_steps(
         if content.mode.emit:  # a refused call's event goes in its span's context
             tracer = cast(trace.Tracer, SpanKeeper(tracer))
     span_name = f"{request.operation} {request.model}"
+    plan = request.cache
+    if plan is not None:
+        span_attributes[attrs.CACHE_HIT] = hit = plan.entry is not None
+        if hit:
+            # A cache hit: a metered call that costs nothing. No projection, no reservation,
+            # no ledger operation: answered even when the budget is spent.
+            budgeted = yield from begin_steps(
+                runtime, tracer, span_name, span_attributes, minimum=0, name=request.model,
+                provider=request.provider, operation=request.operation,
+                span_kind=SpanKind.CLIENT, charge_kind=KIND_LLM, free=True,
+            )  # fmt: skip
+            hit_call = CachedCall(budgeted, request, runtime, 0, "cache")
+            _cache.started(hit_call, plan)
+            return hit_call
     if runtime is None:  # only tracing: no budget configured anywhere
         span = start_span(tracer, span_name, span_attributes, SpanKind.CLIENT)
-        return LLMCall(MeteredCall(span, None, None), request, None, 0, "none")
+        call = LLMCall(MeteredCall(span, None, None), request, None, 0, "none")
+        if plan is not None:
+            _cache.started(call, plan)  # (a miss: its answer is stored all the same)
+        return call
 
     settings = runtime.settings
     estimate = InputEstimate(0, "none")
@@ -761,6 +814,8 @@ def start_steps(
                 cap -= 1
                 projected = _quote(runtime, request, estimate.tokens, cap * choices).nanos
             late[COST_OUTPUT_CAPPED] = cap
+            if request.cache is not None:
+                request.cache.storable = False  # an answer the budget may have cut short
         if cap != out_tokens or assumed or not int_limits:
             # The cap is what the request now carries: injected, lowered, or the int a float
             # or numeric-string limit rounds up to; written where it takes effect.
@@ -790,7 +845,10 @@ def start_steps(
     except BudgetExceededError as error:
         _refused_event(content, error, tracer)
         raise
-    return LLMCall(budgeted, request, runtime, estimate.tokens, estimate.method)
+    call = LLMCall(budgeted, request, runtime, estimate.tokens, estimate.method)
+    if plan is not None:
+        _cache.started(call, plan)
+    return call
 
 
 def _refused_event(
@@ -815,6 +873,8 @@ def start_call(
     """``start_steps`` with blocking ledger calls."""
     if runtime is None and processor is not None:
         runtime = processor.runtime
+    if request.cache is not None:
+        run_flow(request.cache.lookup_flow())
     return run(
         start_steps(runtime, tracer, request, kwargs),
         runtime.storage if runtime is not None else None,
@@ -829,6 +889,8 @@ async def astart_call(
     runtime: BudgetRuntime | None = None,
 ) -> LLMCall:
     """``start_steps`` with the ledger's coroutines."""
+    if request.cache is not None:
+        await arun_flow(request.cache.lookup_flow())
     return await arun(
         start_steps(runtime, tracer, request, kwargs),
         runtime.storage if runtime is not None else None,
@@ -901,6 +963,7 @@ def ceil_div(a: int, b: int) -> int:
 __all__ = [
     "CURRENT_CALL",
     "IN_METERED_CALL",
+    "CachedCall",
     "LLMCall",
     "LLMRequest",
     "astart_call",

@@ -40,6 +40,7 @@ from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type:
 from opentelemetry.instrumentation.utils import unwrap
 from wrapt import wrap_function_wrapper
 
+from otel_budget.cache import as_cache
 from otel_budget.instrumentation._attempts import async_attempt, sync_attempt
 from otel_budget.instrumentation._stream import manager_aexit, manager_exit
 from otel_budget.instrumentation.anthropic import wrappers
@@ -97,7 +98,7 @@ class AnthropicBudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             __name__, __version__, kwargs.get("tracer_provider"),
             schema_url="https://opentelemetry.io/schemas/1.37.0",
         ), __name__, kwargs.get("logger_provider"))  # fmt: skip
-        source = RuntimeSource(kwargs.get("runtime"))  # the runtime the wrappers enforce
+        source = RuntimeSource(kwargs.get("runtime"), as_cache(kwargs.get("cache")))  # the runtime the wrappers enforce
         self._wrapped: list[tuple[str, str, str]] = []
         for module, cls, method, factory in (*_TARGETS, *_ATTEMPT_TARGETS, *_MANAGER_TARGETS):
             try:

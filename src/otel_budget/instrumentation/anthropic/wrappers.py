@@ -40,6 +40,7 @@ from opentelemetry import trace
 
 from otel_budget import attributes as attrs
 from otel_budget.errors import BudgetExceededError
+from otel_budget.instrumentation._cache import cache_of, plan_for, unusable_hit
 from otel_budget.instrumentation._call import CURRENT_CALL, LLMCall, substitute_or_raise
 from otel_budget.instrumentation._flow import Flow, Step, arun_flow, run_flow, send, step
 from otel_budget.instrumentation.anthropic.request import astart, messages_request, start
@@ -54,6 +55,7 @@ from otel_budget.instrumentation.anthropic.streams import metered_stream, raw_st
 from otel_budget.runtime import BudgetRuntime, RuntimeSource
 
 Wrapper = Callable[..., Any]
+KIND = "messages"  # the endpoint, for the prompt cache
 
 
 class StreamManagerNotEnteredError(Exception):
@@ -84,21 +86,30 @@ def sending(call: LLMCall, request: Step) -> Flow[Any]:
 # -- create / parse --------------------------------------------------------------------------
 def create_flow(
     tracer: trace.Tracer, source: RuntimeSource, wrapped: Wrapper, instance: Any,
-    args: tuple[Any, ...], kwargs: dict[str, Any],
+    args: tuple[Any, ...], kwargs: dict[str, Any], use_cache: bool = True,
 ) -> Flow[Any]:  # fmt: skip
     """One ``create`` / ``parse`` call, for the sync and the async wrapper."""
     if CURRENT_CALL.get() is not None or args:
         # Metered by an outer wrapper (litellm), or a positional call we cannot read.
         return (yield send(wrapped, *args, **kwargs))
     request = messages_request(instance, kwargs)
+    runtime = source.get()
+    cache = cache_of(source, runtime)
+    if cache is not None and use_cache:
+        request.cache = plan_for(cache, request, KIND, runtime)
     try:
-        call: LLMCall = yield step(start, astart, tracer, source.get(), request, kwargs)
+        call: LLMCall = yield step(start, astart, tracer, runtime, request, kwargs)
     except BudgetExceededError as error:
         return substitute_or_raise(error)
     try:
         result = yield from sending(call, send(wrapped, *args, **kwargs))
     except BudgetExceededError as error:  # a retry the budget no longer affords
         return substitute_or_raise(error)
+    except Exception:
+        if not unusable_hit(call):
+            raise
+        # The SDK could not use the cached answer: a miss (the ordinary call), not an error.
+        return (yield from create_flow(tracer, source, wrapped, instance, args, kwargs, False))
     if call.request.stream:
         if hasattr(result, "__next__") or hasattr(result, "__anext__"):
             return metered_stream(result, call)
@@ -173,6 +184,9 @@ def messages_stream(tracer: trace.Tracer, source: RuntimeSource) -> Wrapper:
             return wrapped(*args, **kwargs)
         request = messages_request(instance, kwargs, stream=True)
         runtime = source.get()
+        cache = cache_of(source, runtime)
+        if cache is not None:
+            request.cache = plan_for(cache, request, KIND, runtime)
         try:
             call = start(tracer, runtime, request, kwargs)  # before the body is built: the cap lands in it
         except BudgetExceededError as error:
@@ -220,9 +234,10 @@ class _AsyncStreamManager(wrapt.ObjectProxy):  # type: ignore[type-arg]
 
     def __init__(
         self, manager: Any, tracer: trace.Tracer, runtime: BudgetRuntime | None,
-        wrapped: Wrapper, instance: Any, kwargs: dict[str, Any],
+        wrapped: Wrapper, instance: Any, kwargs: dict[str, Any], cache: Any = None,
     ) -> None:  # fmt: skip
         super().__init__(manager)
+        self._self_cache = cache
         self._self_tracer = tracer
         self._self_runtime = runtime
         self._self_wrapped = wrapped
@@ -245,6 +260,8 @@ class _AsyncStreamManager(wrapt.ObjectProxy):  # type: ignore[type-arg]
             return await self._self_entered.__aenter__()
         kwargs = dict(self._self_kwargs)
         request = messages_request(self._self_instance, kwargs, stream=True)
+        if self._self_cache is not None:
+            request.cache = plan_for(self._self_cache, request, KIND, self._self_runtime)
         self._discard_unsent()
         try:
             call = await astart(self._self_tracer, self._self_runtime, request, kwargs)
@@ -282,7 +299,10 @@ def async_messages_stream(tracer: trace.Tracer, source: RuntimeSource) -> Wrappe
             return wrapped(*args, **kwargs)
         messages_request(instance, kwargs, stream=True)  # one-shot iterators made lists, once
         manager = wrapped(*args, **kwargs)  # the SDK's own checks; sends nothing
-        return _AsyncStreamManager(manager, tracer, source.get(), wrapped, instance, kwargs)
+        runtime = source.get()
+        return _AsyncStreamManager(
+            manager, tracer, runtime, wrapped, instance, kwargs, cache_of(source, runtime)
+        )
 
     return wrapper
 

@@ -26,6 +26,7 @@ from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type:
 from opentelemetry.instrumentation.utils import unwrap
 from wrapt import wrap_function_wrapper
 
+from otel_budget.cache import as_cache
 from otel_budget.instrumentation._attempts import async_attempt, sync_attempt
 from otel_budget.instrumentation._stream import manager_aexit, manager_exit
 from otel_budget.instrumentation.openai import wrappers
@@ -82,7 +83,7 @@ class OpenAIBudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         ), __name__, kwargs.get("logger_provider"))  # fmt: skip
         # The runtime these wrappers enforce, in their closure (instrument(runtime=...));
         # without one they follow the process's current runtime.
-        source = RuntimeSource(kwargs.get("runtime"))
+        source = RuntimeSource(kwargs.get("runtime"), as_cache(kwargs.get("cache")))
         self._wrapped: list[tuple[str, str, str]] = []
         import importlib
 

@@ -21,6 +21,7 @@ from typing import Any
 from opentelemetry import trace
 
 from otel_budget.errors import BudgetExceededError
+from otel_budget.instrumentation._cache import plan_for, unusable_hit
 from otel_budget.instrumentation._call import (
     CURRENT_CALL,
     LLMCall,
@@ -78,21 +79,27 @@ def _fail(call: LLMCall, exc: BaseException, kind: str) -> Step:
 def call_flow(
     tracer: trace.Tracer, source: RuntimeSource, read: Reader, kind: str,
     wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+    use_cache: bool = True,
 ) -> Flow[Any]:  # fmt: skip
     """One metered SDK call, for both wrappers."""
     if CURRENT_CALL.get() is not None or args:
         # Metered by an outer wrapper (litellm), or a positional call we cannot read.
         return (yield send(partial(wrapped, *args, **kwargs)))
     runtime = source.get()
+    request = read(instance, kwargs)
+    cache = source.cache
+    if cache is None and runtime is not None:
+        cache = runtime.cache  # (inlined ``_cache.cache_of``: every call reads it)
+    if cache is not None and use_cache:
+        request.cache = plan_for(cache, request, kind, runtime)
     try:
-        call: LLMCall = yield step(
-            start_call, astart_call, tracer, read(instance, kwargs), kwargs, runtime=runtime
-        )
+        call: LLMCall = yield step(start_call, astart_call, tracer, request, kwargs, runtime=runtime)
     except BudgetExceededError as error:
         return substitute_or_raise(error)
     hide_usage = prepare_stream(kwargs, kind, runtime)
     token = CURRENT_CALL.set(call)  # the call being sent (its attempts are seen)
     body: Any = _UNREAD
+    retry = False
     try:
         with trace.use_span(call.span, end_on_exit=False, record_exception=False,
                             set_status_on_exception=False):  # fmt: skip
@@ -111,9 +118,15 @@ def call_flow(
         return substitute_or_raise(error)
     except BaseException as exc:
         yield _fail(call, exc, kind)
-        raise
+        if not (isinstance(exc, Exception) and unusable_hit(call)):
+            raise
+        retry = True  # the SDK could not use the cached answer: a miss, not an error
     finally:
         CURRENT_CALL.reset(token)
+    if retry:
+        return (yield from call_flow(
+            tracer, source, read, kind, wrapped, instance, args, kwargs, use_cache=False
+        ))  # fmt: skip
     if call.request.stream:
         proxy = stream_proxy(result, call, kind, hide_usage)
         if proxy is not None:
