@@ -254,12 +254,12 @@ class BudgetEngine(ScopeResolution, ThresholdAlerts):
     ) -> Charge:  # fmt: skip
         """A call that costs nothing (a prompt-cache hit): it reports to its runs' totals and
         touches no ledger scope (settling it makes no storage operation)."""
-        try:
-            _, stats, _ = self.scopes_for(trace_id, parentless, attributes)
-        except Exception:
-            one = self.trace_stats(trace_id) if trace_id else self._process_stats
-            stats = (one,) if one is not None else ()
-        return Charge(lease_id, trace_id, (), 0, kind, name, provider, operation, stats)
+        charge = self.unmetered(
+            lease_id, trace_id, 0, kind=kind, name=name, provider=provider,
+            operation=operation, parentless=parentless, attributes=attributes,
+        )  # fmt: skip
+        charge.scopes = ()
+        return charge
 
     def unreserved(
         self, lease_id: Any, trace_id: int, parentless: bool,

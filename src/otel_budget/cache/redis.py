@@ -15,9 +15,11 @@ A cache must never slow the app down more than it saves, nor fail it:
   redis-py retries): a read blocks at most their sum.
 * **A broken Redis is a miss.** Any error (refused, timed out, ``WRONGTYPE``, a reply that
   is not bytes) makes the read a miss; it is logged once per kind (``RateLimitedLog``) and
-  opens a breaker: for ``retry_seconds`` (doubling up to ``max_retry_seconds`` while it keeps
+  opens the ledger's circuit breaker (``otel_budget.storage.redis``, here after one
+  failure): for ``retry_seconds`` (doubling up to ``max_retry_seconds`` while it keeps
   failing) no command is sent at all, so every call goes straight to the provider, as
-  without a cache. The first command after that tries again; one success closes it.
+  without a cache. Then one command probes while the others still skip Redis; one success
+  closes it.
 * **Bounded reads:** ``GETRANGE key 0 max_entry_bytes``: an entry larger than the limit is
   never read whole (it is a miss), whatever another process wrote.
 * **Writes off the caller's path:** ``set_nowait`` queues the write (bounded: past
@@ -34,10 +36,12 @@ import queue
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from otel_budget.cache.base import CacheBackend
 from otel_budget.logs import RateLimitedLog
+from otel_budget.storage.redis import _Breaker
 
 DEFAULT_PREFIX = "otel_budget:cache:"
 DEFAULT_TIMEOUT = 0.1
@@ -82,11 +86,8 @@ class RedisCache(CacheBackend):
         self.prefix = prefix
         self.ttl_seconds = ttl_seconds
         self.max_entry_bytes = int(max_entry_bytes)
-        self.retry_seconds = retry_seconds
-        self.max_retry_seconds = max_retry_seconds
         self.log = log if log is not None else RateLimitedLog()
-        self._open_until = 0.0  # the breaker: no command before this (monotonic) time
-        self._backoff = retry_seconds
+        self._breaker = _Breaker(1, retry_seconds, max_retry_seconds)
         self._lock = threading.Lock()
         self._queue: queue.Queue[tuple[str, bytes, float | None] | None] = queue.Queue(max_queue)
         self._writer: threading.Thread | None = None
@@ -105,31 +106,31 @@ class RedisCache(CacheBackend):
         )  # fmt: skip
         return redis.Redis(connection_pool=pool)
 
-    # -- the breaker ------------------------------------------------------------------------------
-    def _allowed(self) -> bool:
-        return time.monotonic() >= self._open_until
-
-    def _failed(self, site: str, exc: BaseException) -> None:
-        with self._lock:
-            self._open_until = time.monotonic() + self._backoff
-            self._backoff = min(self._backoff * 2, self.max_retry_seconds)
-        self.log(f"cache {site}", exc, f"Redis cache unavailable ({exc}); calls go to the provider")
-
-    def _succeeded(self) -> None:
-        if self._backoff != self.retry_seconds:
-            with self._lock:
-                self._backoff = self.retry_seconds
+    # -- one command through the breaker ------------------------------------------------------------
+    def _command(self, site: str, command: Callable[[], Any]) -> tuple[bool, Any]:
+        """(sent and answered, the reply); never raises."""
+        breaker = self._breaker
+        if not breaker.allow():
+            return False, None
+        try:
+            reply = command()
+        except Exception as exc:
+            breaker.failure()
+            self.log(f"cache {site}", exc, f"Redis cache unavailable ({exc}); calls go to the provider")
+            return False, None
+        except BaseException:  # interrupted: free the probe slot
+            breaker.abort()
+            raise
+        breaker.success()
+        return True, reply
 
     # -- operations -------------------------------------------------------------------------------
     def get(self, key: str) -> bytes | None:
-        if not self._allowed():
+        ok, value = self._command(
+            "get", lambda: self.client.getrange(self.prefix + key, 0, self.max_entry_bytes)
+        )
+        if not ok:
             return None
-        try:
-            value = self.client.getrange(self.prefix + key, 0, self.max_entry_bytes)
-        except Exception as exc:
-            self._failed("get", exc)
-            return None
-        self._succeeded()
         if not isinstance(value, (bytes, bytearray)) or not value:
             return None  # missing (GETRANGE answers b"" for no key), or not bytes
         if len(value) > self.max_entry_bytes:
@@ -137,33 +138,22 @@ class RedisCache(CacheBackend):
         return bytes(value)
 
     def set(self, key: str, value: bytes, ttl_seconds: float | None = None) -> None:
-        if len(value) > self.max_entry_bytes or not self._allowed():
+        if len(value) > self.max_entry_bytes:
             return
         ttl = ttl_seconds if ttl_seconds is not None else self.ttl_seconds
-        try:
-            if ttl is None:
-                self.client.set(self.prefix + key, value)
-            else:
-                self.client.set(self.prefix + key, value, px=max(1, int(ttl * 1000)))
-        except Exception as exc:
-            self._failed("set", exc)
-            return
-        self._succeeded()
+        px = None if ttl is None else max(1, int(ttl * 1000))
+        self._command("set", lambda: self.client.set(self.prefix + key, value, px=px))
 
     def delete(self, key: str) -> None:
-        if not self._allowed():
-            return
-        try:
-            self.client.delete(self.prefix + key)
-        except Exception as exc:
-            self._failed("delete", exc)
+        self._command("delete", lambda: self.client.delete(self.prefix + key))
 
     def clear(self, prefix: str = "") -> int:
         """Remove this cache's keys under ``prefix`` (``SCAN`` + ``UNLINK``, in batches)."""
-        removed = 0
         full = (self.prefix + prefix).encode()
         pattern = _glob_escape(self.prefix + prefix) + "*"
-        try:
+
+        def unlink_all() -> int:
+            removed = 0
             batch: list[Any] = []
             for name in self.client.scan_iter(match=pattern, count=500):
                 raw = name.encode() if isinstance(name, str) else bytes(name)
@@ -175,13 +165,14 @@ class RedisCache(CacheBackend):
                     batch = []
             if batch:
                 removed += int(self.client.unlink(*batch))
-        except Exception as exc:
-            self._failed("clear", exc)
-        return removed
+            return removed
+
+        _, removed = self._command("clear", unlink_all)
+        return int(removed or 0)
 
     # -- writes off the caller's path ---------------------------------------------------------------
     def set_nowait(self, key: str, value: bytes, ttl_seconds: float | None = None) -> None:
-        if self._closed or len(value) > self.max_entry_bytes or not self._allowed():
+        if self._closed or len(value) > self.max_entry_bytes or self._breaker.is_open:
             return
         if self._writer is None:
             with self._lock:
@@ -216,8 +207,8 @@ class RedisCache(CacheBackend):
         return True
 
     async def aget(self, key: str) -> bytes | None:
-        if not self._allowed():
-            return None
+        if self._breaker.is_open:
+            return None  # (no thread for a command the breaker would not send)
         return await asyncio.to_thread(self.get, key)
 
     async def aset(self, key: str, value: bytes, ttl_seconds: float | None = None) -> None:

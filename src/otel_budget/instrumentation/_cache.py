@@ -186,9 +186,7 @@ def unusable_hit(call: LLMCall) -> bool:
     if plan is None or plan.entry is None:
         return False
     _log(plan.cache, "cache entry unusable", ValueError("the SDK rejected a cached answer"))
-    charge = call.budgeted.charge
-    for stats in charge.stats if charge is not None else ():
-        stats.add_cache(hits=-1, misses=1)  # answered by the ordinary call that follows
+    _add_to_runs(call, hits=-1, misses=1)  # answered by the ordinary call that follows
     return True
 
 
@@ -259,13 +257,18 @@ def _labels(call: LLMCall) -> dict[str, Any]:
     }
 
 
+def _add_to_runs(call: LLMCall, hits: int = 0, misses: int = 0, saved: int = 0) -> None:
+    """Add to the cache totals of every run the call reports to (``report()``, root span)."""
+    charge = call.budgeted.charge
+    for stats in charge.stats if charge is not None else ():
+        stats.add_cache(hits, misses, saved)
+
+
 def started(call: LLMCall, plan: CachePlan) -> None:
     """Count the lookup's outcome in the run's report and the metrics."""
     call.cache = plan
     hit = plan.entry is not None
-    charge = call.budgeted.charge
-    for stats in charge.stats if charge is not None else ():
-        stats.add_cache(hits=1 if hit else 0, misses=0 if hit else 1)
+    _add_to_runs(call, hits=1 if hit else 0, misses=0 if hit else 1)
     runtime = call.processor
     if runtime is not None:
         try:
@@ -283,9 +286,7 @@ def settle_hit(call: LLMCall, out: dict[str, Any], saved: int) -> None:
     for name in _NOT_ON_A_HIT:
         out.pop(name, None)
     out[attrs.CACHE_SAVED_USD] = to_usd(saved)
-    charge = call.budgeted.charge
-    for stats in charge.stats if charge is not None else ():
-        stats.add_cache(saved=saved)
+    _add_to_runs(call, saved=saved)
     runtime = call.processor
     if runtime is not None and saved:
         try:
