@@ -491,13 +491,19 @@ def test_another_model_class_is_named_in_a_warning(
     instrument(openai=with_openai)
     client = AsyncOpenAI(base_url=server.openai_base_url, api_key="x", max_retries=0)
     agent = Agent(name="custom", model=DirectModel(client))
-    library_log = logging.getLogger("otel_budget")  # (the demo's tests stop its propagation)
+    # Read from the library logger itself: earlier tests of the suite stop its propagation
+    # (the demo) or disable it (a logging configuration), neither of which is this test's.
+    library_log = logging.getLogger("otel_budget")
+    disabled, level = library_log.disabled, library_log.level
+    library_log.disabled = False
+    library_log.setLevel(logging.WARNING)
     library_log.addHandler(caplog.handler)
     try:
         with budget(max_usd=1) as run:
             Runner.run_sync(agent, "hi")
     finally:
         library_log.removeHandler(caplog.handler)
+        library_log.disabled, library_log.level = disabled, level
     assert "uses a DirectModel, whose calls the Agents SDK integration does not meter" in caplog.text
     # Through our openai instrumentor it is budgeted all the same; without it, it is not.
     assert report_nanos(run) == (billed(server) if with_openai else 0)
