@@ -17,14 +17,17 @@ actual costs are committed when their spans end, and the trace's local root span
 the breakdown (``otel_budget.trace.*``) to whatever backend OTLP exports to.
 """
 
+from otel_budget.agents import agent_span
 from otel_budget.api import budget, ensure_processor, track_tool
 from otel_budget.context import scope
 from otel_budget.errors import BudgetExceededError, Substitute
+from otel_budget.loops import LoopPolicy
 from otel_budget.pricing import ModelPrice, PriceBook, TokenUsage, UnknownModelError
 from otel_budget.processor import BudgetSpanProcessor, get_active_processor
 from otel_budget.report import CostReport
 from otel_budget.settings import FAIL_CLOSED, FAIL_OPEN, ScopeRule
 from otel_budget.storage import LedgerStorage, MemoryStorage
+from otel_budget.tools import ToolCall, abegin_tool, begin_tool
 
 __version__ = "0.1.0"
 
@@ -46,14 +49,19 @@ __all__ = [
     "BudgetSpanProcessor",
     "CostReport",
     "LedgerStorage",
+    "LoopPolicy",
     "MemoryStorage",
     "ModelPrice",
     "PriceBook",
     "ScopeRule",
     "Substitute",
     "TokenUsage",
+    "ToolCall",
     "UnknownModelError",
     "__version__",
+    "abegin_tool",
+    "agent_span",
+    "begin_tool",
     "budget",
     "ensure_processor",
     "get_active_processor",

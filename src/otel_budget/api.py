@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -38,19 +37,17 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from otel_budget import attributes as attrs
 from otel_budget import threads
 from otel_budget.context import BUDGET_FRAMES, BudgetFrame
-from otel_budget.engine import KIND_TOOL
 from otel_budget.errors import BudgetExceededError
-from otel_budget.metered import MeteredCall, begin_call
 from otel_budget.money import parse_usd, usd_to_nanos
-from otel_budget.processor import BudgetSpanProcessor, get_active_processor
+from otel_budget.processor import BudgetSpanProcessor, ensure_processor
 from otel_budget.report import CostReport, TraceStats
-from otel_budget.runtime import BudgetRuntime
+from otel_budget.tools import ToolCall, ToolPrice, abegin_tool, begin_tool
 
 F = TypeVar("F", bound=Callable[..., Any])
 _TRACER_NAME = "otel_budget"
-_default_lock = threading.Lock()
 logger = logging.getLogger("otel_budget")
 _unobserved_warned = False
+_NO_ARGUMENTS: Any = object()  # track_tool used as a context manager: arguments unknown
 
 
 def _warn_if_unobserved() -> None:
@@ -82,23 +79,6 @@ def _tracer() -> trace.Tracer:
     from otel_budget import __version__
 
     return trace.get_tracer(_TRACER_NAME, __version__)
-
-
-def ensure_processor() -> BudgetSpanProcessor:
-    """The active processor; without one, create a default (no per-trace limit) and add it to
-    the global SDK tracer provider when there is one, so ``budget()`` works on its own."""
-    processor = get_active_processor()
-    if processor is not None:
-        return processor
-    with _default_lock:
-        processor = get_active_processor()
-        if processor is None:
-            processor = BudgetSpanProcessor()
-            provider = trace.get_tracer_provider()
-            add = getattr(provider, "add_span_processor", None)
-            if add is not None:
-                add(processor)
-    return processor
 
 
 class budget:  # noqa: N801 - a context manager/decorator reads best in lower case
@@ -226,30 +206,19 @@ class budget:  # noqa: N801 - a context manager/decorator reads best in lower ca
         return stats.report()
 
 
-class _ToolCall:
-    """Handle yielded by ``track_tool`` used as a context manager: set ``result`` (for a
-    computed cost) or ``cost_usd`` (an explicit cost) before the block ends."""
-
-    __slots__ = ("call", "result", "cost_usd")
-
-    def __init__(self, call: MeteredCall) -> None:
-        self.call = call
-        self.result: Any = None
-        self.cost_usd: Any = None
-
-    @property
-    def span(self) -> Any:
-        return self.call.span
-
-
 class track_tool:  # noqa: N801
     """Record (and budget) a tool call as an ``execute_tool`` span.
 
     ``cost_usd`` is a fixed price per call, or a function of the tool's result returning USD.
     When it is a function, ``max_cost_usd`` (if given) is reserved before the call; otherwise
     the price comes from the processor's price book (``PriceBook(tools=...)``). A tool that
-    raises is charged nothing; a call refused by the budget raises ``BudgetExceededError``
-    before the tool runs.
+    raises is charged nothing; a call refused by the budget, or by loop detection (the same
+    arguments too often: as a decorator, the function's arguments are compared), raises
+    ``BudgetExceededError`` before the tool runs.
+
+    As a context manager it yields the ``ToolCall`` (``otel_budget.tools``): set its
+    ``result`` for a computed cost, or pass ``arguments=`` to ``track_tool`` for loop
+    detection (without them the block's calls are not compared).
     """
 
     def __init__(
@@ -259,73 +228,38 @@ class track_tool:  # noqa: N801
         *,
         max_cost_usd: Any = None,
         tool_type: str = "function",
+        arguments: Any = _NO_ARGUMENTS,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ValueError("track_tool needs a tool name")
         self.name = name
-        self._fixed: int | None = None
-        self._compute: Callable[[Any], Any] | None = None
-        if callable(cost_usd):
-            self._compute = cost_usd
-        elif cost_usd is not None:
-            self._fixed = parse_usd(cost_usd, what=f"cost_usd of tool {name!r}")
-        self._max = None if max_cost_usd is None else parse_usd(max_cost_usd, what="max_cost_usd")
+        self.price = ToolPrice(name, cost_usd, max_cost_usd)
         self.tool_type = tool_type
-        self._handle: _ToolCall | None = None
+        self.arguments = arguments
+        self._handle: ToolCall | None = None
 
-    def _projection(self, processor: BudgetSpanProcessor | BudgetRuntime) -> int:
-        if self._fixed is not None:
-            return self._fixed
-        if self._max is not None:
-            return self._max
-        if self._compute is None:
-            book_price = processor.prices.tool_cost_nanos(self.name, None)
-            if book_price is not None:
-                return book_price
-        # Unknown cost up front: a paid tool still needs *some* budget left.
-        return 1
-
-    def _actual(self, processor: BudgetSpanProcessor | BudgetRuntime, handle: _ToolCall) -> int:
-        if handle.cost_usd is not None:
-            return parse_usd(handle.cost_usd, what=f"cost of tool {self.name!r}", allow_huge=True)
-        if self._fixed is not None:
-            return self._fixed
-        if self._compute is not None:
-            value = self._compute(handle.result)
-            return parse_usd(value, what=f"cost_usd({self.name!r}) result", allow_huge=True)
-        book_price = processor.prices.tool_cost_nanos(self.name, handle.result)
-        return book_price if book_price is not None else 0
-
-    def start(self) -> _ToolCall:
-        processor = ensure_processor()
-        span_attributes: dict[str, Any] = {
-            attrs.GEN_AI_OPERATION_NAME: attrs.OP_EXECUTE_TOOL,
-            attrs.GEN_AI_TOOL_NAME: self.name,
-            attrs.GEN_AI_TOOL_TYPE: self.tool_type,
-        }
-        call = begin_call(
-            _tracer(), f"execute_tool {self.name}", attributes=span_attributes,
-            projected_nanos=self._projection(processor), name=self.name, provider="tool",
-            operation=attrs.OP_EXECUTE_TOOL, span_kind=SpanKind.INTERNAL,
-            charge_kind=KIND_TOOL, processor=processor,
+    def start(self, arguments: Any = _NO_ARGUMENTS) -> ToolCall:
+        if arguments is _NO_ARGUMENTS:
+            arguments = self.arguments
+        known = arguments is not _NO_ARGUMENTS
+        return begin_tool(
+            self.name, arguments=arguments if known else None, tool_type=self.tool_type,
+            price=self.price, check_loop=known, tracer=_tracer(),
         )  # fmt: skip
-        return _ToolCall(call)
 
-    def stop(self, handle: _ToolCall, exc: BaseException | None) -> None:
-        call = handle.call
+    def stop(self, handle: ToolCall, exc: BaseException | None) -> None:
         if exc is not None:
-            call.fail(exc)
-            return
-        processor = call.processor
-        try:
-            actual = self._actual(processor, handle) if processor is not None else 0
-        except Exception as cost_error:  # a broken cost function: fall back to the projection
-            if processor is not None:
-                processor.engine.log_once(f"tool cost {self.name}", cost_error)
-            actual = call.projected_nanos
-        call.finish(actual)
+            handle.fail(exc)
+        else:
+            handle.finish()
 
-    def __enter__(self) -> _ToolCall:
+    async def astop(self, handle: ToolCall, exc: BaseException | None) -> None:
+        if exc is not None:
+            await handle.afail(exc)
+        else:
+            await handle.afinish()
+
+    def __enter__(self) -> ToolCall:
         self._handle = self.start()
         self._token = otel_context.attach(trace.set_span_in_context(self._handle.span))
         return self._handle
@@ -338,9 +272,12 @@ class track_tool:  # noqa: N801
             self.stop(handle, exc)
 
     def __call__(self, fn: F) -> F:
+        def call_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            return {"args": list(args), "kwargs": kwargs}
+
         def run_sync(*args: Any, **kwargs: Any) -> Any:
             try:
-                handle = self.start()
+                handle = self.start(call_arguments(args, kwargs))
             except BudgetExceededError as error:
                 if error.substitute is not None:  # on_exceeded answered Substitute(value)
                     return error.substitute.value
@@ -349,7 +286,7 @@ class track_tool:  # noqa: N801
                 with trace.use_span(
                     handle.span, end_on_exit=False, record_exception=False,
                     set_status_on_exception=False,
-                ):
+                ):  # fmt: skip
                     handle.result = fn(*args, **kwargs)
             except BaseException as exc:
                 self.stop(handle, exc)
@@ -362,21 +299,24 @@ class track_tool:  # noqa: N801
             @functools.wraps(fn)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
                 try:
-                    handle = self.start()
+                    handle = await abegin_tool(
+                        self.name, arguments=call_arguments(args, kwargs),
+                        tool_type=self.tool_type, price=self.price, tracer=_tracer(),
+                    )  # fmt: skip
                 except BudgetExceededError as error:
                     if error.substitute is not None:
                         return error.substitute.value
                     raise
                 try:
                     with trace.use_span(
-                    handle.span, end_on_exit=False, record_exception=False,
-                    set_status_on_exception=False,
-                ):
+                        handle.span, end_on_exit=False, record_exception=False,
+                        set_status_on_exception=False,
+                    ):  # fmt: skip
                         handle.result = await fn(*args, **kwargs)
                 except BaseException as exc:
-                    self.stop(handle, exc)
+                    await self.astop(handle, exc)
                     raise
-                self.stop(handle, None)
+                await self.astop(handle, None)
                 return handle.result
 
             return async_wrapper  # type: ignore[return-value]

@@ -57,7 +57,13 @@ GEN_AI_TOKEN_TYPE = "gen_ai.token.type"
 GEN_AI_TOOL_NAME = "gen_ai.tool.name"
 GEN_AI_TOOL_CALL_ID = "gen_ai.tool.call.id"
 GEN_AI_TOOL_TYPE = "gen_ai.tool.type"
+GEN_AI_TOOL_DESCRIPTION = "gen_ai.tool.description"
+# Opt-in content (``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT``), as JSON strings.
+GEN_AI_TOOL_CALL_ARGUMENTS = "gen_ai.tool.call.arguments"
+GEN_AI_TOOL_CALL_RESULT = "gen_ai.tool.call.result"
 GEN_AI_AGENT_NAME = "gen_ai.agent.name"
+GEN_AI_AGENT_ID = "gen_ai.agent.id"
+GEN_AI_AGENT_DESCRIPTION = "gen_ai.agent.description"
 GEN_AI_CONVERSATION_ID = "gen_ai.conversation.id"
 ERROR_TYPE = "error.type"
 SERVER_ADDRESS = "server.address"
@@ -125,7 +131,16 @@ TRACE_PROVIDERS = "otel_budget.trace.providers"
 TRACE_PROVIDER_COSTS_USD = "otel_budget.trace.provider_costs_usd"
 TRACE_TOOLS = "otel_budget.trace.tools"
 TRACE_TOOL_COSTS_USD = "otel_budget.trace.tool_costs_usd"
+# Spend of the calls made under ``invoke_agent`` spans, by the innermost agent's name.
+TRACE_AGENTS = "otel_budget.trace.agents"
+TRACE_AGENT_COSTS_USD = "otel_budget.trace.agent_costs_usd"
+TRACE_LOOPS = "otel_budget.trace.loops"  # loops detected in the run
+# The agent a metered call was made for (the innermost ``invoke_agent`` span around it).
+AGENT_NAME = "otel_budget.agent.name"
+# On an execute_tool span: the digest loop detection compares (never the arguments).
+TOOL_CALL_FINGERPRINT = "otel_budget.tool.call.fingerprint"
 
 # Events
 EVENT_THRESHOLD = "otel_budget.threshold"
 EVENT_EXCEEDED = "otel_budget.exceeded"
+EVENT_LOOP = "otel_budget.loop_detected"

@@ -27,12 +27,14 @@ falls back to its safe default while every valid setting keeps applying:
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from otel_budget import environment_variables as env
+from otel_budget.loops import LoopPolicy
 from otel_budget.money import parse_usd
 from otel_budget.pricing import ModelPrice, PriceBook
 from otel_budget.settings import (
@@ -262,9 +264,58 @@ def read_env(environ: Mapping[str, str] | None = None) -> EnvConfig:
             problem(env.OTEL_BUDGET_SEMCONV_COST, value, "expected true or false",
                     "using the default false (otel_budget.cost.* only)")  # fmt: skip
 
+    _read_loops(get, out, problem)
     _read_prices(get, out, problem)
     _read_ledger(get, out, problem, config, policy)
     return config
+
+
+def _read_loops(
+    get: Callable[[str], str | None], out: dict[str, Any], problem: Callable[..., None]
+) -> None:
+    """``OTEL_BUDGET_LOOP_*`` into ``loop_detection``. A value that cannot be read keeps the
+    default for that part (detection stays on: a typo never turns it off)."""
+    parts: dict[str, Any] = {}
+    action = get(env.OTEL_BUDGET_LOOP_DETECTION)
+    if action is not None:
+        action = action.strip().lower()
+        if action in ("off", "false", "0", "no"):
+            out["loop_detection"] = False
+            return
+        if action in ("refuse", "warn", "true", "on", "1", "yes"):
+            parts["action"] = "warn" if action == "warn" else "refuse"
+        else:
+            problem(env.OTEL_BUDGET_LOOP_DETECTION, action, "expected refuse, warn or off",
+                    "using the default refuse")  # fmt: skip
+    if (value := get(env.OTEL_BUDGET_LOOP_THRESHOLD)) is not None:
+        try:
+            parts["threshold"] = _int(env.OTEL_BUDGET_LOOP_THRESHOLD, value)
+            if parts["threshold"] < 2:
+                raise ValueError("below 2")
+        except ValueError:
+            parts.pop("threshold", None)
+            problem(env.OTEL_BUDGET_LOOP_THRESHOLD, value, "expected an integer >= 2",
+                    f"using the default {LoopPolicy.threshold}")  # fmt: skip
+    if (value := get(env.OTEL_BUDGET_LOOP_WINDOW_SECONDS)) is not None:
+        try:
+            window = float(value.strip())
+            if not math.isfinite(window) or window <= 0:
+                raise ValueError("not positive")
+            parts["window_seconds"] = window
+        except ValueError:
+            problem(env.OTEL_BUDGET_LOOP_WINDOW_SECONDS, value, "expected seconds > 0",
+                    f"using the default {LoopPolicy.window_seconds:g}")  # fmt: skip
+    for name, key in (
+        (env.OTEL_BUDGET_LOOP_NEAR_IDENTICAL, "near_identical"),
+        (env.OTEL_BUDGET_LOOP_PROMPTS, "prompts"),
+    ):
+        if (value := get(name)) is not None:
+            try:
+                parts[key] = _bool(name, value)
+            except ValueError:
+                problem(name, value, "expected true or false", "using the default false")
+    if parts:
+        out["loop_detection"] = LoopPolicy(**parts)
 
 
 def _suggestion(name: str) -> str | None:

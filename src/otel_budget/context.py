@@ -61,6 +61,8 @@ class BudgetFrame:
 
 BUDGET_FRAMES: ContextVar[tuple[BudgetFrame, ...]] = ContextVar("otel_budget_frames", default=())
 SCOPE_IDENTITIES: ContextVar[Mapping[str, str]] = ContextVar("otel_budget_scopes", default=_EMPTY)
+# The innermost ``agent_span`` block's agent name: the calls made in it are its spend.
+CURRENT_AGENT: ContextVar[str | None] = ContextVar("otel_budget_agent", default=None)
 
 
 @contextmanager

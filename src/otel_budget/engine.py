@@ -25,23 +25,28 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from otel_budget import attributes as attrs
+from otel_budget.context import CURRENT_AGENT
 from otel_budget.errors import (
     REASON_CONFIGURATION,
     REASON_INTERNAL_ERROR,
     REASON_INVALID_REQUEST,
     REASON_LIMIT,
+    REASON_LOOP,
     REASON_PAUSED,
     REASON_UNKNOWN_MODEL,
     BudgetExceededError,
     Substitute,
 )
 from otel_budget.logs import RateLimitedLog
+from otel_budget.loops import ACTION_REFUSE, LoopDetector
+from otel_budget.loops import KIND_TOOL as KIND_TOOL_LOOP
 from otel_budget.money import NANOS_PER_USD, format_usds, to_usd
 from otel_budget.report import (
     TERMINATED_BY_BUDGET,
     TERMINATED_BY_CONFIGURATION,
     TERMINATED_BY_INTERNAL_ERROR,
     TERMINATED_BY_INVALID_REQUEST,
+    TERMINATED_BY_LOOP,
     TERMINATED_BY_PAUSE,
     TERMINATED_BY_UNKNOWN_MODEL,
     TraceStats,
@@ -74,6 +79,7 @@ _TERMINATION = {
     REASON_INTERNAL_ERROR: TERMINATED_BY_INTERNAL_ERROR,
     REASON_INVALID_REQUEST: TERMINATED_BY_INVALID_REQUEST,
     REASON_CONFIGURATION: TERMINATED_BY_CONFIGURATION,
+    REASON_LOOP: TERMINATED_BY_LOOP,
 }
 # Ops and results are built with tuple.__new__ on the hot path: a NamedTuple's generated
 # __new__ is a Python call per ledger operation.
@@ -110,7 +116,7 @@ class Charge:
 
     __slots__ = (
         "lease_id", "trace_id", "scopes", "projected", "kind", "name", "provider",
-        "operation", "stats", "settled", "input_tokens", "output_tokens", "reserved",
+        "operation", "stats", "settled", "input_tokens", "output_tokens", "reserved", "agent",
     )  # fmt: skip
 
     def __init__(
@@ -130,6 +136,7 @@ class Charge:
         self.input_tokens = 0
         self.output_tokens = 0
         self.reserved = False  # holds a lease in the storage (settle it there)
+        self.agent: str | None = CURRENT_AGENT.get()  # the agent the call is made for
 
 
 class BudgetEngine(ScopeResolution, ThresholdAlerts):
@@ -157,6 +164,8 @@ class BudgetEngine(ScopeResolution, ThresholdAlerts):
         self._scope_overrides: dict[tuple[str, str], int] = {}
         self._process_stats = TraceStats(None, settings.limit_nanos)
         self.metrics: Any = None  # a BudgetMetrics, set by the processor
+        policy = settings.loop_detection
+        self.loops = LoopDetector(policy) if policy is not None else None
 
     def new_lease_id(self) -> int:
         """A lease id for a call whose span has no usable id (no SDK, or an invalid span).
@@ -180,14 +189,18 @@ class BudgetEngine(ScopeResolution, ThresholdAlerts):
         name: str = "unknown",
         provider: str = "unknown",
         operation: str = "chat",
+        loop: tuple[str, bytes] | None = None,
     ) -> Steps[Charge]:
         """Reserve between ``minimum`` and ``maximum`` nano-USD for one call, as much as every
         scope affords, in one atomic ledger step; or raise ``BudgetExceededError``. The
-        charge's ``projected`` is what was granted."""
+        charge's ``projected`` is what was granted. ``loop`` (kind, fingerprint) is first
+        checked by loop detection, which may refuse the call."""
         if maximum is None:
             maximum = minimum
         scopes, stats, pause_keys = self.scopes_for(trace_id, parentless, attributes)
         charge = Charge(lease_id, trace_id, scopes, minimum, kind, name, provider, operation, stats)
+        if loop is not None and self.loops is not None:
+            self.check_loop(charge, loop[0], loop[1])
         result = yield _new_tuple(Op, ("reserve_up_to", (lease_id, scopes, minimum, maximum, pause_keys)))
         status = result.status
         if status is _RESERVED or status is _DUPLICATE:  # ``result.ok``, without a property call
@@ -366,12 +379,69 @@ class BudgetEngine(ScopeResolution, ThresholdAlerts):
                 self.log_once("metrics", exc)
         for stats in charge.stats:
             if charge.kind == KIND_TOOL:
-                stats.add_tool(actual, charge.name, overshoot)
+                stats.add_tool(actual, charge.name, overshoot, charge.agent)
             else:
                 stats.add_llm(
                     actual, charge.name, charge.provider, charge.operation,
-                    charge.input_tokens, charge.output_tokens, overshoot,
+                    charge.input_tokens, charge.output_tokens, overshoot, charge.agent,
                 )  # fmt: skip
+
+    # -- loops --------------------------------------------------------------------------------
+    def check_loop(self, charge: Charge, kind: str, digest: bytes) -> None:
+        """Remember this call in its run's history; when it completes a loop, report it (root
+        span event, metric, ``on_loop_detected``) and, under ``action="refuse"``, raise."""
+        detector = self.loops
+        assert detector is not None
+        run_key = charge.stats[0].key if charge.stats else PROCESS_SCOPE
+        hit = detector.observe(run_key, kind, charge.name, digest)
+        if hit is None:
+            return
+        info = hit.to_dict()
+        if self.metrics is not None:
+            try:
+                self.metrics.record_loop(kind, charge.name, hit.action)
+            except Exception as exc:
+                self.log_once("metrics", exc)
+        event = {
+            "otel_budget.loop.kind": kind,
+            "otel_budget.loop.name": charge.name,
+            "otel_budget.loop.repeats": hit.repeats,
+            "otel_budget.loop.window_seconds": hit.window_seconds,
+            "otel_budget.loop.fingerprint": hit.fingerprint,
+            "otel_budget.loop.action": hit.action,
+        }
+        for stats in charge.stats:
+            stats.add_loop(kind=kind, subject=charge.name, repeats=hit.repeats, action=hit.action)
+            root = stats.root_span
+            if root is not None:
+                try:
+                    root.add_event(attrs.EVENT_LOOP, event)
+                except Exception as exc:
+                    self.log_once("root_event", exc)
+        substitute = None
+        callback = self.settings.on_loop_detected
+        if callback is not None:
+            try:
+                answer = callback(dict(info))
+                if isinstance(answer, Substitute):
+                    substitute = answer
+            except Exception as exc:
+                self.log_once("on_loop_detected callback", exc)
+        what = f"tool {charge.name!r}" if kind == KIND_TOOL_LOOP else f"model {charge.name!r}"
+        message = (
+            f"otel-budget: loop detected: {what} called {hit.repeats} times with the same "
+            f"{'arguments' if kind == KIND_TOOL_LOOP else 'request'} within "
+            f"{hit.elapsed_seconds:.1f}s (run {run_key!r})"
+        )
+        if hit.action != ACTION_REFUSE:
+            self.log_once.warning(f"loop warned ({kind})", message + "; action='warn' lets it through")
+            return
+        error = self.refusal(REASON_LOOP, charge, None, message)
+        error.scope = run_key
+        error.loop = info
+        if substitute is not None:
+            error.substitute = substitute
+        raise error
 
     # -- failures of our own ------------------------------------------------------------------
     def internal_error(self, site: str, exc: BaseException, charge: Charge | None = None) -> BudgetExceededError | None:

@@ -146,3 +146,41 @@ OTEL_BUDGET_SEMCONV_COST = "OTEL_BUDGET_SEMCONV_COST"
 provider's reported cost (``source=provider``), else our price of the usage it reported
 (``local``). ``false`` (default): only ``otel_budget.cost.*``.
 """
+
+OTEL_BUDGET_LOOP_DETECTION = "OTEL_BUDGET_LOOP_DETECTION"
+"""
+.. envvar:: OTEL_BUDGET_LOOP_DETECTION
+
+``refuse`` (default): the N-th identical tool call of a run within the window raises
+``BudgetExceededError(reason="loop_detected")`` before the tool runs. ``warn``: reported
+(root-span event, ``otel_budget.loops`` metric, log) but let through. ``off``: no detection.
+An unreadable value keeps ``refuse``.
+"""
+
+OTEL_BUDGET_LOOP_THRESHOLD = "OTEL_BUDGET_LOOP_THRESHOLD"
+"""
+.. envvar:: OTEL_BUDGET_LOOP_THRESHOLD
+
+How many identical calls make a loop (an integer >= 2; default 5).
+"""
+
+OTEL_BUDGET_LOOP_WINDOW_SECONDS = "OTEL_BUDGET_LOOP_WINDOW_SECONDS"
+"""
+.. envvar:: OTEL_BUDGET_LOOP_WINDOW_SECONDS
+
+Within how many seconds of the first of them (default 300).
+"""
+
+OTEL_BUDGET_LOOP_NEAR_IDENTICAL = "OTEL_BUDGET_LOOP_NEAR_IDENTICAL"
+"""
+.. envvar:: OTEL_BUDGET_LOOP_NEAR_IDENTICAL
+
+``true``: arguments that differ only in letter case, whitespace or float noise are the same.
+"""
+
+OTEL_BUDGET_LOOP_PROMPTS = "OTEL_BUDGET_LOOP_PROMPTS"
+"""
+.. envvar:: OTEL_BUDGET_LOOP_PROMPTS
+
+``true``: an LLM request resent unchanged (same model, messages and parameters) counts too.
+"""

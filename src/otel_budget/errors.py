@@ -28,6 +28,9 @@ REASON_INTERNAL_ERROR = "internal_error"  # failure_policy="fail_closed" and ote
 REASON_CONFIGURATION = "configuration"
 # A parameter the cost depends on is not a number we can project (max_tokens="lots", n=True).
 REASON_INVALID_REQUEST = "invalid_request"
+# The same tool (or, on opt-in, the same LLM request) repeated too often in one run: a loop
+# (``otel_budget.loops``). ``BudgetExceededError.loop`` says what repeated.
+REASON_LOOP = "loop_detected"
 
 
 class BudgetExceededError(Exception):
@@ -64,6 +67,8 @@ class BudgetExceededError(Exception):
         # Set when an ``on_exceeded`` callback answered ``Substitute(value)``: instrumented
         # calls then return ``value`` instead of raising.
         self.substitute: Substitute | None = None
+        # For ``reason="loop_detected"``: what repeated (``LoopHit.to_dict()``).
+        self.loop: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The refusal as plain data, for ``on_exceeded`` callbacks and logs."""
@@ -76,6 +81,7 @@ class BudgetExceededError(Exception):
             "projected_usd": self.projected_usd,
             "remaining_usd": self.remaining_usd,
             "trace_id": self.trace_id,
+            "loop": None if self.loop is None else dict(self.loop),
         }
 
 

@@ -34,6 +34,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode
 
 from otel_budget import attributes as attrs
+from otel_budget.context import CURRENT_AGENT
 from otel_budget.engine import KIND_LLM, Charge
 from otel_budget.errors import BudgetExceededError
 from otel_budget.money import to_usd
@@ -267,16 +268,21 @@ def begin_steps(
     span_kind: SpanKind = SpanKind.CLIENT,
     charge_kind: str = KIND_LLM,
     on_grant: Callable[[int, dict[str, Any]], int] | None = None,
+    loop: tuple[str, bytes] | None = None,
 ) -> Steps[MeteredCall]:
     """Start the span, reserve between ``minimum`` and ``maximum`` (as much as the budget
     affords, in one atomic ledger step), and let ``on_grant(granted, late)`` shape the
     request to what was granted: it returns the request's final projected cost and puts the
     attributes that say so (the output cap) in ``late``, which are set on the span before
     anything is sent. Raises ``BudgetExceededError`` after recording the refusal on the
-    ended span. Without a runtime the call is only traced."""
+    ended span. ``loop`` (kind, fingerprint) is checked by loop detection before the
+    reservation. Without a runtime the call is only traced."""
     if maximum is None:
         maximum = minimum
     attributes[attrs.COST_PROJECTED_USD] = to_usd(maximum)
+    agent = CURRENT_AGENT.get()
+    if agent is not None:
+        attributes[attrs.AGENT_NAME] = agent
     if runtime is None:
         return MeteredCall(start_span(tracer, span_name, attributes, span_kind), None, None)
     operation = operation or attributes.get(attrs.GEN_AI_OPERATION_NAME) or "chat"
@@ -330,7 +336,7 @@ def begin_steps(
     try:
         charge = yield from engine.reserve_steps(
             lease, trace_id, parentless, seen, minimum, maximum,
-            kind=charge_kind, name=name, provider=provider, operation=operation,
+            kind=charge_kind, name=name, provider=provider, operation=operation, loop=loop,
         )  # fmt: skip
         if on_grant is not None:
             charge.projected = on_grant(charge.projected, late)

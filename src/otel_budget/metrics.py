@@ -102,6 +102,10 @@ class BudgetMetrics:
             "otel_budget.warnings", unit="{warning}",
             description="Soft-limit thresholds crossed.",
         )  # fmt: skip
+        self.loops = meter.create_counter(
+            "otel_budget.loops", unit="{loop}",
+            description="Loops detected: a tool (or an LLM request) repeated unchanged too often.",
+        )  # fmt: skip
         self._remaining: OrderedDict[str, tuple[float, dict[str, str]]] = OrderedDict()
         self._lock = threading.Lock()
         meter.create_observable_gauge(
@@ -123,6 +127,11 @@ class BudgetMetrics:
 
     def record_abort(self, scope_key: str, reason: str) -> None:
         self.aborts.add(1, {"otel_budget.scope.kind": scope_kind(scope_key), "otel_budget.reason": reason})
+
+    def record_loop(self, kind: str, name: str, action: str) -> None:
+        labels = {"otel_budget.loop.kind": kind, "otel_budget.loop.action": action}
+        labels[attrs.GEN_AI_TOOL_NAME if kind == "tool" else attrs.GEN_AI_REQUEST_MODEL] = name
+        self.loops.add(1, labels)
 
     def record_warning(self, scope_key: str, threshold: float) -> None:
         self.warnings.add(1, {

@@ -58,11 +58,12 @@ class MisconfiguredEngine(BudgetEngine):
         name: str = "unknown",
         provider: str = "unknown",
         operation: str = "chat",
+        loop: tuple[str, bytes] | None = None,
     ) -> Steps[Charge]:
         if max(minimum, maximum or 0) <= 0:  # costs nothing: nothing to refuse
             return (yield from super().reserve_steps(
                 lease_id, trace_id, parentless, attributes, minimum, maximum, kind=kind,
-                name=name, provider=provider, operation=operation,
+                name=name, provider=provider, operation=operation, loop=loop,
             ))  # fmt: skip
         try:
             _, stats, _ = self.scopes_for(trace_id, parentless, attributes)

@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.trace import StatusCode
@@ -65,6 +66,7 @@ from otel_budget.span_projection import may_be_gen_ai, reserve_arguments
 from otel_budget.storage import LedgerStorage
 
 _ACTIVE_LOCK = threading.Lock()
+_DEFAULT_LOCK = threading.Lock()
 _ACTIVE: list[BudgetSpanProcessor] = []
 
 _HUGE = 1e12  # USD; anything above goes through the strict parser (and its error)
@@ -82,6 +84,24 @@ def _attribute_dict(span: Any) -> Mapping[str, Any]:
 def get_active_processor() -> BudgetSpanProcessor | None:
     """The most recently created processor that is not shut down."""
     return _ACTIVE[-1] if _ACTIVE else None
+
+
+def ensure_processor() -> BudgetSpanProcessor:
+    """The active processor; without one, create a default (no per-trace limit) and add it to
+    the global SDK tracer provider when there is one, so ``budget()`` and tool calls work on
+    their own."""
+    processor = get_active_processor()
+    if processor is not None:
+        return processor
+    with _DEFAULT_LOCK:
+        processor = get_active_processor()
+        if processor is None:
+            processor = BudgetSpanProcessor()
+            provider = trace.get_tracer_provider()
+            add = getattr(provider, "add_span_processor", None)
+            if add is not None:
+                add(processor)
+    return processor
 
 
 def lease_id_of(trace_id: int, span_id: int) -> int:
@@ -125,6 +145,8 @@ class BudgetSpanProcessor(SpanProcessor):
         stream_include_usage: bool = True,
         log_interval_seconds: float = 60.0,
         semconv_cost: bool = False,
+        loop_detection: Any = True,
+        on_loop_detected: Callable[[dict[str, Any]], Any] | None = None,
         meter_provider: Any = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -144,6 +166,8 @@ class BudgetSpanProcessor(SpanProcessor):
             stream_include_usage=stream_include_usage,
             log_interval_seconds=log_interval_seconds,
             semconv_cost=semconv_cost,
+            loop_detection=loop_detection,
+            on_loop_detected=on_loop_detected,
         )
         self.runtime = BudgetRuntime(
             settings, prices=prices, storage=storage, meter_provider=meter_provider, clock=clock

@@ -28,6 +28,7 @@ TERMINATED_BY_UNKNOWN_MODEL = "unknown_model"
 TERMINATED_BY_INTERNAL_ERROR = "internal_error"
 TERMINATED_BY_INVALID_REQUEST = "invalid_request"
 TERMINATED_BY_CONFIGURATION = "configuration"
+TERMINATED_BY_LOOP = "loop_detected"
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,9 @@ class CostReport:
     duration_s: float
     terminated_by: str | None
     overshoot_usd: float = 0.0  # actual cost above what was reserved (projection too low)
+    # Spend of the calls made inside ``agent_span`` blocks, by the innermost agent's name.
+    by_agent: dict[str, LineItem] = field(default_factory=dict)
+    loops: int = 0  # loops detected (refused or, under action="warn", only reported)
 
     def to_dict(self) -> dict[str, Any]:
         def items(table: dict[str, LineItem]) -> dict[str, dict[str, Any]]:
@@ -70,6 +74,7 @@ class CostReport:
         out["by_model"] = items(self.by_model)
         out["by_provider"] = items(self.by_provider)
         out["by_tool"] = items(self.by_tool)
+        out["by_agent"] = items(self.by_agent)
         out["events"] = [dict(e) for e in self.events]
         return out
 
@@ -82,7 +87,10 @@ class CostReport:
         ]
         if self.terminated_by:
             lines.append(f"terminated by: {self.terminated_by}")
-        for title, table in (("model", self.by_model), ("tool", self.by_tool)):
+        if self.loops:
+            lines.append(f"loops detected: {self.loops}")
+        tables = (("agent", self.by_agent), ("model", self.by_model), ("tool", self.by_tool))
+        for title, table in tables:
             for name, item in sorted(table.items(), key=lambda kv: -kv[1].usd):
                 lines.append(f"  {title:5} {name:32} ${item.usd:.6f}  x{item.calls}")
         return "\n".join(lines)
@@ -116,7 +124,8 @@ class TraceStats:
 
     __slots__ = (
         "trace_id", "limit", "spent", "llm", "tools", "calls", "tool_calls", "turns", "aborts",
-        "overshoot", "by_model", "by_provider", "by_tool", "events", "started", "ended",
+        "overshoot", "by_model", "by_provider", "by_tool", "by_agent", "loops", "events",
+        "started", "ended",
         "terminated_by", "threshold_index", "alert_at", "root_span", "label", "key", "scope_spec", "_lock",
         "__weakref__",
     )  # fmt: skip
@@ -135,6 +144,8 @@ class TraceStats:
         self.by_model: dict[str, _Line] = {}
         self.by_provider: dict[str, _Line] = {}
         self.by_tool: dict[str, _Line] = {}
+        self.by_agent: dict[str, _Line] = {}
+        self.loops = 0
         self.events: list[dict[str, Any]] = []
         self.started = time.time()
         self.ended: float | None = None
@@ -152,7 +163,7 @@ class TraceStats:
 
     def add_llm(
         self, nanos: int, model: str, provider: str, operation: str, inp: int, out: int,
-        overshoot: int = 0,
+        overshoot: int = 0, agent: str | None = None,
     ) -> None:  # fmt: skip
         with self._lock:
             self.spent += nanos
@@ -163,14 +174,26 @@ class TraceStats:
                 self.turns += 1
             _add(self.by_model, model, nanos, inp, out)
             _add(self.by_provider, provider, nanos, inp, out)
+            if agent is not None:
+                _add(self.by_agent, agent, nanos, inp, out)
 
-    def add_tool(self, nanos: int, tool: str, overshoot: int = 0) -> None:
+    def add_tool(
+        self, nanos: int, tool: str, overshoot: int = 0, agent: str | None = None
+    ) -> None:
         with self._lock:
             self.spent += nanos
             self.tools += nanos
             self.tool_calls += 1
             self.overshoot += overshoot
             _add(self.by_tool, tool, nanos, 0, 0)
+            if agent is not None:
+                _add(self.by_agent, agent, nanos, 0, 0)
+
+    def add_loop(self, **fields: Any) -> None:
+        """A loop was detected in this run (refused or only reported)."""
+        with self._lock:
+            self.loops += 1
+        self.add_event(attrs.EVENT_LOOP, **fields)
 
     def add_event(self, name: str, **fields: Any) -> None:
         with self._lock:
@@ -204,10 +227,13 @@ class TraceStats:
                 out[attrs.TRACE_REMAINING_USD] = to_usd(self.limit - self.spent)
             if self.terminated_by:
                 out[attrs.TRACE_TERMINATED_BY] = self.terminated_by
+            if self.loops:
+                out[attrs.TRACE_LOOPS] = self.loops
             for names_key, costs_key, table in (
                 (attrs.TRACE_MODELS, attrs.TRACE_MODEL_COSTS_USD, self.by_model),
                 (attrs.TRACE_PROVIDERS, attrs.TRACE_PROVIDER_COSTS_USD, self.by_provider),
                 (attrs.TRACE_TOOLS, attrs.TRACE_TOOL_COSTS_USD, self.by_tool),
+                (attrs.TRACE_AGENTS, attrs.TRACE_AGENT_COSTS_USD, self.by_agent),
             ):
                 if table:
                     out[names_key] = list(table)
@@ -235,6 +261,8 @@ class TraceStats:
                 duration_s=max(0.0, end - self.started),
                 terminated_by=self.terminated_by,
                 overshoot_usd=to_usd(self.overshoot),
+                by_agent={k: v.freeze() for k, v in self.by_agent.items()},
+                loops=self.loops,
             )
 
 

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from otel_budget.loops import policy_of
 from otel_budget.money import parse_usd
 
 FAIL_OPEN = "fail_open"
@@ -110,6 +111,10 @@ class BudgetSettings:
     # Also emit the proposed gen_ai.usage.cost.{amount,currency,source} (semantic-conventions
     # -genai PR #443) on our GenAI spans, beside otel_budget.cost.*.
     semconv_cost: bool = False
+    # Loop detection (``otel_budget.loops``): a ``LoopPolicy``, True (the defaults), "warn"
+    # (the defaults, reporting only) or False/"off". On by default for tool calls.
+    loop_detection: Any = True
+    on_loop_detected: Callable[[dict[str, Any]], Any] | None = None
 
     limit_nanos: int | None = field(init=False, default=None)
 
@@ -161,7 +166,8 @@ class BudgetSettings:
             raise ValueError(f"log_interval_seconds must be a number >= 0, got {interval!r}")
         if not isinstance(self.semconv_cost, bool):
             raise ValueError(f"semconv_cost must be True or False, got {self.semconv_cost!r}")
-        for name in ("on_warning", "on_exceeded"):
+        self.loop_detection = policy_of(self.loop_detection)
+        for name in ("on_warning", "on_exceeded", "on_loop_detected"):
             value = getattr(self, name)
             if value is not None and not callable(value):
                 raise ValueError(f"{name} must be callable, got {value!r}")

@@ -56,7 +56,7 @@ _PROCESSOR_ARGS = (
     "max_usd", "scopes", "thresholds", "failure_policy", "default_max_output_tokens",
     "assumed_input_tokens", "on_warning", "on_exceeded", "prices", "storage", "trace_ttl_seconds",
     "max_tracked_traces", "cap_output_tokens", "min_output_tokens", "stream_include_usage",
-    "semconv_cost",
+    "semconv_cost", "loop_detection", "on_loop_detected",
 )  # fmt: skip
 _ENV_PREFIX = "OTEL_BUDGET_"
 

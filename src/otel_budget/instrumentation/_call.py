@@ -40,6 +40,7 @@ from otel_budget.instrumentation._content import (
     content_mode,
     emit_event,
 )
+from otel_budget.loops import KIND_PROMPT as LOOP_KIND_PROMPT
 from otel_budget.metered import (
     CURRENT_CALL,
     MeteredCall,
@@ -772,11 +773,19 @@ def start_steps(
                 late[attrs.GEN_AI_REQUEST_MAX_TOKENS] = cap
         return projected
 
+    loop = None
+    detector = runtime.engine.loops
+    if detector is not None and detector.policy.prompts:
+        # Opt-in: the request as sent (model, messages, every parameter), hashed.
+        try:
+            loop = (LOOP_KIND_PROMPT, detector.key(LOOP_KIND_PROMPT, request.model, dict(sent)))
+        except Exception as exc:
+            runtime.engine.log_once("prompt fingerprint", exc)
     try:
         budgeted = yield from begin_steps(
             runtime, tracer, span_name, span_attributes, minimum=minimum, maximum=maximum,
             name=request.model, provider=request.provider, operation=request.operation,
-            span_kind=SpanKind.CLIENT, charge_kind=KIND_LLM, on_grant=on_grant,
+            span_kind=SpanKind.CLIENT, charge_kind=KIND_LLM, on_grant=on_grant, loop=loop,
         )  # fmt: skip
     except BudgetExceededError as error:
         _refused_event(content, error, tracer)
