@@ -51,6 +51,7 @@ _INSTRUMENTORS = {
     "openai": ("otel_budget.instrumentation.openai", "OpenAIBudgetInstrumentor"),
     "anthropic": ("otel_budget.instrumentation.anthropic", "AnthropicBudgetInstrumentor"),
     "litellm": ("otel_budget.instrumentation.litellm", "LiteLLMBudgetInstrumentor"),
+    "crewai": ("otel_budget.instrumentation.crewai", "CrewAIInstrumentor"),
 }
 _PROCESSOR_ARGS = (
     "max_usd", "scopes", "thresholds", "failure_policy", "default_max_output_tokens",

@@ -33,14 +33,15 @@ CrewAI's own telemetry, platform tracing and version check are switched off (see
 
 from __future__ import annotations
 
-import importlib
+import sys
 from collections.abc import Callable, Collection
+from functools import partial
 from typing import Any, TypeVar
 
 from opentelemetry import trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 from opentelemetry.instrumentation.utils import unwrap
-from wrapt import wrap_function_wrapper
+from wrapt import register_post_import_hook, wrap_function_wrapper
 
 from otel_budget.instrumentation.crewai import llm, wrappers
 from otel_budget.instrumentation.crewai.run import last_report, protect
@@ -111,20 +112,34 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         )  # fmt: skip
         source = RuntimeSource(kwargs.get("runtime"))
         self._wrapped: list[tuple[str, str, str]] = []
+        generation = self._generation = object()
+        by_module: dict[str, list[tuple[str, str, Factory]]] = {}
         for module, cls, method, factory in _targets():
-            try:
-                # (a provider whose SDK is not installed does not import: ImportError)
-                owner = getattr(importlib.import_module(module), cls)
-                if method not in owner.__dict__:
-                    continue  # inherited: wrapped where it is defined
-                wrap_function_wrapper(module, f"{cls}.{method}", factory(tracer, source))
-                self._wrapped.append((module, cls, method))
-            except (ImportError, AttributeError):
-                continue
+            by_module.setdefault(module, []).append((cls, method, factory))
+        for name, targets in by_module.items():
+            # Wrapped when CrewAI imports the module (now, if it already has): instrumenting
+            # never imports CrewAI, nor a provider SDK the application does not use.
+            register_post_import_hook(
+                partial(self._wrap_module, generation, targets, tracer, source), name
+            )
+
+    def _wrap_module(
+        self, generation: object, targets: list[tuple[str, str, Factory]],
+        tracer: trace.Tracer, source: RuntimeSource, module: Any,
+    ) -> None:  # fmt: skip
+        if generation is not getattr(self, "_generation", None):
+            return  # uninstrumented (or instrumented again) since this hook was registered
+        for cls, method, factory in targets:
+            owner = getattr(module, cls, None)
+            if owner is None or method not in owner.__dict__:
+                continue  # absent from this CrewAI version, or inherited: wrapped where defined
+            wrap_function_wrapper(module, f"{cls}.{method}", factory(tracer, source))
+            self._wrapped.append((module.__name__, cls, method))
 
     def _uninstrument(self, **kwargs: Any) -> None:
+        self._generation = None
         for module, cls, method in getattr(self, "_wrapped", []):
-            unwrap(getattr(importlib.import_module(module), cls), method)
+            unwrap(getattr(sys.modules[module], cls), method)
         self._wrapped = []
 
 

@@ -50,11 +50,13 @@ class Run:
         self.refusal: BudgetExceededError | None = None
         self._lock = threading.Lock()
 
-    def stop(self, error: BudgetExceededError) -> None:
-        """Keep the run's first refusal (later ones say the same: the run is over)."""
+    def stop(self, error: BudgetExceededError) -> BudgetExceededError:
+        """Keep the run's first refusal (later ones say the same: the run is over); returns
+        that first one."""
         with self._lock:
             if self.refusal is None:
                 self.refusal = error
+            return self.refusal
 
     def raise_if_stopped(self) -> None:
         refusal = self.refusal

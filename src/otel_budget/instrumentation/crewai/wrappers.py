@@ -112,10 +112,10 @@ def kickoff_flow(
         try:
             result = yield send(partial(wrapped, *args, **kwargs))
         except BudgetExceededError as error:
-            run.stop(error)
-            if run.refusal is error:
+            first = run.stop(error)
+            if first is error:
                 raise
-            raise run.refusal from error  # (the run was stopped earlier)
+            raise first from error  # (the run was stopped earlier)
         except Exception as exc:
             if run.refusal is not None:  # CrewAI turned the refusal into an error of its own
                 raise run.refusal from exc
