@@ -21,6 +21,41 @@ if [ ${#need[@]} -gt 0 ]; then
     fi
 fi
 
+# CrewAI needs openai<3, the suite runs openai 3: tests/test_crewai.py also runs in a venv of
+# its own, the pinned tests/crewai-requirements.txt without otel-budget (the tests import it
+# from src/), kept between runs under ~/.cache and keyed by that file's hash. For the whole
+# suite it is built and run in the background, beside the main install and suite (on the other
+# core); the main suite's test_crewai_suite_in_its_own_venv waits for that result, and fails
+# under CI=true (skips elsewhere) when the venv cannot be built.
+crewai_key="$(sha256sum tests/crewai-requirements.txt | cut -c1-16)"
+CREWAI_VENV="${CREWAI_VENV:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/otel-budget/venv-crewai-$crewai_key}"
+crewai_venv() {  # builds the venv if needed; its log on stdout
+    [ -f "$CREWAI_VENV/.complete" ] && return 0
+    rm -rf "$CREWAI_VENV"
+    python3 -m venv "$CREWAI_VENV" \
+        && "$CREWAI_VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+               --no-deps -r tests/crewai-requirements.txt 2>&1 | { grep -v "is ignored" || true; } \
+        && touch "$CREWAI_VENV/.complete"
+    [ -f "$CREWAI_VENV/.complete" ]
+}
+if [ "$#" -eq 0 ] || [ "$*" = "-q" ]; then
+    OTEL_BUDGET_TEST_CREWAI_RESULT="$(mktemp -d)"
+    export OTEL_BUDGET_TEST_CREWAI_RESULT
+    ( if crewai_venv >"$OTEL_BUDGET_TEST_CREWAI_RESULT/log"; then
+          rc=0
+          PYTHONPATH="$PWD/src:$PWD" "$CREWAI_VENV/bin/python" -m pytest -q -p no:cacheprovider \
+              -W ignore::DeprecationWarning tests/test_crewai.py \
+              >>"$OTEL_BUDGET_TEST_CREWAI_RESULT/log" 2>&1 || rc=$?
+          echo "$rc" >"$OTEL_BUDGET_TEST_CREWAI_RESULT/rc"
+      else
+          echo unbuilt >"$OTEL_BUDGET_TEST_CREWAI_RESULT/rc"
+      fi ) </dev/null &
+elif crewai_venv >/dev/null; then
+    export OTEL_BUDGET_TEST_CREWAI_PYTHON="$CREWAI_VENV/bin/python"
+else
+    echo "tests/run.sh: WARNING: the CrewAI test venv could not be built; its tests will not run" >&2
+fi
+
 VENV="${VENV:-.venv}"
 if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
@@ -46,38 +81,6 @@ if ! "$VENV/bin/python" -c "import importlib.util, sys; sys.exit(importlib.util.
         echo "tests/run.sh: WARNING: litellm could not be installed; its tests will be skipped" >&2
     fi
     rm -f "$LOG"
-fi
-
-# CrewAI needs openai<3, the suite runs openai 3: tests/test_crewai.py also runs in a venv of
-# its own, the pinned tests/crewai-requirements.txt without otel-budget (the tests import it
-# from src/). It is kept between runs under ~/.cache, keyed by that file's hash. If it cannot
-# be built the CrewAI tests fail under CI=true and skip elsewhere, loudly.
-crewai_key="$(sha256sum tests/crewai-requirements.txt | cut -c1-16)"
-CREWAI_VENV="${CREWAI_VENV:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/otel-budget/venv-crewai-$crewai_key}"
-if [ ! -f "$CREWAI_VENV/.complete" ]; then
-    rm -rf "$CREWAI_VENV"
-    if python3 -m venv "$CREWAI_VENV" >"$LOG" 2>&1 \
-       && "$CREWAI_VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps \
-              -r tests/crewai-requirements.txt >>"$LOG" 2>&1; then
-        touch "$CREWAI_VENV/.complete"
-    else
-        grep -v "is ignored" "$LOG" | tail -5 >&2
-        echo "tests/run.sh: WARNING: the CrewAI test venv could not be built; its tests will not run" >&2
-    fi
-    rm -f "$LOG"
-fi
-if [ -f "$CREWAI_VENV/.complete" ]; then
-    export OTEL_BUDGET_TEST_CREWAI_PYTHON="$CREWAI_VENV/bin/python"
-    if [ "$#" -eq 0 ] || [ "$*" = "-q" ]; then
-        # The whole suite: run them now, beside lint and the main suite (on the other core);
-        # the main suite's test_crewai_suite_in_its_own_venv waits for this result.
-        OTEL_BUDGET_TEST_CREWAI_RESULT="$(mktemp -d)"
-        export OTEL_BUDGET_TEST_CREWAI_RESULT
-        ( PYTHONPATH="$PWD/src:$PWD" "$OTEL_BUDGET_TEST_CREWAI_PYTHON" -m pytest -q \
-              -p no:cacheprovider -W ignore::DeprecationWarning tests/test_crewai.py \
-              >"$OTEL_BUDGET_TEST_CREWAI_RESULT/log" 2>&1
-          echo $? >"$OTEL_BUDGET_TEST_CREWAI_RESULT/rc" ) </dev/null &
-    fi
 fi
 
 # Lint and types first (seconds): SKIP_LINT=1 skips them.

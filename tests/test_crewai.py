@@ -46,19 +46,25 @@ LOOKUP = {"name": "lookup", "arguments": {"query": "otel"}}
 
 
 # -- the main suite's view: this file run in the CrewAI venv ----------------------------------
-def _crewai_venv_run(python: str) -> tuple[int, str]:
+def _crewai_venv_run() -> tuple[int | None, str]:
     """This file's result in the CrewAI venv: the run ``tests/run.sh`` started beside the main
-    suite (``OTEL_BUDGET_TEST_CREWAI_RESULT``), else one started now."""
+    suite (``OTEL_BUDGET_TEST_CREWAI_RESULT``), else one started now in the venv it built
+    (``OTEL_BUDGET_TEST_CREWAI_PYTHON``). ``None``: there is no such venv."""
     result = os.environ.get("OTEL_BUDGET_TEST_CREWAI_RESULT")
     if result:
-        rc_file = Path(result) / "rc"
-        deadline = time.monotonic() + 600
+        rc_file, log_file = Path(result) / "rc", Path(result) / "log"
+        deadline = time.monotonic() + 900
         while not rc_file.exists() and time.monotonic() < deadline:
             time.sleep(0.5)
-        log = (Path(result) / "log").read_text(errors="replace")
+        time.sleep(0.1)  # (the rc is written after the log: let it land)
+        log = log_file.read_text(errors="replace") if log_file.exists() else ""
         if not rc_file.exists():
             return -1, log + "\n(timed out waiting for the CrewAI venv's run)"
-        return int(rc_file.read_text().strip() or -1), log
+        rc = rc_file.read_text().strip()
+        return (None, log) if rc == "unbuilt" else (int(rc or -1), log)
+    python = os.environ.get("OTEL_BUDGET_TEST_CREWAI_PYTHON")
+    if not python or not Path(python).exists():
+        return None, "OTEL_BUDGET_TEST_CREWAI_PYTHON is not set: run through tests/run.sh"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + str(ROOT)}
     done = subprocess.run(
         [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W",
@@ -70,13 +76,12 @@ def _crewai_venv_run(python: str) -> tuple[int, str]:
 
 @pytest.mark.skipif(HAVE_CREWAI, reason="crewai is importable here: the tests below run directly")
 def test_crewai_suite_in_its_own_venv() -> None:
-    python = os.environ.get("OTEL_BUDGET_TEST_CREWAI_PYTHON")
-    if not python or not Path(python).exists():
-        message = "no CrewAI test venv (OTEL_BUDGET_TEST_CREWAI_PYTHON): run through tests/run.sh"
+    returncode, output = _crewai_venv_run()
+    if returncode is None:
+        message = f"no CrewAI test venv: {output[-2000:]}"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    returncode, output = _crewai_venv_run(python)
     assert returncode == 0, output[-6000:]
     passed = re.search(r"(\d+) passed", output)
     assert passed is not None and int(passed.group(1)) >= EXPECTED_PASSED, output[-3000:]
