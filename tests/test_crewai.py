@@ -40,7 +40,7 @@ needs_crewai = pytest.mark.skipif(
     "test_crewai_suite_in_its_own_venv runs this file in the CrewAI venv",
 )
 #: How many tests of this file must pass in the CrewAI venv (never silently fewer).
-EXPECTED_PASSED = 14
+EXPECTED_PASSED = 17
 TOOL_PRICE = 0.001
 LOOKUP = {"name": "lookup", "arguments": {"query": "otel"}}
 
@@ -399,3 +399,50 @@ def test_crewai_telemetry_is_switched_off(instrumented: Any) -> None:
         assert os.environ[name] == value
     assert Telemetry()._should_execute_telemetry() is False
     assert os.environ.get("OTEL_SDK_DISABLED") is None  # ours stays on
+
+
+@needs_crewai
+def test_kickoff_for_each_and_copies_keep_the_budget(
+    server: FakeLLMServer, processor: Any, exporter: Any, instrumented: Any
+) -> None:
+    from otel_budget.instrumentation.crewai import last_report, protect_crew
+
+    crew, _ = make_crew(server, writer=False)
+    protect_crew(crew, max_usd=1.0)
+    crew.kickoff_for_each(inputs=[{"topic": "a"}, {"topic": "b"}])  # CrewAI copies the crew
+    report = last_report(crew)
+    assert report is not None and report.calls == server.stats()["requests"] == 2
+    assert llm_nanos(report) == billed(server)
+    assert [s.name for s in exporter.get_finished_spans() if s.parent is None] == [
+        "kickoff research crew"
+    ]
+    copy = crew.copy()
+    server.default_behaviour = Behaviour(tool_calls=[LOOKUP])
+    with pytest.raises(BudgetExceededError, match="loop detected"):
+        copy.kickoff()  # a copy the application made is protected too
+    assert last_report(copy) is not None
+
+
+@needs_crewai
+@pytest.mark.parametrize("policy", ["fail_open", "fail_closed"])
+def test_a_failure_of_ours_follows_the_failure_policy(
+    server: FakeLLMServer, make_processor: Any, instrumented: Any,
+    monkeypatch: pytest.MonkeyPatch, policy: str,
+) -> None:  # fmt: skip
+    from otel_budget.instrumentation.crewai import llm, protect_crew
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug of ours")
+
+    make_processor(failure_policy=policy)
+    monkeypatch.setattr(llm, "read_request", broken)
+    crew, _ = make_crew(server, writer=False)
+    protect_crew(crew, max_usd=1.0)
+    if policy == "fail_open":
+        crew.kickoff()  # the call goes ahead: the RuntimeError never reaches the app
+        assert server.stats()["requests"] == 1
+    else:
+        with pytest.raises(BudgetExceededError) as caught:
+            crew.kickoff()
+        assert caught.value.reason == "internal_error"
+        assert server.stats()["requests"] == 0

@@ -121,7 +121,7 @@ class BudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     ``gen_ai.client.*`` and ``otel_budget.*`` metrics; default: the global one),
     ``logger_provider`` (for the GenAI events of the content capture modes; default: the
     global one), ``processor`` (use an existing one: it keeps its own meter provider), and
-    ``libraries`` (a subset of ``("openai", "anthropic", "litellm")``). Without
+    ``libraries`` (a subset of ``("openai", "anthropic", "litellm", "crewai")``). Without
     processor arguments the ``OTEL_BUDGET_*`` environment variables are read. Called again
     with other arguments, it applies them (a new processor replaces the previous one).
     """

@@ -77,6 +77,7 @@ def _targets() -> list[tuple[str, str, str, Factory]]:
         ("crewai.crew", "Crew", "kickoff_for_each_async", fixed(akickoff)),
         ("crewai.crew", "Crew", "akickoff", fixed(akickoff)),
         ("crewai.crew", "Crew", "akickoff_for_each", fixed(akickoff)),
+        ("crewai.crew", "Crew", "copy", fixed(wrappers.crew_copy)),
         ("crewai.agent.core", "Agent", "execute_task", fixed(task)),
         ("crewai.agent.core", "Agent", "aexecute_task", fixed(atask)),
         ("crewai.tools.base_tool", "BaseTool", "run", fixed(tool)),

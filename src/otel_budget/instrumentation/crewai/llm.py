@@ -217,12 +217,16 @@ def call_flow(
         # by the outer one.
         return (yield send(partial(wrapped, *args, **kwargs)))
     runtime = source.get()
-    messages, tools = _messages_and_tools(args, kwargs)
     try:
-        call: LLMCall = yield step(
-            start_call, astart_call, tracer, read_request(instance, messages, tools), {},
-            runtime=runtime,
-        )  # fmt: skip
+        request = read_request(instance, *_messages_and_tools(args, kwargs))
+    except Exception as exc:  # ours: the failure policy decides, never the app's problem
+        refusal = runtime.engine.internal_error("crewai request", exc) if runtime else None
+        if refusal is not None:
+            stop_run(refusal)
+            raise refusal from None
+        return (yield send(partial(wrapped, *args, **kwargs)))  # fail_open: unmetered
+    try:
+        call: LLMCall = yield step(start_call, astart_call, tracer, request, {}, runtime=runtime)
     except BudgetExceededError as error:
         stop_run(error)
         return substitute_or_raise(error)

@@ -79,6 +79,16 @@ def protect(crew: Any, max_usd: Any, name: str | None = None) -> Protection:
     return protection
 
 
+def protect_copy(crew: Any, copy: Any) -> None:
+    """A copy of a protected crew (``Crew.copy()``) has the same budget per kickoff."""
+    protection = protection_of(crew)
+    if protection is not None and copy is not crew:
+        try:
+            protect(copy, protection.max_usd, protection.name)
+        except TypeError:  # not a crew we can hold
+            pass
+
+
 def protection_of(crew: Any) -> Protection | None:
     try:
         return _PROTECTED.get(crew)
@@ -115,6 +125,7 @@ __all__ = [
     "Run",
     "last_report",
     "protect",
+    "protect_copy",
     "protection_of",
     "raise_if_stopped",
     "stop_run",

@@ -43,6 +43,7 @@ from otel_budget.instrumentation.crewai import llm
 from otel_budget.instrumentation.crewai.run import (
     RUN,
     Run,
+    protect_copy,
     protection_of,
     raise_if_stopped,
     stop_run,
@@ -123,6 +124,16 @@ def kickoff_flow(
         if run.refusal is not None:  # CrewAI caught the refusal and finished all the same
             raise run.refusal
     return result
+
+
+def crew_copy(
+    wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """``Crew.copy()``: the copy of a protected crew is protected alike (CrewAI copies crews
+    for ``kickoff_for_each`` and replays; an application may too)."""
+    copy = wrapped(*args, **kwargs)
+    protect_copy(instance, copy)
+    return copy
 
 
 def kickoff() -> tuple[Callable[..., Any], Callable[..., Any]]:
@@ -240,6 +251,7 @@ __all__ = [
     "TASK_NAME",
     "agent_flow",
     "agent_task",
+    "crew_copy",
     "crew_name",
     "kickoff",
     "kickoff_flow",
