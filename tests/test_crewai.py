@@ -40,7 +40,7 @@ needs_crewai = pytest.mark.skipif(
     "test_crewai_suite_in_its_own_venv runs this file in the CrewAI venv",
 )
 #: How many tests of this file must pass in the CrewAI venv (never silently fewer).
-EXPECTED_PASSED = 17
+EXPECTED_PASSED = 19
 TOOL_PRICE = 0.001
 LOOKUP = {"name": "lookup", "arguments": {"query": "otel"}}
 
@@ -136,12 +136,12 @@ def processor(make_processor: Any) -> Any:
 
 
 def make_crew(server: FakeLLMServer, *, model: str = "gpt-4o-mini", name: str = "research crew",
-              writer: bool = True) -> tuple[Any, list[str]]:  # fmt: skip
+              writer: bool = True, stream: bool = False) -> tuple[Any, list[str]]:  # fmt: skip
     """A researcher with a ``lookup`` tool, then a writer; returns (crew, the tool's runs)."""
     from crewai import LLM, Agent, Crew, Task
     from crewai.tools import tool
 
-    llm = LLM(model=model, base_url=server.openai_base_url, api_key="x")
+    llm = LLM(model=model, base_url=server.openai_base_url, api_key="x", stream=stream)
     ran: list[str] = []
 
     @tool("lookup")
@@ -218,6 +218,22 @@ def test_crew_of_two_agents_charged_once(
     (root,) = [s for s in exporter.get_finished_spans() if s.parent is None]
     assert root.name == "kickoff research crew"
     assert set(root.attributes["otel_budget.trace.agents"]) == {"Researcher", "Writer"}
+
+
+@needs_crewai
+def test_streamed_model_calls_charged_once(
+    server: FakeLLMServer, processor: Any, layers: str
+) -> None:
+    from otel_budget.instrumentation.crewai import last_report, protect_crew
+
+    crew, ran = make_crew(server, stream=True)
+    protect_crew(crew, max_usd=1.0)
+    server.script(Behaviour(tool_calls=[LOOKUP]))
+    crew.kickoff()
+    report = last_report(crew)
+    assert report is not None and ran == ["otel"]
+    assert all(call.stream for call in server.calls())
+    assert report.calls == 3 and llm_nanos(report) == billed(server)
 
 
 @needs_crewai
