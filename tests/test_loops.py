@@ -365,3 +365,21 @@ def test_prompt_loops_are_opt_in(make_processor: Any, client: Any, server: FakeL
     assert info.value.reason == "loop_detected" and info.value.loop["kind"] == "prompt"
     assert server.stats()["requests"] == 34  # the 5th identical request was never sent
     assert run.report().calls == 34
+
+
+def test_a_tool_taken_over_by_a_nested_tool_call_is_counted_once(make_processor: Any) -> None:
+    """An integration's tool call (a framework tool) whose body makes our own tool call (an
+    MCP client call under the same name): one call, charged once, one repeat for the loop."""
+    from opentelemetry import trace
+
+    make_processor()
+    with budget(max_usd=5) as run:
+        for _ in range(4):
+            outer = begin_tool("search", arguments={"q": "x"}, cost_usd=0.01)
+            with trace.use_span(outer.span, end_on_exit=False):
+                inner = begin_tool("search", arguments={"q": "x"}, cost_usd=0.01)
+                inner.finish("r")
+            outer.finish("r")
+    report = run.report()
+    assert report.loops == 0  # 4 calls, not 8 repeats
+    assert report.tool_calls == 4 and report.tools_usd == pytest.approx(0.04)

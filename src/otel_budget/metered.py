@@ -301,6 +301,7 @@ def begin_steps(
             # call, which knows the request, meters it; the outer span is charged nothing.
             outer.delegated = True
             outer.done = True
+            loop = None  # the outer call was loop-checked already: one call, counted once
             yield from engine.release_steps(outer.charge)
             parentless = getattr(outer.span, "parent", 0) is None
         elif outer is not None:

@@ -51,7 +51,16 @@ _INSTRUMENTORS = {
     "openai": ("otel_budget.instrumentation.openai", "OpenAIBudgetInstrumentor"),
     "anthropic": ("otel_budget.instrumentation.anthropic", "AnthropicBudgetInstrumentor"),
     "litellm": ("otel_budget.instrumentation.litellm", "LiteLLMBudgetInstrumentor"),
+    "mcp": ("otel_budget.instrumentation.mcp", "MCPInstrumentor"),
+    # (installs its wrappers when CrewAI is imported: nothing is imported before)
     "crewai": ("otel_budget.instrumentation.crewai", "CrewAIInstrumentor"),
+}
+# Framework instrumentors, instrumented on their own (``OpenAIAgentsInstrumentor``,
+# ``LangChainInstrumentor``): their model calls are metered, so a budget() block under them
+# is observed.
+_FRAMEWORKS = {
+    "openai_agents": ("otel_budget.instrumentation.openai_agents", "OpenAIAgentsInstrumentor"),
+    "langchain": ("otel_budget.instrumentation.langchain", "LangChainInstrumentor"),
 }
 _PROCESSOR_ARGS = (
     "max_usd", "scopes", "thresholds", "failure_policy", "default_max_output_tokens",
@@ -85,7 +94,7 @@ class RuntimeHandle(BudgetRuntime):
 def instrumented_libraries() -> list[str]:
     """The libraries whose calls otel-budget's own instrumentors currently meter."""
     out = []
-    for name, (module_name, class_name) in _INSTRUMENTORS.items():
+    for name, (module_name, class_name) in {**_INSTRUMENTORS, **_FRAMEWORKS}.items():
         module = sys.modules.get(module_name)
         cls = getattr(module, class_name, None) if module is not None else None
         instance = getattr(cls, "_instance", None) if cls is not None else None
@@ -121,7 +130,7 @@ class BudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     ``gen_ai.client.*`` and ``otel_budget.*`` metrics; default: the global one),
     ``logger_provider`` (for the GenAI events of the content capture modes; default: the
     global one), ``processor`` (use an existing one: it keeps its own meter provider), and
-    ``libraries`` (a subset of ``("openai", "anthropic", "litellm", "crewai")``). Without
+    ``libraries`` (a subset of ``("openai", "anthropic", "litellm", "mcp", "crewai")``). Without
     processor arguments the ``OTEL_BUDGET_*`` environment variables are read. Called again
     with other arguments, it applies them (a new processor replaces the previous one).
     """

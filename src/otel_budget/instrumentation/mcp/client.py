@@ -1,0 +1,130 @@
+"""The MCP client wrapper: ``ClientSession.call_tool`` as a budgeted ``execute_tool`` span.
+
+    wrap_function_wrapper("mcp.client.session", "ClientSession.call_tool",
+                          call_tool(tracer, source, switch, inject_meta=True))
+
+Each call is loop-checked and reserved before the request is written (a refused call never
+reaches the server), runs with its ``execute_tool {name}`` span current, and is settled as
+``outcome`` says. The span follows the GenAI ``execute_tool`` conventions
+(``gen_ai.tool.type=extension``: the agent calls an external server's tool) and, as the MCP
+conventions ask of an instrumentation that already traces the tool execution, carries the MCP
+attributes it knows: ``mcp.method.name=tools/call`` and ``mcp.protocol.version`` (the SDK's
+own ``MCP send tools/call`` client span, mcp 2, nests under it with the JSON-RPC id).
+
+Trace context: mcp 2 injects the W3C ``traceparent`` (and ``baggage``) of its client span
+into ``params._meta`` itself; mcp 1 does not, so with ``inject_meta`` the wrapper adds the
+current context (our span's) to the call's ``meta`` (keys the caller set win; the caller's
+dict is never modified). The server continues the trace, and an otel-budget ``budget()`` in
+baggage reaches it.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+from opentelemetry import propagate, trace
+
+from otel_budget.instrumentation.mcp.outcome import (
+    CALL_META_KEY,
+    MCP_METHOD_NAME,
+    MCP_PROTOCOL_VERSION,
+    METHOD_TOOLS_CALL,
+)
+from otel_budget.instrumentation.mcp.tool_call import metered
+from otel_budget.runtime import RuntimeSource
+
+#: ``gen_ai.tool.type`` of a tool an agent calls on an MCP server: the spec's ``extension``
+#: ("executed on the agent-side to directly call external APIs").
+CLIENT_TOOL_TYPE = "extension"
+
+
+class Switch:
+    """Off after ``uninstrument()``: a wrapper still referenced somewhere passes through."""
+
+    __slots__ = ("on",)
+
+    def __init__(self) -> None:
+        self.on = True
+
+
+#: The calls this process's client wrappers are sending, by the random token each puts in
+#: ``params._meta[CALL_META_KEY]``: a server wrapper in this process that sees one of them
+#: knows the call is metered already (``server``). A remote client cannot name one.
+OPEN_CALLS: set[str] = set()
+
+
+def with_trace_context(kwargs: dict[str, Any], token: str | None = None) -> dict[str, Any]:
+    """``kwargs`` with the current trace context (and baggage) added to ``meta``, and
+    ``token`` under ``CALL_META_KEY``."""
+    carrier: dict[str, Any] = {}
+    propagate.inject(carrier)
+    if token is not None:
+        carrier[CALL_META_KEY] = token
+    if not carrier:
+        return kwargs
+    meta = kwargs.get("meta")
+    if meta is not None and not isinstance(meta, dict):
+        return kwargs  # a type we do not know how to extend: sent as given
+    merged = dict(meta) if meta else {}
+    for key, value in carrier.items():
+        merged.setdefault(key, value)
+    return {**kwargs, "meta": merged}
+
+
+def session_attributes(session: Any) -> dict[str, Any]:
+    """The MCP attributes of the call's span that the session knows."""
+    attributes: dict[str, Any] = {MCP_METHOD_NAME: METHOD_TOOLS_CALL}
+    try:
+        version = getattr(session, "protocol_version", None)  # mcp 2 (None before initialize)
+    except Exception:
+        version = None
+    if isinstance(version, str) and version:
+        attributes[MCP_PROTOCOL_VERSION] = version
+    return attributes
+
+
+def call_tool(
+    tracer: trace.Tracer, source: RuntimeSource, switch: Switch, *, inject_meta: bool
+) -> Callable[..., Any]:
+    """The wrapt wrapper of ``ClientSession.call_tool(name, arguments=None, ...)``."""
+
+    async def wrapper(
+        wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        if not switch.on:
+            return await wrapped(*args, **kwargs)
+        if args:
+            name = args[0]
+            arguments = args[1] if len(args) > 1 else kwargs.get("arguments")
+        elif "name" in kwargs:
+            name, arguments = kwargs["name"], kwargs.get("arguments")
+        else:
+            return await wrapped(*args, **kwargs)  # no tool named: the SDK's TypeError
+
+        async def send() -> Any:
+            if not inject_meta:
+                return await wrapped(*args, **kwargs)
+            sent, token = kwargs, secrets.token_hex(16)
+            try:  # inside the span: the context injected is the call's
+                sent = with_trace_context(kwargs, token)
+            except Exception as exc:  # a broken propagator: sent without context
+                runtime = source.get()
+                if runtime is not None:
+                    runtime.engine.log_once("mcp trace context", exc)
+            OPEN_CALLS.add(token)
+            try:
+                return await wrapped(*args, **sent)
+            finally:
+                OPEN_CALLS.discard(token)
+
+        return await metered(
+            tracer, source, name, arguments, send,
+            tool_type=CLIENT_TOOL_TYPE, attributes=session_attributes(instance),
+        )  # fmt: skip
+
+    return wrapper
+
+
+__all__ = ["CLIENT_TOOL_TYPE", "OPEN_CALLS", "Switch", "call_tool", "session_attributes", "with_trace_context"]
