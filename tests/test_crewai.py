@@ -40,7 +40,7 @@ needs_crewai = pytest.mark.skipif(
     "test_crewai_suite_in_its_own_venv runs this file in the CrewAI venv",
 )
 #: How many tests of this file must pass in the CrewAI venv (never silently fewer).
-EXPECTED_PASSED = 19
+EXPECTED_PASSED = 20
 TOOL_PRICE = 0.001
 LOOKUP = {"name": "lookup", "arguments": {"query": "otel"}}
 
@@ -462,3 +462,40 @@ def test_a_failure_of_ours_follows_the_failure_policy(
             crew.kickoff()
         assert caught.value.reason == "internal_error"
         assert server.stats()["requests"] == 0
+
+
+# -- a model call inside a priced tool: two costs ------------------------------------------------
+def test_a_model_call_inside_a_priced_tool_is_charged_besides_the_tool(
+    make_processor: Any, exporter: Any
+) -> None:
+    """(Core, without crewai: runs in the main suite too.) The model call a tool makes is
+    metered by the openai instrumentor inside the tool's span; it must not take the tool's
+    own charge over as if it described the same call."""
+    import openai
+
+    from otel_budget import track_tool
+    from otel_budget.instrumentation.openai import OpenAIBudgetInstrumentor
+
+    make_processor(prices=PriceBook(tools={"summarise": 0.01}))
+    instrumentor = OpenAIBudgetInstrumentor()
+    instrumentor.instrument()
+    try:
+        with FakeLLMServer() as fake:
+            client = openai.OpenAI(base_url=fake.openai_base_url, api_key="x", max_retries=0)
+
+            @track_tool("summarise")
+            def summarise(text: str) -> Any:
+                return client.chat.completions.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": text}]
+                )
+
+            with budget(max_usd=1.0) as run:
+                summarise("hello")
+            bill = billed(fake)
+    finally:
+        instrumentor.uninstrument()
+    report = run.report()
+    assert llm_nanos(report) == bill > 0
+    assert report.by_tool["summarise"].usd == pytest.approx(0.01)
+    (tool_span,) = spans_named(exporter, "execute_tool summarise")  # ended and exported
+    assert tool_span.attributes["otel_budget.cost.usd"] == pytest.approx(0.01)

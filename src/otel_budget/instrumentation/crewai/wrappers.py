@@ -229,11 +229,16 @@ def tool_flow(
                                 set_status_on_exception=False):  # fmt: skip
                 result = yield send(partial(wrapped, *args, **kwargs))
         except BaseException as exc:
-            yield step(call.fail, call.afail, exc)
+            if call.call.delegated:
+                call.span.end()
+            else:
+                yield step(call.fail, call.afail, exc)
             raise
         finally:
             _TOOL.reset(token)
-        if _did_not_run(result):
+        if call.call.delegated:  # an MCP call_tool of ours inside took it over, and charged it
+            call.span.end()
+        elif _did_not_run(result):
             yield step(call.fail, call.afail, RuntimeError(str(getattr(result, "message", ""))))
         else:
             yield step(call.finish, call.afinish, result)
