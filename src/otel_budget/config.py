@@ -52,7 +52,7 @@ KNOWN_VARIABLES = frozenset(
 _LIMIT_VARIABLES = (env.OTEL_BUDGET_MAX_USD, env.OTEL_BUDGET_SCOPES)
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
-SUPPORTED_LIBRARIES = ("openai", "anthropic", "litellm", "mcp")
+SUPPORTED_LIBRARIES = ("openai", "anthropic", "litellm", "mcp", "crewai")
 
 
 def _bool(name: str, value: str) -> bool:

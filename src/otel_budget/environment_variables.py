@@ -98,7 +98,7 @@ OTEL_BUDGET_INSTRUMENT = "OTEL_BUDGET_INSTRUMENT"
 .. envvar:: OTEL_BUDGET_INSTRUMENT
 
 Which libraries to instrument, comma separated (default: every supported one installed:
-``openai,anthropic,litellm,mcp``).
+``openai,anthropic,litellm,mcp,crewai``).
 """
 
 OTEL_BUDGET_REDIS_URL = "OTEL_BUDGET_REDIS_URL"

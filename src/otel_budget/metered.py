@@ -299,9 +299,14 @@ def begin_steps(
     if parent_ctx is not None and not parentless:
         outer_lease = span_lease(parent_ctx.trace_id, parent_ctx.span_id)
         outer = calls.get(outer_lease)
-        if isinstance(outer, MeteredCall) and outer.charge is not None and not outer.done:
+        if (
+            isinstance(outer, MeteredCall) and outer.charge is not None and not outer.done
+            and outer.charge.kind == charge_kind
+        ):  # fmt: skip
             # Another instrumentation's GenAI span around ours describes the same call: this
             # call, which knows the request, meters it; the outer span is charged nothing.
+            # (Only a call of the same kind: a model call made inside a priced tool is a
+            # second cost, not the tool's.)
             outer.delegated = True
             outer.done = True
             loop = None  # the outer call was loop-checked already: one call, counted once

@@ -52,6 +52,8 @@ _INSTRUMENTORS = {
     "anthropic": ("otel_budget.instrumentation.anthropic", "AnthropicBudgetInstrumentor"),
     "litellm": ("otel_budget.instrumentation.litellm", "LiteLLMBudgetInstrumentor"),
     "mcp": ("otel_budget.instrumentation.mcp", "MCPInstrumentor"),
+    # (installs its wrappers when CrewAI is imported: nothing is imported before)
+    "crewai": ("otel_budget.instrumentation.crewai", "CrewAIInstrumentor"),
 }
 # Framework instrumentors, instrumented on their own (``OpenAIAgentsInstrumentor``,
 # ``LangChainInstrumentor``): their model calls are metered, so a budget() block under them
@@ -128,7 +130,7 @@ class BudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     ``gen_ai.client.*`` and ``otel_budget.*`` metrics; default: the global one),
     ``logger_provider`` (for the GenAI events of the content capture modes; default: the
     global one), ``processor`` (use an existing one: it keeps its own meter provider), and
-    ``libraries`` (a subset of ``("openai", "anthropic", "litellm", "mcp")``). Without
+    ``libraries`` (a subset of ``("openai", "anthropic", "litellm", "mcp", "crewai")``). Without
     processor arguments the ``OTEL_BUDGET_*`` environment variables are read. Called again
     with other arguments, it applies them (a new processor replaces the previous one).
     """
