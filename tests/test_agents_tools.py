@@ -198,3 +198,26 @@ def test_a_book_price_function_that_cannot_answer_before_the_call_still_meters(
         assert call.call.charge is not None and call.call.charge.reserved
         call.finish("abcd")
     assert run.report().by_tool["pages"].usd == pytest.approx(0.004)
+
+
+def test_a_taken_over_call_ends_its_span_once(make_processor: Any, exporter: Any) -> None:
+    """A tool call whose body makes our own tool call under the same name (an integration's
+    tool around an MCP call): the inner call charges, the outer span still ends (once, with
+    the error when the body failed) and is exported."""
+    make_processor()
+    with budget(max_usd=1) as run:
+        for fails in (False, True):
+            outer = begin_tool("search", arguments={"q": fails}, cost_usd=0.01)
+            with trace.use_span(outer.span, end_on_exit=False):
+                inner = begin_tool("search", arguments={"q": fails}, cost_usd=0.01)
+                inner.finish("r")
+            if fails:
+                outer.fail(RuntimeError("after the inner call"))
+                outer.fail(RuntimeError("twice"))  # settled twice: ended once
+            else:
+                outer.finish("r")
+    spans = [s for s in exporter.get_finished_spans() if s.name == "execute_tool search"]
+    assert len(spans) == 4
+    failed_outer = [s for s in spans if s.status.status_code is StatusCode.ERROR]
+    assert len(failed_outer) == 1 and failed_outer[0].attributes[attrs.ERROR_TYPE] == "RuntimeError"
+    assert run.report().tool_calls == 2 and run.report().tools_usd == pytest.approx(0.02)

@@ -103,7 +103,7 @@ def refuse(
 class MeteredCall:
     """A span plus its charge; settle it exactly once (``settle`` or ``fail``)."""
 
-    __slots__ = ("runtime", "span", "charge", "done", "span_lease", "delegated")
+    __slots__ = ("runtime", "span", "charge", "done", "span_lease", "delegated", "span_ended")
 
     def __init__(self, span: Any, charge: Charge | None, runtime: BudgetRuntime | None) -> None:
         self.runtime = runtime
@@ -112,6 +112,7 @@ class MeteredCall:
         self.done = False
         self.span_lease = 0
         self.delegated = False  # another metered call (ours, inside this span) took it over
+        self.span_ended = False  # (a taken-over span, ended by ``end_taken_over``)
 
     @property
     def processor(self) -> BudgetRuntime | None:
@@ -136,6 +137,8 @@ class MeteredCall:
         """Commit the actual cost, record it on the span (with ``error``, if the call failed
         after it was billed), end the span."""
         if self.done:
+            if end:
+                end_taken_over(self, error)
             return None
         self.done = True
         span = self.span
@@ -166,6 +169,8 @@ class MeteredCall:
         """The call failed before it was billed: give the reservation back, charge nothing,
         record the error on the span."""
         if self.done:
+            if end:
+                end_taken_over(self, error)
             return None
         self.done = True
         span = self.span
@@ -212,6 +217,29 @@ class MeteredCall:
     # Compatibility with the earlier ``BudgetedCall`` name of the same operation.
     def finish(self, actual_nanos: int, **kw: Any) -> None:
         self.settle(actual_nanos, **kw)
+
+
+def end_taken_over(call: MeteredCall, error: BaseException | None = None) -> bool:
+    """End the span of a call that a metered call inside it took over (``begin_steps``: it
+    was released then, and the inner call charged the money): once, with ``error`` recorded
+    the way the conventions record errors. False when the call was not taken over."""
+    if not call.delegated:
+        return False
+    if call.span_ended:
+        return True
+    call.span_ended = True
+    span = call.span
+    try:
+        if getattr(span, "end_time", None) is not None:
+            return True  # its owner ended it (another instrumentation's span)
+        if error is not None and span.is_recording():
+            span.set_attribute(attrs.ERROR_TYPE, error_type(error))
+            span.set_status(Status(StatusCode.ERROR, str(error)))
+        span.end()
+    except Exception as exc:  # a misbehaving span never reaches the app
+        if call.runtime is not None:
+            call.runtime.engine.log_once("end taken-over span", exc)
+    return True
 
 
 def error_type(error: BaseException) -> str:
@@ -503,6 +531,7 @@ __all__ = [
     "begin",
     "begin_call",
     "begin_steps",
+    "end_taken_over",
     "error_type",
     "is_nested",
     "mark_refused",

@@ -52,6 +52,7 @@ from otel_budget.metered import (
     CURRENT_CALL,
     MeteredCall,
     begin_steps,
+    end_taken_over,
     error_type,
     refuse,
     start_span,
@@ -492,6 +493,7 @@ class LLMCall:
         the duration metric as the official instrumentations do (the cost is that of an early
         end all the same)."""
         if self.budgeted.done:
+            end_taken_over(self.budgeted, error)
             return None
         if usage is None and self.request.output_audio:
             # A transcript says little about the audio billed: at least the reservation.
@@ -518,6 +520,7 @@ class LLMCall:
         hook saw the attempts (an HTTP layer not hooked), a timeout or lost connection is
         charged the reservation."""
         if self.budgeted.done:
+            end_taken_over(self.budgeted, exc)
             return None
         if self.answered_ok:  # billed, then the SDK raised (parsing): never free
             yield from self.fail_after_response_steps(exc, None)
@@ -548,6 +551,7 @@ class LLMCall:
         finish, a structured output that does not validate): charge the usage the response
         carried, or without it the reservation."""
         if self.budgeted.done:
+            end_taken_over(self.budgeted, exc)
             return None
         out: dict[str, Any] = dict(response_attributes or {})
         self._take_content(out)
@@ -576,6 +580,7 @@ class LLMCall:
         the connection was lost (rather than the provider sending an error event), the
         provider may have gone on generating: charge at least the reservation."""
         if self.budgeted.done:
+            end_taken_over(self.budgeted, exc)
             return None
         out: dict[str, Any] = dict(response_attributes or {})
         actual, usage = self._actual(

@@ -38,9 +38,7 @@ from urllib.parse import urlsplit
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import Status, StatusCode
 
-from otel_budget import attributes as attrs
 from otel_budget.errors import BudgetExceededError
 from otel_budget.instrumentation._call import (
     CURRENT_CALL,
@@ -53,7 +51,7 @@ from otel_budget.instrumentation._call import (
 from otel_budget.instrumentation._flow import Flow, Step, arun_flow, run_flow, send, step
 from otel_budget.instrumentation.crewai.run import raise_if_stopped, stop_run
 from otel_budget.instrumentation.litellm.request import PROVIDER_NAMES, resolve_provider
-from otel_budget.metered import error_type
+from otel_budget.metered import end_taken_over
 from otel_budget.pricing import TokenUsage
 from otel_budget.runtime import RuntimeSource
 from otel_budget.tokens import InputEstimate, estimate_input_tokens
@@ -180,18 +178,9 @@ def _messages_and_tools(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tup
     return messages, tools
 
 
-def _end_taken_over(call: LLMCall, error: BaseException | None) -> None:
-    """The provider-level call took this one over (and charged it): end the span only."""
-    span = call.span
-    if error is not None and span.is_recording():
-        span.set_attribute(attrs.ERROR_TYPE, error_type(error))
-        span.set_status(Status(StatusCode.ERROR, str(error)))
-    span.end()
-
-
 def _settle(call: LLMCall, active: ActiveCall, result: Any) -> Step | None:
     if call.budgeted.delegated:
-        _end_taken_over(call, None)
+        end_taken_over(call.budgeted)
         return None
     text = result if isinstance(result, str) else None
     return step(call.succeed, call.asucceed, active.usage, output_text=text)
@@ -199,7 +188,7 @@ def _settle(call: LLMCall, active: ActiveCall, result: Any) -> Step | None:
 
 def _fail(call: LLMCall, active: ActiveCall, exc: BaseException) -> Step | None:
     if call.budgeted.delegated:
-        _end_taken_over(call, exc)
+        end_taken_over(call.budgeted, exc)
         return None
     if active.usage is not None:  # answered (and billed) before CrewAI failed
         return step(call.fail_after_response, call.afail_after_response, exc, active.usage)

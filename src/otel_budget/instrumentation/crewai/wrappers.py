@@ -48,6 +48,7 @@ from otel_budget.instrumentation.crewai.run import (
     raise_if_stopped,
     stop_run,
 )
+from otel_budget.metered import end_taken_over
 from otel_budget.tools import abegin_tool, begin_tool
 
 TASK_NAME = "otel_budget.task.name"
@@ -230,14 +231,14 @@ def tool_flow(
                 result = yield send(partial(wrapped, *args, **kwargs))
         except BaseException as exc:
             if call.call.delegated:
-                call.span.end()
+                end_taken_over(call.call, exc)
             else:
                 yield step(call.fail, call.afail, exc)
             raise
         finally:
             _TOOL.reset(token)
         if call.call.delegated:  # an MCP call_tool of ours inside took it over, and charged it
-            call.span.end()
+            end_taken_over(call.call)
         elif _did_not_run(result):
             yield step(call.fail, call.afail, RuntimeError(str(getattr(result, "message", ""))))
         else:

@@ -48,9 +48,7 @@ from uuid import UUID
 
 from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
 from opentelemetry import trace
-from opentelemetry.trace import Status, StatusCode
 
-from otel_budget import attributes as attrs
 from otel_budget.agents import agent_span
 from otel_budget.errors import BudgetExceededError
 from otel_budget.instrumentation._call import astart_call, start_call
@@ -58,7 +56,7 @@ from otel_budget.instrumentation._flow import Flow, arun_flow, run_flow, step
 from otel_budget.instrumentation.langchain.models import chat_request, result_usage
 from otel_budget.instrumentation.langchain.runs import RUNS, Run, agent_of, enter, leave, under
 from otel_budget.logs import RateLimitedLog
-from otel_budget.metered import error_type
+from otel_budget.metered import end_taken_over
 from otel_budget.runtime import RuntimeSource
 from otel_budget.tools import abegin_tool, begin_tool
 
@@ -69,20 +67,6 @@ def _tool_output(output: Any) -> Any:
     """What the tool returned, as the model sees it: a ``ToolMessage``'s content."""
     content = getattr(output, "content", None)
     return output if content is None else content
-
-
-def _end_taken_over(metered: Any, error: BaseException | None = None) -> bool:
-    """End the span of a call that a metered call inside it took over (a provider call
-    under a model run, a tool's own ``begin_tool`` under a tool run: ours was released then,
-    ``metered.begin_steps``); False when it was not taken over."""
-    if not metered.delegated:
-        return False
-    span = metered.span
-    if error is not None and span.is_recording():
-        span.set_attribute(attrs.ERROR_TYPE, error_type(error))
-        span.set_status(Status(StatusCode.ERROR, str(error)))
-    span.end()
-    return True
 
 
 class _Events:
@@ -171,7 +155,7 @@ class _Events:
             return None
         leave(run.tokens)
         call = run.call
-        if _end_taken_over(call.budgeted):
+        if end_taken_over(call.budgeted):
             return None
         usage, model, text = result_usage(response)
         yield step(call.succeed, call.asucceed, usage, None, response_model=model,
@@ -184,7 +168,7 @@ class _Events:
             return None
         leave(run.tokens)
         call = run.call
-        if _end_taken_over(call.budgeted, error):
+        if end_taken_over(call.budgeted, error):
             return None
         yield step(call.fail, call.afail, error)
         return None
@@ -226,7 +210,7 @@ class _Events:
             return None
         leave(run.tokens)
         call = run.call
-        if _end_taken_over(call.call):
+        if end_taken_over(call.call):
             return None
         yield step(call.finish, call.afinish, _tool_output(output))
         return None
@@ -237,7 +221,7 @@ class _Events:
             return None
         leave(run.tokens)
         call = run.call
-        if _end_taken_over(call.call, error):
+        if end_taken_over(call.call, error):
             return None
         yield step(call.fail, call.afail, error)
         return None

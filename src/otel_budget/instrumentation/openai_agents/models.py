@@ -28,7 +28,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from opentelemetry import trace
-from opentelemetry.trace import Status, StatusCode
 
 from otel_budget import attributes as attrs
 from otel_budget.errors import BudgetExceededError
@@ -43,7 +42,7 @@ from otel_budget.instrumentation._util import with_history
 from otel_budget.instrumentation.openai import history
 from otel_budget.instrumentation.openai.request import client_info
 from otel_budget.instrumentation.openai.response import responses_usage
-from otel_budget.metered import error_type
+from otel_budget.metered import end_taken_over
 from otel_budget.pricing import TokenUsage
 from otel_budget.runtime import RuntimeSource
 from otel_budget.steps import arun
@@ -167,19 +166,10 @@ def _output_text(output: Any) -> str:
     return "".join(parts)
 
 
-def _end_delegated(call: LLMCall, error: BaseException | None = None) -> None:
-    """Our openai instrumentation metered this call from inside it: end the outer span."""
-    span = call.span
-    if error is not None and span.is_recording():
-        span.set_attribute(attrs.ERROR_TYPE, error_type(error))
-        span.set_status(Status(StatusCode.ERROR, str(error)))
-    span.end()
-
-
 async def _fail(call: LLMCall, error: BaseException, text: str = "",
                 usage: TokenUsage | None = None) -> None:  # fmt: skip
     if call.budgeted.delegated:
-        _end_delegated(call, error)
+        end_taken_over(call.budgeted, error)
     elif text or usage is not None:  # a stream broke after output: that output was billed
         runtime = call.runtime
         await arun(call.fail_after_output_steps(error, usage, text, 0),
@@ -191,7 +181,7 @@ async def _fail(call: LLMCall, error: BaseException, text: str = "",
 async def _succeed(call: LLMCall, usage: TokenUsage | None, response_id: Any, text: Any,
                    floor: int = 0) -> None:  # fmt: skip
     if call.budgeted.delegated:
-        _end_delegated(call)
+        end_taken_over(call.budgeted)
         return
     out: dict[str, Any] = {}
     if isinstance(response_id, str) and response_id:
