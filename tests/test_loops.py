@@ -220,7 +220,12 @@ def test_warn_reports_without_refusing(make_processor: Any, exporter: Any) -> No
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append  # type: ignore[method-assign]
-    logger = logging.getLogger("otel_budget")  # (another test may stop its propagation)
+    # (Another test may stop the logger's propagation, raise its level, or disable it through
+    # a logging.config.dictConfig of some library: read it here, as it is.)
+    logger = logging.getLogger("otel_budget")
+    level, disabled = logger.level, logger.disabled
+    logger.setLevel(logging.WARNING)
+    logger.disabled = False
     logger.addHandler(handler)
     try:
         with budget(max_usd=5) as run:
@@ -229,6 +234,8 @@ def test_warn_reports_without_refusing(make_processor: Any, exporter: Any) -> No
                     pass
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.disabled = disabled
     report = run.report()
     assert report.tool_calls == 7 and report.aborts == 0 and report.loops == 3
     assert report.terminated_by is None
