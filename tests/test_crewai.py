@@ -79,9 +79,9 @@ def test_crewai_suite_in_its_own_venv() -> None:
     returncode, output = _crewai_venv_run()
     if returncode is None:
         message = f"no CrewAI test venv: {output[-2000:]}"
-        if os.environ.get("CI"):
+        if os.environ.get("OTEL_BUDGET_TEST_CREWAI") == "1":  # asked for, and not built
             pytest.fail(message)
-        pytest.skip(message)
+        pytest.skip(message + " (OTEL_BUDGET_TEST_CREWAI=1 bash tests/run.sh builds it)")
     assert returncode == 0, output[-6000:]
     passed = re.search(r"(\d+) passed", output)
     assert passed is not None and int(passed.group(1)) >= EXPECTED_PASSED, output[-3000:]
