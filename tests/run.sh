@@ -67,7 +67,7 @@ fi
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
 LOG="$(mktemp)"
 # The optional extras resolve beside [test] without changing any of its versions: one install.
-if ! "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[test,langchain,mcp,openai-agents]' >"$LOG" 2>&1; then
+if ! "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-compile -e '.[test,langchain,mcp,openai-agents]' >"$LOG" 2>&1; then
     grep -v "is ignored" "$LOG" >&2
     echo "tests/run.sh: installing the test dependencies failed" >&2
     exit 1
