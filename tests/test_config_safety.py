@@ -135,7 +135,7 @@ def runs(tmp_path_factory: Any) -> dict[str, Run]:
     (shim / "redis" / "__init__.py").write_text(NO_REDIS)
     base = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "PYTEST"))}
     base.update(
-        OTEL_PYTHON_DISABLED_INSTRUMENTATIONS="openai", OTEL_SERVICE_NAME="config-safety",
+        OTEL_PYTHON_DISABLED_INSTRUMENTATIONS="openai,anthropic", OTEL_SERVICE_NAME="config-safety",
         OTEL_TRACES_EXPORTER="none", OTEL_METRICS_EXPORTER="none", OTEL_LOGS_EXPORTER="none",
         OTEL_BUDGET_INSTRUMENT="openai",
     )  # fmt: skip

@@ -139,3 +139,66 @@ def test_bad_env_values_name_the_variable(name: str, value: str) -> None:
             BudgetSpanProcessor(**settings_from_env({name: value}))
     if not isinstance(info.value, OSError):
         assert name in str(info.value)
+
+
+LAZY = textwrap.dedent(
+    """
+    import os, sys, threading, time
+    from otel_budget import BudgetExceededError, BudgetInstrumentor
+
+    def wrapped(cls, method):
+        return type(getattr(cls, method)).__name__.endswith("FunctionWrapper")
+
+    started = time.process_time()
+    BudgetInstrumentor().instrument(max_usd=0.0005)
+    print("instrument cpu", time.process_time() - started)
+    # instrument() imports no provider SDK: an app that never uses one never loads it
+    print("imported", sorted(m for m in ("openai", "anthropic", "litellm", "mcp") if m in sys.modules))
+    # Uninstrumented before the SDK is imported: the armed hook does nothing when it is.
+    BudgetInstrumentor().uninstrument()
+    BudgetInstrumentor().instrument(max_usd=0.0005)   # armed again (a second hook)
+    import anthropic.resources.messages as m
+    print("anthropic wrapped", wrapped(m.Messages, "create"), wrapped(m.AsyncMessages, "stream"))
+    # Imported from a thread while another imports it too: wrapped once, enforced.
+    threads = [threading.Thread(target=__import__, args=("openai",)) for _ in range(4)]
+    for t in threads: t.start()
+    for t in threads: t.join()
+    import openai
+    from openai.resources.chat.completions import Completions
+    inner = Completions.create.__wrapped__
+    print("openai wrapped once", wrapped(Completions, "create")
+          and not type(inner).__name__.endswith("FunctionWrapper"))
+    client = openai.OpenAI(base_url=os.environ["FAKE_URL"], api_key="x", max_retries=0)
+    try:
+        for _ in range(50):
+            client.chat.completions.create(model="gpt-4o-mini", max_tokens=50,
+                                           messages=[{"role": "user", "content": "hi " * 300}])
+        print("NOT STOPPED")
+    except BudgetExceededError as exc:
+        print("stopped", exc.reason)
+    BudgetInstrumentor().uninstrument()
+    print("unwrapped", not wrapped(Completions, "create"), not wrapped(m.Messages, "create"))
+    """
+)
+
+
+def test_instrument_imports_no_sdk_and_wraps_each_when_the_app_imports_it(
+    server: Any, tmp_path: Path
+) -> None:
+    """Provider SDKs are wrapped by post-import hooks: instrument() loads none (anthropic
+    alone is over a second of CPU), and an SDK imported later is wrapped before its first
+    call, once, even when imported from several threads; uninstrument() disarms hooks."""
+    script = tmp_path / "app.py"
+    script.write_text(LAZY)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env["FAKE_URL"] = server.openai_base_url
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    assert "imported []" in out, out
+    assert "anthropic wrapped True True" in out, out
+    assert "openai wrapped once True" in out, out
+    assert "stopped limit" in out, out
+    assert "unwrapped True True" in out, out
+    assert 0 < server.stats()["billed_usd"] <= 0.0005 + 1e-9

@@ -67,10 +67,11 @@ def run_instrumented(script: str, tmp_path: Path, env_extra: dict[str, str]) -> 
     agent.write_text(script)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "PYTEST"))}
     # Other GenAI instrumentations installed beside ours (the test environment has the
-    # official one and OpenLLMetry: their entry points are named "openai") are off here, so
-    # these tests see our spans alone; test_zero_code_beside_other_genai_instrumentations
-    # runs them together.
-    env["OTEL_PYTHON_DISABLED_INSTRUMENTATIONS"] = "openai"
+    # official ones and OpenLLMetry: their entry points are named "openai" and "anthropic")
+    # are off here, so these tests see our spans alone (and each interpreter starts in half
+    # the time: the official anthropic one imports anthropic, which these agents never use);
+    # test_zero_code_beside_other_genai_instrumentations runs them together.
+    env["OTEL_PYTHON_DISABLED_INSTRUMENTATIONS"] = "openai,anthropic"
     env.update(
         OTEL_SERVICE_NAME="zero-code-agent",
         OTEL_METRICS_EXPORTER="none",

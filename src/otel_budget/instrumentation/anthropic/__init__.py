@@ -31,20 +31,12 @@ flow each).
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Collection
-from typing import Any
 
-from opentelemetry import trace
-from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
-from opentelemetry.instrumentation.utils import unwrap
-from wrapt import wrap_function_wrapper
-
-from otel_budget.cache import as_cache
 from otel_budget.instrumentation._attempts import async_attempt, sync_attempt
+from otel_budget.instrumentation._sdk import SDKInstrumentor
 from otel_budget.instrumentation._stream import manager_aexit, manager_exit
 from otel_budget.instrumentation.anthropic import wrappers
-from otel_budget.runtime import RuntimeSource
 
 _INSTRUMENTS = ("anthropic >= 0.40",)
 
@@ -84,38 +76,14 @@ _MANAGER_TARGETS = (
 )
 
 
-class AnthropicBudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
+class AnthropicBudgetInstrumentor(SDKInstrumentor):
     """Instruments the anthropic SDK with GenAI spans and budget enforcement."""
+
+    _SDK = "anthropic"
+    _TARGETS = (*_TARGETS, *_ATTEMPT_TARGETS, *_MANAGER_TARGETS)
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return _INSTRUMENTS
-
-    def _instrument(self, **kwargs: Any) -> None:
-        from otel_budget import __version__
-        from otel_budget.instrumentation._content import event_tracer
-
-        tracer = event_tracer(trace.get_tracer(
-            __name__, __version__, kwargs.get("tracer_provider"),
-            schema_url="https://opentelemetry.io/schemas/1.37.0",
-        ), __name__, kwargs.get("logger_provider"))  # fmt: skip
-        source = RuntimeSource(kwargs.get("runtime"), as_cache(kwargs.get("cache")))  # the runtime the wrappers enforce
-        self._wrapped: list[tuple[str, str, str]] = []
-        for module, cls, method, factory in (*_TARGETS, *_ATTEMPT_TARGETS, *_MANAGER_TARGETS):
-            try:
-                owner = getattr(importlib.import_module(module), cls)
-                if not callable(getattr(owner, method, None)):
-                    continue  # an SDK without this API
-                wrap_function_wrapper(module, f"{cls}.{method}", factory(tracer, source))
-                self._wrapped.append((module, cls, method))
-            except (ImportError, AttributeError):
-                continue
-        # (``keep_sdk_spans``: accepted, a no-op; the SDK's spans are kept, see above.)
-
-    def _uninstrument(self, **kwargs: Any) -> None:
-        for module, cls, method in getattr(self, "_wrapped", []):
-            owner = importlib.import_module(module)
-            unwrap(getattr(owner, cls), method)
-        self._wrapped = []
 
 
 __all__ = ["AnthropicBudgetInstrumentor"]

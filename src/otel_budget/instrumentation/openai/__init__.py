@@ -19,18 +19,11 @@ output bound are on the span at start, so the budget decision happens before any
 from __future__ import annotations
 
 from collections.abc import Collection
-from typing import Any
 
-from opentelemetry import trace
-from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
-from opentelemetry.instrumentation.utils import unwrap
-from wrapt import wrap_function_wrapper
-
-from otel_budget.cache import as_cache
 from otel_budget.instrumentation._attempts import async_attempt, sync_attempt
+from otel_budget.instrumentation._sdk import SDKInstrumentor
 from otel_budget.instrumentation._stream import manager_aexit, manager_exit
 from otel_budget.instrumentation.openai import wrappers
-from otel_budget.runtime import RuntimeSource
 
 _INSTRUMENTS = ("openai >= 1.40",)
 
@@ -67,39 +60,11 @@ _MANAGER_TARGETS = (
 )
 
 
-class OpenAIBudgetInstrumentor(BaseInstrumentor):  # type: ignore[misc]
+class OpenAIBudgetInstrumentor(SDKInstrumentor):
     """Instruments the openai SDK with GenAI spans and budget enforcement."""
+
+    _SDK = "openai"
+    _TARGETS = (*_TARGETS, *_ATTEMPT_TARGETS, *_MANAGER_TARGETS)
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return _INSTRUMENTS
-
-    def _instrument(self, **kwargs: Any) -> None:
-        from otel_budget import __version__
-        from otel_budget.instrumentation._content import event_tracer
-
-        tracer = event_tracer(trace.get_tracer(
-            __name__, __version__, kwargs.get("tracer_provider"),
-            schema_url="https://opentelemetry.io/schemas/1.37.0",
-        ), __name__, kwargs.get("logger_provider"))  # fmt: skip
-        # The runtime these wrappers enforce, in their closure (instrument(runtime=...));
-        # without one they follow the process's current runtime.
-        source = RuntimeSource(kwargs.get("runtime"), as_cache(kwargs.get("cache")))
-        self._wrapped: list[tuple[str, str, str]] = []
-        import importlib
-
-        for module, cls, method, factory in (*_TARGETS, *_ATTEMPT_TARGETS, *_MANAGER_TARGETS):
-            try:
-                owner = getattr(importlib.import_module(module), cls)
-                if not hasattr(owner, method):
-                    continue  # an older SDK without this API
-                wrap_function_wrapper(module, f"{cls}.{method}", factory(tracer, source))
-                self._wrapped.append((module, cls, method))
-            except (ImportError, AttributeError):
-                continue
-
-    def _uninstrument(self, **kwargs: Any) -> None:
-        import importlib
-
-        for module, cls, method in getattr(self, "_wrapped", []):
-            unwrap(getattr(importlib.import_module(module), cls), method)
-        self._wrapped = []
