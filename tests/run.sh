@@ -94,4 +94,6 @@ if [ "${SKIP_LINT:-0}" != 1 ]; then
     "$VENV/bin/mypy" --python-executable "$VENV/bin/python"
 fi
 
-exec "$VENV/bin/python" -m pytest "$@"
+# On every core, a test file per worker at a time (module fixtures, such as the servers a
+# file starts, are set up once). TEST_WORKERS=0 runs it in this process.
+exec "$VENV/bin/python" -m pytest -n "${TEST_WORKERS:-auto}" --dist loadfile "$@"
