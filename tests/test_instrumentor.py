@@ -84,13 +84,18 @@ NO_SDK = textwrap.dedent(
 )
 
 
-def test_enforcement_without_sdk_and_late_provider(server: Any, tmp_path: Path) -> None:
+def run_app(source: str, server: Any, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """``source`` run as a fresh app (no OTEL_* variables) against the fake ``server``."""
     script = tmp_path / "app.py"
-    script.write_text(NO_SDK)
+    script.write_text(source)
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     env["FAKE_URL"] = server.openai_base_url
-    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
-                            text=True, timeout=120)  # fmt: skip
+    return subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+
+
+def test_enforcement_without_sdk_and_late_provider(server: Any, tmp_path: Path) -> None:
+    result = run_app(NO_SDK, server, tmp_path)
     assert "stopped without SDK after" in result.stdout, result.stdout + result.stderr
     assert server.stats()["billed_usd"] <= 0.0005 + 1e-6  # the late call is within the cap too
     spent = float(result.stdout.split("late root spent")[1])
@@ -188,12 +193,7 @@ def test_instrument_imports_no_sdk_and_wraps_each_when_the_app_imports_it(
     """Provider SDKs are wrapped by post-import hooks: instrument() loads none (anthropic
     alone is over a second of CPU), and an SDK imported later is wrapped before its first
     call, once, even when imported from several threads; uninstrument() disarms hooks."""
-    script = tmp_path / "app.py"
-    script.write_text(LAZY)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    env["FAKE_URL"] = server.openai_base_url
-    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
-                            text=True, timeout=120)  # fmt: skip
+    result = run_app(LAZY, server, tmp_path)
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
     assert "imported []" in out, out

@@ -389,3 +389,47 @@ def test_hash_tags_in_scope_names_stay_in_one_group(cluster: RedisCluster3) -> N
         store.close()
 
 
+
+
+def test_a_cluster_down_when_the_ledger_is_built_is_an_outage_not_a_dead_ledger() -> None:
+    """redis-py's cluster client reads the slot map when it is built: a cluster down at that
+    moment must not leave a ledger that never works. Calls fail like in any outage (the
+    processor refuses them under fail_closed), then the ledger serves without a restart
+    as soon as the cluster answers, with nothing lost."""
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from otel_budget import BudgetExceededError, BudgetSpanProcessor
+    from otel_budget.metered import begin
+
+    if not AVAILABLE:
+        pytest.skip(SKIP_REASON)
+    nodes = RedisCluster3()  # ports chosen, nothing listening yet
+    try:
+        store = RedisClusterStorage(nodes.url, prefix=unique_prefix(), **SLOW)
+        processor = BudgetSpanProcessor(max_usd=1, storage=store, failure_policy="fail_closed")
+        provider = TracerProvider()
+        provider.add_span_processor(processor)
+        tracer = provider.get_tracer("t")
+
+        def call() -> None:
+            begin(processor.runtime, tracer, "chat m", {}, minimum=1_000_000, name="m",
+                  provider="p").settle(400_000)  # fmt: skip
+
+        with pytest.raises(BudgetExceededError) as info:
+            call()
+        assert info.value.reason == "internal_error"
+        nodes.start()
+        deadline = time.monotonic() + 10
+        while True:  # the breaker lets a call through again within its reset time
+            try:
+                call()
+                break
+            except BudgetExceededError:
+                assert time.monotonic() < deadline, "the ledger never recovered"
+                time.sleep(0.1)
+        store.flush()
+        usage = store.usage("process")
+        assert usage is not None and usage.spent == 400_000 and usage.reserved == 0
+        store.close()
+    finally:
+        nodes.cleanup()

@@ -59,7 +59,10 @@ from otel_budget.storage.redis import (
 
 try:  # optional dependency, as in storage/redis.py
     import redis as _redis
+    from redis._parsers.encoders import Encoder as _Encoder
     from redis.backoff import NoBackoff as _NoBackoff
+    from redis.commands.core import Script as _Script
+    from redis.connection import parse_url as _parse_url
     from redis.retry import Retry as _Retry
 except ImportError:  # pragma: no cover - RedisStorage raises a clear ImportError first
     _redis = None  # type: ignore[assignment]
@@ -85,6 +88,44 @@ def _hash_tag(prefix: str) -> bool:
 def is_cluster_url(url: str | None) -> bool:
     """True for ``redis+cluster://`` and ``rediss+cluster://`` URLs."""
     return url is not None and url.split("://", 1)[0].lower() in CLUSTER_SCHEMES
+
+
+class LazyClusterClient:
+    """A redis-py ``RedisCluster``, built at its first use and, until one is built, tried
+    again at each use. redis-py's cluster client reads the slot map from a node when it is
+    built, so a cluster down while the ledger is being built would otherwise leave a ledger
+    that never works until the process restarts (every call refused under ``fail_closed``,
+    none budgeted under ``fail_open``). Lazily, that is an outage like any other: each call
+    fails fast while the breaker is open, settlements are journaled, and the ledger works
+    again as soon as a node answers. Everything else goes to the client."""
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self._make = make
+        self._client: Any = None
+        self._lock = threading.Lock()
+        self._encoder = _Encoder("utf-8", "strict", True)  # type: ignore[no-untyped-call]
+
+    def _connected(self) -> Any:
+        client = self._client
+        if client is None:
+            with self._lock:
+                client = self._client
+                if client is None:
+                    client = self._client = self._make()
+        return client
+
+    def get_encoder(self) -> Any:
+        return self._encoder  # (what the scripts' SHA1 is computed with, without a client)
+
+    def register_script(self, script: str) -> Any:
+        return _Script(self, script)  # type: ignore[arg-type]  # (calls reach the client via self)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._connected(), name)
 
 
 class RedisClusterStorage(RedisStorage):
@@ -116,13 +157,14 @@ class RedisClusterStorage(RedisStorage):
         scheme, sep, rest = url.partition("://")
         if scheme.lower() in CLUSTER_SCHEMES:
             url = scheme.split("+", 1)[0] + sep + rest
-        return _redis.RedisCluster.from_url(
+        _parse_url(url)  # type: ignore[no-untyped-call]  # a malformed URL is a configuration error now, not an outage later
+        return LazyClusterClient(lambda: _redis.RedisCluster.from_url(
             url,
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_connect_timeout,
             retry=_Retry(_NoBackoff(), 0),  # our retry loop, as in RedisStorage
             decode_responses=True,
-        )
+        ))  # fmt: skip
 
     def _call(self, op: Callable[[], Any], settle: bool = False) -> Any:
         def guarded() -> Any:
