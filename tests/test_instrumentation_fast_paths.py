@@ -100,6 +100,8 @@ def test_materialised_reads_each_iterator_once_and_never_mutates() -> None:
         {"max_completion_tokens": 10, "max_tokens": 20}, {"max_tokens": None},
         {"generation_config": {"max_output_tokens": 7}}, {"config": {"maxOutputTokens": 3.0}},
         {"max_tokens": True}, {"max_tokens": -1}, {"max_tokens": "lots"},
+        {"max_tokens": 0}, {"max_completion_tokens": 3000}, {"max_tokens": False},
+        {"max_output_tokens": 2**40},
     ],
 )
 def test_output_bound_ints_is_output_bound_and_ints(params: dict[str, Any]) -> None:
@@ -166,3 +168,85 @@ def test_fields_reads_what_get_reads() -> None:
         assert Fields(*names)(obj) == tuple(get(obj, n) for n in names)
         assert Fields(*names[:5])(obj) == tuple(get(obj, n) for n in names[:5])
         assert Fields("id")(obj) == (get(obj, "id"),)
+
+
+# -- issue 11, second round: shortcuts on every call ------------------------------------------
+FLAT_MESSAGES: list[Any] = [
+    [{"role": "system", "content": "You are a concise assistant."},
+     {"role": "user", "content": "Summarise the plot of Hamlet in two sentences."}],
+    [{"role": "user", "content": "hi", "name": "alice"}],
+    [{"role": "assistant", "content": None}, {"role": "user", "content": ""}],
+    [{"role": "user", "content": "data:image/png;base64,iVBORw0KGgo="}],  # a data URL: media
+    [{"role": "user", "content": "x", "cache_control": "ephemeral"}],  # a skipped key
+    # Not flat: left to the general walk (a list of parts, a media key, a typed block).
+    [{"role": "user", "content": [{"type": "text", "text": "two"}, {"type": "text", "text": "parts"}]}],
+    [{"role": "user", "image_url": "https://example.com/a.png"}],
+    [{"type": "text", "text": "a block"}],
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("model", ["gpt-4o-mini", "claude-3-5-haiku-latest"])
+@pytest.mark.parametrize("messages", FLAT_MESSAGES)
+def test_flat_messages_estimate_as_the_general_walk_does(
+    monkeypatch: pytest.MonkeyPatch, model: str, messages: list[Any]
+) -> None:
+    from otel_budget.token_walk import _Walk, estimate_input_tokens
+
+    fast = estimate_input_tokens(model, messages=messages)
+    monkeypatch.setattr(_Walk, "flat_texts", lambda self, d: False)  # the general walk only
+    slow = estimate_input_tokens(model, messages=messages)
+    assert (fast, fast.media_tokens, fast.media_assumed, fast.audio_tokens) == (
+        slow, slow.media_tokens, slow.media_assumed, slow.audio_tokens,
+    )  # fmt: skip
+
+
+def test_flat_messages_skip_the_general_walk(monkeypatch: pytest.MonkeyPatch) -> None:
+    from otel_budget.token_walk import _Walk, estimate_input_tokens
+
+    walked: list[Any] = []
+    general = _Walk.add
+    monkeypatch.setattr(_Walk, "add", lambda self, obj: (walked.append(obj), general(self, obj)))
+    estimate_input_tokens("gpt-4o-mini", messages=FLAT_MESSAGES[0])
+    assert walked == []
+    estimate_input_tokens("gpt-4o-mini", messages=FLAT_MESSAGES[5])
+    assert walked == FLAT_MESSAGES[5]
+
+
+def test_content_mode_follows_the_environment_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mode is read from ``os.environ``'s own dict on every call: a change (or a stand-in
+    mapping patched over ``os.environ``) is seen by the next call."""
+    import os
+
+    from otel_budget.instrumentation import _content
+
+    monkeypatch.delenv(_content.CAPTURE_CONTENT_ENV, raising=False)
+    monkeypatch.delenv(_content.EMIT_EVENT_ENV, raising=False)
+    assert _content.content_mode() == _content.OFF
+    monkeypatch.setenv(_content.CAPTURE_CONTENT_ENV, " span_and_event ")
+    assert _content.content_mode() == _content.ContentMode(True, True, True)
+    monkeypatch.setenv(_content.EMIT_EVENT_ENV, "false")
+    assert _content.content_mode() == _content.ContentMode(True, False, False)
+    monkeypatch.delenv(_content.EMIT_EVENT_ENV)
+    monkeypatch.setattr(os, "environ", {_content.CAPTURE_CONTENT_ENV: "EVENT_ONLY"})
+    assert _content.content_mode() == _content.ContentMode(False, True, True)
+
+
+def test_call_label_sets_are_the_call_labels_shared() -> None:
+    from otel_budget.metrics import BudgetMetrics
+
+    metrics = BudgetMetrics()
+    kw: dict[str, Any] = {
+        "operation": "chat", "provider": "openai", "model": "gpt-4o-mini",
+        "response_model": "gpt-4o-mini-2024-07-18", "server_address": "api.openai.com",
+        "server_port": 443, "extra": {"openai.response.service_tier": "default"},
+    }  # fmt: skip
+    labels, inp, out = metrics.call_label_sets(**kw)
+    assert labels == BudgetMetrics.call_labels(**kw)
+    assert inp == {**labels, "gen_ai.token.type": "input"}
+    assert out == {**labels, "gen_ai.token.type": "output"}
+    again = metrics.call_label_sets(**{**kw, "extra": dict(kw["extra"])})
+    assert again[0] is labels and again[1] is inp and again[2] is out
+    other = metrics.call_label_sets(**{**kw, "response_model": None})
+    assert other[0] == BudgetMetrics.call_labels(**{**kw, "response_model": None})
+    odd = metrics.call_label_sets(**{**kw, "extra": {"x": ["unhashable"]}})  # built, not kept
+    assert odd[0]["x"] == ["unhashable"]

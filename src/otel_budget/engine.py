@@ -163,6 +163,7 @@ class BudgetEngine(ScopeResolution, ThresholdAlerts):
         self._named_thresholds: OrderedDict[str, int] = OrderedDict()
         self._scope_overrides: dict[tuple[str, str], int] = {}
         self._process_stats = TraceStats(None, settings.limit_nanos)
+        self._process_spec: ScopeLimit | None = None
         self.metrics: Any = None  # a BudgetMetrics, set by the processor
         policy = settings.loop_detection
         self.loops = LoopDetector(policy) if policy is not None else None

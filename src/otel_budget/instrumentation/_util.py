@@ -51,6 +51,11 @@ def materialised(value: Any, depth: int = 0) -> Any:
         return value
     if kind is dict:
         return _materialised_dict(value, depth)
+    if kind is list or kind is tuple:  # (before the Iterator check: an ABC's, Python-level)
+        items = [materialised(v, depth + 1) for v in value]
+        if any(a is not b for a, b in zip(items, value, strict=True)):
+            return items if kind is list else tuple(items)
+        return value
     if isinstance(value, (str, bytes, bytearray)):
         return value
     if isinstance(value, Iterator):
@@ -95,7 +100,7 @@ class RequestParams:
         self.kwargs = kwargs
         self._body_key = body_key
         extra = kwargs.get(body_key)
-        if isinstance(extra, Mapping):
+        if extra is not None and isinstance(extra, Mapping):
             extra = dict(extra)
             kwargs[body_key] = extra
         else:

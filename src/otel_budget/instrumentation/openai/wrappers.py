@@ -18,7 +18,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from opentelemetry import trace
+from opentelemetry import context, trace
 
 from otel_budget.errors import BudgetExceededError
 from otel_budget.instrumentation._cache import plan_for, unusable_hit
@@ -50,6 +50,7 @@ from otel_budget.instrumentation.openai.streams import (
     raw_stream_response,
     stream_proxy,
 )
+from otel_budget.metered import attach_span
 from otel_budget.runtime import RuntimeSource
 
 Reader = Callable[[Any, dict[str, Any]], LLMRequest]
@@ -101,9 +102,11 @@ def call_flow(
     body: Any = _UNREAD
     retry = False
     try:
-        with trace.use_span(call.span, end_on_exit=False, record_exception=False,
-                            set_status_on_exception=False):  # fmt: skip
+        active = attach_span(call.span)
+        try:
             result = yield send(partial(wrapped, *args, **kwargs))
+        finally:
+            context.detach(active)
         if is_raw(result) and not is_stream(result):
             # with_raw_response (sync parse) or with_streaming_response (async parse, async)
             if call.request.stream:
