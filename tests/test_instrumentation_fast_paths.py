@@ -250,3 +250,55 @@ def test_call_label_sets_are_the_call_labels_shared() -> None:
     assert other[0] == BudgetMetrics.call_labels(**{**kw, "response_model": None})
     odd = metrics.call_label_sets(**{**kw, "extra": {"x": ["unhashable"]}})  # built, not kept
     assert odd[0]["x"] == ["unhashable"]
+
+
+def test_server_of_reads_the_url_behind_a_plain_base_url_property() -> None:
+    """openai's ``base_url`` property (an import statement per read) returns ``_base_url``
+    as it is: after one read that shows it, the attribute is read directly; a client class
+    whose property computes something else keeps being read through it."""
+    reads: list[str] = []
+
+    class Plain(openai.OpenAI):
+        @property
+        def base_url(self) -> Any:
+            reads.append("plain")
+            return self._base_url
+
+        @base_url.setter
+        def base_url(self, url: Any) -> None:
+            openai.OpenAI.base_url.fset(self, url)  # type: ignore[attr-defined]
+
+    class Routed(openai.OpenAI):
+        @property
+        def base_url(self) -> Any:
+            reads.append("routed")
+            return self._base_url.copy_with(host="router.test")
+
+    plain = Plain(base_url="http://127.0.0.1:8001/v1", api_key="x")
+    for _ in range(3):
+        assert server_of(plain) == ("127.0.0.1", 8001)
+    plain.base_url = "https://example.test/v1"
+    assert server_of(plain) == ("example.test", 443)
+    routed = Routed(base_url="http://127.0.0.1:8001/v1", api_key="x")
+    for _ in range(3):
+        assert server_of(routed) == ("router.test", 8001)
+    assert reads.count("plain") == 1 and reads.count("routed") == 3
+
+
+@pytest.mark.parametrize("completion_tokens", [10, 0])
+def test_output_text_is_read_only_when_the_usage_lacks_output(completion_tokens: int) -> None:
+    """The text estimates the output only when the usage reports none: otherwise it is not
+    read at all (None), and the charge is the same."""
+    from types import SimpleNamespace
+
+    from otel_budget.instrumentation.openai.response import read_body
+
+    call: Any = SimpleNamespace(request=SimpleNamespace(content=None), processor=None,
+                                metric_attributes={})  # fmt: skip
+    body = ChatCompletion.model_validate({
+        **BODY, "usage": {"prompt_tokens": 3, "completion_tokens": completion_tokens,
+                          "total_tokens": 3 + completion_tokens},
+    })  # fmt: skip
+    usage, _, text = read_body(call, body, "chat")
+    assert usage is not None and usage.output_tokens == completion_tokens
+    assert text == (None if completion_tokens else "hi")
