@@ -302,3 +302,32 @@ def test_output_text_is_read_only_when_the_usage_lacks_output(completion_tokens:
     usage, _, text = read_body(call, body, "chat")
     assert usage is not None and usage.output_tokens == completion_tokens
     assert text == (None if completion_tokens else "hi")
+
+
+@pytest.mark.parametrize("output", [True, False])
+@pytest.mark.parametrize("usage", [
+    {"input_tokens": 30, "output_tokens": 10},
+    {"input_tokens": 0, "output_tokens": 0},
+    {"input_tokens": 900, "output_tokens": 500, "cache_read_tokens": 512,
+     "cache_write_tokens": 64, "reasoning_tokens": 300},
+    {"input_tokens": 2**63, "output_tokens": 2**64, "cache_read_tokens": 2**63,
+     "reasoning_tokens": 5},
+])  # fmt: skip
+def test_usage_attributes_are_the_reported_counts(usage: dict[str, int], output: bool) -> None:
+    """``gen_ai.usage.*`` from a usage: input (and output) always, cache and reasoning counts
+    when nonzero, any count no int64 attribute holds left out (the rule as first written)."""
+    from otel_budget.instrumentation._call import usage_attributes
+    from otel_budget.pricing import TokenUsage
+
+    u = TokenUsage(**usage)
+    counts: list[tuple[str, int | None]] = [("gen_ai.usage.input_tokens", u.input_tokens)]
+    if output:
+        counts.append(("gen_ai.usage.output_tokens", u.output_tokens))
+    counts += [
+        ("gen_ai.usage.cache_read.input_tokens", u.cache_read_tokens or None),
+        ("gen_ai.usage.cache_write.input_tokens", u.cache_write_tokens or None),
+        ("gen_ai.usage.reasoning.output_tokens", u.reasoning_tokens or None),
+    ]
+    expected = {k: v for k, v in counts if v is not None and v <= 2**63 - 1}
+    got = usage_attributes(u, output)
+    assert got == expected and list(got) == list(expected)

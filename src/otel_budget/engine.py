@@ -334,7 +334,8 @@ class BudgetEngine(ScopeResolution, ThresholdAlerts):
         charge.settled = True
         charge.input_tokens = input_tokens
         charge.output_tokens = output_tokens
-        actual = clamp_amount(actual)
+        if type(actual) is not int or not 0 <= actual <= MAX_AMOUNT:  # (what it returns, inline)
+            actual = clamp_amount(actual)
         usages: tuple[ScopeUsage, ...] = ()
         if charge.reserved:
             result = yield _new_tuple(Op, ("commit", (charge.lease_id, actual)))

@@ -367,8 +367,8 @@ def begin_steps(
             parent_ctx = trace.get_current_span().get_span_context()
             parentless = not parent_ctx.is_valid
     if recording:
-        lease: int = span_lease(ctx.trace_id, ctx.span_id)
         trace_id = ctx.trace_id
+        lease: int = (trace_id << 64) | ctx.span_id  # span_lease(trace_id, span_id), inline
         seen = _live_attributes(span, attributes)
     else:
         # Not a real span of its own: the API's no-op tracer hands back the *parent's*

@@ -125,6 +125,7 @@ class BudgetMetrics:
         )  # fmt: skip
         self._remaining: OrderedDict[str, tuple[float, dict[str, str]]] = OrderedDict()
         self._gauges: dict[str, tuple[str, dict[str, str]] | None] = {}
+        self._cost_labels: dict[tuple[str, str, str, str], dict[str, str]] = {}
         self._label_sets: dict[tuple[Any, ...], tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {}
         self._lock = threading.Lock()
         meter.create_observable_gauge(
@@ -134,14 +135,20 @@ class BudgetMetrics:
 
     # -- recording -----------------------------------------------------------------------------
     def record_cost(self, usd: float, *, kind: str, provider: str, name: str, operation: str) -> None:
-        if kind == "tool":
-            labels = {attrs.GEN_AI_OPERATION_NAME: operation, attrs.GEN_AI_TOOL_NAME: name}
-        else:
-            labels = {
-                attrs.GEN_AI_OPERATION_NAME: operation,
-                attrs.GEN_AI_PROVIDER_NAME: provider,
-                attrs.GEN_AI_REQUEST_MODEL: name,
-            }
+        key = (kind, provider, name, operation)
+        labels = self._cost_labels.get(key)
+        if labels is None:  # built once per distinct set (bounded) and shared, never changed
+            if kind == "tool":
+                labels = {attrs.GEN_AI_OPERATION_NAME: operation, attrs.GEN_AI_TOOL_NAME: name}
+            else:
+                labels = {
+                    attrs.GEN_AI_OPERATION_NAME: operation,
+                    attrs.GEN_AI_PROVIDER_NAME: provider,
+                    attrs.GEN_AI_REQUEST_MODEL: name,
+                }
+            if len(self._cost_labels) >= _MAX_LABEL_SETS:
+                self._cost_labels.clear()
+            self._cost_labels[key] = labels
         self.cost.add(usd, labels)
 
     def record_cache(self, labels: Mapping[str, Any], hit: bool, saved_usd: float = 0.0) -> None:

@@ -672,16 +672,20 @@ def usage_attributes(usage: TokenUsage, output: bool = True) -> dict[str, Any]:
     """The ``gen_ai.usage.*`` span attributes of a reported usage (no output count for an
     operation without output, such as embeddings; cache and reasoning counts when nonzero,
     as util-genai writes them)."""
-    counts: list[tuple[str, int | None]] = [(attrs.GEN_AI_USAGE_INPUT_TOKENS, usage.input_tokens)]
-    if output:
-        counts.append((attrs.GEN_AI_USAGE_OUTPUT_TOKENS, usage.output_tokens))
-    counts += [
-        (attrs.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS, usage.cache_read_tokens or None),
-        (attrs.GEN_AI_USAGE_CACHE_WRITE_INPUT_TOKENS, usage.cache_write_tokens or None),
-        (attrs.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS, usage.reasoning_tokens or None),
-    ]
     # (a count no int64 attribute can hold is garbage: left out rather than break export)
-    return {k: v for k, v in counts if v is not None and v <= _INT64_MAX}
+    out: dict[str, Any] = {}
+    if usage.input_tokens <= _INT64_MAX:
+        out[attrs.GEN_AI_USAGE_INPUT_TOKENS] = usage.input_tokens
+    if output and usage.output_tokens <= _INT64_MAX:
+        out[attrs.GEN_AI_USAGE_OUTPUT_TOKENS] = usage.output_tokens
+    for key, count in (
+        (attrs.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS, usage.cache_read_tokens),
+        (attrs.GEN_AI_USAGE_CACHE_WRITE_INPUT_TOKENS, usage.cache_write_tokens),
+        (attrs.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS, usage.reasoning_tokens),
+    ):
+        if count and count <= _INT64_MAX:
+            out[key] = count
+    return out
 
 
 def _quote(runtime: BudgetRuntime, request: LLMRequest, inp: int, out: int) -> Any:

@@ -52,10 +52,13 @@ def _usage(usage: Any, names: tuple[str, str, str, str]) -> TokenUsage | None:
         out = _int(_get(usage, out_key))
         input_details = _get(usage, inp_details_key)
         output_details = _get(usage, out_details_key)
-    cached = _int(_get(input_details, "cached_tokens"))
-    audio_in = _int(_get(input_details, "audio_tokens"))
-    reasoning = _int(_get(output_details, "reasoning_tokens"))
-    audio_out = _int(_get(output_details, "audio_tokens"))
+    cached = audio_in = reasoning = audio_out = 0  # (no details: zeros, without the reads)
+    if input_details is not None:
+        cached = _int(_get(input_details, "cached_tokens"))
+        audio_in = _int(_get(input_details, "audio_tokens"))
+    if output_details is not None:
+        reasoning = _int(_get(output_details, "reasoning_tokens"))
+        audio_out = _int(_get(output_details, "audio_tokens"))
     return TokenUsage(
         input_tokens=max(inp, cached, audio_in), output_tokens=max(out, reasoning, audio_out),
         cache_read_tokens=cached, reasoning_tokens=reasoning,

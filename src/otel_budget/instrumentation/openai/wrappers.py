@@ -107,7 +107,8 @@ def call_flow(
             result = yield send(partial(wrapped, *args, **kwargs))
         finally:
             context.detach(active)
-        if is_raw(result) and not is_stream(result):
+        raw = is_raw(result)
+        if raw and not is_stream(result):
             # with_raw_response (sync parse) or with_streaming_response (async parse, async)
             if call.request.stream:
                 stream = yield send(result.parse)  # does not read the body: SSE is lazy
@@ -134,7 +135,9 @@ def call_flow(
         proxy = stream_proxy(result, call, kind, hide_usage)
         if proxy is not None:
             return proxy
-    yield _settle(call, parsed(result) if body is _UNREAD else body, kind)
+    if body is _UNREAD:  # (a parsed body is its own body: ``parsed`` would say so)
+        body = parsed(result) if raw else result
+    yield _settle(call, body, kind)
     return result
 
 
