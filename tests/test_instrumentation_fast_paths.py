@@ -100,6 +100,8 @@ def test_materialised_reads_each_iterator_once_and_never_mutates() -> None:
         {"max_completion_tokens": 10, "max_tokens": 20}, {"max_tokens": None},
         {"generation_config": {"max_output_tokens": 7}}, {"config": {"maxOutputTokens": 3.0}},
         {"max_tokens": True}, {"max_tokens": -1}, {"max_tokens": "lots"},
+        {"max_tokens": 0}, {"max_completion_tokens": 3000}, {"max_tokens": False},
+        {"max_output_tokens": 2**40},
     ],
 )
 def test_output_bound_ints_is_output_bound_and_ints(params: dict[str, Any]) -> None:
@@ -166,3 +168,166 @@ def test_fields_reads_what_get_reads() -> None:
         assert Fields(*names)(obj) == tuple(get(obj, n) for n in names)
         assert Fields(*names[:5])(obj) == tuple(get(obj, n) for n in names[:5])
         assert Fields("id")(obj) == (get(obj, "id"),)
+
+
+# -- issue 11, second round: shortcuts on every call ------------------------------------------
+FLAT_MESSAGES: list[Any] = [
+    [{"role": "system", "content": "You are a concise assistant."},
+     {"role": "user", "content": "Summarise the plot of Hamlet in two sentences."}],
+    [{"role": "user", "content": "hi", "name": "alice"}],
+    [{"role": "assistant", "content": None}, {"role": "user", "content": ""}],
+    [{"role": "user", "content": "data:image/png;base64,iVBORw0KGgo="}],  # a data URL: media
+    [{"role": "user", "content": "x", "cache_control": "ephemeral"}],  # a skipped key
+    # Not flat: left to the general walk (a list of parts, a media key, a typed block).
+    [{"role": "user", "content": [{"type": "text", "text": "two"}, {"type": "text", "text": "parts"}]}],
+    [{"role": "user", "image_url": "https://example.com/a.png"}],
+    [{"type": "text", "text": "a block"}],
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("model", ["gpt-4o-mini", "claude-3-5-haiku-latest"])
+@pytest.mark.parametrize("messages", FLAT_MESSAGES)
+def test_flat_messages_estimate_as_the_general_walk_does(
+    monkeypatch: pytest.MonkeyPatch, model: str, messages: list[Any]
+) -> None:
+    from otel_budget.token_walk import _Walk, estimate_input_tokens
+
+    fast = estimate_input_tokens(model, messages=messages)
+    monkeypatch.setattr(_Walk, "flat_texts", lambda self, d: False)  # the general walk only
+    slow = estimate_input_tokens(model, messages=messages)
+    assert (fast, fast.media_tokens, fast.media_assumed, fast.audio_tokens) == (
+        slow, slow.media_tokens, slow.media_assumed, slow.audio_tokens,
+    )  # fmt: skip
+
+
+def test_flat_messages_skip_the_general_walk(monkeypatch: pytest.MonkeyPatch) -> None:
+    from otel_budget.token_walk import _Walk, estimate_input_tokens
+
+    walked: list[Any] = []
+    general = _Walk.add
+    monkeypatch.setattr(_Walk, "add", lambda self, obj: (walked.append(obj), general(self, obj)))
+    estimate_input_tokens("gpt-4o-mini", messages=FLAT_MESSAGES[0])
+    assert walked == []
+    estimate_input_tokens("gpt-4o-mini", messages=FLAT_MESSAGES[5])
+    assert walked == FLAT_MESSAGES[5]
+
+
+def test_content_mode_follows_the_environment_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mode is read from ``os.environ``'s own dict on every call: a change (or a stand-in
+    mapping patched over ``os.environ``) is seen by the next call."""
+    import os
+
+    from otel_budget.instrumentation import _content
+
+    monkeypatch.delenv(_content.CAPTURE_CONTENT_ENV, raising=False)
+    monkeypatch.delenv(_content.EMIT_EVENT_ENV, raising=False)
+    assert _content.content_mode() == _content.OFF
+    monkeypatch.setenv(_content.CAPTURE_CONTENT_ENV, " span_and_event ")
+    assert _content.content_mode() == _content.ContentMode(True, True, True)
+    monkeypatch.setenv(_content.EMIT_EVENT_ENV, "false")
+    assert _content.content_mode() == _content.ContentMode(True, False, False)
+    monkeypatch.delenv(_content.EMIT_EVENT_ENV)
+    monkeypatch.setattr(os, "environ", {_content.CAPTURE_CONTENT_ENV: "EVENT_ONLY"})
+    assert _content.content_mode() == _content.ContentMode(False, True, True)
+
+
+def test_call_label_sets_are_the_call_labels_shared() -> None:
+    from otel_budget.metrics import BudgetMetrics
+
+    metrics = BudgetMetrics()
+    kw: dict[str, Any] = {
+        "operation": "chat", "provider": "openai", "model": "gpt-4o-mini",
+        "response_model": "gpt-4o-mini-2024-07-18", "server_address": "api.openai.com",
+        "server_port": 443, "extra": {"openai.response.service_tier": "default"},
+    }  # fmt: skip
+    labels, inp, out = metrics.call_label_sets(**kw)
+    assert labels == BudgetMetrics.call_labels(**kw)
+    assert inp == {**labels, "gen_ai.token.type": "input"}
+    assert out == {**labels, "gen_ai.token.type": "output"}
+    again = metrics.call_label_sets(**{**kw, "extra": dict(kw["extra"])})
+    assert again[0] is labels and again[1] is inp and again[2] is out
+    other = metrics.call_label_sets(**{**kw, "response_model": None})
+    assert other[0] == BudgetMetrics.call_labels(**{**kw, "response_model": None})
+    odd = metrics.call_label_sets(**{**kw, "extra": {"x": ["unhashable"]}})  # built, not kept
+    assert odd[0]["x"] == ["unhashable"]
+
+
+def test_server_of_reads_the_url_behind_a_plain_base_url_property() -> None:
+    """openai's ``base_url`` property (an import statement per read) returns ``_base_url``
+    as it is: after one read that shows it, the attribute is read directly; a client class
+    whose property computes something else keeps being read through it."""
+    reads: list[str] = []
+
+    class Plain(openai.OpenAI):
+        @property
+        def base_url(self) -> Any:
+            reads.append("plain")
+            return self._base_url
+
+        @base_url.setter
+        def base_url(self, url: Any) -> None:
+            openai.OpenAI.base_url.fset(self, url)  # type: ignore[attr-defined]
+
+    class Routed(openai.OpenAI):
+        @property
+        def base_url(self) -> Any:
+            reads.append("routed")
+            return self._base_url.copy_with(host="router.test")
+
+    plain = Plain(base_url="http://127.0.0.1:8001/v1", api_key="x")
+    for _ in range(3):
+        assert server_of(plain) == ("127.0.0.1", 8001)
+    plain.base_url = "https://example.test/v1"
+    assert server_of(plain) == ("example.test", 443)
+    routed = Routed(base_url="http://127.0.0.1:8001/v1", api_key="x")
+    for _ in range(3):
+        assert server_of(routed) == ("router.test", 8001)
+    assert reads.count("plain") == 1 and reads.count("routed") == 3
+
+
+@pytest.mark.parametrize("completion_tokens", [10, 0])
+def test_output_text_is_read_only_when_the_usage_lacks_output(completion_tokens: int) -> None:
+    """The text estimates the output only when the usage reports none: otherwise it is not
+    read at all (None), and the charge is the same."""
+    from types import SimpleNamespace
+
+    from otel_budget.instrumentation.openai.response import read_body
+
+    call: Any = SimpleNamespace(request=SimpleNamespace(content=None), processor=None,
+                                metric_attributes={})  # fmt: skip
+    body = ChatCompletion.model_validate({
+        **BODY, "usage": {"prompt_tokens": 3, "completion_tokens": completion_tokens,
+                          "total_tokens": 3 + completion_tokens},
+    })  # fmt: skip
+    usage, _, text = read_body(call, body, "chat")
+    assert usage is not None and usage.output_tokens == completion_tokens
+    assert text == (None if completion_tokens else "hi")
+
+
+@pytest.mark.parametrize("output", [True, False])
+@pytest.mark.parametrize("usage", [
+    {"input_tokens": 30, "output_tokens": 10},
+    {"input_tokens": 0, "output_tokens": 0},
+    {"input_tokens": 900, "output_tokens": 500, "cache_read_tokens": 512,
+     "cache_write_tokens": 64, "reasoning_tokens": 300},
+    {"input_tokens": 2**63, "output_tokens": 2**64, "cache_read_tokens": 2**63,
+     "reasoning_tokens": 5},
+])  # fmt: skip
+def test_usage_attributes_are_the_reported_counts(usage: dict[str, int], output: bool) -> None:
+    """``gen_ai.usage.*`` from a usage: input (and output) always, cache and reasoning counts
+    when nonzero, any count no int64 attribute holds left out (the rule as first written)."""
+    from otel_budget.instrumentation._call import usage_attributes
+    from otel_budget.pricing import TokenUsage
+
+    u = TokenUsage(**usage)
+    counts: list[tuple[str, int | None]] = [("gen_ai.usage.input_tokens", u.input_tokens)]
+    if output:
+        counts.append(("gen_ai.usage.output_tokens", u.output_tokens))
+    counts += [
+        ("gen_ai.usage.cache_read.input_tokens", u.cache_read_tokens or None),
+        ("gen_ai.usage.cache_write.input_tokens", u.cache_write_tokens or None),
+        ("gen_ai.usage.reasoning.output_tokens", u.reasoning_tokens or None),
+    ]
+    expected = {k: v for k, v in counts if v is not None and v <= 2**63 - 1}
+    got = usage_attributes(u, output)
+    assert got == expected and list(got) == list(expected)

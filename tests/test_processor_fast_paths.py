@@ -112,3 +112,24 @@ def test_call_registry_is_a_bounded_dict(monkeypatch: pytest.MonkeyPatch) -> Non
         calls.add(lease, lease)
     assert len(calls) == 3 and list(calls) == [2, 3, 4]
     assert calls.pop(4, None) == 4 and calls.pop(4, None) is None and calls.get(9) is None
+
+
+def test_parentless_scopes_are_built_once(make_processor: Any) -> None:
+    """A call without a parent (its own trace, no named scopes, no budget block): the process
+    scope, the process's and its trace's totals, no pause keys; the process scope's spec is
+    built once, not per call, and follows a changed limit."""
+    from otel_budget.storage import ScopeLimit
+
+    processor = make_processor(max_usd=0.25)
+    engine = processor.engine
+    scopes, stats, pauses = engine.scopes_for(7, True, None)
+    assert scopes == (ScopeLimit(PROCESS_SCOPE, parse_usd(0.25)),)
+    assert stats == (engine._process_stats, engine.trace_stats(7)) and pauses == ()
+    again, _, _ = engine.scopes_for(8, True, None)
+    assert again[0] is scopes[0]
+    no_trace = engine.scopes_for(0, False, None)
+    assert no_trace == (scopes, (engine._process_stats,), ())
+    engine.settings.limit_nanos = parse_usd(0.5)
+    assert engine.scopes_for(9, True, None)[0] == (ScopeLimit(PROCESS_SCOPE, parse_usd(0.5)),)
+    engine.settings.limit_nanos = None
+    assert engine.scopes_for(9, True, None) == ((), (engine._process_stats, engine.trace_stats(9)), ())

@@ -53,6 +53,8 @@ def _count(attributes: Mapping[str, Any], *keys: str) -> int | None:
         value = attributes.get(key)
         if value is None:
             continue
+        if type(value) is int:  # the usual count, answered as below
+            return value if value >= 0 else None
         if isinstance(value, bool):
             return None
         if isinstance(value, float) and value.is_integer():
@@ -227,7 +229,7 @@ def reconcile(local_nanos: int | None, reported: Any) -> CallCost:
     """The cost to charge for a call, from our price of its usage (``local_nanos``; None
     when the price book has none) and what the provider reported (any value: checked with
     ``reported_usd``). See the module docstring for the rule."""
-    usd = reported_usd(reported)
+    usd = reported_usd(reported) if reported is not None else None
     reported_nanos = usd_to_nanos(Decimal(repr(usd))) if usd is not None else None
     if reported_nanos is None:
         return CallCost(local_nanos, SOURCE_LOCAL, local_nanos, None)

@@ -163,6 +163,7 @@ class BudgetEngine(ScopeResolution, ThresholdAlerts):
         self._named_thresholds: OrderedDict[str, int] = OrderedDict()
         self._scope_overrides: dict[tuple[str, str], int] = {}
         self._process_stats = TraceStats(None, settings.limit_nanos)
+        self._process_spec: ScopeLimit | None = None
         self.metrics: Any = None  # a BudgetMetrics, set by the processor
         policy = settings.loop_detection
         self.loops = LoopDetector(policy) if policy is not None else None
@@ -333,7 +334,8 @@ class BudgetEngine(ScopeResolution, ThresholdAlerts):
         charge.settled = True
         charge.input_tokens = input_tokens
         charge.output_tokens = output_tokens
-        actual = clamp_amount(actual)
+        if type(actual) is not int or not 0 <= actual <= MAX_AMOUNT:  # (what it returns, inline)
+            actual = clamp_amount(actual)
         usages: tuple[ScopeUsage, ...] = ()
         if charge.reserved:
             result = yield _new_tuple(Op, ("commit", (charge.lease_id, actual)))

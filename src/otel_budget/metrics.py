@@ -48,6 +48,8 @@ DURATION_BUCKETS = (
     0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
 )  # fmt: skip
 _MAX_GAUGE_SCOPES = 1000  # remaining-budget gauges kept for at most this many named scopes
+_MAX_GAUGE_KEYS = 4096  # scope keys whose gauge labels are remembered (cleared when full)
+_MAX_LABEL_SETS = 1024  # distinct call label sets remembered (cleared when full)
 
 
 def scope_kind(key: str) -> str:
@@ -122,6 +124,9 @@ class BudgetMetrics:
             description="What the calls answered from the prompt cache would have cost.",
         )  # fmt: skip
         self._remaining: OrderedDict[str, tuple[float, dict[str, str]]] = OrderedDict()
+        self._gauges: dict[str, tuple[str, dict[str, str]] | None] = {}
+        self._cost_labels: dict[tuple[str, str, str, str], dict[str, str]] = {}
+        self._label_sets: dict[tuple[Any, ...], tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {}
         self._lock = threading.Lock()
         meter.create_observable_gauge(
             "otel_budget.scope.remaining", callbacks=[self._observe_remaining], unit="USD",
@@ -130,14 +135,20 @@ class BudgetMetrics:
 
     # -- recording -----------------------------------------------------------------------------
     def record_cost(self, usd: float, *, kind: str, provider: str, name: str, operation: str) -> None:
-        if kind == "tool":
-            labels = {attrs.GEN_AI_OPERATION_NAME: operation, attrs.GEN_AI_TOOL_NAME: name}
-        else:
-            labels = {
-                attrs.GEN_AI_OPERATION_NAME: operation,
-                attrs.GEN_AI_PROVIDER_NAME: provider,
-                attrs.GEN_AI_REQUEST_MODEL: name,
-            }
+        key = (kind, provider, name, operation)
+        labels = self._cost_labels.get(key)
+        if labels is None:  # built once per distinct set (bounded) and shared, never changed
+            if kind == "tool":
+                labels = {attrs.GEN_AI_OPERATION_NAME: operation, attrs.GEN_AI_TOOL_NAME: name}
+            else:
+                labels = {
+                    attrs.GEN_AI_OPERATION_NAME: operation,
+                    attrs.GEN_AI_PROVIDER_NAME: provider,
+                    attrs.GEN_AI_REQUEST_MODEL: name,
+                }
+            if len(self._cost_labels) >= _MAX_LABEL_SETS:
+                self._cost_labels.clear()
+            self._cost_labels[key] = labels
         self.cost.add(usd, labels)
 
     def record_cache(self, labels: Mapping[str, Any], hit: bool, saved_usd: float = 0.0) -> None:
@@ -165,15 +176,31 @@ class BudgetMetrics:
 
     def record_remaining(self, scope_key: str, remaining_usd: float) -> None:
         """Remember a named scope's remaining budget for the gauge (bounded)."""
-        kind = scope_kind(scope_key)
-        if kind in ("trace", "budget", "session"):
-            return  # per-run scopes would be unbounded cardinality
-        base = scope_key.split("@", 1)[0]
+        gauge = self._gauges.get(scope_key)  # (base, labels), or None: a per-run scope
+        if gauge is None:
+            if scope_key in self._gauges:
+                return
+            gauge = self._gauge_of(scope_key)
+            if gauge is None:
+                return
+        base, labels = gauge
         with self._lock:
-            self._remaining[base] = (remaining_usd, {"otel_budget.scope": base, "otel_budget.scope.kind": kind})
+            self._remaining[base] = (remaining_usd, labels)
             self._remaining.move_to_end(base)
             if len(self._remaining) > _MAX_GAUGE_SCOPES:
                 self._remaining.popitem(last=False)
+
+    def _gauge_of(self, scope_key: str) -> tuple[str, dict[str, str]] | None:
+        """A scope's gauge name and labels, worked out once per scope key (bounded)."""
+        kind = scope_kind(scope_key)
+        gauge: tuple[str, dict[str, str]] | None = None
+        if kind not in ("trace", "budget", "session"):  # per-run scopes: unbounded cardinality
+            base = scope_key.split("@", 1)[0]
+            gauge = (base, {"otel_budget.scope": base, "otel_budget.scope.kind": kind})
+        if len(self._gauges) >= _MAX_GAUGE_KEYS:
+            self._gauges.clear()
+        self._gauges[scope_key] = gauge
+        return gauge
 
     @staticmethod
     def call_labels(
@@ -198,19 +225,57 @@ class BudgetMetrics:
             labels.update(extra)
         return labels
 
+    def call_label_sets(
+        self, *, operation: str, provider: str, model: str, response_model: str | None,
+        server_address: str | None, server_port: int | None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:  # fmt: skip
+        """``call_labels``, and those with ``gen_ai.token.type`` input / output: built once
+        per distinct set (bounded) and shared, never changed (the SDK only reads them)."""
+        key = (
+            operation, provider, model, response_model, server_address, server_port,
+            *(extra.items() if extra else ()),
+        )  # fmt: skip
+        keep = True
+        try:
+            sets = self._label_sets.get(key)
+        except TypeError:  # an unhashable extra value: built for this call only
+            sets, keep = None, False
+        if sets is None:
+            labels = self.call_labels(
+                operation=operation, provider=provider, model=model,
+                response_model=response_model, server_address=server_address,
+                server_port=server_port, extra=extra,
+            )  # fmt: skip
+            sets = (
+                labels,
+                {**labels, attrs.GEN_AI_TOKEN_TYPE: "input"},
+                {**labels, attrs.GEN_AI_TOKEN_TYPE: "output"},
+            )
+            if keep:
+                if len(self._label_sets) >= _MAX_LABEL_SETS:
+                    self._label_sets.clear()
+                self._label_sets[key] = sets
+        return sets
+
     def record_call(
         self, labels: Mapping[str, Any], *, duration_s: float, input_tokens: int | None,
         output_tokens: int | None, error_type: str | None,
+        token_labels: tuple[Mapping[str, Any], Mapping[str, Any]] | None = None,
     ) -> None:  # fmt: skip
         """A finished call: its duration (with ``error.type`` when it failed) and the token
-        counts the provider reported (None: not reported, not recorded)."""
+        counts the provider reported (None: not reported, not recorded). ``token_labels``:
+        ``labels`` with the input / output token type, when the caller has them built."""
         if error_type:
             labels = {**labels, attrs.ERROR_TYPE: error_type}
+            token_labels = None
         self.duration.record(max(duration_s, 0.0), labels)
         if input_tokens is not None:
-            self.token_usage.record(input_tokens, {**labels, attrs.GEN_AI_TOKEN_TYPE: "input"})
+            self.token_usage.record(input_tokens, token_labels[0] if token_labels is not None
+                                    else {**labels, attrs.GEN_AI_TOKEN_TYPE: "input"})  # fmt: skip
         if output_tokens is not None:
-            self.token_usage.record(output_tokens, {**labels, attrs.GEN_AI_TOKEN_TYPE: "output"})
+            self.token_usage.record(output_tokens, token_labels[1] if token_labels is not None
+                                    else {**labels, attrs.GEN_AI_TOKEN_TYPE: "output"})  # fmt: skip
 
     def record_chunk(self, gap_s: float, labels: Mapping[str, Any], first: bool) -> None:
         """A stream chunk arrived ``gap_s`` after the request (``first``) or the last chunk."""

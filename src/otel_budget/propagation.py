@@ -81,7 +81,8 @@ _CONTEXT_KEY: str | None = getattr(baggage, "_BAGGAGE_KEY", None)
 def baggage_limit(ctx: context.Context | None = None) -> int | None:
     """The trace budget carried in the current (or given) context's baggage, if valid."""
     if _CONTEXT_KEY is not None:
-        entries = context.get_value(_CONTEXT_KEY, ctx)
+        # (``context.get_value`` without its extra call: a Context is a dict)
+        entries = (context.get_current() if ctx is None else ctx).get(_CONTEXT_KEY)
         if not entries:
             return None
         raw = entries.get(BAGGAGE_KEY) if isinstance(entries, dict) else None

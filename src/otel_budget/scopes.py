@@ -82,6 +82,7 @@ class ScopeResolution:
     _traces: OrderedDict[int, TraceStats]
     _scope_overrides: dict[tuple[str, str], int]
     _process_stats: TraceStats
+    _process_spec: ScopeLimit | None  # the process scope's spec, built once per limit
 
     # -- trace bookkeeping --------------------------------------------------------------------
     def trace_stats(self, trace_id: int, create: bool = True) -> TraceStats | None:
@@ -151,6 +152,19 @@ class ScopeResolution:
                     return (spec,), stats_tuple, ()
             spec = self._trace_scope(trace_id, trace_stats)
             return ((spec,) if spec is not None else ()), stats_tuple, ()
+        elif (parentless or not trace_id) and not settings.scopes:
+            # The other common case (a call with no parent: a bare script), as the general
+            # path below builds it, with the process scope's spec built once.
+            limit = settings.limit_nanos
+            process = self._process_stats
+            trace_stats = self.trace_stats(trace_id) if trace_id else None
+            stats_pair = (process, trace_stats) if trace_stats is not None else (process,)
+            if limit is None:
+                return (), stats_pair, ()
+            spec = self._process_spec
+            if spec is None or spec.limit != limit:
+                spec = self._process_spec = ScopeLimit(PROCESS_SCOPE, limit)
+            return (spec,), stats_pair, ()
         scopes: list[ScopeLimit] = []
         stats: list[TraceStats] = []
         pause_keys: list[str] = []

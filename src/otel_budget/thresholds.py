@@ -81,7 +81,7 @@ class ThresholdAlerts:
         # Runs (traces and budget blocks) keep their own index in their stats.
         for stats in charge.stats:
             limit = stats.limit
-            if limit is None:
+            if limit is None or stats.spent < stats.alert_at:  # (nothing crossed: see _fire)
                 continue
             self._fire(stats.label, stats.spent, limit, stats, None)
         metrics = self.metrics

@@ -29,7 +29,7 @@ def wants_audio_output(params: Mapping[str, Any]) -> bool:
     or an ``audio`` parameter): project its output bound at the audio output rate, every
     output token as audio (``TokenUsage(output_tokens=cap, output_audio_tokens=cap)``).
     An unreadable ``modalities`` value counts as audio (the worst case)."""
-    if not isinstance(params, Mapping):
+    if type(params) is not dict and not isinstance(params, Mapping):
         return False
     if not _is_absent(params.get("audio")):
         return True
@@ -130,10 +130,15 @@ def output_bound(params: Mapping[str, Any], default: int) -> tuple[int, bool]:
 
 def output_bound_ints(params: Mapping[str, Any], default: int) -> tuple[int, bool, bool]:
     """``output_bound`` plus ``output_limits_are_ints``, from one reading of ``params``."""
-    default = _check_count(default, "default max output tokens")
+    if type(default) is not int or default < 0:
+        default = _check_count(default, "default max output tokens")
     found = _output_limits(params)
     if not found:
         return default, True, True
+    if len(found) == 1:  # the usual request: one limit, an int (as ``token_limit`` reads it)
+        value = found[0][1]
+        if type(value) is int and value >= 0:
+            return value, False, True
     bound = max(token_limit(key, value) for key, value in found)
     return bound, False, _all_ints(found)
 

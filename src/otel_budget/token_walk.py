@@ -324,9 +324,22 @@ class _Walk:
             name = plain.get("name")
             if isinstance(name, str) and name and "role" in plain:  # chat ``name``, not a call's
                 self.names += 1
-            self.add(plain)
+            if "type" in plain or not self.flat_texts(plain):
+                self.add(plain)
         else:
             self.add(msg)
+
+    def flat_texts(self, d: dict[Any, Any]) -> bool:
+        """A dict of plain strings (the usual chat message, ``{"role", "content"}``): its
+        texts, as ``add`` would collect them, without the general walk. False, having done
+        nothing: another shape (a value that is no ``str``, a media key), for ``add``."""
+        for key, value in d.items():
+            if (type(value) is not str and value is not None) or key in _MEDIA_KEYS:
+                return False
+        for key, value in d.items():
+            if value and key not in _SKIP_KEYS:
+                self.text(value)
+        return True
 
     def add(self, obj: Any) -> None:
         # Iterative, so deeply nested payloads cannot hit the recursion limit. Exact type()
@@ -523,12 +536,12 @@ def estimate_input_tokens(
         )
         return InputEstimate(text + overhead + media, "strict", media_tokens, assumed, audio)
 
-    loose = sum(bytes_rule(p) for p in walk.loose)
+    loose = sum(map(bytes_rule, walk.loose)) if walk.loose else 0
     exact = _exact_counter(model)
     if exact is not None:
         method, count = exact
         try:
-            text = sum(count(p) for p in walk.parts)
+            text = sum(map(count, walk.parts))
         except Exception:
             exact = None
         else:

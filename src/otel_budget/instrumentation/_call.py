@@ -83,6 +83,7 @@ PRICE_SOURCE_UNKNOWN = "unknown"
 
 
 _NOTHING = TokenUsage()  # a cache hit's billed usage
+_NO_ESTIMATE = InputEstimate(0, "none")  # a call not projected (yet)
 
 
 class _Reported:
@@ -405,7 +406,11 @@ class LLMCall:
         choice) when it sent one, else ``MAX_TOKENS``."""
         span = self.budgeted.span
         try:
-            cap = (getattr(span, "attributes", None) or {}).get(attrs.GEN_AI_REQUEST_MAX_TOKENS)
+            # (The SDK span's own attribute dict when it has one: the public mapping proxy
+            # costs a Python-level ``Mapping.get`` per read.)
+            raw = getattr(getattr(span, "_attributes", None), "_dict", None)
+            held = raw if type(raw) is dict else getattr(span, "attributes", None) or {}
+            cap = held.get(attrs.GEN_AI_REQUEST_MAX_TOKENS)
         except Exception:
             cap = None
         if isinstance(cap, int) and not isinstance(cap, bool) and cap > 0:
@@ -618,12 +623,21 @@ class LLMCall:
         try:
             inp = span_attributes.get(attrs.GEN_AI_USAGE_INPUT_TOKENS)
             out = span_attributes.get(attrs.GEN_AI_USAGE_OUTPUT_TOKENS)
-            runtime.metrics.record_call(
-                self.metric_labels(span_attributes.get(attrs.GEN_AI_RESPONSE_MODEL)),
-                duration_s=time.monotonic() - self.started,
+            response_model = span_attributes.get(attrs.GEN_AI_RESPONSE_MODEL)
+            request = self.request
+            metrics = runtime.metrics
+            labels, inp_labels, out_labels = metrics.call_label_sets(
+                operation=request.operation, provider=request.provider, model=request.model,
+                response_model=response_model if isinstance(response_model, str) else None,
+                server_address=request.server_address, server_port=request.server_port,
+                extra=self.metric_attributes,
+            )  # fmt: skip
+            metrics.record_call(
+                labels, duration_s=time.monotonic() - self.started,
                 input_tokens=inp if isinstance(inp, int) else None,
                 output_tokens=out if isinstance(out, int) else None,
                 error_type=error_type(error) if error is not None else None,
+                token_labels=(inp_labels, out_labels),
             )  # fmt: skip
         except Exception as exc:
             runtime.engine.log_once("metrics", exc)
@@ -658,16 +672,20 @@ def usage_attributes(usage: TokenUsage, output: bool = True) -> dict[str, Any]:
     """The ``gen_ai.usage.*`` span attributes of a reported usage (no output count for an
     operation without output, such as embeddings; cache and reasoning counts when nonzero,
     as util-genai writes them)."""
-    counts: list[tuple[str, int | None]] = [(attrs.GEN_AI_USAGE_INPUT_TOKENS, usage.input_tokens)]
-    if output:
-        counts.append((attrs.GEN_AI_USAGE_OUTPUT_TOKENS, usage.output_tokens))
-    counts += [
-        (attrs.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS, usage.cache_read_tokens or None),
-        (attrs.GEN_AI_USAGE_CACHE_WRITE_INPUT_TOKENS, usage.cache_write_tokens or None),
-        (attrs.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS, usage.reasoning_tokens or None),
-    ]
     # (a count no int64 attribute can hold is garbage: left out rather than break export)
-    return {k: v for k, v in counts if v is not None and v <= _INT64_MAX}
+    out: dict[str, Any] = {}
+    if usage.input_tokens <= _INT64_MAX:
+        out[attrs.GEN_AI_USAGE_INPUT_TOKENS] = usage.input_tokens
+    if output and usage.output_tokens <= _INT64_MAX:
+        out[attrs.GEN_AI_USAGE_OUTPUT_TOKENS] = usage.output_tokens
+    for key, count in (
+        (attrs.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS, usage.cache_read_tokens),
+        (attrs.GEN_AI_USAGE_CACHE_WRITE_INPUT_TOKENS, usage.cache_write_tokens),
+        (attrs.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS, usage.reasoning_tokens),
+    ):
+        if count and count <= _INT64_MAX:
+            out[key] = count
+    return out
 
 
 def _quote(runtime: BudgetRuntime, request: LLMRequest, inp: int, out: int) -> Any:
@@ -752,7 +770,7 @@ def start_steps(
         return call
 
     settings = runtime.settings
-    estimate = InputEstimate(0, "none")
+    estimate = _NO_ESTIMATE
     refusal: BudgetExceededError | None = None
     minimum = maximum = 0
     out_tokens, assumed, int_limits = 0, False, True

@@ -81,7 +81,7 @@ class ContentMode(NamedTuple):
 
 
 OFF = ContentMode(False, False, False)
-_cache: dict[tuple[str, str], ContentMode] = {}
+_cache: dict[tuple[Any, Any], ContentMode] = {}
 
 
 def _parse(raw_mode: str, raw_emit: str) -> ContentMode:
@@ -113,17 +113,33 @@ def _parse(raw_mode: str, raw_emit: str) -> ContentMode:
     return ContentMode(span, event and emit, emit)
 
 
+# The two variables as ``os.environ`` stores them: read on every call straight from its
+# backing dict (what ``os.environ.get`` reads, without its five Python-level calls per read).
+_CAPTURE_KEY = os.environ.encodekey(CAPTURE_CONTENT_ENV)
+_EMIT_KEY = os.environ.encodekey(EMIT_EVENT_ENV)
+
+
 def content_mode() -> ContentMode:
     """The mode the environment asks for now (parsed once per distinct value: an invalid
     value is logged once)."""
     environ = os.environ
-    key = (environ.get(CAPTURE_CONTENT_ENV, ""), environ.get(EMIT_EVENT_ENV, ""))
+    data = getattr(environ, "_data", None)
+    if type(data) is dict:  # os.environ itself: its raw values are the cache key
+        key: tuple[Any, Any] = (data.get(_CAPTURE_KEY), data.get(_EMIT_KEY))
+    else:  # a stand-in mapping (a test's patch)
+        key = (environ.get(CAPTURE_CONTENT_ENV, ""), environ.get(EMIT_EVENT_ENV, ""))
     mode = _cache.get(key)
     if mode is None:
         if len(_cache) > 64:
             _cache.clear()
-        mode = _cache[key] = _parse(*key)
+        mode = _cache[key] = _parse(*(_decoded(environ, raw) for raw in key))
     return mode
+
+
+def _decoded(environ: Any, raw: Any) -> str:
+    if raw is None:
+        return ""
+    return raw if isinstance(raw, str) else str(environ.decodevalue(raw))
 
 
 def capturing() -> bool:

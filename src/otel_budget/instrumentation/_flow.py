@@ -22,6 +22,7 @@ generator runs in the caller's context (the caller's task, for the async driver)
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Generator
+from functools import partial
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -41,14 +42,15 @@ class Step:
 
 
 def step(sync_fn: Callable[..., Any], async_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Step:
-    """A step calling ``sync_fn(*args, **kwargs)`` or awaiting ``async_fn(*args, **kwargs)``."""
-    return Step(lambda: sync_fn(*args, **kwargs), lambda: async_fn(*args, **kwargs))
+    """A step calling ``sync_fn(*args, **kwargs)`` or awaiting ``async_fn(*args, **kwargs)``.
+    (``partial``: calling it adds no Python frame of its own, as a lambda would.)"""
+    return Step(partial(sync_fn, *args, **kwargs), partial(async_fn, *args, **kwargs))
 
 
 def send(wrapped: Callable[..., Any], *args: Any, **kwargs: Any) -> Step:
     """The SDK method itself: ``wrapped(...)``, awaited by the async driver when it returns an
     awaitable (an async SDK method returns its coroutine)."""
-    call = lambda: wrapped(*args, **kwargs)  # noqa: E731 - one callable for both forms
+    call = partial(wrapped, *args, **kwargs) if args or kwargs else wrapped  # one for both forms
     return Step(call, call)
 
 

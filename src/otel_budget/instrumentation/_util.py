@@ -51,6 +51,11 @@ def materialised(value: Any, depth: int = 0) -> Any:
         return value
     if kind is dict:
         return _materialised_dict(value, depth)
+    if kind is list or kind is tuple:  # (before the Iterator check: an ABC's, Python-level)
+        items = [materialised(v, depth + 1) for v in value]
+        if any(a is not b for a, b in zip(items, value, strict=True)):
+            return items if kind is list else tuple(items)
+        return value
     if isinstance(value, (str, bytes, bytearray)):
         return value
     if isinstance(value, Iterator):
@@ -95,7 +100,7 @@ class RequestParams:
         self.kwargs = kwargs
         self._body_key = body_key
         extra = kwargs.get(body_key)
-        if isinstance(extra, Mapping):
+        if extra is not None and isinstance(extra, Mapping):
             extra = dict(extra)
             kwargs[body_key] = extra
         else:
@@ -193,7 +198,7 @@ def with_history(
 def server_of(client: Any) -> tuple[str | None, int | None]:
     """``(server.address, server.port)`` of an SDK client, from its ``base_url`` (the port
     implied by the scheme when the URL names none)."""
-    base_url = getattr(client, "base_url", None)
+    base_url = _base_url(client)
     if base_url is None:
         return None, None
     # Read once per URL object (httpx URLs are immutable; the entry holds the URL, so its id
@@ -213,6 +218,23 @@ def server_of(client: Any) -> tuple[str | None, int | None]:
 
 
 _SERVERS: dict[int, tuple[Any, tuple[str | None, int | None]]] = {}
+# Client classes whose ``base_url`` property returns the ``_base_url`` attribute as it is
+# (openai's: ~5 us per read, an import statement inside), read directly; judged once per
+# class from one read.
+_PLAIN_BASE_URL: dict[type, bool] = {}
+
+
+def _base_url(client: Any) -> Any:
+    kind = type(client)
+    plain = _PLAIN_BASE_URL.get(kind)
+    if plain:
+        url = getattr(client, "_base_url", None)
+        if url is not None:
+            return url
+    base_url = getattr(client, "base_url", None)
+    if plain is None and len(_PLAIN_BASE_URL) < 256:
+        _PLAIN_BASE_URL[kind] = base_url is not None and base_url is getattr(client, "_base_url", None)
+    return base_url
 
 
 _MODEL_TYPES: dict[type, bool] = {}  # type -> a pydantic (v2) model?

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 import wrapt
-from opentelemetry import trace
+from opentelemetry import context, trace
 
 from otel_budget import attributes as attrs
 from otel_budget.errors import BudgetExceededError
@@ -52,6 +52,7 @@ from otel_budget.instrumentation.anthropic.response import (
     message_outcome,
 )
 from otel_budget.instrumentation.anthropic.streams import metered_stream, raw_stream_response
+from otel_budget.metered import attach_span
 from otel_budget.runtime import BudgetRuntime, RuntimeSource
 
 Wrapper = Callable[..., Any]
@@ -63,19 +64,17 @@ class StreamManagerNotEnteredError(Exception):
     entered: no request was sent, and the reservation was released."""
 
 
-def _use_span(call: LLMCall) -> Any:
-    return trace.use_span(call.span, end_on_exit=False, record_exception=False,
-                          set_status_on_exception=False)  # fmt: skip
-
-
 def sending(call: LLMCall, request: Step) -> Flow[Any]:
     """Send ``request`` as ``call``: under its span, with ``CURRENT_CALL`` set (the SDK's
     attempt hooks and its own span see the call). When it raises, the call is released, or
     charged if it was billed, and the exception propagates."""
     token = CURRENT_CALL.set(call)
     try:
-        with _use_span(call):
+        active = attach_span(call.span)
+        try:
             return (yield request)
+        finally:
+            context.detach(active)
     except BaseException as exc:
         yield step(fail, afail, call, exc)
         raise

@@ -78,6 +78,8 @@ def _output_type(response_format: Any) -> str | None:
     """``gen_ai.output.type`` of a ``response_format`` / Responses ``text.format``, as
     genai-openai reads it: a pydantic class or a JSON format is ``json``; another type as
     named."""
+    if response_format is None:
+        return None
     if isinstance(response_format, type):
         return "json"
     kind = response_format.get("type") if isinstance(response_format, Mapping) else response_format

@@ -52,10 +52,13 @@ def _usage(usage: Any, names: tuple[str, str, str, str]) -> TokenUsage | None:
         out = _int(_get(usage, out_key))
         input_details = _get(usage, inp_details_key)
         output_details = _get(usage, out_details_key)
-    cached = _int(_get(input_details, "cached_tokens"))
-    audio_in = _int(_get(input_details, "audio_tokens"))
-    reasoning = _int(_get(output_details, "reasoning_tokens"))
-    audio_out = _int(_get(output_details, "audio_tokens"))
+    cached = audio_in = reasoning = audio_out = 0  # (no details: zeros, without the reads)
+    if input_details is not None:
+        cached = _int(_get(input_details, "cached_tokens"))
+        audio_in = _int(_get(input_details, "audio_tokens"))
+    if output_details is not None:
+        reasoning = _int(_get(output_details, "reasoning_tokens"))
+        audio_out = _int(_get(output_details, "audio_tokens"))
     return TokenUsage(
         input_tokens=max(inp, cached, audio_in), output_tokens=max(out, reasoning, audio_out),
         cache_read_tokens=cached, reasoning_tokens=reasoning,
@@ -193,20 +196,28 @@ def _output_messages(body: Any, kind: str) -> list[dict[str, Any]] | None:
     return None
 
 
+def _needs_text(usage: TokenUsage | None) -> bool:
+    """Whether the output text matters: ``LLMCall.checked_usage`` estimates the output from
+    it only when the usage reports no output tokens (else it is never read)."""
+    return usage is None or usage.output_tokens <= 0
+
+
 def read_body(
     call: LLMCall, body: Any, kind: str
 ) -> tuple[TokenUsage | None, dict[str, Any], str | None]:
     """(usage, response attributes, output text) of a response body; never raises (a shape
-    we do not know is charged as estimated, not lost)."""
+    we do not know is charged as estimated, not lost). The text is read only when the usage
+    lacks output tokens (``_needs_text``), else it is None."""
     try:
         text: Any = None
         if kind == "responses":
             usage = responses_usage(_get(body, "usage"))
             history.remember(_get(body, "id"), usage)  # its context, for previous_response_id
             attributes = _response_attributes(body, choices=False)
-            text = _get(body, "output_text") if body is not None else None
-            if not isinstance(text, str) and isinstance(body, dict):
-                text = _responses_text(body)
+            if _needs_text(usage):
+                text = _get(body, "output_text") if body is not None else None
+                if not isinstance(text, str) and isinstance(body, dict):
+                    text = _responses_text(body)
         elif kind == "embeddings":
             usage = chat_usage(_get(body, "usage"))
             attributes = _embeddings_attributes(body)
@@ -215,7 +226,7 @@ def read_body(
             attributes = _response_attributes(body, choices=kind in ("chat", "completions"))
             if kind == "chat":
                 _chat_metric_attributes(call, attributes)
-            if kind in ("chat", "completions"):
+            if kind in ("chat", "completions") and _needs_text(usage):
                 parts = [
                     _get(_get(c, "message"), "content") if kind == "chat" else _get(c, "text")
                     for c in (_get(body, "choices") or [])

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from opentelemetry import trace
+from opentelemetry import context, trace
 
 from otel_budget.errors import BudgetExceededError
 from otel_budget.instrumentation._cache import plan_for, unusable_hit
@@ -50,6 +50,7 @@ from otel_budget.instrumentation.openai.streams import (
     raw_stream_response,
     stream_proxy,
 )
+from otel_budget.metered import attach_span
 from otel_budget.runtime import RuntimeSource
 
 Reader = Callable[[Any, dict[str, Any]], LLMRequest]
@@ -101,10 +102,13 @@ def call_flow(
     body: Any = _UNREAD
     retry = False
     try:
-        with trace.use_span(call.span, end_on_exit=False, record_exception=False,
-                            set_status_on_exception=False):  # fmt: skip
+        active = attach_span(call.span)
+        try:
             result = yield send(partial(wrapped, *args, **kwargs))
-        if is_raw(result) and not is_stream(result):
+        finally:
+            context.detach(active)
+        raw = is_raw(result)
+        if raw and not is_stream(result):
             # with_raw_response (sync parse) or with_streaming_response (async parse, async)
             if call.request.stream:
                 stream = yield send(result.parse)  # does not read the body: SSE is lazy
@@ -131,7 +135,9 @@ def call_flow(
         proxy = stream_proxy(result, call, kind, hide_usage)
         if proxy is not None:
             return proxy
-    yield _settle(call, parsed(result) if body is _UNREAD else body, kind)
+    if body is _UNREAD:  # (a parsed body is its own body: ``parsed`` would say so)
+        body = parsed(result) if raw else result
+    yield _settle(call, body, kind)
     return result
 
 
