@@ -151,10 +151,10 @@ import threading
 import time
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from otel_budget.storage.base import (
     GLOBAL_PAUSE_KEY,
@@ -185,10 +185,18 @@ try:  # optional dependency: pip install 'otel-budget[redis]'
 except ImportError:  # pragma: no cover - exercised only without the extra
     _redis = None  # type: ignore[assignment]
 
+try:  # redis.asyncio, with the same extra: the coroutine reserve (storage/redis_aio.py)
+    from otel_budget.storage import redis_aio as _aio
+except ImportError:  # pragma: no cover - exercised only without the extra
+    _aio = None  # type: ignore[assignment]
+
 try:  # optional, with the extra: redis-py's own packing checks every argument in Python
     from hiredis import pack_command as _hiredis_pack
 except ImportError:  # pragma: no cover - redis-py's packer then
     _hiredis_pack = None  # type: ignore[assignment]
+
+if TYPE_CHECKING:
+    from otel_budget.storage.redis_aio import LoopConnections
 
 logger = logging.getLogger("otel_budget.storage.redis")
 
@@ -434,6 +442,11 @@ class RedisStorage(LedgerStorage):
                 raise ValueError(f"no Redis URL: pass url= or set {ENV_URL}")
             client = self._make_client(url, socket_timeout, socket_connect_timeout)
         self.url = redact(url) if url else repr(client)
+        # For the per-loop asyncio connections (made on first use: _async_connections).
+        self._raw_url = url if self._own_client else None
+        self._socket_timeout = float(socket_timeout)
+        self._socket_connect_timeout = float(socket_connect_timeout)
+        self._aconns: LoopConnections | None = None
         self.client = client
         self.prefix = prefix
         self.lease_seconds = float(lease_seconds)
@@ -583,17 +596,7 @@ class RedisStorage(LedgerStorage):
         """Run ``op`` with retries and the breaker. ``settle`` (commit, release, charge: they
         are journaled when Redis does not answer, so waiting buys nothing): one attempt, and
         none at all while Redis is failing (a failure not yet followed by a success)."""
-        if self._closed:
-            raise LedgerUnavailableError("RedisStorage is closed", attempted=False)
-        if settle and self._breaker.failures:
-            raise LedgerUnavailableError(
-                f"Redis ledger at {self.url} is failing: journaled", attempted=False
-            )
-        if not self._breaker.allow():
-            self.stats["fast_failures"] += 1
-            raise LedgerUnavailableError(
-                f"Redis ledger at {self.url} unavailable (circuit open)", attempted=False
-            )
+        self._admit(settle)
         last: BaseException | None = None
         for _ in range(1 if settle else self._retries + 1):
             try:
@@ -610,6 +613,46 @@ class RedisStorage(LedgerStorage):
             if self._breaker.success():
                 self._recovered()
             return result
+        raise self._failed(last) from last
+
+    async def _acall(self, op: Callable[[], Awaitable[Any]], settle: bool = False) -> Any:
+        """``_call`` for a coroutine operation: the same admission, retries and breaker."""
+        self._admit(settle)
+        last: BaseException | None = None
+        for _ in range(1 if settle else self._retries + 1):
+            try:
+                result = await op()
+            except (_redis.ConnectionError, _redis.TimeoutError, OSError) as exc:
+                last = exc  # transient: retry at once (every operation is idempotent)
+                continue
+            except _redis.RedisError as exc:  # OOM, READONLY, a script error: no retry
+                last = exc
+                break
+            except BaseException:  # our bug, or a cancellation: not Redis' failure
+                self._breaker.abort()
+                raise
+            if self._breaker.success():
+                self._recovered()
+            return result
+        raise self._failed(last) from last
+
+    def _admit(self, settle: bool) -> None:
+        """Raise (``attempted=False``) when no attempt may be made: closed, a settle while
+        Redis is failing, or the circuit is open."""
+        if self._closed:
+            raise LedgerUnavailableError("RedisStorage is closed", attempted=False)
+        if settle and self._breaker.failures:
+            raise LedgerUnavailableError(
+                f"Redis ledger at {self.url} is failing: journaled", attempted=False
+            )
+        if not self._breaker.allow():
+            self.stats["fast_failures"] += 1
+            raise LedgerUnavailableError(
+                f"Redis ledger at {self.url} unavailable (circuit open)", attempted=False
+            )
+
+    def _failed(self, last: BaseException | None) -> LedgerUnavailableError:
+        """Record a failed operation (the breaker, the log) and the error to raise."""
         self.stats["failures"] += 1
         if self._breaker.failure():
             logger.warning(
@@ -620,9 +663,9 @@ class RedisStorage(LedgerStorage):
             )  # fmt: skip
             with self._lock:
                 self._outage += 1
-        raise LedgerUnavailableError(
+        return LedgerUnavailableError(
             f"Redis ledger at {self.url} unavailable: {type(last).__name__}: {last}"
-        ) from last
+        )
 
     def _recovered(self) -> None:
         logger.warning("otel-budget: Redis ledger at %s answers again", self.url)
@@ -793,6 +836,14 @@ class RedisStorage(LedgerStorage):
         self, name: str, scopes: Sequence[ScopeLimit], minimum: int, maximum: int,
         pause_keys: Sequence[str], want: bool,
     ) -> Any:  # fmt: skip
+        keys, args = self._reserve_command(name, scopes, minimum, maximum, pause_keys, want)
+        return self._evalsha("reserve", keys, args)
+
+    def _reserve_command(
+        self, name: str, scopes: Sequence[ScopeLimit], minimum: int, maximum: int,
+        pause_keys: Sequence[str], want: bool,
+    ) -> tuple[list[str], list[Any]]:  # fmt: skip
+        """The reserve script's ``KEYS`` and ``ARGV``."""
         # What depends only on the scopes (their keys, their JSON, their specs) is cached:
         # a process makes its calls on few distinct scope sets (per pid: the process scope).
         cache_key = (tuple(scopes), os.getpid())
@@ -813,7 +864,7 @@ class RedisStorage(LedgerStorage):
             name, f"{minimum}:{maximum}", config, names_json,
             len(pause_keys) + 1, GLOBAL_PAUSE_KEY, *pause_keys, *specs,
         ]  # fmt: skip
-        return self._evalsha("reserve", keys, args)
+        return keys, args
 
     def _evalsha(self, script: str, keys: list[str], args: list[Any]) -> Any:
         """One script call, on this thread's own connection when the client is ours: the
@@ -1184,15 +1235,87 @@ class RedisStorage(LedgerStorage):
                     lambda: self._reserve_once(name, scopes, minimum, maximum, pause_keys, want)
                 )
         except LedgerUnavailableError as exc:
-            if exc.attempted:
-                # Unknown outcome: the command may still run when the server wakes up (a
-                # ghost). Release it later, leaving a tombstone against a later arrival.
-                self._journal_add(("settle", name, [s.key for s in scopes], scopes, "t", 0))
+            self._reserve_unknown(exc, name, scopes)
             if self._fallback is None:
                 raise
             return self._fallback_reserve(
                 lease_id, name, scopes, minimum, maximum, pause_keys
             )
+        return self._reserve_result(name, scopes, reply)
+
+    async def areserve_up_to(
+        self,
+        lease_id: LeaseId,
+        scopes: Sequence[ScopeLimit],
+        minimum: int,
+        maximum: int,
+        pause_keys: Sequence[str] = (),
+    ) -> ReserveResult:
+        """``reserve_up_to`` as a coroutine on the caller's event loop (``redis.asyncio``, a
+        connection per loop: ``storage/redis_aio.py``): the same script, retries, breaker,
+        journal and fallback. A cancellation after the script may have been sent journals
+        the lease's release, as a timeout does (a tombstone against a late arrival). A
+        client passed in (``client=``), or a cluster, runs the blocking call in a thread."""
+        conns = self._aconns if self._aconns is not None else self._async_connections()
+        if conns is None:
+            return await super().areserve_up_to(lease_id, scopes, minimum, maximum, pause_keys)
+        minimum, maximum = reserve_range(minimum, maximum)
+        scopes = tuple(scopes)
+        name = lease_name(lease_id)
+        want = self._fallback is not None or self.settle_async
+        keys, args = self._reserve_command(name, scopes, minimum, maximum, pause_keys, want)
+        script = self._scripts["reserve"]
+
+        def send() -> Awaitable[Any]:
+            return conns.evalsha(script.sha, SCRIPTS["reserve"], keys, args)
+
+        try:
+            reply = await self._acall(send)
+            if _text(reply[0]) == "denied" and (self._queue or self._send_lock.locked()):
+                # As in reserve_up_to: this instance's queued settlements land first (the
+                # blocking drain in a thread: it waits for a batch in flight).
+                await asyncio.to_thread(self._drain)
+                reply = await self._acall(send)
+        except LedgerUnavailableError as exc:
+            self._reserve_unknown(exc, name, scopes)
+            if self._fallback is None:
+                raise
+            return await asyncio.to_thread(
+                self._fallback_reserve, lease_id, name, scopes, minimum, maximum, pause_keys
+            )
+        except asyncio.CancelledError:
+            # Cancelled while the script may have reached Redis: its reservation is
+            # released when Redis answers (idempotent: a release of nothing leaves only the
+            # tombstone), never held until the lease's deadline.
+            self._reserve_unknown(LedgerUnavailableError("cancelled"), name, scopes)
+            raise
+        return self._reserve_result(name, scopes, reply)
+
+    def _async_connections(self) -> LoopConnections | None:
+        """The per-loop ``redis.asyncio`` connections, made on first use; None when the
+        client is not ours (or a cluster's): the thread path then."""
+        if not self._own_client or self._raw_url is None or _aio is None:
+            return None
+        with self._lock:
+            if self._aconns is None:
+                self._aconns = _aio.LoopConnections(
+                    self._raw_url, self._socket_timeout, self._socket_connect_timeout
+                )
+            return self._aconns
+
+    def _reserve_unknown(
+        self, exc: LedgerUnavailableError, name: str, scopes: tuple[ScopeLimit, ...]
+    ) -> None:
+        if exc.attempted:
+            # Unknown outcome: the command may still run when the server wakes up (a
+            # ghost). Release it later, leaving a tombstone against a later arrival.
+            self._journal_add(("settle", name, [s.key for s in scopes], scopes, "t", 0))
+
+    def _reserve_result(
+        self, name: str, scopes: tuple[ScopeLimit, ...], reply: Any
+    ) -> ReserveResult:
+        """The reserve script's reply as a ``ReserveResult`` (and this instance's records)."""
+        want = self._fallback is not None or self.settle_async
         status = _text(reply[0])
         swept = int(reply[1])
         if swept:
@@ -1495,6 +1618,8 @@ class RedisStorage(LedgerStorage):
                 left, f"kept in {durable.path} for the next start" if durable is not None
                 else "they are lost (no durable journal)",
             )  # fmt: skip
+        if self._aconns is not None:
+            self._aconns.close()
         if self._own_client:
             with self._lock:
                 conns = list(self._thread_conns)
