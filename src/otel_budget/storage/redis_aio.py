@@ -20,7 +20,7 @@ loop finalises) or at ``close()``.
 The same timeouts as the blocking client (``socket_timeout``, ``socket_connect_timeout``;
 no retries of redis-py's own: ``RedisStorage`` retries and runs the circuit breaker),
 measured in Redis' time rather than the loop's (``_Deadline``: a loop too busy to read a
-reply in time does not turn it into a timeout; at most 2 s then), the
+reply in time does not turn it into a timeout; at most 5 s then), the
 same ``EVALSHA`` with a ``SCRIPT LOAD`` on ``NOSCRIPT`` (a restarted server forgot the
 script), the same single retry on a fresh connection when a kept one was closed by the
 server while idle.
@@ -260,13 +260,14 @@ class _Deadline:
     the loop was busy (the timer, or this check, ran more than half the timeout late: the
     wait says nothing about Redis), it waits another ``timeout``. Otherwise it cancels the
     call, which ``expired()`` tells apart from a cancellation by the caller. On a busy loop
-    ``hard_cap`` (2 s, or 4 timeouts) bounds the wait for a Redis that does not answer."""
+    ``hard_cap`` (5 s, or 4 timeouts) bounds the wait for a Redis that does not answer (on
+    such a loop every await takes that long; the loop itself is never blocked)."""
 
     __slots__ = (
         "conn", "fired", "handle", "hard_at", "late", "loop", "task", "timed_out", "timeout",
     )  # fmt: skip
 
-    def __init__(self, conn: Any, timeout: float, hard_cap: float = 2.0) -> None:
+    def __init__(self, conn: Any, timeout: float, hard_cap: float = 5.0) -> None:
         self.loop = asyncio.get_running_loop()
         self.task = asyncio.current_task()
         self.conn = conn
