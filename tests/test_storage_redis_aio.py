@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 import uuid
@@ -260,4 +261,35 @@ def test_a_busy_loop_reading_a_reply_late_is_not_a_timeout(
         assert all(r.ok for r in results)
         assert store.stats["failures"] == 0
     finally:
+        store.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_opens_its_own_connections(private_server: RedisServer) -> None:
+    store = RedisStorage(private_server.url, prefix=unique_prefix())
+    cap = ScopeLimit("user:fork", 100 * USD)
+    loop = asyncio.new_event_loop()  # the same loop object on both sides of the fork
+    try:
+        assert loop.run_until_complete(store.areserve("parent-1", [cap], USD)).ok
+        aconns = store._aconns
+        assert aconns is not None
+        parent_conns = list(aconns._pools[loop].open)
+        pid = os.fork()
+        if pid == 0:  # the child: never the parent's sockets, and its reserve counts
+            code = 1
+            try:
+                result = loop.run_until_complete(store.areserve("child", [cap], USD))
+                mine = list(aconns._pools[loop].open)
+                code = 0 if result.ok and not set(mine) & set(parent_conns) else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        # The parent's connection still works (the child did not close or read from it).
+        assert loop.run_until_complete(store.areserve("parent-2", [cap], USD)).ok
+        assert list(aconns._pools[loop].open) == parent_conns
+        assert store.usage(cap.key).reserved == 3 * USD
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
         store.close()
