@@ -6,6 +6,8 @@
   equals what was committed; a loop's connections close when ``asyncio.run`` ends;
 * a reserve cancelled while its script may already have run is released (a tombstone
   against a late arrival), not held until its lease deadline;
+* 4 processes x 8 coroutines on one trace budget: never above it (sampled from outside),
+  the ledger equals what was committed to the nano-dollar;
 * Redis frozen or killed mid-run: the reserve fails within the same bound as the blocking
   one (``LedgerUnavailableError``: the failure policy decides), the fallback ledger takes
   over when configured, and service resumes when Redis is back; a restarted server's
@@ -292,4 +294,92 @@ def test_a_forked_child_opens_its_own_connections(private_server: RedisServer) -
     finally:
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
+        store.close()
+
+
+def async_contention_worker(
+    url: str, prefix: str, index: int, tasks: int, rounds: int, limit: int
+) -> tuple[int, int]:
+    """``tests.helpers.hammer``'s client, on asyncio: ``tasks`` coroutines of one loop
+    reserve random amounts on one hot trace (plus a daily cap) through ``areserve``, release
+    10 % and commit the rest twice; returns (admitted, nano-USD committed)."""
+    import random
+
+    store = RedisStorage(url, prefix=prefix, socket_timeout=2.0, socket_connect_timeout=2.0,
+                         breaker_failures=1000)  # fmt: skip
+    scopes = [
+        ScopeLimit("t:hot", limit, True, 3600.0),
+        ScopeLimit("user:x@d20261203", limit + 1, False, 2 * 86400.0),
+    ]
+
+    async def client(task: int) -> tuple[int, int]:
+        rng = random.Random(index * 1000 + task)
+        admitted = committed = 0
+        for n in range(rounds):
+            lease = (index << 48) | (task << 32) | n
+            amount = rng.randint(1, 20_000_000)
+            if (await store.areserve(lease, scopes, amount)).ok:
+                admitted += 1
+                if rng.random() < 0.1:
+                    await store.arelease(lease)
+                else:
+                    actual = rng.randint(0, amount)
+                    await store.acommit(lease, actual)
+                    await store.acommit(lease, actual)
+                    committed += actual
+        return admitted, committed
+
+    async def main() -> list[tuple[int, int]]:
+        return await asyncio.gather(*(client(t) for t in range(tasks)))
+
+    try:
+        results = asyncio.run(main())
+        # The reserves went through the loop's own connections (not a worker thread).
+        assert store._aconns is not None and store._aconns.loops == 1
+    finally:
+        store.close()
+    return sum(r[0] for r in results), sum(r[1] for r in results)
+
+
+def test_four_processes_by_eight_async_tasks_never_exceed_one_trace_budget(
+    private_server: RedisServer,
+) -> None:
+    import multiprocessing
+
+    prefix = unique_prefix()
+    limit = 3 * USD
+    store = RedisStorage(private_server.url, prefix=prefix, socket_timeout=1.0,
+                         socket_connect_timeout=1.0)  # fmt: skip
+    key = store.scope_key("t:hot")
+    samples: list[tuple[int, ...]] = []
+    stop = threading.Event()
+
+    def monitor() -> None:
+        while not stop.is_set():
+            values = store.client.hmget(key, "limit", "spent", "reserved")  # atomic snapshot
+            if values[0] is not None:
+                samples.append(tuple(int(v) for v in values))
+            time.sleep(0.0005)
+
+    watcher = threading.Thread(target=monitor)
+    watcher.start()
+    try:
+        with multiprocessing.get_context("spawn").Pool(4) as pool:
+            results = pool.starmap(
+                async_contention_worker,
+                [(private_server.url, prefix, i, 8, 60, limit) for i in range(4)],
+            )
+    finally:
+        stop.set()
+        watcher.join()
+    try:
+        admitted = sum(r[0] for r in results)
+        committed = sum(r[1] for r in results)
+        usage = store.usage("t:hot")
+        assert len(samples) > 50
+        assert not [s for s in samples if s[1] + s[2] > s[0]]
+        assert usage is not None and usage.reserved == 0
+        assert usage.spent == committed <= limit  # to the nano-dollar
+        assert 0 < admitted < 4 * 8 * 60  # the budget did refuse calls
+    finally:
         store.close()
