@@ -4,6 +4,7 @@ MemoryStorage, 1 and 4 processes on ONE trace scope, with and without per-worker
     python bench/bench_redis.py                      # ~2 min on a 2-core machine
     python bench/bench_redis.py --quick              # smaller, for a smoke run
     python bench/bench_redis.py --json bench/results/redis.json
+    python bench/bench_redis.py --settle-batches --json bench/results/redis_settle_batches.json
 
 Each worker process runs sequential metered calls' ledger work: a reserve (on the call's
 critical path) then a commit (``redis``: queued for the background writer; ``redis-sync``:
@@ -15,6 +16,8 @@ commits have landed in Redis), p50/p99 of the time added per call (reserve + com
 caller sees it, ``perf_counter_ns``), and the caller thread's CPU per reserve and per commit
 (``thread_time_ns``, means). Then the visibility bound: how long after ``commit()`` returns
 another client sees the spend (p50/p99 over 500 commits, default 5 ms writer interval).
+``--settle-batches``: the writer's batches as one ``settle_many.lua`` call each against one
+``settle.lua`` call per lease, interleaved (server script time and writer CPU per settle).
 
 The redis-server is started by this script on a free 127.0.0.1 port (``--save ""
 --appendonly no``) and stopped by PID at the end; nothing else is contacted. Redis-side cost
@@ -134,15 +137,84 @@ def script_stats(url: str) -> dict[str, Any]:
         client.close()
 
 
+def settle_batches(url: str, rounds: int, leases: int) -> dict[str, Any]:
+    """The writer's batches of 128 queued commits (a trace and a daily cap each), sent as one
+    ``settle_many.lua`` call per batch (``batched``) or as the per-lease ``settle.lua`` calls
+    in one pipelined write (``per_lease``, the previous writer), interleaved round by round on
+    one server: the server's script time per settle (``INFO commandstats``) and the writer
+    thread's CPU per settle (``thread_time``), medians over the rounds."""
+    import redis
+
+    from otel_budget.storage import ScopeLimit
+    from otel_budget.storage.redis import SCRIPTS, RedisStorage, _Commands, lease_name
+
+    store = RedisStorage(url, prefix=f"otbbench:{uuid.uuid4().hex[:8]}:", settle_async=False)
+    other = redis.Redis.from_url(url, decode_responses=True)
+    scopes = (ScopeLimit("t:batch", 10**15, True, 3600.0),
+              ScopeLimit("user:b@d20261203", 10**15, False, 86400.0))  # fmt: skip
+    keys = [s.key for s in scopes]
+    for name in ("settle", "settle_many"):
+        other.script_load(SCRIPTS[name])
+
+    def script_usec() -> int:
+        return int(other.info("commandstats")["cmdstat_evalsha"]["usec"])
+
+    samples: dict[str, dict[str, list[float]]] = {}
+    try:
+        for round_ in range(rounds):
+            for mode in ("per_lease", "batched"):
+                ids = [(mode, round_, i) for i in range(leases)]
+                for lease in ids:
+                    assert store.reserve(lease, scopes, 1000).ok
+                names = [lease_name(lease) for lease in ids]
+                entries = [("settle", n, keys, scopes, "c", 500) for n in names]
+                usec, cpu = script_usec(), time.thread_time()
+                for first in range(0, leases, 128):
+                    batch = entries[first:first + 128]
+                    if mode == "batched":
+                        store._settle_many(batch)
+                    else:
+                        pipe = _Commands()
+                        for e in batch:
+                            store._settle_once(e[1], e[2], e[4], e[5], client=pipe)
+                        store._send_commands(pipe.commands)
+                cpu, usec = time.thread_time() - cpu, script_usec() - usec
+                row = samples.setdefault(mode, {"server_us": [], "client_cpu_us": []})
+                row["server_us"].append(usec / leases)
+                row["client_cpu_us"].append(cpu * 1e6 / leases)
+        usage = store.usage("t:batch")
+        assert usage is not None and usage.reserved == 0
+        assert usage.spent == 2 * rounds * leases * 500  # every settle landed, once
+    finally:
+        store.close()
+        other.close()
+    return {mode: {name: round(statistics.median(v), 2) for name, v in row.items()}
+            for mode, row in samples.items()} | {"rounds": rounds, "leases_per_round": leases}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer calls (smoke run)")
     parser.add_argument("--pairs", type=int, default=None, help="calls per worker process")
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--settle-batches", action="store_true",
+                        help="only: one script call per batch of settles vs one per lease")  # fmt: skip
     args = parser.parse_args(argv)
     if REDIS_SERVER is None:
         print(f"bench_redis: {SKIP_REASON}", file=sys.stderr)
         return 2
+    if args.settle_batches:
+        os.environ.setdefault("OTEL_BUDGET_JOURNAL_DIR", tempfile.mkdtemp(prefix="otb-jnl-"))
+        server = RedisServer().start()
+        try:
+            result = settle_batches(server.url, 5 if args.quick else 15, 2560)
+        finally:
+            server.cleanup()
+        print(json.dumps(result, indent=2))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+        return 0
     pairs = args.pairs or (1000 if args.quick else 4000)
     os.environ.setdefault("OTEL_BUDGET_JOURNAL_DIR", tempfile.mkdtemp(prefix="otb-bench-jnl-"))
     try:

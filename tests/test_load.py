@@ -109,3 +109,24 @@ def test_the_fake_provider_answers_on_descriptors_above_1024() -> None:
         for fd in hog:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_call_of_unknown_outcome_is_counted_at_its_reservation_exactly() -> None:
+    """A connection lost after sending: the ledger charged the reservation (60) and the
+    provider either billed the call (10) or not. The check allows exactly that, no more."""
+    caps = {"u1": 1000}
+    granted = {"u1": 9}
+    not_billed = _bill(u1=(90, 9))  # 9 granted calls of 10; the lost one never billed
+    ledger = [ScopeUsage("user:u1@d20261203", 1000, 90 + 60, 0)]
+    fails = check_ledger(ledger, not_billed, granted, caps, {"u1": [60]}, 10)
+    assert not any(fails.values()), fails
+    billed = _bill(u1=(100, 10))  # the provider did serve and bill it
+    fails = check_ledger(ledger, billed, granted, caps, {"u1": [60]}, 10)
+    assert not any(fails.values()), fails
+    # Without the unknown call counted, or one nano-USD off, or more served: failures.
+    assert check_ledger(ledger, not_billed, granted, caps)["ledger_equals_bill"]
+    off = [ScopeUsage("user:u1@d20261203", 1000, 90 + 61, 0)]
+    assert check_ledger(off, not_billed, granted, caps, {"u1": [60]}, 10)["ledger_equals_bill"]
+    served_two = _bill(u1=(110, 11))
+    fails = check_ledger(ledger, served_two, granted, caps, {"u1": [60]}, 10)
+    assert fails["refused_never_sent"]

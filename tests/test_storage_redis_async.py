@@ -335,3 +335,35 @@ def test_an_adopter_never_takes_a_journal_being_created(tmp_path: Path) -> None:
     assert all(j.path.exists() for j in made)
     for journal in made:
         journal.close()
+
+
+def test_a_batch_of_queued_settles_is_one_script_call(server: RedisServer) -> None:
+    """The writer sends a whole batch as one ``settle_many.lua`` call (the server's CPU per
+    settle), with each lease's outcome as ``settle.lua`` gives it."""
+    store = RedisStorage(server.url, prefix=unique_prefix(), settle_interval_seconds=5.0)
+    cap = ScopeLimit("user:batch", 100 * USD)
+    try:
+        assert store.reserve("warm", [cap], USD).ok
+        store.commit("warm", 0)
+        store.flush()  # the scripts are loaded (a first NOSCRIPT would count one more call)
+        for lease in range(40):
+            assert store.reserve(lease, [cap], USD).ok
+        evalsha = int(store.client.info("commandstats")["cmdstat_evalsha"]["calls"])
+        batches = store.stats["batches"]
+        for lease in range(30):
+            assert store.commit(lease, lease * 1000).status is CommitStatus.OK
+        for lease in range(30, 40):
+            assert store.release(lease).status is CommitStatus.RELEASED
+        store.flush()  # the writer would wait its 5 s interval: sent now, one batch
+        after = int(store.client.info("commandstats")["cmdstat_evalsha"]["calls"])
+        assert store.stats["batches"] - batches == 1  # the writer waits its interval
+        assert after - evalsha == 1  # one script call for the whole batch
+        usage = store.usage(cap.key)
+        assert usage == (cap.key, 100 * USD, sum(range(30)) * 1000, 0)
+        assert store.stats["batches"] == 2 and store.stats["batched"] == 41
+        # Settled in Redis: the same commit sent again (past this instance's own records)
+        # counts nothing.
+        assert store._settle(0, "c", 5).status is CommitStatus.DUPLICATE
+        assert store.usage(cap.key).spent == sum(range(30)) * 1000
+    finally:
+        store.close()

@@ -25,9 +25,10 @@ Design:
   ``release`` of a lease this instance reserved append the operation to the durable journal
   (below; one ``write``, fsynced per ``journal_fsync``), queue it and return a result computed
   locally (its ``scopes``: the usage this instance last saw, with the settle applied). A
-  writer thread sends the queue as one pipeline of the same ``settle.lua`` calls
-  (``_settle_many``) ``settle_interval_seconds`` (5 ms) after the first queued one, or at
-  once when ``settle_batch`` (128) are queued. **No overshoot:** until a commit lands, its
+  writer thread sends the queue as ONE script call, ``settle_many.lua``, running the same
+  ``settle_one`` as ``settle.lua`` per lease, in order (``_settle_many``; the server runs one
+  script per batch instead of one per lease), ``settle_interval_seconds`` (5 ms) after the
+  first queued one, or at once when ``settle_batch`` (128) are queued. **No overshoot:** until a commit lands, its
   whole reservation stays held in Redis, so other callers only ever see more in use than is
   true; a release frees its room within the bound below. What would hide spend stays
   synchronous: a commit above its reservation (the excess), a ``charge`` (spend without a
@@ -70,10 +71,14 @@ Design:
   reservation's check and is never written.
 * **Shared** (``shared = True``): a trace scope is not evicted when one service's local root
   ends (other services of the trace may still call); it goes when its TTL runs out.
-* **asyncio:** ``acommit``/``arelease`` queue inline (no thread: appending to the queue
-  does not touch the network); the other ``a*`` methods, and settles that go the synchronous
-  way, run the sync call in a worker thread (the default of ``LedgerStorage``), bounded by
-  the same timeouts and circuit breaker.
+* **asyncio:** ``areserve_up_to``/``areserve`` are coroutines on the caller's event loop
+  (``redis.asyncio``, connections per loop: ``storage/redis_aio.py``; same script, retries,
+  breaker, journal and fallback; timeouts measured in Redis' time, not a busy loop's; a
+  cancellation mid-reserve journals the lease's release). ``acommit``/``arelease`` queue
+  inline (no thread: appending to the queue does not touch the network); ``acharge``, and
+  settles that go the synchronous way, run the sync call in a worker thread (the default of
+  ``LedgerStorage``), bounded by the same timeouts and circuit breaker; so does every ``a*``
+  method with a client passed in (``client=``) or on a cluster.
 * **TTLs** come from ``ScopeLimit.ttl`` and are set in the same script as the write
   (refreshed on use, never shortened below an open lease); scopes without a TTL persist.
 * **Every key a script touches is passed in ``KEYS``.** On a Redis Cluster
@@ -151,10 +156,10 @@ import threading
 import time
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from otel_budget.storage.base import (
     GLOBAL_PAUSE_KEY,
@@ -185,10 +190,18 @@ try:  # optional dependency: pip install 'otel-budget[redis]'
 except ImportError:  # pragma: no cover - exercised only without the extra
     _redis = None  # type: ignore[assignment]
 
+try:  # redis.asyncio, with the same extra: the coroutine reserve (storage/redis_aio.py)
+    from otel_budget.storage import redis_aio as _aio
+except ImportError:  # pragma: no cover - exercised only without the extra
+    _aio = None  # type: ignore[assignment]
+
 try:  # optional, with the extra: redis-py's own packing checks every argument in Python
     from hiredis import pack_command as _hiredis_pack
 except ImportError:  # pragma: no cover - redis-py's packer then
     _hiredis_pack = None  # type: ignore[assignment]
+
+if TYPE_CHECKING:
+    from otel_budget.storage.redis_aio import LoopConnections
 
 logger = logging.getLogger("otel_budget.storage.redis")
 
@@ -205,15 +218,20 @@ ENV_URL = "OTEL_BUDGET_REDIS_URL"
 # -- Lua ------------------------------------------------------------------------------------
 # The scripts are package data (``otel_budget/storage/lua/*.lua``, like the ``limits``
 # library's): ``helpers.lua`` is prepended to the scripts that use it.
-_WITH_HELPERS = ("reserve", "settle", "charge")
+# ``settle_one.lua`` (one lease's settle) to the two that settle.
+_WITH_HELPERS = ("reserve", "settle", "settle_many", "charge")
+_WITH_SETTLE_ONE = ("settle", "settle_many")
 
 
 def _load_scripts() -> dict[str, str]:
     lua = resources.files("otel_budget.storage").joinpath("lua")
     helpers = lua.joinpath("helpers.lua").read_text(encoding="utf-8")
+    settle_one = lua.joinpath("settle_one.lua").read_text(encoding="utf-8")
     scripts = {}
-    for name in ("reserve", "settle", "charge", "evict", "set_limit", "reset"):
+    for name in ("reserve", "settle", "settle_many", "charge", "evict", "set_limit", "reset"):
         source = lua.joinpath(f"{name}.lua").read_text(encoding="utf-8")
+        if name in _WITH_SETTLE_ONE:
+            source = settle_one + source
         scripts[name] = helpers + source if name in _WITH_HELPERS else source
     return scripts
 
@@ -434,6 +452,11 @@ class RedisStorage(LedgerStorage):
                 raise ValueError(f"no Redis URL: pass url= or set {ENV_URL}")
             client = self._make_client(url, socket_timeout, socket_connect_timeout)
         self.url = redact(url) if url else repr(client)
+        # For the per-loop asyncio connections (made on first use: _async_connections).
+        self._raw_url = url if self._own_client else None
+        self._socket_timeout = float(socket_timeout)
+        self._socket_connect_timeout = float(socket_connect_timeout)
+        self._aconns: LoopConnections | None = None
         self.client = client
         self.prefix = prefix
         self.lease_seconds = float(lease_seconds)
@@ -583,17 +606,7 @@ class RedisStorage(LedgerStorage):
         """Run ``op`` with retries and the breaker. ``settle`` (commit, release, charge: they
         are journaled when Redis does not answer, so waiting buys nothing): one attempt, and
         none at all while Redis is failing (a failure not yet followed by a success)."""
-        if self._closed:
-            raise LedgerUnavailableError("RedisStorage is closed", attempted=False)
-        if settle and self._breaker.failures:
-            raise LedgerUnavailableError(
-                f"Redis ledger at {self.url} is failing: journaled", attempted=False
-            )
-        if not self._breaker.allow():
-            self.stats["fast_failures"] += 1
-            raise LedgerUnavailableError(
-                f"Redis ledger at {self.url} unavailable (circuit open)", attempted=False
-            )
+        self._admit(settle)
         last: BaseException | None = None
         for _ in range(1 if settle else self._retries + 1):
             try:
@@ -610,6 +623,46 @@ class RedisStorage(LedgerStorage):
             if self._breaker.success():
                 self._recovered()
             return result
+        raise self._failed(last) from last
+
+    async def _acall(self, op: Callable[[], Awaitable[Any]], settle: bool = False) -> Any:
+        """``_call`` for a coroutine operation: the same admission, retries and breaker."""
+        self._admit(settle)
+        last: BaseException | None = None
+        for _ in range(1 if settle else self._retries + 1):
+            try:
+                result = await op()
+            except (_redis.ConnectionError, _redis.TimeoutError, OSError) as exc:
+                last = exc  # transient: retry at once (every operation is idempotent)
+                continue
+            except _redis.RedisError as exc:  # OOM, READONLY, a script error: no retry
+                last = exc
+                break
+            except BaseException:  # our bug, or a cancellation: not Redis' failure
+                self._breaker.abort()
+                raise
+            if self._breaker.success():
+                self._recovered()
+            return result
+        raise self._failed(last) from last
+
+    def _admit(self, settle: bool) -> None:
+        """Raise (``attempted=False``) when no attempt may be made: closed, a settle while
+        Redis is failing, or the circuit is open."""
+        if self._closed:
+            raise LedgerUnavailableError("RedisStorage is closed", attempted=False)
+        if settle and self._breaker.failures:
+            raise LedgerUnavailableError(
+                f"Redis ledger at {self.url} is failing: journaled", attempted=False
+            )
+        if not self._breaker.allow():
+            self.stats["fast_failures"] += 1
+            raise LedgerUnavailableError(
+                f"Redis ledger at {self.url} unavailable (circuit open)", attempted=False
+            )
+
+    def _failed(self, last: BaseException | None) -> LedgerUnavailableError:
+        """Record a failed operation (the breaker, the log) and the error to raise."""
         self.stats["failures"] += 1
         if self._breaker.failure():
             logger.warning(
@@ -620,9 +673,9 @@ class RedisStorage(LedgerStorage):
             )  # fmt: skip
             with self._lock:
                 self._outage += 1
-        raise LedgerUnavailableError(
+        return LedgerUnavailableError(
             f"Redis ledger at {self.url} unavailable: {type(last).__name__}: {last}"
-        ) from last
+        )
 
     def _recovered(self) -> None:
         logger.warning("otel-budget: Redis ledger at %s answers again", self.url)
@@ -793,6 +846,14 @@ class RedisStorage(LedgerStorage):
         self, name: str, scopes: Sequence[ScopeLimit], minimum: int, maximum: int,
         pause_keys: Sequence[str], want: bool,
     ) -> Any:  # fmt: skip
+        keys, args = self._reserve_command(name, scopes, minimum, maximum, pause_keys, want)
+        return self._evalsha("reserve", keys, args)
+
+    def _reserve_command(
+        self, name: str, scopes: Sequence[ScopeLimit], minimum: int, maximum: int,
+        pause_keys: Sequence[str], want: bool,
+    ) -> tuple[list[str], list[Any]]:  # fmt: skip
+        """The reserve script's ``KEYS`` and ``ARGV``."""
         # What depends only on the scopes (their keys, their JSON, their specs) is cached:
         # a process makes its calls on few distinct scope sets (per pid: the process scope).
         cache_key = (tuple(scopes), os.getpid())
@@ -813,7 +874,7 @@ class RedisStorage(LedgerStorage):
             name, f"{minimum}:{maximum}", config, names_json,
             len(pause_keys) + 1, GLOBAL_PAUSE_KEY, *pause_keys, *specs,
         ]  # fmt: skip
-        return self._evalsha("reserve", keys, args)
+        return keys, args
 
     def _evalsha(self, script: str, keys: list[str], args: list[Any]) -> Any:
         """One script call, on this thread's own connection when the client is ours: the
@@ -880,18 +941,33 @@ class RedisStorage(LedgerStorage):
 
     def _settle_many(self, entries: Sequence[tuple[Any, ...]]) -> None:
         """Send queued settlements (``("settle", lease, keys, specs, mode, actual)`` and
-        ``("charge", lease, specs, amount)``) in one pipeline of the same script calls
-        ``_settle_once`` and ``_charge_once`` make. Raises if any failed: the caller journals
+        ``("charge", lease, specs, amount)``) in one round trip: every settle in ONE call of
+        ``settle_many.lua`` (the same ``settle_one`` per lease, in order: one script call per
+        batch instead of one per lease, the Redis server's CPU per call), each charge in its
+        own ``charge.lua`` call in the same write. Raises if any failed: the caller journals
         the whole batch (idempotent: the ones that landed count once)."""
+        settles = [e for e in entries if e[0] == "settle"]
+        charges = [e for e in entries if e[0] != "settle"]
+        keys: list[str] = []
+        args: list[Any] = [self._settled_ms]
+        for entry in settles:
+            lease_keys = entry[2]
+            if lease_keys is None:  # reserved by another instance: ask the record
+                stored = self.client.hget(self._rkey(entry[1]), "k")
+                lease_keys = json.loads(_text(stored)) if stored else []
+            redis_keys = [self._rkey(entry[1]), *self._scope_keys(lease_keys)]
+            keys.extend(redis_keys)
+            args.extend((entry[1], entry[4], str(entry[5]), len(redis_keys)))
         for attempt in range(2):
             pipe: Any = (
                 _Commands() if self._own_client else self.client.pipeline(transaction=False)
             )
-            for entry in entries:
-                if entry[0] == "settle":
-                    self._settle_once(entry[1], entry[2], entry[4], entry[5], client=pipe)
-                else:
-                    self._charge_once(entry[1], entry[2], entry[3], client=pipe)
+            if settles:
+                # EVALSHA itself: a pipeline running a Script object sends SCRIPT EXISTS
+                # first (one more round trip); NOSCRIPT is handled below.
+                pipe.evalsha(self._scripts["settle_many"].sha, len(keys), *keys, *args)
+            for entry in charges:
+                self._charge_once(entry[1], entry[2], entry[3], client=pipe)
             if self._own_client:
                 replies = self._send_commands(pipe.commands)
             else:
@@ -900,12 +976,13 @@ class RedisStorage(LedgerStorage):
             if not errors:
                 break
             if attempt == 0 and all(isinstance(e, _redis.exceptions.NoScriptError) for e in errors):
-                for script in ("settle", "charge"):  # a server restart forgot them
+                for script in ("settle_many", "charge"):  # a server restart forgot them
                     self.client.script_load(SCRIPTS[script])
                 continue
             raise errors[0]
-        for entry, reply in zip(entries, replies, strict=True):
-            if entry[0] == "settle" and entry[4] == "c" and entry[3] and _text(reply) == "none":
+        settled = replies[0] if settles else []
+        for entry, reply in zip(settles, settled, strict=True):
+            if entry[4] == "c" and entry[3] and _text(reply) == "none":
                 # Its record is gone (see _settle_op): charged instead, never dropped.
                 self._charge_once(entry[1], entry[3], entry[5])
 
@@ -1003,7 +1080,13 @@ class RedisStorage(LedgerStorage):
             wake.clear()
             if self._settle_interval and len(queue) < self._settle_batch:
                 # Coalesce: more settlements arrive meanwhile; a full batch wakes us early.
-                wake.wait(self._settle_interval)
+                # Woken by a new first one instead (someone else drained the queue
+                # meanwhile: a reserve's read-your-writes, flush), the interval starts
+                # again from it: a batch is never cut down to the one that just came.
+                while wake.wait(self._settle_interval) and not self._closed:
+                    wake.clear()
+                    if len(queue) >= self._settle_batch:
+                        break
             with self._send_lock:
                 self._send_batch()
             # Full batches go at once; what arrived during the send (the first of it set
@@ -1184,15 +1267,87 @@ class RedisStorage(LedgerStorage):
                     lambda: self._reserve_once(name, scopes, minimum, maximum, pause_keys, want)
                 )
         except LedgerUnavailableError as exc:
-            if exc.attempted:
-                # Unknown outcome: the command may still run when the server wakes up (a
-                # ghost). Release it later, leaving a tombstone against a later arrival.
-                self._journal_add(("settle", name, [s.key for s in scopes], scopes, "t", 0))
+            self._reserve_unknown(exc, name, scopes)
             if self._fallback is None:
                 raise
             return self._fallback_reserve(
                 lease_id, name, scopes, minimum, maximum, pause_keys
             )
+        return self._reserve_result(name, scopes, reply)
+
+    async def areserve_up_to(
+        self,
+        lease_id: LeaseId,
+        scopes: Sequence[ScopeLimit],
+        minimum: int,
+        maximum: int,
+        pause_keys: Sequence[str] = (),
+    ) -> ReserveResult:
+        """``reserve_up_to`` as a coroutine on the caller's event loop (``redis.asyncio``, a
+        connection per loop: ``storage/redis_aio.py``): the same script, retries, breaker,
+        journal and fallback. A cancellation after the script may have been sent journals
+        the lease's release, as a timeout does (a tombstone against a late arrival). A
+        client passed in (``client=``), or a cluster, runs the blocking call in a thread."""
+        conns = self._aconns if self._aconns is not None else self._async_connections()
+        if conns is None:
+            return await super().areserve_up_to(lease_id, scopes, minimum, maximum, pause_keys)
+        minimum, maximum = reserve_range(minimum, maximum)
+        scopes = tuple(scopes)
+        name = lease_name(lease_id)
+        want = self._fallback is not None or self.settle_async
+        keys, args = self._reserve_command(name, scopes, minimum, maximum, pause_keys, want)
+        script = self._scripts["reserve"]
+
+        def send() -> Awaitable[Any]:
+            return conns.evalsha(script.sha, SCRIPTS["reserve"], keys, args)
+
+        try:
+            reply = await self._acall(send)
+            if _text(reply[0]) == "denied" and (self._queue or self._send_lock.locked()):
+                # As in reserve_up_to: this instance's queued settlements land first (the
+                # blocking drain in a thread: it waits for a batch in flight).
+                await asyncio.to_thread(self._drain)
+                reply = await self._acall(send)
+        except LedgerUnavailableError as exc:
+            self._reserve_unknown(exc, name, scopes)
+            if self._fallback is None:
+                raise
+            return await asyncio.to_thread(
+                self._fallback_reserve, lease_id, name, scopes, minimum, maximum, pause_keys
+            )
+        except asyncio.CancelledError:
+            # Cancelled while the script may have reached Redis: its reservation is
+            # released when Redis answers (idempotent: a release of nothing leaves only the
+            # tombstone), never held until the lease's deadline.
+            self._reserve_unknown(LedgerUnavailableError("cancelled"), name, scopes)
+            raise
+        return self._reserve_result(name, scopes, reply)
+
+    def _async_connections(self) -> LoopConnections | None:
+        """The per-loop ``redis.asyncio`` connections, made on first use; None when the
+        client is not ours (or a cluster's): the thread path then."""
+        if not self._own_client or self._raw_url is None or _aio is None:
+            return None
+        with self._lock:
+            if self._aconns is None:
+                self._aconns = _aio.LoopConnections(
+                    self._raw_url, self._socket_timeout, self._socket_connect_timeout
+                )
+            return self._aconns
+
+    def _reserve_unknown(
+        self, exc: LedgerUnavailableError, name: str, scopes: tuple[ScopeLimit, ...]
+    ) -> None:
+        if exc.attempted:
+            # Unknown outcome: the command may still run when the server wakes up (a
+            # ghost). Release it later, leaving a tombstone against a later arrival.
+            self._journal_add(("settle", name, [s.key for s in scopes], scopes, "t", 0))
+
+    def _reserve_result(
+        self, name: str, scopes: tuple[ScopeLimit, ...], reply: Any
+    ) -> ReserveResult:
+        """The reserve script's reply as a ``ReserveResult`` (and this instance's records)."""
+        want = self._fallback is not None or self.settle_async
         status = _text(reply[0])
         swept = int(reply[1])
         if swept:
@@ -1495,6 +1650,8 @@ class RedisStorage(LedgerStorage):
                 left, f"kept in {durable.path} for the next start" if durable is not None
                 else "they are lost (no durable journal)",
             )  # fmt: skip
+        if self._aconns is not None:
+            self._aconns.close()
         if self._own_client:
             with self._lock:
                 conns = list(self._thread_conns)
