@@ -124,3 +124,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     waits = [item for item in items if item.name == "test_crewai_suite_in_its_own_venv"]
     if waits:
         items[:] = [item for item in items if item not in waits] + waits
+
+
+@pytest.fixture
+def private_server() -> Iterator[Any]:
+    """A redis-server of its own, for tests that kill or freeze it (thawed, then removed)."""
+    from tests.redis_server import REDIS_SERVER, SKIP_REASON, RedisServer
+
+    if REDIS_SERVER is None:
+        pytest.skip(SKIP_REASON)
+    srv = RedisServer().start()
+    yield srv
+    srv.thaw()
+    srv.cleanup()

@@ -94,15 +94,6 @@ def server() -> Iterator[RedisServer]:
     srv.cleanup()
 
 
-@pytest.fixture
-def private_server() -> Iterator[RedisServer]:
-    """A server of its own, for tests that kill or freeze it."""
-    if REDIS_SERVER is None:
-        pytest.skip(SKIP_REASON)
-    srv = RedisServer().start()
-    yield srv
-    srv.cleanup()
-
 
 class Backend:
     """A storage plus a way to move its clock (lease deadlines) forward."""

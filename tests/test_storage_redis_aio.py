@@ -22,7 +22,6 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ pytest.importorskip("redis")
 
 from otel_budget.storage import MemoryStorage, ReserveStatus, ScopeLimit  # noqa: E402
 from otel_budget.storage.redis import LedgerUnavailableError, RedisStorage  # noqa: E402
-from tests.redis_server import REDIS_SERVER, SKIP_REASON, RedisServer  # noqa: E402
+from tests.redis_server import RedisServer  # noqa: E402
 
 USD = 1_000_000_000
 
@@ -40,15 +39,6 @@ USD = 1_000_000_000
 def unique_prefix() -> str:
     return f"otbaio:{uuid.uuid4().hex[:12]}:"
 
-
-@pytest.fixture
-def private_server() -> Iterator[RedisServer]:
-    if REDIS_SERVER is None:
-        pytest.skip(SKIP_REASON)
-    srv = RedisServer().start()
-    yield srv
-    srv.thaw()
-    srv.cleanup()
 
 
 @pytest.fixture(autouse=True)

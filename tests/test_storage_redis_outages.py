@@ -22,7 +22,6 @@ import textwrap
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ from otel_budget.storage.redis import (  # noqa: E402
     RedisStorage,
     process_scope_name,
 )
-from tests.redis_server import REDIS_SERVER, SKIP_REASON, RedisServer  # noqa: E402
+from tests.redis_server import RedisServer  # noqa: E402
 from tests.test_processor import llm_call  # noqa: E402
 
 USD = 1_000_000_000
@@ -48,15 +47,6 @@ ROOT = Path(__file__).resolve().parent.parent
 def unique_prefix() -> str:
     return f"otbout:{uuid.uuid4().hex[:12]}:"
 
-
-@pytest.fixture
-def private_server() -> Iterator[RedisServer]:
-    if REDIS_SERVER is None:
-        pytest.skip(SKIP_REASON)
-    srv = RedisServer().start()
-    yield srv
-    srv.thaw()
-    srv.cleanup()
 
 
 @pytest.fixture(autouse=True)
