@@ -527,11 +527,14 @@ async def load(config: LoadConfig, redis_url: str, base_url: str, provider: Prov
         failures["zero_overshoot"].extend(
             f"{t.key}: {t}" for t in traces if t.spent + t.reserved > t.limit
         )
+        failures.setdefault("no_errors", [])  # (every check is listed, passed or not)
+        failures.setdefault("settled", [])
         if sum(inst.errors.values()) > lost or bare.errors:  # other than those: a failure
-            failures.setdefault("no_errors", []).append(f"bare {dict(bare.errors)}, "
-                                                        f"instrumented {dict(inst.errors)}")  # fmt: skip
+            failures["no_errors"].append(
+                f"bare {dict(bare.errors)}, instrumented {dict(inst.errors)}"
+            )
         if not settled:
-            failures.setdefault("settled", []).append("the ledger's journal did not drain")
+            failures["settled"].append("the ledger's journal did not drain")
         out["ledger"] = {
             "user_scopes": len(usages),
             "users_at_or_near_cap": sum(1 for u in usages if u.limit - u.spent < call_nanos()[1]),
