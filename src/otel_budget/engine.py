@@ -53,7 +53,7 @@ from otel_budget.report import (
 )
 from otel_budget.scopes import PROCESS_SCOPE, ScopeResolution, trace_key
 from otel_budget.settings import FAIL_CLOSED, BudgetSettings
-from otel_budget.steps import Op, Steps, run
+from otel_budget.steps import Op, Steps, call_op
 from otel_budget.storage import (
     CommitStatus,
     LedgerStorage,
@@ -175,34 +175,39 @@ class BudgetEngine(ScopeResolution, ThresholdAlerts):
         return -(random.getrandbits(126) + 1)
 
     # -- the decision -------------------------------------------------------------------------
-    # Each ledger decision is written once, as a generator of storage operations (see
-    # ``otel_budget.steps``); ``reserve``/``areserve`` etc. drive it sync or async.
-    def reserve_steps(
+    # Each ledger decision is written once, as the work before its one storage operation
+    # (``reserve_plan``, ``settle_plan``) and the work after it (``reserved``, ``settled``).
+    # ``reserve_steps``/``settle_steps`` put them around a ``yield`` of that operation (see
+    # ``otel_budget.steps``: run sync or async, and composed by larger decisions);
+    # ``reserve``/``settle`` put them around the blocking call itself, without a generator:
+    # the per-call path of every sync wrapper.
+    def reserve_plan(
         self,
         lease_id: Any,
         trace_id: int,
         parentless: bool,
         attributes: Mapping[str, Any] | None,
         minimum: int,
-        maximum: int | None = None,
-        *,
+        maximum: int,
         kind: str = KIND_LLM,
         name: str = "unknown",
         provider: str = "unknown",
         operation: str = "chat",
         loop: tuple[str, bytes] | None = None,
-    ) -> Steps[Charge]:
-        """Reserve between ``minimum`` and ``maximum`` nano-USD for one call, as much as every
-        scope affords, in one atomic ledger step; or raise ``BudgetExceededError``. The
-        charge's ``projected`` is what was granted. ``loop`` (kind, fingerprint) is first
-        checked by loop detection, which may refuse the call."""
-        if maximum is None:
-            maximum = minimum
+    ) -> tuple[Charge, Op]:
+        """The charge of one call and the ledger operation that reserves it (between
+        ``minimum`` and ``maximum``, as much as every scope affords, in one atomic step).
+        ``loop`` (kind, fingerprint) is first checked by loop detection, which may refuse the
+        call (``BudgetExceededError``)."""
         scopes, stats, pause_keys = self.scopes_for(trace_id, parentless, attributes)
         charge = Charge(lease_id, trace_id, scopes, minimum, kind, name, provider, operation, stats)
         if loop is not None and self.loops is not None:
             self.check_loop(charge, loop[0], loop[1])
-        result = yield _new_tuple(Op, ("reserve_up_to", (lease_id, scopes, minimum, maximum, pause_keys)))
+        return charge, _new_tuple(Op, ("reserve_up_to", (lease_id, scopes, minimum, maximum, pause_keys)))
+
+    def reserved(self, charge: Charge, result: Any, minimum: int, maximum: int) -> Charge:
+        """The charge once the ledger answered its reservation; or ``BudgetExceededError``.
+        The charge's ``projected`` is what was granted."""
         status = result.status
         if status is _RESERVED or status is _DUPLICATE:  # ``result.ok``, without a property call
             charge.reserved = True
@@ -220,17 +225,59 @@ class BudgetEngine(ScopeResolution, ThresholdAlerts):
         )
         raise self.refusal(
             REASON_LIMIT, charge, usage,
-            f"otel-budget: {name} call projected at {projected} would exceed the budget of "
-            f"scope {usage.key!r}: {spent} spent + {reserved} reserved of {limit}",
+            f"otel-budget: {charge.name} call projected at {projected} would exceed the budget "
+            f"of scope {usage.key!r}: {spent} spent + {reserved} reserved of {limit}",
         )  # fmt: skip
 
-    def reserve(self, lease_id: Any, trace_id: int, parentless: bool,
-                attributes: Mapping[str, Any] | None, projected: int, **kw: Any) -> Charge:  # fmt: skip
-        """Reserve exactly ``projected`` (blocking)."""
-        return run(
-            self.reserve_steps(lease_id, trace_id, parentless, attributes, projected, **kw),
-            self.storage,
+    def reserve_steps(
+        self,
+        lease_id: Any,
+        trace_id: int,
+        parentless: bool,
+        attributes: Mapping[str, Any] | None,
+        minimum: int,
+        maximum: int | None = None,
+        *,
+        kind: str = KIND_LLM,
+        name: str = "unknown",
+        provider: str = "unknown",
+        operation: str = "chat",
+        loop: tuple[str, bytes] | None = None,
+    ) -> Steps[Charge]:
+        """Reserve between ``minimum`` and ``maximum`` nano-USD for one call (``reserve_plan``,
+        then ``reserved``), as a step of a larger decision."""
+        if maximum is None:
+            maximum = minimum
+        charge, op = self.reserve_plan(
+            lease_id, trace_id, parentless, attributes, minimum, maximum,
+            kind, name, provider, operation, loop,
         )  # fmt: skip
+        result = yield op
+        return self.reserved(charge, result, minimum, maximum)
+
+    def reserve(
+        self,
+        lease_id: Any,
+        trace_id: int,
+        parentless: bool,
+        attributes: Mapping[str, Any] | None,
+        minimum: int,
+        maximum: int | None = None,
+        *,
+        kind: str = KIND_LLM,
+        name: str = "unknown",
+        provider: str = "unknown",
+        operation: str = "chat",
+        loop: tuple[str, bytes] | None = None,
+    ) -> Charge:
+        """``reserve_steps`` with the blocking ledger call."""
+        if maximum is None:
+            maximum = minimum
+        charge, op = self.reserve_plan(
+            lease_id, trace_id, parentless, attributes, minimum, maximum,
+            kind, name, provider, operation, loop,
+        )  # fmt: skip
+        return self.reserved(charge, call_op(self.storage, op), minimum, maximum)
 
     def unmetered(
         self, lease_id: Any, trace_id: int, projected: int, *, kind: str, name: str,
@@ -324,36 +371,40 @@ class BudgetEngine(ScopeResolution, ThresholdAlerts):
                 self.log_once("on_exceeded callback", exc)
         return error
 
-    def settle_steps(
+    def settle_plan(
         self, charge: Charge, actual: int, input_tokens: int = 0, output_tokens: int = 0
-    ) -> Steps[int]:
-        """Commit the actual cost of a call (reserved or not); returns the overshoot. The one
-        place where spend reaches the ledger."""
+    ) -> tuple[int, Op | None] | None:
+        """Settle a charge once: (the actual cost as the ledger records it, the operation that
+        records it: a commit, a charge without reservation, or None), or None when it was
+        settled already. The one place where spend reaches the ledger."""
         if charge.settled:
-            return 0
+            return None
         charge.settled = True
         charge.input_tokens = input_tokens
         charge.output_tokens = output_tokens
         if type(actual) is not int or not 0 <= actual <= MAX_AMOUNT:  # (what it returns, inline)
             actual = clamp_amount(actual)
+        if charge.reserved:
+            return actual, _new_tuple(Op, ("commit", (charge.lease_id, actual)))
+        if charge.scopes:  # unreserved: let through under fail_open, or seen only at span end
+            return actual, _new_tuple(Op, ("charge", (charge.lease_id, charge.scopes, actual)))
+        return actual, None
+
+    def settled(self, charge: Charge, actual: int, result: Any) -> int:
+        """Account a settled charge once the ledger answered (``result``: None without an
+        answer); returns the overshoot over its reservation."""
         usages: tuple[ScopeUsage, ...] = ()
         if charge.reserved:
-            result = yield _new_tuple(Op, ("commit", (charge.lease_id, actual)))
             if result.status is CommitStatus.DUPLICATE:
                 return 0
             overshoot: int = result.overshoot
             usages = result.scopes
         else:
-            # Unreserved: let through under fail_open, or seen only at span end.
             overshoot = actual - charge.projected if actual > charge.projected else 0
-            if charge.scopes:
-                try:
-                    result = yield _new_tuple(Op, ("charge", (charge.lease_id, charge.scopes, actual)))
-                    if result.status is CommitStatus.DUPLICATE:
-                        return 0
-                    usages = result.scopes
-                except Exception as exc:
-                    self.log_once("charge without reservation", exc)
+            if result is not None:
+                if result.status is CommitStatus.DUPLICATE:
+                    return 0
+                usages = result.scopes
         self._account(charge, actual, overshoot)
         if overshoot:
             cost, more = format_usds(actual, overshoot)
@@ -364,25 +415,63 @@ class BudgetEngine(ScopeResolution, ThresholdAlerts):
             self._check_thresholds(charge, usages)
         return overshoot
 
+    def settle_steps(
+        self, charge: Charge, actual: int, input_tokens: int = 0, output_tokens: int = 0
+    ) -> Steps[int]:
+        """Commit the actual cost of a call (reserved or not); returns the overshoot. A charge
+        without reservation that the ledger cannot take is logged, never raised."""
+        planned = self.settle_plan(charge, actual, input_tokens, output_tokens)
+        if planned is None:
+            return 0
+        actual, op = planned
+        result = None
+        if op is not None:
+            if charge.reserved:
+                result = yield op
+            else:
+                try:
+                    result = yield op
+                except Exception as exc:
+                    self.log_once("charge without reservation", exc)
+        return self.settled(charge, actual, result)
+
     def settle(
         self, charge: Charge, actual: int, input_tokens: int = 0, output_tokens: int = 0
     ) -> int:
-        overshoot: int = run(
-            self.settle_steps(charge, actual, input_tokens, output_tokens), self.storage
-        )
-        return overshoot
+        """``settle_steps`` with the blocking ledger call."""
+        planned = self.settle_plan(charge, actual, input_tokens, output_tokens)
+        if planned is None:
+            return 0
+        actual, op = planned
+        result = None
+        if op is not None:
+            if charge.reserved:
+                result = call_op(self.storage, op)
+            else:
+                try:
+                    result = call_op(self.storage, op)
+                except Exception as exc:
+                    self.log_once("charge without reservation", exc)
+        return self.settled(charge, actual, result)
 
-    def release_steps(self, charge: Charge) -> Steps[None]:
-        """The call failed before it was billed: give the reservation back, charge nothing."""
+    def release_plan(self, charge: Charge) -> Op | None:
+        """The call failed before it was billed: the operation that gives the reservation
+        back, charging nothing (None: settled already, or nothing reserved)."""
         if charge.settled:
             return None
         charge.settled = True
-        if charge.reserved:
-            yield _new_tuple(Op, ("release", (charge.lease_id,)))
+        return _new_tuple(Op, ("release", (charge.lease_id,))) if charge.reserved else None
+
+    def release_steps(self, charge: Charge) -> Steps[None]:
+        op = self.release_plan(charge)
+        if op is not None:
+            yield op
         return None
 
     def release(self, charge: Charge) -> None:
-        run(self.release_steps(charge), self.storage)
+        op = self.release_plan(charge)
+        if op is not None:
+            call_op(self.storage, op)
 
     def _account(self, charge: Charge, actual: int, overshoot: int) -> None:
         if self.metrics is not None:

@@ -46,7 +46,7 @@ from otel_budget.runtime import (
     current_runtime,
     span_lease,
 )
-from otel_budget.steps import Steps, arun, run
+from otel_budget.steps import Op, Steps, arun, call_op
 
 _ABORTED = "BudgetExceededError"
 _NO_PARENT_ATTR = object()
@@ -132,7 +132,42 @@ class MeteredCall:
     def projected_nanos(self) -> int:
         return self.charge.projected if self.charge is not None else 0
 
-    # -- settling: written once, driven sync or async -------------------------------------------
+    # -- settling: written once (``_settle_start``/``_settle_end``), driven sync or async ------
+    def _settle_start(self, end: bool, error: BaseException | None) -> bool:
+        """Whether this call still has to be settled (once: ``settle`` or ``fail``); a call
+        settled already only has its taken-over span ended."""
+        if self.done:
+            if end:
+                end_taken_over(self, error)
+            return False
+        self.done = True
+        return True
+
+    def _settle_end(
+        self, actual_nanos: int, overshoot: int, failure: Exception | None,
+        attributes: Mapping[str, Any] | None, end: bool, error: BaseException | None,
+    ) -> None:  # fmt: skip
+        """Record the settled cost on the span (with ``error``, if the call failed after it
+        was billed) and end it. ``failure``: our own error while settling."""
+        span = self.span
+        try:
+            if failure is not None:
+                raise failure
+            if span.is_recording():
+                extra: dict[str, Any] = dict(attributes) if attributes else {}
+                extra[attrs.COST_USD] = to_usd(actual_nanos)
+                if overshoot:
+                    extra[attrs.COST_OVERSHOOT_USD] = to_usd(overshoot)
+                span.set_attributes(extra)
+                if error is not None:
+                    _record_error(span, error)
+        except Exception as exc:
+            if self.runtime is not None:
+                self.runtime.engine.internal_error("MeteredCall.settle", exc)
+        finally:
+            if end:
+                span.end()
+
     def settle_steps(
         self,
         actual_nanos: int,
@@ -145,65 +180,107 @@ class MeteredCall:
     ) -> Steps[None]:
         """Commit the actual cost, record it on the span (with ``error``, if the call failed
         after it was billed), end the span."""
-        if self.done:
-            if end:
-                end_taken_over(self, error)
+        if not self._settle_start(end, error):
             return None
-        self.done = True
-        span = self.span
+        overshoot = 0
+        failure: Exception | None = None
         runtime = self.runtime
         try:
-            overshoot = 0
             if self.charge is not None and runtime is not None:
                 overshoot = yield from runtime.engine.settle_steps(
                     self.charge, actual_nanos, input_tokens, output_tokens
                 )
-            if span.is_recording():
-                extra: dict[str, Any] = dict(attributes) if attributes else {}
-                extra[attrs.COST_USD] = to_usd(actual_nanos)
-                if overshoot:
-                    extra[attrs.COST_OVERSHOOT_USD] = to_usd(overshoot)
-                span.set_attributes(extra)
-                if error is not None:
-                    _record_error(span, error)
         except Exception as exc:
-            if runtime is not None:
-                runtime.engine.internal_error("MeteredCall.settle", exc)
-        finally:
+            failure = exc
+        except BaseException:  # cancelled while the ledger answered: the span still ends
             if end:
-                span.end()
+                self.span.end()
+            raise
+        self._settle_end(actual_nanos, overshoot, failure, attributes, end, error)
         return None
 
-    def release_steps(self, error: BaseException, *, end: bool = True) -> Steps[None]:
-        """The call failed before it was billed: give the reservation back, charge nothing,
-        record the error on the span."""
-        if self.done:
-            if end:
-                end_taken_over(self, error)
-            return None
-        self.done = True
-        span = self.span
+    def settle(
+        self,
+        actual_nanos: int,
+        *,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        attributes: Mapping[str, Any] | None = None,
+        end: bool = True,
+        error: BaseException | None = None,
+    ) -> None:
+        """``settle_steps`` with the blocking ledger call (no generator: every sync call)."""
+        if not self._settle_start(end, error):
+            return
+        overshoot = 0
+        failure: Exception | None = None
         runtime = self.runtime
         try:
             if self.charge is not None and runtime is not None:
-                yield from runtime.engine.release_steps(self.charge)
+                overshoot = runtime.engine.settle(
+                    self.charge, actual_nanos, input_tokens, output_tokens
+                )
+        except Exception as exc:
+            failure = exc
+        except BaseException:
+            if end:
+                self.span.end()
+            raise
+        self._settle_end(actual_nanos, overshoot, failure, attributes, end, error)
+
+    def _release_end(self, failure: Exception | None, error: BaseException, end: bool) -> None:
+        span = self.span
+        try:
+            if failure is not None:
+                raise failure
             if span.is_recording():
                 span.set_attribute(attrs.COST_USD, 0.0)
                 _record_error(span, error)
         except Exception as exc:
-            if runtime is not None:
-                runtime.engine.internal_error("MeteredCall.release", exc)
+            if self.runtime is not None:
+                self.runtime.engine.internal_error("MeteredCall.release", exc)
         finally:
             if end:
                 span.end()
+
+    def release_steps(self, error: BaseException, *, end: bool = True) -> Steps[None]:
+        """The call failed before it was billed: give the reservation back, charge nothing,
+        record the error on the span."""
+        if not self._settle_start(end, error):
+            return None
+        failure: Exception | None = None
+        runtime = self.runtime
+        try:
+            if self.charge is not None and runtime is not None:
+                yield from runtime.engine.release_steps(self.charge)
+        except Exception as exc:
+            failure = exc
+        except BaseException:
+            if end:
+                self.span.end()
+            raise
+        self._release_end(failure, error, end)
         return None
+
+    def release(self, error: BaseException, *, end: bool = True) -> None:
+        """``release_steps`` with the blocking ledger call."""
+        if not self._settle_start(end, error):
+            return
+        failure: Exception | None = None
+        runtime = self.runtime
+        try:
+            if self.charge is not None and runtime is not None:
+                runtime.engine.release(self.charge)
+        except Exception as exc:
+            failure = exc
+        except BaseException:
+            if end:
+                self.span.end()
+            raise
+        self._release_end(failure, error, end)
 
     def _storage(self) -> Any:
         return self.runtime.storage if self.runtime is not None else None
-
-    def settle(self, actual_nanos: int, **kw: Any) -> None:
-        runtime = self.runtime  # (``_storage()`` inlined: this runs on every call)
-        run(self.settle_steps(actual_nanos, **kw), runtime.storage if runtime is not None else None)
 
     async def asettle(self, actual_nanos: int, **kw: Any) -> None:
         await arun(self.settle_steps(actual_nanos, **kw), self._storage())
@@ -211,7 +288,7 @@ class MeteredCall:
     def fail(self, error: BaseException, *, billed_nanos: int | None = None, **kw: Any) -> None:
         """Failed: release, or (``billed_nanos``) charge what was billed anyway."""
         if billed_nanos is None:
-            run(self.release_steps(error, end=kw.get("end", True)), self._storage())
+            self.release(error, end=kw.get("end", True))
         else:
             self.settle(billed_nanos, error=error, **kw)
 
@@ -291,6 +368,182 @@ def _live_attributes(span: Any, fallback: Mapping[str, Any]) -> Mapping[str, Any
     return live if isinstance(live, Mapping) and live else fallback
 
 
+class _Begin:
+    """One ``begin``, written once: the work before, between and after its ledger
+    operations (an outer call's release, when this call takes it over; the reservation),
+    shared by the generator (``begin_steps``) and the blocking driver (``begin``)."""
+
+    __slots__ = (
+        "runtime", "engine", "tracer", "span_name", "attributes", "minimum", "maximum", "name",
+        "provider", "operation", "span_kind", "charge_kind", "on_grant", "loop", "call",
+        "release", "outer", "parent_ctx", "parentless", "span", "lease", "trace_id", "seen",
+        "recording", "late",
+    )  # fmt: skip
+
+    def __init__(
+        self, runtime: BudgetRuntime | None, tracer: trace.Tracer, span_name: str,
+        attributes: dict[str, Any], minimum: int, maximum: int | None, name: str,
+        provider: str, operation: str | None, span_kind: SpanKind, charge_kind: str,
+        on_grant: Callable[[int, dict[str, Any]], int] | None, loop: tuple[str, bytes] | None,
+    ) -> None:  # fmt: skip
+        """Up to the first ledger operation: ``call`` is the whole answer when there is no
+        runtime (only traced); ``release`` the outer call's charge to give back first."""
+        if maximum is None:
+            maximum = minimum
+        attributes[attrs.COST_PROJECTED_USD] = to_usd(maximum)
+        agent = CURRENT_AGENT.get()
+        if agent is not None:
+            attributes[attrs.AGENT_NAME] = agent
+        self.tracer = tracer
+        self.span_name = span_name
+        self.attributes = attributes
+        self.span_kind = span_kind
+        self.release: Charge | None = None
+        if runtime is None:
+            self.call: MeteredCall | None = MeteredCall(
+                start_span(tracer, span_name, attributes, span_kind), None, None
+            )
+            return
+        self.call = None
+        self.runtime = runtime
+        self.engine = runtime.engine
+        self.minimum = minimum
+        self.maximum = maximum
+        self.name = name
+        self.provider = provider
+        self.operation = operation or attributes.get(attrs.GEN_AI_OPERATION_NAME) or "chat"
+        self.charge_kind = charge_kind
+        self.on_grant = on_grant
+        calls = runtime.calls
+        parent_ctx: Any = None
+        parentless = False
+        self.outer: MeteredCall | None = None
+        if len(calls):
+            parent_ctx = trace.get_current_span().get_span_context()
+            parentless = not parent_ctx.is_valid
+        if parent_ctx is not None and not parentless:
+            outer_lease = span_lease(parent_ctx.trace_id, parent_ctx.span_id)
+            outer = calls.get(outer_lease)
+            if (
+                isinstance(outer, MeteredCall) and outer.charge is not None and not outer.done
+                and outer.charge.kind == charge_kind
+            ):  # fmt: skip
+                # Another instrumentation's GenAI span around ours describes the same call:
+                # this call, which knows the request, meters it; the outer span is charged
+                # nothing. (Only a call of the same kind: a model call made inside a priced
+                # tool is a second cost, not the tool's.)
+                outer.delegated = True
+                outer.done = True
+                loop = None  # the outer call was loop-checked already: one call, counted once
+                self.outer = outer
+                self.release = outer.charge
+            elif outer is not None:
+                # Unreserved GenAI spans around ours: charged here, not when they end; when
+                # they started the trace, this call is as parentless as a bare script's.
+                parentless = calls.cover(outer_lease)
+        self.loop = loop
+        self.parent_ctx = parent_ctx
+        self.parentless = parentless
+
+    def start(self) -> None:
+        """Start the span (after the outer call's release, if any)."""
+        outer = self.outer
+        if outer is not None:
+            self.parentless = getattr(outer.span, "parent", 0) is None
+        span = self.span = start_span(self.tracer, self.span_name, self.attributes, self.span_kind)
+        ctx = span.get_span_context()
+        recording = self.recording = ctx.is_valid and span.is_recording()
+        parent_ctx = self.parent_ctx
+        if parent_ctx is None:
+            # No open metered call to look up: the SDK span says whether it has a parent (its
+            # ``parent`` is None exactly when the current span was invalid), which saves the
+            # context lookup; any other span, the current span says it.
+            parent = getattr(span, "parent", _NO_PARENT_ATTR) if recording else _NO_PARENT_ATTR
+            if parent is None or isinstance(parent, SpanContext):
+                self.parentless = parent is None
+            else:
+                parent_ctx = trace.get_current_span().get_span_context()
+                self.parentless = not parent_ctx.is_valid
+        if recording:
+            trace_id = self.trace_id = ctx.trace_id
+            self.lease = (trace_id << 64) | ctx.span_id  # span_lease(trace_id, span_id), inline
+            self.seen = _live_attributes(span, self.attributes)
+        else:
+            # Not a real span of its own: the API's no-op tracer hands back the *parent's*
+            # context, whose id every call under that parent would share.
+            self.lease = self.engine.new_lease_id()
+            self.trace_id = (
+                parent_ctx.trace_id if parent_ctx is not None and parent_ctx.is_valid else 0
+            )
+            self.seen = self.attributes
+        self.late: dict[str, Any] = {}
+
+    def free_call(self) -> MeteredCall:
+        """A call that costs nothing: no ledger operation, only the run's report."""
+        charge = self.engine.free(
+            self.lease, self.trace_id, self.parentless, self.seen, kind=self.charge_kind,
+            name=self.name, provider=self.provider, operation=self.operation,
+        )  # fmt: skip
+        call = MeteredCall(self.span, charge, self.runtime)
+        if self.recording:
+            call.span_lease = self.lease
+            self.runtime.calls.add(self.lease, call)
+        return call
+
+    def plan(self) -> tuple[Charge, Op]:
+        """The charge and its reservation (``BudgetEngine.reserve_plan``)."""
+        return self.engine.reserve_plan(
+            self.lease, self.trace_id, self.parentless, self.seen, self.minimum, self.maximum,
+            self.charge_kind, self.name, self.provider, self.operation, self.loop,
+        )  # fmt: skip
+
+    def granted(self, charge: Charge, result: Any) -> Charge:
+        """The ledger answered the reservation: the charge, shaped by ``on_grant``."""
+        charge = self.engine.reserved(charge, result, self.minimum, self.maximum)
+        if self.on_grant is not None:
+            charge.projected = self.on_grant(charge.projected, self.late)
+        return charge
+
+    def failed(self, exc: Exception) -> Charge:
+        """The reservation raised: a refusal is recorded on the ended span and raised; our
+        own error follows the failure policy (fail_open: the call goes ahead unmetered, its
+        cost recorded when it settles)."""
+        engine = self.engine
+        if isinstance(exc, BudgetExceededError):
+            mark_refused(self.span, exc)
+            raise exc
+        refusal = engine.internal_error("reserve", exc)
+        if refusal is not None:
+            refusal.__cause__ = exc
+            mark_refused(self.span, refusal)
+            raise refusal
+        projected = self.maximum
+        if self.on_grant is not None:
+            try:
+                projected = self.on_grant(self.maximum, self.late)
+            except Exception as inner:
+                engine.log_once("on_grant", inner)
+        return engine.unmetered(
+            self.lease, self.trace_id, projected, kind=self.charge_kind, name=self.name,
+            provider=self.provider, operation=self.operation, parentless=self.parentless,
+            attributes=self.seen,
+        )  # fmt: skip
+
+    def finish(self, charge: Charge) -> MeteredCall:
+        """The metered call, registered (so nothing else charges its span) and its span
+        given what the grant decided."""
+        call = MeteredCall(self.span, charge, self.runtime)
+        if self.recording:
+            late = self.late
+            if charge.projected != self.maximum:
+                late[attrs.COST_PROJECTED_USD] = to_usd(charge.projected)
+            if late:
+                self.span.set_attributes(late)
+            call.span_lease = self.lease
+            self.runtime.calls.add(self.lease, call)
+        return call
+
+
 def begin_steps(
     runtime: BudgetRuntime | None,
     tracer: trace.Tracer,
@@ -316,126 +569,61 @@ def begin_steps(
     ended span. ``loop`` (kind, fingerprint) is checked by loop detection before the
     reservation. ``free``: a call that costs nothing (a prompt-cache hit): no reservation
     and no ledger operation, only the run's report. Without a runtime the call is only
-    traced."""
-    if maximum is None:
-        maximum = minimum
-    attributes[attrs.COST_PROJECTED_USD] = to_usd(maximum)
-    agent = CURRENT_AGENT.get()
-    if agent is not None:
-        attributes[attrs.AGENT_NAME] = agent
-    if runtime is None:
-        return MeteredCall(start_span(tracer, span_name, attributes, span_kind), None, None)
-    operation = operation or attributes.get(attrs.GEN_AI_OPERATION_NAME) or "chat"
-    engine = runtime.engine
-    calls = runtime.calls
-    parent_ctx: Any = None
-    parentless = False
-    if len(calls):
-        parent_ctx = trace.get_current_span().get_span_context()
-        parentless = not parent_ctx.is_valid
-    if parent_ctx is not None and not parentless:
-        outer_lease = span_lease(parent_ctx.trace_id, parent_ctx.span_id)
-        outer = calls.get(outer_lease)
-        if (
-            isinstance(outer, MeteredCall) and outer.charge is not None and not outer.done
-            and outer.charge.kind == charge_kind
-        ):  # fmt: skip
-            # Another instrumentation's GenAI span around ours describes the same call: this
-            # call, which knows the request, meters it; the outer span is charged nothing.
-            # (Only a call of the same kind: a model call made inside a priced tool is a
-            # second cost, not the tool's.)
-            outer.delegated = True
-            outer.done = True
-            loop = None  # the outer call was loop-checked already: one call, counted once
-            yield from engine.release_steps(outer.charge)
-            parentless = getattr(outer.span, "parent", 0) is None
-        elif outer is not None:
-            # Unreserved GenAI spans around ours: charged here, not when they end; when they
-            # started the trace, this call is as parentless as a bare script's.
-            parentless = calls.cover(outer_lease)
-    span = start_span(tracer, span_name, attributes, span_kind)
-    ctx = span.get_span_context()
-    recording = ctx.is_valid and span.is_recording()
-    if parent_ctx is None:
-        # No open metered call to look up: the SDK span says whether it has a parent (its
-        # ``parent`` is None exactly when the current span was invalid), which saves the
-        # context lookup; any other span, the current span says it.
-        parent = getattr(span, "parent", _NO_PARENT_ATTR) if recording else _NO_PARENT_ATTR
-        if parent is None or isinstance(parent, SpanContext):
-            parentless = parent is None
-        else:
-            parent_ctx = trace.get_current_span().get_span_context()
-            parentless = not parent_ctx.is_valid
-    if recording:
-        trace_id = ctx.trace_id
-        lease: int = (trace_id << 64) | ctx.span_id  # span_lease(trace_id, span_id), inline
-        seen = _live_attributes(span, attributes)
-    else:
-        # Not a real span of its own: the API's no-op tracer hands back the *parent's*
-        # context, whose id every call under that parent would share.
-        lease = engine.new_lease_id()
-        trace_id = parent_ctx.trace_id if parent_ctx is not None and parent_ctx.is_valid else 0
-        seen = attributes
-    late: dict[str, Any] = {}
-    refusal: BudgetExceededError | None = None
-    charge: Charge | None = None
+    traced. (``begin`` is the same decision, ``_Begin``, with blocking ledger calls.)"""
+    this = _Begin(
+        runtime, tracer, span_name, attributes, minimum, maximum, name, provider, operation,
+        span_kind, charge_kind, on_grant, loop,
+    )  # fmt: skip
+    if this.call is not None:
+        return this.call
+    if this.release is not None:
+        yield from this.engine.release_steps(this.release)
+    this.start()
     try:
         if free:
-            charge = engine.free(
-                lease, trace_id, parentless, seen, kind=charge_kind, name=name,
-                provider=provider, operation=operation,
-            )  # fmt: skip
-            free_call = MeteredCall(span, charge, runtime)
-            if recording:
-                free_call.span_lease = lease
-                calls.add(lease, free_call)
-            return free_call
-        charge = yield from engine.reserve_steps(
-            lease, trace_id, parentless, seen, minimum, maximum,
-            kind=charge_kind, name=name, provider=provider, operation=operation, loop=loop,
-        )  # fmt: skip
-        if on_grant is not None:
-            charge.projected = on_grant(charge.projected, late)
-    except BudgetExceededError as error:
-        refusal = error
+            return this.free_call()
+        charge, op = this.plan()
+        charge = this.granted(charge, (yield op))
     except Exception as exc:
-        refusal = engine.internal_error("reserve", exc)
-        if refusal is None:
-            # fail_open: the call goes ahead unmetered, its cost recorded when it settles.
-            projected = maximum
-            if on_grant is not None:
-                try:
-                    projected = on_grant(maximum, late)
-                except Exception as inner:
-                    engine.log_once("on_grant", inner)
-            charge = engine.unmetered(
-                lease, trace_id, projected, kind=charge_kind, name=name, provider=provider,
-                operation=operation, parentless=parentless, attributes=seen,
-            )  # fmt: skip
-        else:
-            refusal.__cause__ = exc
-    if refusal is not None:
-        mark_refused(span, refusal)
-        raise refusal
-    assert charge is not None
-    call = MeteredCall(span, charge, runtime)
-    if recording:
-        if charge.projected != maximum:
-            late[attrs.COST_PROJECTED_USD] = to_usd(charge.projected)
-        if late:
-            span.set_attributes(late)
-        call.span_lease = lease
-        calls.add(lease, call)
-    return call
+        charge = this.failed(exc)
+    return this.finish(charge)
 
 
-def begin(runtime: BudgetRuntime | None, tracer: trace.Tracer, span_name: str,
-          attributes: dict[str, Any], **kw: Any) -> MeteredCall:  # fmt: skip
-    """``begin_steps`` with blocking ledger calls."""
-    return run(
-        begin_steps(runtime, tracer, span_name, attributes, **kw),
-        runtime.storage if runtime is not None else None,
+def begin(
+    runtime: BudgetRuntime | None,
+    tracer: trace.Tracer,
+    span_name: str,
+    attributes: dict[str, Any],
+    *,
+    minimum: int,
+    maximum: int | None = None,
+    name: str,
+    provider: str,
+    operation: str | None = None,
+    span_kind: SpanKind = SpanKind.CLIENT,
+    charge_kind: str = KIND_LLM,
+    on_grant: Callable[[int, dict[str, Any]], int] | None = None,
+    loop: tuple[str, bytes] | None = None,
+    free: bool = False,
+) -> MeteredCall:
+    """``begin_steps`` with blocking ledger calls (no generator: every sync call)."""
+    this = _Begin(
+        runtime, tracer, span_name, attributes, minimum, maximum, name, provider, operation,
+        span_kind, charge_kind, on_grant, loop,
     )  # fmt: skip
+    if this.call is not None:
+        return this.call
+    if this.release is not None:
+        this.engine.release(this.release)
+    this.start()
+    try:
+        if free:
+            return this.free_call()
+        charge, op = this.plan()
+        charge = this.granted(charge, call_op(this.runtime.storage, op))
+    except Exception as exc:
+        charge = this.failed(exc)
+    return this.finish(charge)
 
 
 async def abegin(runtime: BudgetRuntime | None, tracer: trace.Tracer, span_name: str,

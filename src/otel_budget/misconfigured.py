@@ -21,7 +21,7 @@ from typing import Any
 
 from otel_budget.engine import KIND_LLM, BudgetEngine, Charge
 from otel_budget.errors import REASON_CONFIGURATION, BudgetExceededError
-from otel_budget.steps import Steps
+from otel_budget.steps import Op
 
 CONFIGURATION_SCOPE = "configuration"
 
@@ -45,26 +45,25 @@ class MisconfiguredEngine(BudgetEngine):
         error.scope = CONFIGURATION_SCOPE
         return error
 
-    def reserve_steps(
+    def reserve_plan(
         self,
         lease_id: Any,
         trace_id: int,
         parentless: bool,
         attributes: Mapping[str, Any] | None,
         minimum: int,
-        maximum: int | None = None,
-        *,
+        maximum: int,
         kind: str = KIND_LLM,
         name: str = "unknown",
         provider: str = "unknown",
         operation: str = "chat",
         loop: tuple[str, bytes] | None = None,
-    ) -> Steps[Charge]:
-        if max(minimum, maximum or 0) <= 0:  # costs nothing: nothing to refuse
-            return (yield from super().reserve_steps(
-                lease_id, trace_id, parentless, attributes, minimum, maximum, kind=kind,
-                name=name, provider=provider, operation=operation, loop=loop,
-            ))  # fmt: skip
+    ) -> tuple[Charge, Op]:
+        if max(minimum, maximum) <= 0:  # costs nothing: nothing to refuse
+            return super().reserve_plan(
+                lease_id, trace_id, parentless, attributes, minimum, maximum,
+                kind, name, provider, operation, loop,
+            )  # fmt: skip
         try:
             _, stats, _ = self.scopes_for(trace_id, parentless, attributes)
         except Exception:
