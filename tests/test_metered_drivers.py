@@ -2,12 +2,12 @@
 
     pytest tests/test_metered_drivers.py
 
-``begin``, ``MeteredCall.settle``/``release`` and ``BudgetEngine.reserve``/``settle``/
-``release`` call the ledger directly, without a generator (the per-call path of every sync
-wrapper); ``begin_steps`` and the ``*_steps`` generators are the same decisions around a
-``yield`` (the async path, and larger decisions composed of them). Each scenario below runs
-through both and must leave the same trace: what was raised, what was reserved and spent in
-the ledger, what the span says, what the run's report says.
+``MeteredCall.settle``/``release`` and ``BudgetEngine.reserve``/``settle``/``release`` call
+the ledger directly, without a generator (the processor's path for other instrumentations'
+spans, and every sync settlement); the ``*_steps`` generators are the same decisions around
+a ``yield`` (the async path, and larger decisions composed of them, such as ``begin_steps``).
+Each scenario below runs through both and must leave the same trace: what was raised, what
+was reserved and spent in the ledger, what the span says, what the run's report says.
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ from otel_budget.runtime import (
     current_runtime,
     span_lease,
 )
-from otel_budget.steps import Op, Steps, arun, call_op
+from otel_budget.steps import Steps, arun, run
 
 _ABORTED = "BudgetExceededError"
 _NO_PARENT_ATTR = object()
@@ -368,182 +368,6 @@ def _live_attributes(span: Any, fallback: Mapping[str, Any]) -> Mapping[str, Any
     return live if isinstance(live, Mapping) and live else fallback
 
 
-class _Begin:
-    """One ``begin``, written once: the work before, between and after its ledger
-    operations (an outer call's release, when this call takes it over; the reservation),
-    shared by the generator (``begin_steps``) and the blocking driver (``begin``)."""
-
-    __slots__ = (
-        "runtime", "engine", "tracer", "span_name", "attributes", "minimum", "maximum", "name",
-        "provider", "operation", "span_kind", "charge_kind", "on_grant", "loop", "call",
-        "release", "outer", "parent_ctx", "parentless", "span", "lease", "trace_id", "seen",
-        "recording", "late",
-    )  # fmt: skip
-
-    def __init__(
-        self, runtime: BudgetRuntime | None, tracer: trace.Tracer, span_name: str,
-        attributes: dict[str, Any], minimum: int, maximum: int | None, name: str,
-        provider: str, operation: str | None, span_kind: SpanKind, charge_kind: str,
-        on_grant: Callable[[int, dict[str, Any]], int] | None, loop: tuple[str, bytes] | None,
-    ) -> None:  # fmt: skip
-        """Up to the first ledger operation: ``call`` is the whole answer when there is no
-        runtime (only traced); ``release`` the outer call's charge to give back first."""
-        if maximum is None:
-            maximum = minimum
-        attributes[attrs.COST_PROJECTED_USD] = to_usd(maximum)
-        agent = CURRENT_AGENT.get()
-        if agent is not None:
-            attributes[attrs.AGENT_NAME] = agent
-        self.tracer = tracer
-        self.span_name = span_name
-        self.attributes = attributes
-        self.span_kind = span_kind
-        self.release: Charge | None = None
-        if runtime is None:
-            self.call: MeteredCall | None = MeteredCall(
-                start_span(tracer, span_name, attributes, span_kind), None, None
-            )
-            return
-        self.call = None
-        self.runtime = runtime
-        self.engine = runtime.engine
-        self.minimum = minimum
-        self.maximum = maximum
-        self.name = name
-        self.provider = provider
-        self.operation = operation or attributes.get(attrs.GEN_AI_OPERATION_NAME) or "chat"
-        self.charge_kind = charge_kind
-        self.on_grant = on_grant
-        calls = runtime.calls
-        parent_ctx: Any = None
-        parentless = False
-        self.outer: MeteredCall | None = None
-        if len(calls):
-            parent_ctx = trace.get_current_span().get_span_context()
-            parentless = not parent_ctx.is_valid
-        if parent_ctx is not None and not parentless:
-            outer_lease = span_lease(parent_ctx.trace_id, parent_ctx.span_id)
-            outer = calls.get(outer_lease)
-            if (
-                isinstance(outer, MeteredCall) and outer.charge is not None and not outer.done
-                and outer.charge.kind == charge_kind
-            ):  # fmt: skip
-                # Another instrumentation's GenAI span around ours describes the same call:
-                # this call, which knows the request, meters it; the outer span is charged
-                # nothing. (Only a call of the same kind: a model call made inside a priced
-                # tool is a second cost, not the tool's.)
-                outer.delegated = True
-                outer.done = True
-                loop = None  # the outer call was loop-checked already: one call, counted once
-                self.outer = outer
-                self.release = outer.charge
-            elif outer is not None:
-                # Unreserved GenAI spans around ours: charged here, not when they end; when
-                # they started the trace, this call is as parentless as a bare script's.
-                parentless = calls.cover(outer_lease)
-        self.loop = loop
-        self.parent_ctx = parent_ctx
-        self.parentless = parentless
-
-    def start(self) -> None:
-        """Start the span (after the outer call's release, if any)."""
-        outer = self.outer
-        if outer is not None:
-            self.parentless = getattr(outer.span, "parent", 0) is None
-        span = self.span = start_span(self.tracer, self.span_name, self.attributes, self.span_kind)
-        ctx = span.get_span_context()
-        recording = self.recording = ctx.is_valid and span.is_recording()
-        parent_ctx = self.parent_ctx
-        if parent_ctx is None:
-            # No open metered call to look up: the SDK span says whether it has a parent (its
-            # ``parent`` is None exactly when the current span was invalid), which saves the
-            # context lookup; any other span, the current span says it.
-            parent = getattr(span, "parent", _NO_PARENT_ATTR) if recording else _NO_PARENT_ATTR
-            if parent is None or isinstance(parent, SpanContext):
-                self.parentless = parent is None
-            else:
-                parent_ctx = trace.get_current_span().get_span_context()
-                self.parentless = not parent_ctx.is_valid
-        if recording:
-            trace_id = self.trace_id = ctx.trace_id
-            self.lease = (trace_id << 64) | ctx.span_id  # span_lease(trace_id, span_id), inline
-            self.seen = _live_attributes(span, self.attributes)
-        else:
-            # Not a real span of its own: the API's no-op tracer hands back the *parent's*
-            # context, whose id every call under that parent would share.
-            self.lease = self.engine.new_lease_id()
-            self.trace_id = (
-                parent_ctx.trace_id if parent_ctx is not None and parent_ctx.is_valid else 0
-            )
-            self.seen = self.attributes
-        self.late: dict[str, Any] = {}
-
-    def free_call(self) -> MeteredCall:
-        """A call that costs nothing: no ledger operation, only the run's report."""
-        charge = self.engine.free(
-            self.lease, self.trace_id, self.parentless, self.seen, kind=self.charge_kind,
-            name=self.name, provider=self.provider, operation=self.operation,
-        )  # fmt: skip
-        call = MeteredCall(self.span, charge, self.runtime)
-        if self.recording:
-            call.span_lease = self.lease
-            self.runtime.calls.add(self.lease, call)
-        return call
-
-    def plan(self) -> tuple[Charge, Op]:
-        """The charge and its reservation (``BudgetEngine.reserve_plan``)."""
-        return self.engine.reserve_plan(
-            self.lease, self.trace_id, self.parentless, self.seen, self.minimum, self.maximum,
-            self.charge_kind, self.name, self.provider, self.operation, self.loop,
-        )  # fmt: skip
-
-    def granted(self, charge: Charge, result: Any) -> Charge:
-        """The ledger answered the reservation: the charge, shaped by ``on_grant``."""
-        charge = self.engine.reserved(charge, result, self.minimum, self.maximum)
-        if self.on_grant is not None:
-            charge.projected = self.on_grant(charge.projected, self.late)
-        return charge
-
-    def failed(self, exc: Exception) -> Charge:
-        """The reservation raised: a refusal is recorded on the ended span and raised; our
-        own error follows the failure policy (fail_open: the call goes ahead unmetered, its
-        cost recorded when it settles)."""
-        engine = self.engine
-        if isinstance(exc, BudgetExceededError):
-            mark_refused(self.span, exc)
-            raise exc
-        refusal = engine.internal_error("reserve", exc)
-        if refusal is not None:
-            refusal.__cause__ = exc
-            mark_refused(self.span, refusal)
-            raise refusal
-        projected = self.maximum
-        if self.on_grant is not None:
-            try:
-                projected = self.on_grant(self.maximum, self.late)
-            except Exception as inner:
-                engine.log_once("on_grant", inner)
-        return engine.unmetered(
-            self.lease, self.trace_id, projected, kind=self.charge_kind, name=self.name,
-            provider=self.provider, operation=self.operation, parentless=self.parentless,
-            attributes=self.seen,
-        )  # fmt: skip
-
-    def finish(self, charge: Charge) -> MeteredCall:
-        """The metered call, registered (so nothing else charges its span) and its span
-        given what the grant decided."""
-        call = MeteredCall(self.span, charge, self.runtime)
-        if self.recording:
-            late = self.late
-            if charge.projected != self.maximum:
-                late[attrs.COST_PROJECTED_USD] = to_usd(charge.projected)
-            if late:
-                self.span.set_attributes(late)
-            call.span_lease = self.lease
-            self.runtime.calls.add(self.lease, call)
-        return call
-
-
 def begin_steps(
     runtime: BudgetRuntime | None,
     tracer: trace.Tracer,
@@ -569,61 +393,126 @@ def begin_steps(
     ended span. ``loop`` (kind, fingerprint) is checked by loop detection before the
     reservation. ``free``: a call that costs nothing (a prompt-cache hit): no reservation
     and no ledger operation, only the run's report. Without a runtime the call is only
-    traced. (``begin`` is the same decision, ``_Begin``, with blocking ledger calls.)"""
-    this = _Begin(
-        runtime, tracer, span_name, attributes, minimum, maximum, name, provider, operation,
-        span_kind, charge_kind, on_grant, loop,
-    )  # fmt: skip
-    if this.call is not None:
-        return this.call
-    if this.release is not None:
-        yield from this.engine.release_steps(this.release)
-    this.start()
+    traced."""
+    if maximum is None:
+        maximum = minimum
+    attributes[attrs.COST_PROJECTED_USD] = to_usd(maximum)
+    agent = CURRENT_AGENT.get()
+    if agent is not None:
+        attributes[attrs.AGENT_NAME] = agent
+    if runtime is None:
+        return MeteredCall(start_span(tracer, span_name, attributes, span_kind), None, None)
+    operation = operation or attributes.get(attrs.GEN_AI_OPERATION_NAME) or "chat"
+    engine = runtime.engine
+    calls = runtime.calls
+    parent_ctx: Any = None
+    parentless = False
+    if len(calls):
+        parent_ctx = trace.get_current_span().get_span_context()
+        parentless = not parent_ctx.is_valid
+    if parent_ctx is not None and not parentless:
+        outer_lease = span_lease(parent_ctx.trace_id, parent_ctx.span_id)
+        outer = calls.get(outer_lease)
+        if (
+            isinstance(outer, MeteredCall) and outer.charge is not None and not outer.done
+            and outer.charge.kind == charge_kind
+        ):  # fmt: skip
+            # Another instrumentation's GenAI span around ours describes the same call: this
+            # call, which knows the request, meters it; the outer span is charged nothing.
+            # (Only a call of the same kind: a model call made inside a priced tool is a
+            # second cost, not the tool's.)
+            outer.delegated = True
+            outer.done = True
+            loop = None  # the outer call was loop-checked already: one call, counted once
+            yield from engine.release_steps(outer.charge)
+            parentless = getattr(outer.span, "parent", 0) is None
+        elif outer is not None:
+            # Unreserved GenAI spans around ours: charged here, not when they end; when they
+            # started the trace, this call is as parentless as a bare script's.
+            parentless = calls.cover(outer_lease)
+    span = start_span(tracer, span_name, attributes, span_kind)
+    ctx = span.get_span_context()
+    recording = ctx.is_valid and span.is_recording()
+    if parent_ctx is None:
+        # No open metered call to look up: the SDK span says whether it has a parent (its
+        # ``parent`` is None exactly when the current span was invalid), which saves the
+        # context lookup; any other span, the current span says it.
+        parent = getattr(span, "parent", _NO_PARENT_ATTR) if recording else _NO_PARENT_ATTR
+        if parent is None or isinstance(parent, SpanContext):
+            parentless = parent is None
+        else:
+            parent_ctx = trace.get_current_span().get_span_context()
+            parentless = not parent_ctx.is_valid
+    if recording:
+        trace_id = ctx.trace_id
+        lease: int = (trace_id << 64) | ctx.span_id  # span_lease(trace_id, span_id), inline
+        seen = _live_attributes(span, attributes)
+    else:
+        # Not a real span of its own: the API's no-op tracer hands back the *parent's*
+        # context, whose id every call under that parent would share.
+        lease = engine.new_lease_id()
+        trace_id = parent_ctx.trace_id if parent_ctx is not None and parent_ctx.is_valid else 0
+        seen = attributes
+    late: dict[str, Any] = {}
+    refusal: BudgetExceededError | None = None
+    charge: Charge | None = None
     try:
         if free:
-            return this.free_call()
-        charge, op = this.plan()
-        charge = this.granted(charge, (yield op))
+            charge = engine.free(
+                lease, trace_id, parentless, seen, kind=charge_kind, name=name,
+                provider=provider, operation=operation,
+            )  # fmt: skip
+            free_call = MeteredCall(span, charge, runtime)
+            if recording:
+                free_call.span_lease = lease
+                calls.add(lease, free_call)
+            return free_call
+        charge = yield from engine.reserve_steps(
+            lease, trace_id, parentless, seen, minimum, maximum,
+            kind=charge_kind, name=name, provider=provider, operation=operation, loop=loop,
+        )  # fmt: skip
+        if on_grant is not None:
+            charge.projected = on_grant(charge.projected, late)
+    except BudgetExceededError as error:
+        refusal = error
     except Exception as exc:
-        charge = this.failed(exc)
-    return this.finish(charge)
+        refusal = engine.internal_error("reserve", exc)
+        if refusal is None:
+            # fail_open: the call goes ahead unmetered, its cost recorded when it settles.
+            projected = maximum
+            if on_grant is not None:
+                try:
+                    projected = on_grant(maximum, late)
+                except Exception as inner:
+                    engine.log_once("on_grant", inner)
+            charge = engine.unmetered(
+                lease, trace_id, projected, kind=charge_kind, name=name, provider=provider,
+                operation=operation, parentless=parentless, attributes=seen,
+            )  # fmt: skip
+        else:
+            refusal.__cause__ = exc
+    if refusal is not None:
+        mark_refused(span, refusal)
+        raise refusal
+    assert charge is not None
+    call = MeteredCall(span, charge, runtime)
+    if recording:
+        if charge.projected != maximum:
+            late[attrs.COST_PROJECTED_USD] = to_usd(charge.projected)
+        if late:
+            span.set_attributes(late)
+        call.span_lease = lease
+        calls.add(lease, call)
+    return call
 
 
-def begin(
-    runtime: BudgetRuntime | None,
-    tracer: trace.Tracer,
-    span_name: str,
-    attributes: dict[str, Any],
-    *,
-    minimum: int,
-    maximum: int | None = None,
-    name: str,
-    provider: str,
-    operation: str | None = None,
-    span_kind: SpanKind = SpanKind.CLIENT,
-    charge_kind: str = KIND_LLM,
-    on_grant: Callable[[int, dict[str, Any]], int] | None = None,
-    loop: tuple[str, bytes] | None = None,
-    free: bool = False,
-) -> MeteredCall:
-    """``begin_steps`` with blocking ledger calls (no generator: every sync call)."""
-    this = _Begin(
-        runtime, tracer, span_name, attributes, minimum, maximum, name, provider, operation,
-        span_kind, charge_kind, on_grant, loop,
+def begin(runtime: BudgetRuntime | None, tracer: trace.Tracer, span_name: str,
+          attributes: dict[str, Any], **kw: Any) -> MeteredCall:  # fmt: skip
+    """``begin_steps`` with blocking ledger calls."""
+    return run(
+        begin_steps(runtime, tracer, span_name, attributes, **kw),
+        runtime.storage if runtime is not None else None,
     )  # fmt: skip
-    if this.call is not None:
-        return this.call
-    if this.release is not None:
-        this.engine.release(this.release)
-    this.start()
-    try:
-        if free:
-            return this.free_call()
-        charge, op = this.plan()
-        charge = this.granted(charge, call_op(this.runtime.storage, op))
-    except Exception as exc:
-        charge = this.failed(exc)
-    return this.finish(charge)
 
 
 async def abegin(runtime: BudgetRuntime | None, tracer: trace.Tracer, span_name: str,

@@ -14,11 +14,11 @@ shared ledger never blocks an event loop. Sync and async callers therefore share
 definition of every decision, never two copies of it. A storage error is thrown back into
 the generator at the point of the ``yield``, so the decision handles it in one place too.
 
-A decision of one operation (reserve, settle, release, begin a metered call) is also written
+A decision of one operation (reserve, settle, release) is also written
 as the work before its operation and the work after it, which its generator puts around the
 ``yield``; its blocking form puts them around ``call_op`` instead. That form costs no
-generator, which is about a microsecond per call on the path every sync wrapper takes; the
-work itself is still written once (``BudgetEngine.reserve_plan``/``reserved``, and so on).
+generator; the work itself is still written once (``BudgetEngine.reserve_plan``/
+``reserved``, and so on).
 """
 
 from __future__ import annotations
