@@ -154,11 +154,18 @@ class ToolCall:
         return actual, extra
 
     def finish(self, result: Any = _UNSET, *, cost_usd: Any = None) -> None:
-        """The tool returned ``result``: charge its price, end the span."""
+        """The tool returned ``result``: charge its price, end the span. (A call that a tool
+        call inside it took over is not priced: settling it only ends its span.)"""
+        if self.call.done:
+            self.call.settle(0)
+            return
         actual, extra = self._settlement(result, cost_usd)
         self.call.settle(actual, attributes=extra)
 
     async def afinish(self, result: Any = _UNSET, *, cost_usd: Any = None) -> None:
+        if self.call.done:
+            await self.call.asettle(0)
+            return
         actual, extra = self._settlement(result, cost_usd)
         await self.call.asettle(actual, attributes=extra)
 

@@ -51,7 +51,6 @@ from otel_budget.instrumentation._call import (
 from otel_budget.instrumentation._flow import Flow, Step, arun_flow, run_flow, send, step
 from otel_budget.instrumentation.crewai.run import raise_if_stopped, stop_run
 from otel_budget.instrumentation.litellm.request import PROVIDER_NAMES, resolve_provider
-from otel_budget.metered import end_taken_over
 from otel_budget.pricing import TokenUsage
 from otel_budget.runtime import RuntimeSource
 from otel_budget.tokens import InputEstimate, estimate_input_tokens
@@ -179,17 +178,12 @@ def _messages_and_tools(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tup
 
 
 def _settle(call: LLMCall, active: ActiveCall, result: Any) -> Step | None:
-    if call.budgeted.delegated:
-        end_taken_over(call.budgeted)
-        return None
+    # (A call that one inside it took over: ``succeed`` only ends its span.)
     text = result if isinstance(result, str) else None
     return step(call.succeed, call.asucceed, active.usage, output_text=text)
 
 
 def _fail(call: LLMCall, active: ActiveCall, exc: BaseException) -> Step | None:
-    if call.budgeted.delegated:
-        end_taken_over(call.budgeted, exc)
-        return None
     if active.usage is not None:  # answered (and billed) before CrewAI failed
         return step(call.fail_after_response, call.afail_after_response, exc, active.usage)
     return step(call.fail, call.afail, exc)

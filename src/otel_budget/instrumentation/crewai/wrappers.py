@@ -48,7 +48,6 @@ from otel_budget.instrumentation.crewai.run import (
     raise_if_stopped,
     stop_run,
 )
-from otel_budget.metered import end_taken_over
 from otel_budget.tools import abegin_tool, begin_tool
 
 TASK_NAME = "otel_budget.task.name"
@@ -230,16 +229,13 @@ def tool_flow(
                                 set_status_on_exception=False):  # fmt: skip
                 result = yield send(partial(wrapped, *args, **kwargs))
         except BaseException as exc:
-            if call.call.delegated:
-                end_taken_over(call.call, exc)
-            else:
-                yield step(call.fail, call.afail, exc)
+            yield step(call.fail, call.afail, exc)  # (taken over: only ends its span)
             raise
         finally:
             _TOOL.reset(token)
-        if call.call.delegated:  # an MCP call_tool of ours inside took it over, and charged it
-            end_taken_over(call.call)
-        elif _did_not_run(result):
+        # (An MCP call_tool of ours inside that took it over charged it: ``finish`` and
+        # ``fail`` then only end its span.)
+        if _did_not_run(result):
             yield step(call.fail, call.afail, RuntimeError(str(getattr(result, "message", ""))))
         else:
             yield step(call.finish, call.afinish, result)

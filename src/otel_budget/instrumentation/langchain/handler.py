@@ -56,7 +56,6 @@ from otel_budget.instrumentation._flow import Flow, arun_flow, run_flow, step
 from otel_budget.instrumentation.langchain.models import chat_request, result_usage
 from otel_budget.instrumentation.langchain.runs import RUNS, Run, agent_of, enter, leave, under
 from otel_budget.logs import RateLimitedLog
-from otel_budget.metered import end_taken_over
 from otel_budget.runtime import RuntimeSource
 from otel_budget.tools import abegin_tool, begin_tool
 
@@ -154,9 +153,7 @@ class _Events:
         if run is None or run.call is None:
             return None
         leave(run.tokens)
-        call = run.call
-        if end_taken_over(call.budgeted):
-            return None
+        call = run.call  # (taken over by a call inside it: ``succeed`` only ends its span)
         usage, model, text = result_usage(response)
         yield step(call.succeed, call.asucceed, usage, None, response_model=model,
                    output_text=text)  # fmt: skip
@@ -168,8 +165,6 @@ class _Events:
             return None
         leave(run.tokens)
         call = run.call
-        if end_taken_over(call.budgeted, error):
-            return None
         yield step(call.fail, call.afail, error)
         return None
 
@@ -210,8 +205,6 @@ class _Events:
             return None
         leave(run.tokens)
         call = run.call
-        if end_taken_over(call.call):
-            return None
         yield step(call.finish, call.afinish, _tool_output(output))
         return None
 
@@ -221,8 +214,6 @@ class _Events:
             return None
         leave(run.tokens)
         call = run.call
-        if end_taken_over(call.call, error):
-            return None
         yield step(call.fail, call.afail, error)
         return None
 

@@ -42,7 +42,6 @@ from otel_budget.instrumentation._util import with_history
 from otel_budget.instrumentation.openai import history
 from otel_budget.instrumentation.openai.request import client_info
 from otel_budget.instrumentation.openai.response import responses_usage
-from otel_budget.metered import end_taken_over
 from otel_budget.pricing import TokenUsage
 from otel_budget.runtime import RuntimeSource
 from otel_budget.steps import arun
@@ -168,9 +167,7 @@ def _output_text(output: Any) -> str:
 
 async def _fail(call: LLMCall, error: BaseException, text: str = "",
                 usage: TokenUsage | None = None) -> None:  # fmt: skip
-    if call.budgeted.delegated:
-        end_taken_over(call.budgeted, error)
-    elif text or usage is not None:  # a stream broke after output: that output was billed
+    if text or usage is not None:  # a stream broke after output: that output was billed
         runtime = call.runtime
         await arun(call.fail_after_output_steps(error, usage, text, 0),
                    runtime.storage if runtime is not None else None)  # fmt: skip
@@ -180,8 +177,8 @@ async def _fail(call: LLMCall, error: BaseException, text: str = "",
 
 async def _succeed(call: LLMCall, usage: TokenUsage | None, response_id: Any, text: Any,
                    floor: int = 0) -> None:  # fmt: skip
-    if call.budgeted.delegated:
-        end_taken_over(call.budgeted)
+    if call.budgeted.delegated:  # our openai call inside took it over: it remembered and charged
+        await call.asucceed(usage)  # (which only ends this span)
         return
     out: dict[str, Any] = {}
     if isinstance(response_id, str) and response_id:
