@@ -62,6 +62,29 @@ def test_a_zero_budget_still_refuses_and_warns(make_processor: Any, tracer: Any)
         call(tracer, 0.01)
 
 
+def test_a_new_run_checks_no_threshold_below_the_first(
+    make_processor: Any, tracer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trace's totals start with the first threshold as their ``alert_at``: its calls below
+    it run no threshold check at all (a parentless call is a new trace every time), and the
+    first call that reaches it fires it."""
+    warnings: list[float] = []
+    processor = make_processor(max_usd=1.0, on_warning=lambda w: warnings.append(w["threshold"]))
+    checks: list[int] = []
+    real = processor.engine._check_thresholds
+    monkeypatch.setattr(
+        processor.engine, "_check_thresholds", lambda *a: (checks.append(1), real(*a))[1]
+    )
+    with tracer.start_as_current_span("agent") as root:
+        stats = processor.engine.trace_stats(root.get_span_context().trace_id)
+        assert stats.alert_at == pytest.approx(parse_usd(0.5))
+        call(tracer, 0.2)
+        call(tracer, 0.2)
+        assert checks == [] and warnings == []
+        call(tracer, 0.2)  # 60 %
+        assert checks == [1] and warnings == [0.5]
+
+
 def test_parentless_calls_are_stopped_in_total(make_processor: Any, tracer: Any) -> None:
     """No current span: each call starts its own trace, and all of them share the process
     scope (the SDK span's ``parent`` is None, read instead of the current context)."""

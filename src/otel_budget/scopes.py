@@ -22,6 +22,7 @@ The running totals of each trace (``TraceStats``) are kept here too, in a bounde
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -95,7 +96,11 @@ class ScopeResolution:
             stats = traces.get(trace_id)
             if stats is not None:
                 return stats
-            stats = TraceStats(f"{trace_id:032x}", self.settings.limit_nanos)
+            limit = self.settings.limit_nanos
+            stats = TraceStats(f"{trace_id:032x}", limit)
+            thresholds = self.settings.thresholds
+            if limit:  # no threshold check before the first can fire (thresholds.py)
+                stats.alert_at = thresholds[0] * limit if thresholds else math.inf
             traces[trace_id] = stats
             if len(traces) > self.settings.max_tracked_traces:
                 traces.popitem(last=False)
