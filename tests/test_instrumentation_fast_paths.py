@@ -114,6 +114,31 @@ def test_output_bound_ints_is_output_bound_and_ints(params: dict[str, Any]) -> N
     assert output_bound_ints(params, 4096) == expected
 
 
+@pytest.mark.parametrize(
+    "params",
+    [
+        {}, {"max_tokens": 64}, {"max_completion_tokens": 10, "max_tokens": 20},
+        {"max_tokens": 20, "max_completion_tokens": 10, "maxTokens": 30},
+        {"max_tokens": None, "max_output_tokens": 9}, {"max_tokens": "lots", "maxTokens": -1},
+        {"generation_config": {"max_output_tokens": 7}, "max_tokens": 5},
+        {"config": {"maxOutputTokens": 3.0}}, {"inferenceConfig": {"maxTokens": 12}},
+        {"generationConfig": None, "config": {"max_tokens": True}},
+    ],
+)
+def test_a_plain_dict_reads_its_output_limits_as_any_mapping(params: dict[str, Any]) -> None:
+    """A plain dict's limits are looked up in one set operation; any other mapping key by
+    key, in the spellings' order: the same limits, the same error (the first bad one)."""
+    from types import MappingProxyType
+
+    def read(p: Any) -> Any:
+        try:
+            return output_bound_ints(p, 4096)
+        except ValueError as exc:
+            return str(exc)
+
+    assert read(params) == read(MappingProxyType(params))
+
+
 def test_server_of_follows_a_client_whose_base_url_changes() -> None:
     client = openai.OpenAI(base_url="http://127.0.0.1:8001/v1", api_key="x")
     assert server_of(client) == ("127.0.0.1", 8001)

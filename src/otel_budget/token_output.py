@@ -68,9 +68,21 @@ def _is_absent(value: Any) -> bool:
     return value is None or type(value).__name__ in ("NotGiven", "Omit")
 
 
+_OUTPUT_KEY_SET = frozenset(_OUTPUT_KEYS)
+_OUTPUT_CONTAINER_SET = frozenset(_OUTPUT_CONTAINERS)
+
+
 def _output_values(params: Any, where: str) -> list[tuple[str, Any]]:
     found: list[tuple[str, Any]] = []
-    mapping = type(params) is dict or isinstance(params, Mapping)
+    if type(params) is dict:
+        # (A plain dict holds one spelling, if any: looked up in one C call, in key order.)
+        present = params.keys() & _OUTPUT_KEY_SET
+        for key in present if len(present) < 2 else [k for k in _OUTPUT_KEYS if k in present]:
+            value = params[key]
+            if value is not None and not _is_absent(value):
+                found.append((f"{where}{key}", value))
+        return found
+    mapping = isinstance(params, Mapping)
     for key in _OUTPUT_KEYS:
         value = params.get(key) if mapping else getattr(params, key, None)
         if value is not None and not _is_absent(value):
@@ -106,6 +118,8 @@ def token_limit(key: str, value: Any) -> int:
 
 def _output_limits(params: Mapping[str, Any]) -> list[tuple[str, Any]]:
     found = _output_values(params, "")
+    if type(params) is dict and params.keys().isdisjoint(_OUTPUT_CONTAINER_SET):
+        return found  # (the usual request: no nested generation config)
     if type(params) is dict or isinstance(params, Mapping):
         for container in _OUTPUT_CONTAINERS:
             nested = params.get(container)
