@@ -383,3 +383,158 @@ def test_each_framed_instrumentor_wires_on_import_and_unwires_exactly(
         assert "import after uninstrument wraps nothing True" in out, out
         assert "instrumented again True" in out, out
         assert "originals back again True" in out, out
+
+
+# -- the frame itself, on a package of our own --------------------------------------------------
+FAKE_SDK = {
+    "fakesdk/__init__.py": textwrap.dedent(
+        """
+        import os, time
+        from fakesdk import base
+
+        time.sleep(float(os.environ.get("FAKESDK_SLOW", "0")))   # an import in progress
+
+        def fn(x):
+            return ("fn", x)
+
+        class Client:
+            def send(self, x):
+                return ("send", x)
+
+        class Sub(base.Base):   # run: from a class the table wraps; helper: from one it does not
+            pass
+        """
+    ),
+    "fakesdk/base.py": textwrap.dedent(
+        """
+        class Base:
+            def run(self, x):
+                return ("run", x)
+
+            def helper(self, x):
+                return ("helper", x)
+        """
+    ),
+}
+
+FRAME_UNIT = textwrap.dedent(
+    """
+    import logging, os, sys, threading, time
+    import wrapt
+    from otel_budget.instrumentation._sdk import SDKInstrumentor, given_original
+
+    logging.basicConfig(stream=sys.stdout, format="LOG %(levelname)s %(message)s")
+    mode = sys.argv[1]
+    calls, seen = [], []
+
+    def factory(tag):
+        def make(tracer, source):
+            def wrapper(wrapped, instance, args, kwargs):
+                calls.append(tag)
+                return wrapped(*args, **kwargs)
+            return wrapper
+        return make
+
+    def send_factory(tracer, source, original):
+        if mode == "failure":
+            raise RuntimeError("boom")
+        seen.append(original)
+        return factory("send")(tracer, source)
+
+    class Fake(SDKInstrumentor):
+        _SDK = "fakesdk"
+        _TARGETS = (
+            ("fakesdk", "", "fn", factory("fn")),
+            ("fakesdk", "Client", "send", given_original(send_factory)),
+            ("fakesdk.base", "Base", "run", factory("run")),
+            ("fakesdk", "Sub", "run", factory("sub.run")),
+            ("fakesdk", "Sub", "helper", factory("sub.helper")),
+            ("fakesdk.absent", "X", "y", factory("absent")),
+            ("fakesdk", "Client", "missing", factory("missing")),
+        )
+
+        def instrumentation_dependencies(self):
+            return ()
+
+        def _absent(self, targets):
+            print("absent", sorted(f"{m}:{o}.{n}" for m, o, n, _ in targets))
+
+    instrumentor = Fake()
+    if mode == "failure":
+        instrumentor.instrument()
+        import fakesdk   # the application's import: never fails because of us
+        print("imported", fakesdk.fn(1))
+        print("nothing wrapped", not any(isinstance(v, wrapt.FunctionWrapper)
+              for v in (vars(fakesdk)["fn"], vars(fakesdk.Client)["send"], vars(fakesdk.base.Base)["run"])))
+        sys.exit(0)
+
+    # An import in progress in another thread when instrument() is called: waited for.
+    importer = threading.Thread(target=__import__, args=("fakesdk",))
+    importer.start()
+    while "fakesdk" not in sys.modules:
+        time.sleep(0.001)
+    print("partial at instrument", not hasattr(sys.modules["fakesdk"], "Client"))
+    instrumentor.instrument()
+    importer.join()
+    import fakesdk
+    client, sub = fakesdk.Client(), fakesdk.Sub()
+    print("results", fakesdk.fn(1), client.send(2), sub.run(3), sub.helper(4))
+    print("calls", calls)
+    print("original given", seen == [vars(fakesdk.Client)["send"].__wrapped__])
+    bound = client.send                      # held by the application
+    theirs = wrapt.FunctionWrapper(vars(fakesdk.Client)["send"], lambda w, i, a, k: ("theirs", w(*a, **k)))
+    fakesdk.Client.send = theirs              # another instrumentation wraps ours
+    calls.clear()
+    instrumentor.uninstrument()
+    print("helper deleted from Sub", "helper" not in vars(fakesdk.Sub))
+    print("plain again", not any(isinstance(v, wrapt.FunctionWrapper) for v in (
+        vars(fakesdk)["fn"], vars(fakesdk.base.Base)["run"])))
+    print("theirs kept", vars(fakesdk.Client)["send"] is theirs)
+    print("after", fakesdk.fn(1), client.send(2), bound(3), sub.run(4), sub.helper(5), calls)
+    """
+)
+
+
+def _run_fake(mode: str, tmp_path: Path) -> str:
+    for name, text in FAKE_SDK.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    (tmp_path / "app.py").write_text(FRAME_UNIT)
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env.update(PYTHONPATH=os.pathsep.join((src, str(tmp_path))), FAKESDK_SLOW="0.5")
+    result = subprocess.run([sys.executable, str(tmp_path / "app.py"), mode], env=env,
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_the_frame_wraps_a_package_imported_in_another_thread_and_unwraps_exactly(
+    tmp_path: Path,
+) -> None:
+    """Rows of module functions and methods; an original handed to its factory; a method
+    inherited from a class the table wraps is wrapped there only (one call, one wrapper),
+    one inherited from a class it does not is wrapped on the subclass and deleted again;
+    absent rows are reported; ``instrument()`` while another thread is importing the
+    package waits for it; after ``uninstrument()`` another instrumentation's wrapper around
+    ours stays theirs, and ours, inside it or bound by the app, passes straight through."""
+    out = _run_fake("thread", tmp_path)
+    assert "partial at instrument True" in out, out
+    assert "absent ['fakesdk.absent:X.y', 'fakesdk:Client.missing']" in out, out
+    assert "results ('fn', 1) ('send', 2) ('run', 3) ('helper', 4)" in out, out
+    assert "calls ['fn', 'send', 'run', 'sub.helper']" in out, out
+    assert "original given True" in out, out
+    assert "helper deleted from Sub True" in out, out
+    assert "plain again True" in out, out
+    assert "theirs kept True" in out, out
+    assert "after ('fn', 1) ('theirs', ('send', 2)) ('send', 3) ('run', 4) ('helper', 5) []" in out, out
+
+
+def test_a_failure_while_wrapping_is_logged_never_raised_into_the_import(tmp_path: Path) -> None:
+    """A factory that raises: the application's import succeeds, nothing of that hook is
+    wrapped (no half-instrumented package), and the error names the package and says its
+    calls are not budgeted."""
+    out = _run_fake("failure", tmp_path)
+    assert "imported ('fn', 1)" in out, out
+    assert "nothing wrapped True" in out, out
+    assert "LOG ERROR otel-budget: could not instrument fakesdk; its calls are NOT budgeted: boom" in out, out

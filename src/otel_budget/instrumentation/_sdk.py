@@ -65,9 +65,6 @@ SCHEMA_URL = "https://opentelemetry.io/schemas/1.37.0"
 
 #: A wrapper factory: ``factory(*wiring)`` -> the wrapt wrapper of one attribute.
 Factory = Callable[..., Any]
-#: (module, owner, name, factory): the attribute ``name`` of the class ``owner`` (a dotted
-#: path; ``""``: the module itself) of ``module``.
-Target = tuple[str, str, str, Factory]
 
 # Held to apply or undo a set of patches, nothing else: no import, no factory runs under it.
 _LOCK = threading.Lock()
@@ -87,16 +84,23 @@ class Switch:
         return self.on
 
 
-class _GivenOriginal:
+class GivenOriginal:
+    """A factory that also needs the callable it wraps (``given_original``)."""
+
     __slots__ = ("factory",)
 
     def __init__(self, factory: Callable[..., Any]) -> None:
         self.factory = factory
 
 
-def given_original(factory: Callable[..., Any]) -> Factory:
+def given_original(factory: Callable[..., Any]) -> GivenOriginal:
     """Mark a factory that also needs the callable it wraps: ``factory(*wiring, original)``."""
-    return _GivenOriginal(factory)  # type: ignore[return-value]
+    return GivenOriginal(factory)
+
+
+#: (module, owner, name, factory): the attribute ``name`` of the class ``owner`` (a dotted
+#: path; ``""``: the module itself) of ``module``.
+Target = tuple[str, str, str, "Factory | GivenOriginal"]
 
 
 class _Patch(NamedTuple):
@@ -219,11 +223,13 @@ class SDKInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 absent.append(target)
                 continue
             holder, original = _defined(owner, name)
-            if isinstance(original, wrapt.FunctionWrapper) and original._self_enabled is switch:
+            if any(p.owner is owner and p.name == name for p in planned) or (
+                isinstance(original, wrapt.FunctionWrapper) and original._self_enabled is switch
+            ):
                 continue  # the same attribute reached through another row: wrapped once
             if holder is not owner and self._in_table(holder, name):
                 continue  # inherited from a class the table wraps for it: wrapped there
-            if isinstance(factory, _GivenOriginal):
+            if isinstance(factory, GivenOriginal):
                 made = factory.factory(*wiring, getattr(owner, name))
             else:
                 made = factory(*wiring)
@@ -257,4 +263,13 @@ class SDKInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 patch.undo()
 
 
-__all__ = ["Factory", "SDKInstrumentor", "Switch", "Target", "genai_tracer", "given_original", "tracer_of"]
+__all__ = [
+    "Factory",
+    "GivenOriginal",
+    "SDKInstrumentor",
+    "Switch",
+    "Target",
+    "genai_tracer",
+    "given_original",
+    "tracer_of",
+]
