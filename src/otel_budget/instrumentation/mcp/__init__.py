@@ -39,7 +39,8 @@ _INSTRUMENTS = ("mcp >= 1.30",)
 
 
 # The frame's switch turns these wrappers off (wrapt calls the original without them once
-# uninstrumented): the switch ``client`` and ``server`` still take stays on.
+# uninstrumented): the switch ``client`` and ``server`` still take is redundant, and stays on
+# (it can go with the next change to those two modules).
 def _client_call_tool(
     tracer: trace.Tracer, source: RuntimeSource, original: Any
 ) -> Callable[..., Any]:
