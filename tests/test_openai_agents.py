@@ -428,10 +428,9 @@ def wrapped_targets() -> list[bool]:
     import importlib
 
     out = []
-    for module, path, *_ in _TARGETS:
+    for module, path, name, _ in _TARGETS:
         owner: Any = importlib.import_module(module)
-        *parents, name = path.split(".")
-        for parent in parents:
+        for parent in path.split(".") if path else ():
             owner = getattr(owner, parent)
         out.append(isinstance(vars(owner)[name], FunctionWrapper))
     return out

@@ -404,6 +404,7 @@ def test_a_cluster_down_when_the_ledger_is_built_is_an_outage_not_a_dead_ledger(
     if not AVAILABLE:
         pytest.skip(SKIP_REASON)
     nodes = RedisCluster3()  # ports chosen, nothing listening yet
+    processor: BudgetSpanProcessor | None = None
     try:
         store = RedisClusterStorage(nodes.url, prefix=unique_prefix(), **SLOW)
         processor = BudgetSpanProcessor(max_usd=1, storage=store, failure_policy="fail_closed")
@@ -432,4 +433,6 @@ def test_a_cluster_down_when_the_ledger_is_built_is_an_outage_not_a_dead_ledger(
         assert usage is not None and usage.spent == 400_000 and usage.reserved == 0
         store.close()
     finally:
+        if processor is not None:  # else it stays the process's current runtime: a later
+            processor.shutdown()  # test's wrappers would enforce it, on a closed ledger
         nodes.cleanup()

@@ -33,16 +33,10 @@ CrewAI's own telemetry, platform tracing and version check are switched off (see
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Collection
-from functools import partial
 from typing import Any, TypeVar
 
-from opentelemetry import trace
-from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
-from opentelemetry.instrumentation.utils import unwrap
-from wrapt import register_post_import_hook, wrap_function_wrapper
-
+from otel_budget.instrumentation._sdk import Factory, SDKInstrumentor, Target, tracer_of
 from otel_budget.instrumentation.crewai import llm, wrappers
 from otel_budget.instrumentation.crewai.run import last_report, protect
 from otel_budget.instrumentation.crewai.telemetry import quiet_crewai
@@ -50,7 +44,6 @@ from otel_budget.runtime import RuntimeSource
 
 _INSTRUMENTS = ("crewai >= 1.0",)
 
-Factory = Callable[[trace.Tracer, RuntimeSource], Callable[..., Any]]
 _LLM_MODULES = (
     ("crewai.llm", "LLM"),
     ("crewai.llms.providers.openai.completion", "OpenAICompletion"),
@@ -61,7 +54,7 @@ _LLM_MODULES = (
 )
 
 
-def _targets() -> list[tuple[str, str, str, Factory]]:
+def _targets() -> tuple[Target, ...]:
     """(module, class, method, wrapper factory) of everything wrapped."""
     kickoff, akickoff = wrappers.kickoff()
     task, atask = wrappers.agent_task()
@@ -70,7 +63,7 @@ def _targets() -> list[tuple[str, str, str, Factory]]:
     def fixed(wrapper: Callable[..., Any]) -> Factory:
         return lambda _tracer, _source: wrapper
 
-    out: list[tuple[str, str, str, Factory]] = [
+    out: list[Target] = [
         ("crewai.crew", "Crew", "kickoff", fixed(kickoff)),
         ("crewai.crew", "Crew", "kickoff_for_each", fixed(kickoff)),
         ("crewai.crew", "Crew", "kickoff_async", fixed(akickoff)),
@@ -94,54 +87,24 @@ def _targets() -> list[tuple[str, str, str, Factory]]:
     for module, cls in _LLM_MODULES:
         out.append((module, cls, "call", llm.llm_call))
         out.append((module, cls, "acall", llm.llm_acall))
-    return out
+    return tuple(out)
 
 
-class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
+class CrewAIInstrumentor(SDKInstrumentor):
     """Instruments CrewAI: crews, agents' tasks, tools and model calls (see the module)."""
+
+    _SDK = "crewai"
+    # Each module wrapped when CrewAI imports it (now, if it has): instrumenting never imports
+    # CrewAI, nor a provider SDK the application does not use.
+    _EACH_MODULE = True
+    _TARGETS = _targets()
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return _INSTRUMENTS
 
-    def _instrument(self, **kwargs: Any) -> None:
-        from otel_budget import __version__
-
+    def _wiring(self, **kwargs: Any) -> tuple[Any, ...]:
         quiet_crewai()
-        tracer = trace.get_tracer(
-            __name__, __version__, kwargs.get("tracer_provider"),
-            schema_url="https://opentelemetry.io/schemas/1.37.0",
-        )  # fmt: skip
-        source = RuntimeSource(kwargs.get("runtime"))
-        self._wrapped: list[tuple[str, str, str]] = []
-        generation = self._generation = object()
-        by_module: dict[str, list[tuple[str, str, Factory]]] = {}
-        for module, cls, method, factory in _targets():
-            by_module.setdefault(module, []).append((cls, method, factory))
-        for name, targets in by_module.items():
-            # Wrapped when CrewAI imports the module (now, if it already has): instrumenting
-            # never imports CrewAI, nor a provider SDK the application does not use.
-            register_post_import_hook(
-                partial(self._wrap_module, generation, targets, tracer, source), name
-            )
-
-    def _wrap_module(
-        self, generation: object, targets: list[tuple[str, str, Factory]],
-        tracer: trace.Tracer, source: RuntimeSource, module: Any,
-    ) -> None:  # fmt: skip
-        if generation is not getattr(self, "_generation", None):
-            return  # uninstrumented (or instrumented again) since this hook was registered
-        for cls, method, factory in targets:
-            owner = getattr(module, cls, None)
-            if owner is None or method not in owner.__dict__:
-                continue  # absent from this CrewAI version, or inherited: wrapped where defined
-            wrap_function_wrapper(module, f"{cls}.{method}", factory(tracer, source))
-            self._wrapped.append((module.__name__, cls, method))
-
-    def _uninstrument(self, **kwargs: Any) -> None:
-        self._generation = None
-        for module, cls, method in getattr(self, "_wrapped", []):
-            unwrap(getattr(sys.modules[module], cls), method)
-        self._wrapped = []
+        return tracer_of(self, kwargs), RuntimeSource(kwargs.get("runtime"))
 
 
 C = TypeVar("C")

@@ -15,8 +15,9 @@
 ``add_handler`` so that every callback manager LangChain builds carries our handler,
 inherited by every child run: ``BudgetCallbackHandler`` on sync managers,
 ``AsyncBudgetCallbackHandler`` on async ones (a manager LangChain copies from one kind to the
-other gets the right twin). ``_uninstrument`` unwraps the three methods; managers built
-before keep the handler until they are dropped, so the handler checks nothing else.
+other gets the right twin). ``_uninstrument`` unwraps the three methods (the frame:
+``instrumentation._sdk``); managers built before keep the handler until they are dropped, so
+the handler checks nothing else.
 
 What the handler does with each run is in ``handler``: ``invoke_agent`` spans for the graph
 and its nodes, model calls metered through the one LLM path (or by our provider instrumentor
@@ -31,10 +32,7 @@ import logging
 from collections.abc import Callable, Collection
 from typing import Any
 
-from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
-from opentelemetry.instrumentation.utils import unwrap
-from wrapt import wrap_function_wrapper
-
+from otel_budget.instrumentation._sdk import SDKInstrumentor
 from otel_budget.instrumentation.langchain.handler import (
     AsyncBudgetCallbackHandler,
     BudgetCallbackHandler,
@@ -43,8 +41,6 @@ from otel_budget.instrumentation.langchain.protect import BudgetedGraph, protect
 from otel_budget.logs import RateLimitedLog
 
 _INSTRUMENTS = ("langchain-core >= 0.3",)
-_MODULE = "langchain_core.callbacks.base"
-_METHODS = ("__init__", "set_handlers", "add_handler")
 _LOG = RateLimitedLog(logging.getLogger("otel_budget"))
 
 
@@ -78,28 +74,26 @@ def _with_our_handler(
     return wrapper
 
 
-class LangChainInstrumentor(BaseInstrumentor):
+class LangChainInstrumentor(SDKInstrumentor):
     """Puts ``BudgetCallbackHandler`` on every LangChain run (see the module docstring).
     ``instrument(runtime=..., tracer_provider=...)`` as the provider instrumentors."""
+
+    _SDK = "langchain_core"
+    _TARGETS = tuple(
+        ("langchain_core.callbacks.base", "BaseCallbackManager", method, _with_our_handler)
+        for method in ("__init__", "set_handlers", "add_handler")
+    )
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return _INSTRUMENTS
 
-    def _instrument(self, **kwargs: Any) -> None:
+    def _wiring(self, **kwargs: Any) -> tuple[Any, ...]:
         runtime = kwargs.get("runtime")
         provider = kwargs.get("tracer_provider")
-        wrapper = _with_our_handler(
+        return (
             BudgetCallbackHandler(runtime=runtime, tracer_provider=provider),
             AsyncBudgetCallbackHandler(runtime=runtime, tracer_provider=provider),
         )
-        for method in _METHODS:
-            wrap_function_wrapper(_MODULE, f"BaseCallbackManager.{method}", wrapper)
-
-    def _uninstrument(self, **kwargs: Any) -> None:
-        from langchain_core.callbacks.base import BaseCallbackManager
-
-        for method in _METHODS:
-            unwrap(BaseCallbackManager, method)
 
 
 __all__ = [

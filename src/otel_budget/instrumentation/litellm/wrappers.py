@@ -1,8 +1,7 @@
 """The wrapt wrappers of litellm's entry points: one flow, run as the sync or the async wrapper.
 
-    switch = Switch()
-    wrapt.wrap_function_wrapper("litellm", "completion", completion(tracer, source, switch))
-    wrapt.wrap_function_wrapper("litellm", "acompletion", acompletion(tracer, source, switch))
+    wrapt.wrap_function_wrapper("litellm", "completion", completion(tracer, source))
+    wrapt.wrap_function_wrapper("litellm", "acompletion", acompletion(tracer, source))
 
 ``call_flow`` is the whole wrapper, written once (see ``instrumentation._flow``): read the
 request (``request``), reserve with ``start_call`` / ``astart_call`` (refused:
@@ -47,16 +46,6 @@ from otel_budget.runtime import RuntimeSource
 Wrapper = Callable[..., Any]
 
 
-class Switch:
-    """On while instrumented. A wrapper that outlives ``uninstrument()`` (someone holds a
-    reference, or wrapped it again) passes calls straight through."""
-
-    __slots__ = ("on",)
-
-    def __init__(self) -> None:
-        self.on = True
-
-
 def _raise_refusal(exc: BaseException) -> None:
     """A retry the budget refused inside the openai SDK, which litellm wrapped in its own
     error type: the caller gets the ``BudgetExceededError``."""
@@ -66,12 +55,11 @@ def _raise_refusal(exc: BaseException) -> None:
 
 
 def call_flow(
-    tracer: trace.Tracer, source: RuntimeSource, kind: str, switch: Switch, binder: Binder,
-    wrapped: Wrapper, args: tuple[Any, ...], kwargs: dict[str, Any], asynchronous: bool,
+    tracer: trace.Tracer, source: RuntimeSource, kind: str, binder: Binder, wrapped: Wrapper, args: tuple[Any, ...], kwargs: dict[str, Any], asynchronous: bool,
 ) -> Flow[Any]:  # fmt: skip
     """One metered litellm call of ``kind``; ``asynchronous``: the entry point returns a
     coroutine (its stream iterates with ``async for``)."""
-    if CURRENT_CALL.get() is not None or not switch.on:
+    if CURRENT_CALL.get() is not None:
         return (yield send(wrapped, *args, **kwargs))
     params = binder(wrapped, args, kwargs)
     if params is None:  # arguments litellm itself will reject
@@ -108,51 +96,50 @@ def call_flow(
     return result
 
 
-def make_sync_wrapper(tracer: trace.Tracer, source: RuntimeSource, kind: str, switch: Switch) -> Wrapper:
+def make_sync_wrapper(tracer: trace.Tracer, source: RuntimeSource, kind: str) -> Wrapper:
     """The wrapper of a sync entry point (``completion``, ``embedding``). Called with its
     async flag (``acompletion=True``), it returns a coroutine: metered when awaited."""
     binder = Binder()
     async_flag = ASYNC_FLAGS[kind]
 
     def wrapper(wrapped: Wrapper, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if CURRENT_CALL.get() is not None or not switch.on:
+        if CURRENT_CALL.get() is not None:
             return wrapped(*args, **kwargs)
         asynchronous = kwargs.get(async_flag) is True
-        flow = call_flow(tracer, source, kind, switch, binder, wrapped, args, kwargs, asynchronous)
+        flow = call_flow(tracer, source, kind, binder, wrapped, args, kwargs, asynchronous)
         return arun_flow(flow) if asynchronous else run_flow(flow)
 
     return wrapper
 
 
-def make_async_wrapper(tracer: trace.Tracer, source: RuntimeSource, kind: str, switch: Switch) -> Wrapper:
+def make_async_wrapper(tracer: trace.Tracer, source: RuntimeSource, kind: str) -> Wrapper:
     """The wrapper of an async entry point (``acompletion``, ``aembedding``)."""
     binder = Binder()
 
     async def wrapper(wrapped: Wrapper, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        flow = call_flow(tracer, source, kind, switch, binder, wrapped, args, kwargs, True)
+        flow = call_flow(tracer, source, kind, binder, wrapped, args, kwargs, True)
         return await arun_flow(flow)
 
     return wrapper
 
 
-def completion(tracer: trace.Tracer, source: RuntimeSource, switch: Switch) -> Wrapper:
-    return make_sync_wrapper(tracer, source, KIND_CHAT, switch)
+def completion(tracer: trace.Tracer, source: RuntimeSource) -> Wrapper:
+    return make_sync_wrapper(tracer, source, KIND_CHAT)
 
 
-def acompletion(tracer: trace.Tracer, source: RuntimeSource, switch: Switch) -> Wrapper:
-    return make_async_wrapper(tracer, source, KIND_CHAT, switch)
+def acompletion(tracer: trace.Tracer, source: RuntimeSource) -> Wrapper:
+    return make_async_wrapper(tracer, source, KIND_CHAT)
 
 
-def embedding(tracer: trace.Tracer, source: RuntimeSource, switch: Switch) -> Wrapper:
-    return make_sync_wrapper(tracer, source, KIND_EMBEDDINGS, switch)
+def embedding(tracer: trace.Tracer, source: RuntimeSource) -> Wrapper:
+    return make_sync_wrapper(tracer, source, KIND_EMBEDDINGS)
 
 
-def aembedding(tracer: trace.Tracer, source: RuntimeSource, switch: Switch) -> Wrapper:
-    return make_async_wrapper(tracer, source, KIND_EMBEDDINGS, switch)
+def aembedding(tracer: trace.Tracer, source: RuntimeSource) -> Wrapper:
+    return make_async_wrapper(tracer, source, KIND_EMBEDDINGS)
 
 
 __all__ = [
-    "Switch",
     "acompletion",
     "aembedding",
     "call_flow",

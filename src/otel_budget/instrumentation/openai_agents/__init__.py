@@ -14,7 +14,8 @@
         Runner.run_sync(agent, "plan my trip")
     print(run.report().format())                                # per agent, model and tool
 
-What is wrapped (each hook point is skipped, and logged, when an SDK version lacks it):
+What is wrapped once the application imports ``agents`` (``instrument()`` imports nothing; each
+hook point is skipped, and logged, when an SDK version lacks it):
 
 * ``AgentRunner.run`` / ``run_streamed`` (behind ``Runner.run``, ``run_sync``,
   ``run_streamed``): a top-level run under ``budget(max_usd_per_run)``, or a root span
@@ -36,16 +37,11 @@ configured. Offline, or to keep traces in OpenTelemetry only, set
 
 from __future__ import annotations
 
-import importlib
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Collection, Sequence
 from typing import Any
 
-from opentelemetry import trace
-from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
-from opentelemetry.instrumentation.utils import unwrap
-from wrapt import wrap_function_wrapper
-
+from otel_budget.instrumentation._sdk import SDKInstrumentor, Target, tracer_of
 from otel_budget.instrumentation.openai_agents import models, runs, tools, turns
 from otel_budget.money import parse_usd
 from otel_budget.runtime import RuntimeSource
@@ -53,7 +49,6 @@ from otel_budget.runtime import RuntimeSource
 logger = logging.getLogger("otel_budget")
 _INSTRUMENTS = ("openai-agents >= 0.2",)
 
-Factory = Callable[[trace.Tracer, RuntimeSource, Any], Callable[..., Any]]
 _RUN = "agents.run"
 _LOOP = "agents.run_internal.run_loop"
 _TOOLS = "agents.run_internal.tool_execution"
@@ -61,45 +56,34 @@ _RESPONSES = "agents.models.openai_responses"
 _CHAT = "agents.models.openai_chatcompletions"
 _FORMATTER = "maybe_invoke_function_tool_failure_error_function"
 
-# (module, attribute path, wrapper factory, what is lost without it)
-_TARGETS: tuple[tuple[str, str, Factory, str], ...] = (
-    (_RUN, "AgentRunner.run", lambda t, s, m: runs.run(t, m), "runs"),
-    (_RUN, "AgentRunner.run_streamed", lambda t, s, m: runs.run_streamed(t, m), "streamed runs"),
-    ("agents.result", "RunResultStreaming.stream_events", lambda t, s, m: runs.stream_events(),
+# (module, class, attribute, wrapper factory, what is lost without it); the factories get
+# (tracer, runtime source, max_usd_per_run).
+_HOOK_POINTS: tuple[tuple[str, str, str, Any, str], ...] = (
+    (_RUN, "AgentRunner", "run", lambda t, s, m: runs.run(t, m), "runs"),
+    (_RUN, "AgentRunner", "run_streamed", lambda t, s, m: runs.run_streamed(t, m), "streamed runs"),
+    ("agents.result", "RunResultStreaming", "stream_events", lambda t, s, m: runs.stream_events(),
      "refusals of streamed runs"),
-    (_RUN, "run_single_turn", lambda t, s, m: turns.turn(s), "agent spans"),
-    (_LOOP, "run_single_turn_streamed", lambda t, s, m: turns.turn(s), "streamed agent spans"),
-    (_TOOLS, "_invoke_function_tool_with_metadata", lambda t, s, m: tools.invoke_tool(s), "tools"),
-    ("agents.tool", "_invoke_function_tool_with_metadata", lambda t, s, m: tools.invoke_tool(s),
+    (_RUN, "", "run_single_turn", lambda t, s, m: turns.turn(s), "agent spans"),
+    (_LOOP, "", "run_single_turn_streamed", lambda t, s, m: turns.turn(s), "streamed agent spans"),
+    (_TOOLS, "", "_invoke_function_tool_with_metadata", lambda t, s, m: tools.invoke_tool(s), "tools"),
+    ("agents.tool", "", "_invoke_function_tool_with_metadata", lambda t, s, m: tools.invoke_tool(s),
      "tools invoked outside the run loop"),
-    ("agents.tool", _FORMATTER, lambda t, s, m: tools.failure_formatter(), "tool refusals"),
-    (_TOOLS, _FORMATTER, lambda t, s, m: tools.failure_formatter(), "tool refusals"),
-    (_RESPONSES, "OpenAIResponsesModel.get_response",
+    ("agents.tool", "", _FORMATTER, lambda t, s, m: tools.failure_formatter(), "tool refusals"),
+    (_TOOLS, "", _FORMATTER, lambda t, s, m: tools.failure_formatter(), "tool refusals"),
+    (_RESPONSES, "OpenAIResponsesModel", "get_response",
      lambda t, s, m: models.get_response(t, s, "responses"), "model calls"),
-    (_RESPONSES, "OpenAIResponsesModel.stream_response",
+    (_RESPONSES, "OpenAIResponsesModel", "stream_response",
      lambda t, s, m: models.stream_response(t, s, "responses"), "model calls"),
-    (_CHAT, "OpenAIChatCompletionsModel.get_response",
+    (_CHAT, "OpenAIChatCompletionsModel", "get_response",
      lambda t, s, m: models.get_response(t, s, "chat_completions"), "model calls"),
-    (_CHAT, "OpenAIChatCompletionsModel.stream_response",
+    (_CHAT, "OpenAIChatCompletionsModel", "stream_response",
      lambda t, s, m: models.stream_response(t, s, "chat_completions"), "model calls"),
 )  # fmt: skip
+_TARGETS: tuple[Target, ...] = tuple(point[:4] for point in _HOOK_POINTS)
+_LOSES = {point[:3]: point[4] for point in _HOOK_POINTS}
 
 
-def _owner(module: str, path: str) -> tuple[Any, str] | None:
-    """(object holding the attribute, attribute name), or None when this SDK lacks it."""
-    try:
-        owner: Any = importlib.import_module(module)
-    except ImportError:
-        return None
-    *parents, name = path.split(".")
-    for parent in parents:
-        owner = getattr(owner, parent, None)
-        if owner is None:
-            return None
-    return (owner, name) if callable(getattr(owner, name, None)) else None
-
-
-class OpenAIAgentsInstrumentor(BaseInstrumentor):  # type: ignore[misc]
+class OpenAIAgentsInstrumentor(SDKInstrumentor):
     """Runs, agent turns, function tools and model calls of the OpenAI Agents SDK, budgeted.
 
     ``instrument()`` keyword arguments: ``max_usd_per_run`` (each top-level run gets a
@@ -107,37 +91,29 @@ class OpenAIAgentsInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     per-trace ``max_usd``), ``tracer_provider``, ``runtime`` (the budget runtime to enforce;
     default: the process's current one, e.g. ``BudgetInstrumentor``'s)."""
 
+    _SDK = "agents"
+    _TARGETS = _TARGETS
+
     def instrumentation_dependencies(self) -> Collection[str]:
         return _INSTRUMENTS
 
-    def _instrument(self, **kwargs: Any) -> None:
-        from otel_budget import __version__
-
+    def _wiring(self, **kwargs: Any) -> tuple[Any, ...]:
         max_usd = kwargs.get("max_usd_per_run")
         if max_usd is not None:
             parse_usd(max_usd, what="max_usd_per_run")  # invalid: the caller's ValueError
-        tracer = trace.get_tracer(__name__, __version__, kwargs.get("tracer_provider"))
-        source = RuntimeSource(kwargs.get("runtime"))
-        self._wrapped: list[tuple[Any, str]] = []
-        missing: list[str] = []
-        for module, path, factory, loses in _TARGETS:
-            found = _owner(module, path)
-            if found is None:
-                missing.append(f"{module}.{path} ({loses})")
-                continue
-            wrap_function_wrapper(module, path, factory(tracer, source, max_usd))
-            self._wrapped.append(found)
-        if missing:
-            logger.error(
-                "otel-budget: this openai-agents version lacks %s: not instrumented there "
-                "(calls made through instrumented provider SDKs are still budgeted)",
-                ", ".join(missing),
-            )
+        tracer = tracer_of(self, kwargs, schema_url=None)
+        return tracer, RuntimeSource(kwargs.get("runtime")), max_usd
 
-    def _uninstrument(self, **kwargs: Any) -> None:
-        for owner, name in getattr(self, "_wrapped", []):
-            unwrap(owner, name)
-        self._wrapped = []
+    def _absent(self, targets: Sequence[Target]) -> None:
+        missing = [
+            f"{module}.{owner + '.' if owner else ''}{name} ({_LOSES[module, owner, name]})"
+            for module, owner, name, _ in targets
+        ]  # fmt: skip
+        logger.error(
+            "otel-budget: this openai-agents version lacks %s: not instrumented there "
+            "(calls made through instrumented provider SDKs are still budgeted)",
+            ", ".join(missing),
+        )
 
 
 __all__ = ["OpenAIAgentsInstrumentor"]
