@@ -33,6 +33,13 @@ Contract (what the property and concurrency tests check for every implementation
   a named or windowed scope keeps its spend until its TTL says its window is over.
 * ``shared`` is True for a ledger shared by several processes (Redis): a trace scope there
   ends by its TTL, since one service's root ending does not end the trace elsewhere.
+* Call tokens (``put_token`` / ``take_token``): a random token registered for at most
+  ``ttl_seconds`` is taken at most once, atomically, by the first ``take_token`` before it
+  expires (``True``), never again (``False``); an unknown, expired or taken token is
+  ``False``. A backend that cannot hold them raises ``NotImplementedError`` (optional: the
+  caller then charges the call where it would have trusted the token). Used by the MCP
+  instrumentation so that a tool call metered by its client is not charged again by a
+  server on the same ledger.
 * The ``a*`` methods are the same operations for asyncio code: by default the sync method
   runs in a worker thread (``asyncio.to_thread``), so a slow backend never blocks the loop.
 """
@@ -82,6 +89,29 @@ def settle_amount(value: Any) -> int:
     except (TypeError, ValueError, OverflowError, ArithmeticError):
         logger.warning("otel-budget: an amount of %r nano-USD is not a number; counted 0", value)
         return 0
+
+
+# A call token: what ``put_token`` / ``take_token`` accept (a random hex string in practice;
+# the bound keeps a ledger key small whatever a caller hands in).
+MAX_TOKEN_CHARS = 128
+
+
+def token_ttl(token: str, ttl_seconds: float) -> float:
+    """Validated ``(token, ttl_seconds)`` of ``put_token``: the TTL in seconds. ``ValueError``
+    for a token that is not a string of 1 to ``MAX_TOKEN_CHARS`` characters, or a TTL that is
+    not a positive finite number."""
+    check_token(token)
+    if (
+        isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, (int, float))
+        or not math.isfinite(ttl_seconds) or ttl_seconds <= 0
+    ):  # fmt: skip
+        raise ValueError(f"a token's ttl_seconds must be a positive number, not {ttl_seconds!r}")
+    return float(ttl_seconds)
+
+
+def check_token(token: str) -> None:
+    if not isinstance(token, str) or not 0 < len(token) <= MAX_TOKEN_CHARS:
+        raise ValueError(f"a call token is a string of 1 to {MAX_TOKEN_CHARS} characters")
 
 
 def reserve_range(minimum: int, maximum: int) -> tuple[int, int]:
@@ -251,6 +281,16 @@ class LedgerStorage(ABC):
         False if the ledger does not know it. Optional for a backend."""
         raise NotImplementedError(f"{type(self).__name__} cannot delete a scope")
 
+    def put_token(self, token: str, ttl_seconds: float) -> None:
+        """Register a call token for at most ``ttl_seconds`` (again: the TTL starts over).
+        ``ValueError`` for a bad token or TTL (``token_ttl``). Optional for a backend."""
+        raise NotImplementedError(f"{type(self).__name__} cannot hold call tokens")
+
+    def take_token(self, token: str) -> bool:
+        """Take a registered token, atomically: ``True`` for the first taker before it
+        expires, ``False`` for every other (unknown, expired, taken). Optional for a backend."""
+        raise NotImplementedError(f"{type(self).__name__} cannot hold call tokens")
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections; the in-memory storage has none."""
 
@@ -294,3 +334,11 @@ class LedgerStorage(ABC):
     ) -> CommitResult:
         """``charge`` for asyncio code."""
         return await asyncio.to_thread(self.charge, lease_id, scopes, amount)
+
+    async def aput_token(self, token: str, ttl_seconds: float) -> None:
+        """``put_token`` for asyncio code."""
+        await asyncio.to_thread(self.put_token, token, ttl_seconds)
+
+    async def atake_token(self, token: str) -> bool:
+        """``take_token`` for asyncio code."""
+        return await asyncio.to_thread(self.take_token, token)

@@ -90,7 +90,12 @@ Keys (``P`` is the prefix, default ``otb:``): ``P s:<scope>`` hash (``limit``, `
 ``reserved``, ``olimit`` operator override, ``ttl`` ms), ``P z:<scope>`` sorted set of open
 leases (member ``<lease>|<amount>``, score = deadline ms), ``P lease:<lease>`` hash (amount,
 state, scope keys; kept ``settle_grace_seconds`` after it settles, for idempotency and late
-commits), ``P pause`` set of kill switches.
+commits), ``P pause`` set of kill switches, ``P tok:{<token>}`` a call token
+(``put_token``: ``SET ... PX``; ``take_token``: ``DEL``, 1 for the one taker; both in
+``lua/token.lua``, one key, its own slot on a cluster unless the prefix holds a hash tag).
+A token operation goes through the same retries and breaker as a reserve; when Redis does
+not answer it raises ``LedgerUnavailableError`` (the fallback ledger never holds tokens:
+they only mean something in the shared ledger).
 
 Failure handling (Redis down, hung or slow; measured figures in the tests'
 ``measured:`` lines, ``tests/test_storage_redis_outages.py``):
@@ -173,8 +178,10 @@ from otel_budget.storage.base import (
     ReserveStatus,
     ScopeLimit,
     ScopeUsage,
+    check_token,
     reserve_range,
     settle_amount,
+    token_ttl,
 )
 from otel_budget.storage.journal import (
     FSYNC_POLICIES,
@@ -228,7 +235,9 @@ def _load_scripts() -> dict[str, str]:
     helpers = lua.joinpath("helpers.lua").read_text(encoding="utf-8")
     settle_one = lua.joinpath("settle_one.lua").read_text(encoding="utf-8")
     scripts = {}
-    for name in ("reserve", "settle", "settle_many", "charge", "evict", "set_limit", "reset"):
+    for name in (
+        "reserve", "settle", "settle_many", "charge", "evict", "set_limit", "reset", "token",
+    ):  # fmt: skip
         source = lua.joinpath(f"{name}.lua").read_text(encoding="utf-8")
         if name in _WITH_SETTLE_ONE:
             source = settle_one + source
@@ -593,6 +602,11 @@ class RedisStorage(LedgerStorage):
 
     def _rkey(self, name: str) -> str:
         return self.prefix + "lease:" + name
+
+    def token_key(self, token: str) -> str:
+        """A call token's key: the token is its hash tag (one key per command: any slot
+        will do on a cluster; a prefix with a hash tag keeps it in the prefix's slot)."""
+        return self.prefix + "tok:{" + token + "}"
 
     def _scope_keys(self, keys: Sequence[str]) -> list[str]:
         out: list[str] = []
@@ -1495,6 +1509,39 @@ class RedisStorage(LedgerStorage):
         if queued is not None:
             return queued
         return await asyncio.to_thread(self.release, lease_id)
+
+    # -- call tokens -----------------------------------------------------------------------
+    def _token_command(self, token: str, ttl_seconds: float | None) -> tuple[list[str], list[Any]]:
+        if ttl_seconds is None:
+            check_token(token)
+            return [self.token_key(token)], ["take"]
+        ttl_ms = max(1, math.ceil(token_ttl(token, ttl_seconds) * 1000))
+        return [self.token_key(token)], ["put", ttl_ms]
+
+    def put_token(self, token: str, ttl_seconds: float) -> None:
+        keys, args = self._token_command(token, ttl_seconds)
+        self._call(lambda: self._evalsha("token", keys, args))
+
+    def take_token(self, token: str) -> bool:
+        keys, args = self._token_command(token, None)
+        return int(self._call(lambda: self._evalsha("token", keys, args))) == 1
+
+    async def _atoken(self, keys: list[str], args: list[Any]) -> Any:
+        """The token script as a coroutine on the caller's loop (as ``areserve_up_to``);
+        a worker thread when the client is not ours (or a cluster's)."""
+        conns = self._aconns if self._aconns is not None else self._async_connections()
+        if conns is None:
+            return await asyncio.to_thread(
+                self._call, lambda: self._evalsha("token", keys, args)
+            )
+        sha = self._scripts["token"].sha
+        return await self._acall(lambda: conns.evalsha(sha, SCRIPTS["token"], keys, args))
+
+    async def aput_token(self, token: str, ttl_seconds: float) -> None:
+        await self._atoken(*self._token_command(token, ttl_seconds))
+
+    async def atake_token(self, token: str) -> bool:
+        return int(await self._atoken(*self._token_command(token, None))) == 1
 
     def usage(self, key: str) -> ScopeUsage | None:
         self._drain()  # this instance's settlements first
