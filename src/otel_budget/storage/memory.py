@@ -25,7 +25,7 @@ Why this shape:
   are in order). Settled leases leave stale FIFO entries, which are skipped, and the FIFO
   is compacted when it holds more than twice the open leases.
 * Call tokens (``put_token`` / ``take_token``) live in an ``OrderedDict`` in the order they
-  were put, with their deadlines: expired ones leave from the front (a bounded number per
+  were put, with their deadlines and amounts: expired ones leave from the front (a bounded number per
   put), and at most ``max_tokens`` are held (the oldest go first, logged once: a token
   dropped early is only charged where it would have been trusted).
 """
@@ -130,8 +130,8 @@ class MemoryStorage(LedgerStorage):
         # reserve/commit/charge counts nothing twice.
         self._settled: OrderedDict[LeaseId, int] = OrderedDict()
         self._paused: set[str] = set()
-        # Call tokens -> their deadline, in the order they were put.
-        self._tokens: OrderedDict[str, float] = OrderedDict()
+        # Call tokens -> (deadline, amount), in the order they were put.
+        self._tokens: OrderedDict[str, tuple[float, int]] = OrderedDict()
         self._max_tokens = int(max_tokens)
         self._ops = 0
         self.expired_leases = 0  # counters, for tests and metrics
@@ -424,15 +424,15 @@ class MemoryStorage(LedgerStorage):
             if scope is not None and not scope.reserved:
                 self._drop(scope)
 
-    def put_token(self, token: str, ttl_seconds: float) -> None:
-        ttl = token_ttl(token, ttl_seconds)
+    def put_token(self, token: str, ttl_seconds: float, amount: int = 0) -> None:
+        ttl = token_ttl(token, ttl_seconds, amount)
         with self._lock:
             now = self._clock()
             tokens = self._tokens
             tokens.pop(token, None)
-            tokens[token] = now + ttl
+            tokens[token] = (now + ttl, amount)
             for _ in range(_SWEEP_PER_OP):  # expired ones leave from the front
-                if len(tokens) <= 1 or next(iter(tokens.values())) > now:
+                if len(tokens) <= 1 or next(iter(tokens.values()))[0] > now:
                     break
                 tokens.popitem(last=False)
             if len(tokens) > self._max_tokens:
@@ -445,11 +445,11 @@ class MemoryStorage(LedgerStorage):
                         "have been trusted)", self._max_tokens,
                     )  # fmt: skip
 
-    def take_token(self, token: str) -> bool:
+    def take_token(self, token: str) -> int | None:
         check_token(token)
         with self._lock:
-            deadline = self._tokens.pop(token, None)
-            return deadline is not None and deadline > self._clock()
+            held = self._tokens.pop(token, None)
+            return held[1] if held is not None and held[0] > self._clock() else None
 
     # -- asyncio: no I/O, so no thread hop (the lock is held for microseconds) ---------------
     async def areserve_up_to(
@@ -482,10 +482,10 @@ class MemoryStorage(LedgerStorage):
     ) -> CommitResult:
         return self.charge(lease_id, scopes, amount)
 
-    async def aput_token(self, token: str, ttl_seconds: float) -> None:
-        self.put_token(token, ttl_seconds)
+    async def aput_token(self, token: str, ttl_seconds: float, amount: int = 0) -> None:
+        self.put_token(token, ttl_seconds, amount)
 
-    async def atake_token(self, token: str) -> bool:
+    async def atake_token(self, token: str) -> int | None:
         return self.take_token(token)
 
     # -- introspection (tests, benchmarks) ----------------------------------------------------

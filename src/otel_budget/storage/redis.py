@@ -90,9 +90,10 @@ Keys (``P`` is the prefix, default ``otb:``): ``P s:<scope>`` hash (``limit``, `
 ``reserved``, ``olimit`` operator override, ``ttl`` ms), ``P z:<scope>`` sorted set of open
 leases (member ``<lease>|<amount>``, score = deadline ms), ``P lease:<lease>`` hash (amount,
 state, scope keys; kept ``settle_grace_seconds`` after it settles, for idempotency and late
-commits), ``P pause`` set of kill switches, ``P tok:{<token>}`` a call token
-(``put_token``: ``SET ... PX``; ``take_token``: ``DEL``, 1 for the one taker; both in
-``lua/token.lua``, one key, its own slot on a cluster unless the prefix holds a hash tag).
+commits), ``P pause`` set of kill switches, ``P tok:{<token>}`` a call token and its amount
+(``put_token``: ``SET ... PX``; ``take_token``: ``GET`` + ``DEL`` in one script, the amount
+for the one taker; ``lua/token.lua``, one key, its own slot on a cluster unless the prefix
+holds a hash tag).
 A token operation goes through the same retries and breaker as a reserve; when Redis does
 not answer it raises ``LedgerUnavailableError`` (the fallback ledger never holds tokens:
 they only mean something in the shared ledger).
@@ -366,6 +367,16 @@ def lease_name(lease_id: LeaseId) -> str:
 
 def _text(value: Any) -> Any:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _token_amount(reply: Any) -> int | None:
+    """The token script's answer to a take: the amount, or None (nothing to take)."""
+    if reply is None or reply is False:
+        return None
+    try:
+        return int(_text(reply))
+    except ValueError:  # not a value ``put_token`` wrote: trusted for nothing
+        return 0
 
 
 def _ttl_ms(ttl: float | None) -> int:
@@ -1511,20 +1522,22 @@ class RedisStorage(LedgerStorage):
         return await asyncio.to_thread(self.release, lease_id)
 
     # -- call tokens -----------------------------------------------------------------------
-    def _token_command(self, token: str, ttl_seconds: float | None) -> tuple[list[str], list[Any]]:
+    def _token_command(
+        self, token: str, ttl_seconds: float | None, amount: int = 0
+    ) -> tuple[list[str], list[Any]]:
         if ttl_seconds is None:
             check_token(token)
             return [self.token_key(token)], ["take"]
-        ttl_ms = max(1, math.ceil(token_ttl(token, ttl_seconds) * 1000))
-        return [self.token_key(token)], ["put", ttl_ms]
+        ttl_ms = max(1, math.ceil(token_ttl(token, ttl_seconds, amount) * 1000))
+        return [self.token_key(token)], ["put", ttl_ms, str(amount)]
 
-    def put_token(self, token: str, ttl_seconds: float) -> None:
-        keys, args = self._token_command(token, ttl_seconds)
+    def put_token(self, token: str, ttl_seconds: float, amount: int = 0) -> None:
+        keys, args = self._token_command(token, ttl_seconds, amount)
         self._call(lambda: self._evalsha("token", keys, args))
 
-    def take_token(self, token: str) -> bool:
+    def take_token(self, token: str) -> int | None:
         keys, args = self._token_command(token, None)
-        return int(self._call(lambda: self._evalsha("token", keys, args))) == 1
+        return _token_amount(self._call(lambda: self._evalsha("token", keys, args)))
 
     async def _atoken(self, keys: list[str], args: list[Any]) -> Any:
         """The token script as a coroutine on the caller's loop (as ``areserve_up_to``);
@@ -1537,11 +1550,11 @@ class RedisStorage(LedgerStorage):
         sha = self._scripts["token"].sha
         return await self._acall(lambda: conns.evalsha(sha, SCRIPTS["token"], keys, args))
 
-    async def aput_token(self, token: str, ttl_seconds: float) -> None:
-        await self._atoken(*self._token_command(token, ttl_seconds))
+    async def aput_token(self, token: str, ttl_seconds: float, amount: int = 0) -> None:
+        await self._atoken(*self._token_command(token, ttl_seconds, amount))
 
-    async def atake_token(self, token: str) -> bool:
-        return int(await self._atoken(*self._token_command(token, None))) == 1
+    async def atake_token(self, token: str) -> int | None:
+        return _token_amount(await self._atoken(*self._token_command(token, None)))
 
     def usage(self, key: str) -> ScopeUsage | None:
         self._drain()  # this instance's settlements first
