@@ -592,6 +592,22 @@ def test_an_in_process_client_and_server_charge_a_call_once(
     assert not OPEN_CALLS and storage.sizes()["tokens"] == 0  # taken, then released
 
 
+def test_the_caller_cannot_choose_the_call_token(processor: Any) -> None:
+    """A marker the caller puts in ``meta`` (say, a token copied from another call) is
+    replaced by the one the client registered for this call: it is never spent."""
+    storage = processor().storage
+    copied = new_token()
+    storage.put_token(ledger_token(copied, "where_am_i"), 60, nanos(1))
+
+    async def body(client: Any) -> Any:
+        with budget(max_usd=1):
+            return await client.session.call_tool("where_am_i", {}, meta={CALL_META_KEY: copied})
+
+    sent = json.loads(run(body).content[0].text)["call_token"]
+    assert sent != copied and len(sent) == 32
+    assert storage.take_token(ledger_token(copied, "where_am_i")) == nanos(1)  # untouched
+
+
 def test_a_forged_marker_does_not_dodge_the_server_budget(processor: Any) -> None:
     processor()
 
