@@ -608,6 +608,29 @@ def test_the_caller_cannot_choose_the_call_token(processor: Any) -> None:
     assert storage.take_token(ledger_token(copied, "where_am_i")) == nanos(1)  # untouched
 
 
+def test_a_token_runs_only_the_tool_it_was_registered_for(processor: Any, exporter: Any) -> None:
+    """A token registered (by a client on this ledger) for where_am_i does not run search
+    unmetered; on where_am_i it is taken, and the server's span says who metered it."""
+    storage = processor().storage
+    token = new_token()
+    storage.put_token(ledger_token(token, "where_am_i"), 60, nanos(1))
+
+    async def body(client: Any) -> Any:
+        with budget(max_usd="0.005"):
+            other = await raw_call_tool(client.session, "search", {"query": "a"},
+                                        {CALL_META_KEY: token})  # fmt: skip
+            own = await raw_call_tool(client.session, "where_am_i", {}, {CALL_META_KEY: token})
+        return other, own
+
+    other, own = run(body)
+    assert is_error(other) and "exceed the budget" in other.content[0].text
+    assert not is_error(own) and EXECUTIONS == {"where_am_i": 1}
+    (span,) = tool_spans(exporter, "where_am_i")
+    assert span.attributes[METERED_BY] == "client"
+    assert span.attributes[attrs.GEN_AI_TOOL_TYPE] == "function"
+    assert span.attributes[attrs.COST_USD] == 0.0
+
+
 def test_a_forged_marker_does_not_dodge_the_server_budget(processor: Any) -> None:
     processor()
 

@@ -44,7 +44,8 @@ from otel_budget.runtime import BudgetRuntime
 #: reach its server.
 TOKEN_TTL_SECONDS = 300.0
 
-#: Tokens this process's client wrappers are sending -> taken by a server in this process.
+#: The calls this process's client wrappers are sending (by ``ledger_token``: bound to the
+#: tool too) -> taken by a server in this process.
 OPEN_CALLS: dict[str, bool] = {}
 
 #: What ``taken`` answers for a token this process's own client sends (same runtime, same
@@ -73,9 +74,10 @@ async def register(runtime: BudgetRuntime, token: str, name: Any, amount: int) -
     """Open the client's call: the token in this process and in the ledger, with ``amount``
     (nano-USD reserved for the call). A ledger that cannot hold it is logged (the server
     then meters the call itself)."""
-    OPEN_CALLS[token] = False
+    key = ledger_token(token, name)
+    OPEN_CALLS[key] = False
     try:
-        await runtime.storage.aput_token(ledger_token(token, name), TOKEN_TTL_SECONDS, amount)
+        await runtime.storage.aput_token(key, TOKEN_TTL_SECONDS, amount)
     except Exception as exc:
         runtime.engine.log_once("mcp call token (register)", exc)
 
@@ -83,8 +85,8 @@ async def register(runtime: BudgetRuntime, token: str, name: Any, amount: int) -
 async def release(runtime: BudgetRuntime, token: str, name: Any) -> None:
     """Close the client's call: the token is no longer good anywhere. Cancelled while the
     ledger is asked, the release runs in a worker thread (the TTL bounds it anyway)."""
-    OPEN_CALLS.pop(token, None)
     storage, key = runtime.storage, ledger_token(token, name)
+    OPEN_CALLS.pop(key, None)
     try:
         await storage.atake_token(key)
     except Exception as exc:
@@ -114,14 +116,15 @@ async def taken(
     token = meta.get(CALL_META_KEY)
     if not isinstance(token, str) or not _is_token(token):
         return None
-    local = OPEN_CALLS.get(token)
+    key = ledger_token(token, name)
+    local = OPEN_CALLS.get(key)
     if local is not None:  # this process's own client: taken here, once
         if local:
             return None
-        OPEN_CALLS[token] = True
+        OPEN_CALLS[key] = True
         return IN_PROCESS
     try:
-        found = await runtime.storage.atake_token(ledger_token(token, name))
+        found = await runtime.storage.atake_token(key)
     except Exception as exc:  # an outage (or a ledger without tokens): metered here
         runtime.engine.log_once("mcp call token (take)", exc)
         return None
