@@ -592,6 +592,44 @@ def test_an_in_process_client_and_server_charge_a_call_once(
     assert not OPEN_CALLS and storage.sizes()["tokens"] == 0  # taken, then released
 
 
+def test_a_call_cancelled_by_a_cancel_scope_still_releases_its_token(
+    processor: Any, ledger: Any
+) -> None:
+    """A call cancelled by anyio's ``move_on_after`` (as mcp's own timeouts are) held its
+    token while in flight and releases it at once, not at its TTL (awaited, or from a
+    worker thread when the scope cancels that await too: the level-triggered case, which
+    this test does not force)."""
+    import anyio
+
+    processor(max_usd=1, storage=ledger)
+
+    def held() -> int:
+        return len(ledger.client.keys(ledger.prefix + "tok:*"))
+
+    async def main() -> Any:
+        async with stdio_client(stdio_params()) as (read, write), ClientSession(read, write) as session:
+            await session.initialize()
+            seen = []
+            with budget(max_usd=1):
+                async with anyio.create_task_group() as group:
+
+                    async def call() -> None:
+                        with anyio.move_on_after(0.5):
+                            await session.call_tool("slow", {"seconds": 30})
+
+                    group.start_soon(call)
+                    for _ in range(40):
+                        seen.append(held())
+                        await anyio.sleep(0.025)
+            deadline = time.monotonic() + 5
+            while held() and time.monotonic() < deadline:
+                await anyio.sleep(0.02)
+            return max(seen), held()
+
+    during, after = asyncio.run(main())
+    assert (during, after) == (1, 0)
+
+
 def test_the_caller_cannot_choose_the_call_token(processor: Any) -> None:
     """A marker the caller puts in ``meta`` (say, a token copied from another call) is
     replaced by the one the client registered for this call: it is never spent."""
