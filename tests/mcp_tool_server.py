@@ -4,11 +4,14 @@
     python -m tests.mcp_tool_server                      # the same server over stdio
     python -m tests.mcp_tool_server --instrument 0.05    # ... with MCPInstrumentor and a
                                                          #     $0.05 per-trace budget
+        [--redis-url URL --prefix P]                     # on a shared ledger
+        [--tool-usd where_am_i=0.002]                    # more priced tools
 
 The server counts the tools it actually ran (``EXECUTIONS``, and the ``stats://executions``
 resource for a server in another process), so a test can tell a refused call from a call
 that reached a tool. ``where_am_i`` answers the trace and span ids the tool body runs under,
-and the ``traceparent`` it received in ``params._meta``, to check propagation.
+and the ``traceparent`` (and the client's call token) it received in ``params._meta``, to
+check propagation.
 """
 
 from __future__ import annotations
@@ -89,6 +92,7 @@ def build_server() -> Any:
             "span_id": f"{span_context.span_id:016x}",
             "traceparent": meta.get("traceparent"),
             "baggage": meta.get("baggage"),
+            "call_token": meta.get("io.github.otel-budget/call"),
             "baggage_in_context": dict(baggage.get_all()),
         })  # fmt: skip
 
@@ -117,14 +121,25 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--instrument", metavar="MAX_USD", default=None)
     parser.add_argument("--search-usd", default="0.01", help="the server's price of search")
+    parser.add_argument("--tool-usd", action="append", default=[], metavar="NAME=USD")
+    parser.add_argument("--redis-url", default=None, help="the ledger (default: in memory)")
+    parser.add_argument("--prefix", default="otb:", help="the Redis ledger's key prefix")
     args = parser.parse_args()
     logging.getLogger("mcp").setLevel(logging.CRITICAL)  # tracebacks of the broken tool
     if args.instrument is not None:
         from otel_budget import BudgetInstrumentor, PriceBook
 
+        tools = {"search": args.search_usd}
+        tools.update(item.split("=", 1) for item in args.tool_usd)
+        storage = None
+        if args.redis_url:
+            from otel_budget.storage.redis import RedisStorage
+
+            storage = RedisStorage(args.redis_url, prefix=args.prefix, socket_timeout=1.0,
+                                   socket_connect_timeout=1.0)  # fmt: skip
         BudgetInstrumentor().instrument(
-            max_usd=args.instrument, libraries=["mcp"],
-            prices=PriceBook(tools={"search": args.search_usd}),
+            max_usd=args.instrument, libraries=["mcp"], prices=PriceBook(tools=tools),
+            storage=storage,
         )  # fmt: skip
     build_server().run("stdio")
 

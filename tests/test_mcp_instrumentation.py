@@ -9,11 +9,15 @@ resource across a process boundary): a refused call must never reach it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import secrets
 import subprocess
 import sys
 import textwrap
+import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -45,12 +49,20 @@ from otel_budget import (  # noqa: E402
 from otel_budget import attributes as attrs  # noqa: E402
 from otel_budget.config import libraries_from_env  # noqa: E402
 from otel_budget.instrumentation.mcp import MCPInstrumentor  # noqa: E402
+from otel_budget.instrumentation.mcp.call_token import (  # noqa: E402
+    OPEN_CALLS,
+    ledger_token,
+    new_token,
+)
 from otel_budget.instrumentation.mcp.outcome import CALL_META_KEY  # noqa: E402
+from otel_budget.instrumentation.mcp.server import METERED_BY  # noqa: E402
 from otel_budget.instrumentation.openai import OpenAIBudgetInstrumentor  # noqa: E402
 from otel_budget.propagation import trace_budget  # noqa: E402
+from otel_budget.scopes import trace_key  # noqa: E402
 from otel_budget.testing import Behaviour, FakeLLMServer  # noqa: E402
 from tests.helpers import NANOS, nanos, spans_named  # noqa: E402
 from tests.mcp_tool_server import EXECUTIONS, build_server  # noqa: E402
+from tests.redis_server import REDIS_SERVER, SKIP_REASON, RedisServer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SEARCH_USD = "0.01"
@@ -99,6 +111,46 @@ def processor(make_processor: Any, instrumented: Any) -> Callable[..., Any]:
     return make
 
 
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    if REDIS_SERVER is None:
+        pytest.skip(SKIP_REASON)
+    srv = RedisServer().start()
+    yield srv.url
+    srv.cleanup()
+
+
+# Generous timeouts: these tests check who charges a call, not outages, on a loaded machine.
+SLOW = {"socket_timeout": 1.0, "socket_connect_timeout": 1.0}
+
+
+@pytest.fixture
+def ledger(redis_url: str) -> Iterator[Any]:
+    """A Redis ledger of its own (a fresh key prefix) on the module's redis-server."""
+    from otel_budget.storage.redis import RedisStorage
+
+    storage = RedisStorage(redis_url, prefix=f"otbtest:{uuid.uuid4().hex[:12]}:", **SLOW)
+    yield storage
+    storage.close()
+
+
+def trace_spent(storage: Any, trace_id: int) -> int:
+    """What the shared ledger holds (spent and reserved) on one trace's scope."""
+    usage = storage.usage(trace_key(trace_id))
+    return 0 if usage is None else usage.spent + usage.reserved
+
+
+def settled_spent(storage: Any, trace_id: int, expected: int, timeout: float = 5.0) -> int:
+    """The trace's spend once it is ``expected`` (another process queues its settles for a
+    few ms), or what it is after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = trace_spent(storage, trace_id)
+        if value == expected or time.monotonic() > deadline:
+            return value
+        time.sleep(0.02)
+
+
 def run(body: Callable[[Any], Awaitable[Any]]) -> Any:
     """``body(client)`` against the in-process test server."""
 
@@ -111,6 +163,12 @@ def run(body: Callable[[Any], Awaitable[Any]]) -> Any:
 
 def tool_spans(exporter: Any, name: str = "search") -> list[Any]:
     return spans_named(exporter, f"execute_tool {name}")
+
+
+def raw_call_tool(session: Any, name: str, arguments: Any, meta: dict[str, Any]) -> Any:
+    """``ClientSession.call_tool`` as an uninstrumented client sends it (a remote client
+    without otel-budget, or one that forges ``params._meta``)."""
+    return SessionClass.call_tool.__wrapped__(session, name, arguments, meta=meta)
 
 
 def spent(processor: Any, run_budget: Any) -> int:
@@ -521,7 +579,7 @@ def test_server_tool_calls_are_spans_of_their_own_when_called_directly(
 def test_an_in_process_client_and_server_charge_a_call_once(
     processor: Any, exporter: Any
 ) -> None:
-    processor()
+    storage = processor().storage
 
     async def body(client: Any) -> Any:
         with budget(max_usd=1) as block:
@@ -530,7 +588,85 @@ def test_an_in_process_client_and_server_charge_a_call_once(
 
     report = run(body).report()
     assert report.tool_calls == 1 and report.tools_usd == pytest.approx(0.01)
-    assert len(tool_spans(exporter)) == 1
+    assert len(tool_spans(exporter)) == 1  # the client's: an in-process server adds none
+    assert not OPEN_CALLS and storage.sizes()["tokens"] == 0  # taken, then released
+
+
+def test_a_call_cancelled_by_a_cancel_scope_still_releases_its_token(
+    processor: Any, ledger: Any
+) -> None:
+    """A call cancelled by anyio's ``move_on_after`` (as mcp's own timeouts are) held its
+    token while in flight and releases it at once, not at its TTL (awaited, or from a
+    worker thread when the scope cancels that await too: the level-triggered case, which
+    this test does not force)."""
+    import anyio
+
+    processor(max_usd=1, storage=ledger)
+
+    def held() -> int:
+        return len(ledger.client.keys(ledger.prefix + "tok:*"))
+
+    async def main() -> Any:
+        async with stdio_client(stdio_params()) as (read, write), ClientSession(read, write) as session:
+            await session.initialize()
+            seen = []
+            with budget(max_usd=1):
+                async with anyio.create_task_group() as group:
+
+                    async def call() -> None:
+                        with anyio.move_on_after(0.5):
+                            await session.call_tool("slow", {"seconds": 30})
+
+                    group.start_soon(call)
+                    for _ in range(40):
+                        seen.append(held())
+                        await anyio.sleep(0.025)
+            deadline = time.monotonic() + 5
+            while held() and time.monotonic() < deadline:
+                await anyio.sleep(0.02)
+            return max(seen), held()
+
+    during, after = asyncio.run(main())
+    assert (during, after) == (1, 0)
+
+
+def test_the_caller_cannot_choose_the_call_token(processor: Any) -> None:
+    """A marker the caller puts in ``meta`` (say, a token copied from another call) is
+    replaced by the one the client registered for this call: it is never spent."""
+    storage = processor().storage
+    copied = new_token()
+    storage.put_token(ledger_token(copied, "where_am_i"), 60, nanos(1))
+
+    async def body(client: Any) -> Any:
+        with budget(max_usd=1):
+            return await client.session.call_tool("where_am_i", {}, meta={CALL_META_KEY: copied})
+
+    sent = json.loads(run(body).content[0].text)["call_token"]
+    assert sent != copied and len(sent) == 32
+    assert storage.take_token(ledger_token(copied, "where_am_i")) == nanos(1)  # untouched
+
+
+def test_a_token_runs_only_the_tool_it_was_registered_for(processor: Any, exporter: Any) -> None:
+    """A token registered (by a client on this ledger) for where_am_i does not run search
+    unmetered; on where_am_i it is taken, and the server's span says who metered it."""
+    storage = processor().storage
+    token = new_token()
+    storage.put_token(ledger_token(token, "where_am_i"), 60, nanos(1))
+
+    async def body(client: Any) -> Any:
+        with budget(max_usd="0.005"):
+            other = await raw_call_tool(client.session, "search", {"query": "a"},
+                                        {CALL_META_KEY: token})  # fmt: skip
+            own = await raw_call_tool(client.session, "where_am_i", {}, {CALL_META_KEY: token})
+        return other, own
+
+    other, own = run(body)
+    assert is_error(other) and "exceed the budget" in other.content[0].text
+    assert not is_error(own) and EXECUTIONS == {"where_am_i": 1}
+    (span,) = tool_spans(exporter, "where_am_i")
+    assert span.attributes[METERED_BY] == "client"
+    assert span.attributes[attrs.GEN_AI_TOOL_TYPE] == "function"
+    assert span.attributes[attrs.COST_USD] == 0.0
 
 
 def test_a_forged_marker_does_not_dodge_the_server_budget(processor: Any) -> None:
@@ -546,6 +682,175 @@ def test_a_forged_marker_does_not_dodge_the_server_budget(processor: Any) -> Non
     result = run(body)
     assert is_error(result) and "exceed the budget" in result.content[0].text
     assert EXECUTIONS["search"] == 0
+
+
+# -- charged once across processes: the client's call token on a shared ledger ---------------
+def stdio_on_ledger(storage: Any, max_usd: str, *more: str) -> StdioServerParameters:
+    """The test server in a subprocess, instrumented, on ``storage``'s Redis ledger."""
+    url = f"redis://127.0.0.1:{storage.client.connection_pool.connection_kwargs['port']}/0"
+    return stdio_params(
+        "--instrument", max_usd, "--redis-url", url, "--prefix", storage.prefix, *more
+    )
+
+
+def test_client_and_server_in_two_processes_on_one_ledger_charge_a_call_once(
+    processor: Any, exporter: Any, ledger: Any
+) -> None:
+    """An instrumented client (this process) and an instrumented server (a subprocess over
+    stdio) on one Redis ledger, both pricing search at $0.01 with a $0.025 trace budget:
+    each call is charged once on the trace's scope (it was charged twice, and the second
+    call of a budget sized for two was refused)."""
+    processor(max_usd="0.025", storage=ledger)
+    tracer = trace.get_tracer("tests")
+
+    async def main() -> Any:
+        params = stdio_on_ledger(ledger, "0.025")
+        async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
+            await session.initialize()
+            with tracer.start_as_current_span("agent run") as root:
+                trace_id = root.get_span_context().trace_id
+                await session.call_tool("search", {"query": "a"})
+                after_one = settled_spent(ledger, trace_id, nanos(0.01), timeout=1.0)
+                second = await session.call_tool("search", {"query": "b"})
+            return trace_id, after_one, second, await executions(session)
+
+    trace_id, after_one, second, counted = asyncio.run(main())
+    assert after_one == nanos(0.01)  # the price, once
+    assert not is_error(second)
+    assert counted == {"search": 2}
+    assert settled_spent(ledger, trace_id, nanos(0.02), timeout=1.0) == nanos(0.02)
+    assert [s.attributes[attrs.COST_USD] for s in tool_spans(exporter)] == [0.01, 0.01]
+
+
+def test_a_replayed_or_made_up_token_is_charged_by_the_server(
+    processor: Any, ledger: Any
+) -> None:
+    """The server takes a client's token once: the same token replayed by a client without
+    otel-budget (it read it off the wire), or a made-up one, is charged by the server; so
+    is a call its client priced below the server's price (here: not at all)."""
+    processor(max_usd=1, storage=ledger, prices=PriceBook(tools={**PRICES, "where_am_i": "0.002"}))
+    tracer = trace.get_tracer("tests")
+
+    async def main() -> Any:
+        params = stdio_on_ledger(
+            ledger, "1", "--tool-usd", "where_am_i=0.002", "--tool-usd", "slow=0.003"
+        )
+        async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
+            await session.initialize()
+            with tracer.start_as_current_span("agent run") as root:
+                trace_id = root.get_span_context().trace_id
+                where = await session.call_tool("where_am_i", {})
+                token = json.loads(where.content[0].text)["call_token"]
+                spent = [settled_spent(ledger, trace_id, nanos(0.002), timeout=1.0)]
+                await raw_call_tool(session, "where_am_i", {}, {CALL_META_KEY: token})
+                spent.append(settled_spent(ledger, trace_id, nanos(0.004)))
+                made_up = {CALL_META_KEY: secrets.token_hex(16)}
+                await raw_call_tool(session, "where_am_i", {}, made_up)
+                spent.append(settled_spent(ledger, trace_id, nanos(0.006)))
+                # Unpriced here, $0.003 on the server: the server's price is charged.
+                await session.call_tool("slow", {"seconds": 0})
+                spent.append(settled_spent(ledger, trace_id, nanos(0.009)))
+            return token, spent, await executions(session)
+
+    token, spent, counted = asyncio.run(main())
+    assert isinstance(token, str) and len(token) == 32
+    assert spent == [nanos(0.002), nanos(0.004), nanos(0.006), nanos(0.009)]
+    assert counted == {"where_am_i": 3, "slow": 1}
+    assert ledger.take_token(ledger_token(token, "where_am_i")) is None  # nothing left
+
+
+@pytest.mark.parametrize("policy", ["fail_open", "fail_closed"])
+def test_a_server_whose_ledger_is_down_at_the_take_meters_the_call(
+    make_processor: Any, instrumented: Any, exporter: Any, private_server: Any, policy: str
+) -> None:
+    """A remote instrumented client registered its tokens in the shared ledger with what it
+    reserved (the test puts them there); the server's ledger answers for the first call (taken: run unmetered,
+    traced as metered by the client) and is frozen for the second: the server cannot take
+    the token and meters the call itself, under its failure policy (fail_open: it runs and
+    its charge reaches the ledger when Redis is back; fail_closed: refused, never run)."""
+    from otel_budget.storage.redis import RedisStorage
+
+    storage = RedisStorage(private_server.url, prefix="otbtest:", socket_timeout=0.2,
+                           socket_connect_timeout=0.2)  # fmt: skip
+    make_processor(1, storage=storage, failure_policy=policy, prices=PriceBook(tools=PRICES))
+    tracer = trace.get_tracer("tests")
+    tokens = [new_token(), new_token()]
+    for token in tokens:
+        storage.put_token(ledger_token(token, "search"), 60, nanos(0.01))
+
+    async def body(client: Any) -> Any:
+        with tracer.start_as_current_span("remote client's run") as root:
+            first = await raw_call_tool(client.session, "search", {"query": "a"},
+                                        {CALL_META_KEY: tokens[0]})  # fmt: skip
+            private_server.freeze()
+            try:
+                second = await raw_call_tool(client.session, "search", {"query": "b"},
+                                             {CALL_META_KEY: tokens[1]})  # fmt: skip
+            finally:
+                private_server.thaw()
+        return root.get_span_context().trace_id, first, second
+
+    try:
+        trace_id, first, second = run(body)
+        storage.flush(timeout=10)
+        spans = tool_spans(exporter)
+        assert not is_error(first)
+        assert spans[0].attributes[METERED_BY] == "client"
+        assert spans[0].attributes[attrs.COST_USD] == 0.0
+        assert METERED_BY not in spans[1].attributes
+        if policy == "fail_open":
+            assert not is_error(second) and EXECUTIONS["search"] == 2
+            assert spans[1].attributes[attrs.COST_USD] == pytest.approx(0.01)
+            assert trace_spent(storage, trace_id) == nanos(0.01)  # the second call, once
+        else:
+            assert is_error(second) and "fail_closed" in second.content[0].text
+            assert EXECUTIONS["search"] == 1
+            assert trace_spent(storage, trace_id) == 0
+    finally:
+        storage.close()
+
+
+def test_the_client_holds_its_token_from_reservation_to_settlement(
+    processor: Any
+) -> None:
+    """Against a server without otel-budget (which takes nothing), the client's token is in
+    its ledger while the call is in flight and gone once it settles: returned, a JSON-RPC
+    error, cancelled."""
+    storage = processor().storage
+
+    def held() -> int:
+        return int(storage.sizes()["tokens"])
+
+    async def in_flight(task: Any) -> None:
+        deadline = time.monotonic() + 10
+        while held() == 0:
+            assert time.monotonic() < deadline and not task.done(), "never registered"
+            await asyncio.sleep(0.005)
+
+    async def main() -> Any:
+        async with stdio_client(stdio_params()) as (read, write), ClientSession(read, write) as session:
+            await session.initialize()
+            with budget(max_usd=1):
+                where = await session.call_tool("where_am_i", {})
+                after = [held()]
+                slow = asyncio.ensure_future(session.call_tool("slow", {"seconds": 0.3}))
+                await in_flight(slow)
+                await slow
+                after.append(held())
+                with pytest.raises(MCPError):
+                    await session.call_tool("refuse", {"reason": "no"})
+                after.append(held())
+                cancelled = asyncio.ensure_future(session.call_tool("slow", {"seconds": 30}))
+                await in_flight(cancelled)
+                cancelled.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await cancelled
+                after.append(held())
+            return json.loads(where.content[0].text)["call_token"], after
+
+    token, after = asyncio.run(main())
+    assert after == [0, 0, 0, 0] and not OPEN_CALLS
+    assert storage.take_token(ledger_token(token, "where_am_i")) is None
 
 
 # -- instrumenting -----------------------------------------------------------------------------

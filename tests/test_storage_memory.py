@@ -205,6 +205,21 @@ def test_a_key_anyone_must_keep_is_never_evictable() -> None:
     assert store.usage("budget:b").spent == 10
 
 
+def test_call_tokens_are_bounded_and_expire(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    store = MemoryStorage(max_tokens=3, clock=clock)
+    for i in range(5):
+        store.put_token(f"t{i}", 60)
+    assert store.sizes()["tokens"] == 3  # the cap: the oldest went first, logged once
+    assert "max_tokens=3" in caplog.text
+    assert [store.take_token(f"t{i}") for i in range(5)] == [None, None, 0, 0, 0]
+    store.put_token("old", 1)
+    clock.now += 2
+    store.put_token("new", 60, 9)  # expired ones leave from the front as tokens are put
+    assert store.sizes()["tokens"] == 1
+    assert store.take_token("old") is None and store.take_token("new") == 9
+
+
 def test_async_methods_are_direct_calls(monkeypatch: pytest.MonkeyPatch) -> None:
     def no_thread(*args: object, **kwargs: object) -> None:
         raise AssertionError("MemoryStorage must not hop to a thread")

@@ -405,6 +405,73 @@ def test_async_interface(backend: Backend) -> None:
     assert store.usage("t:a") == ("t:a", 10 * USD, 4 * USD, 0)
 
 
+# -- call tokens (an MCP tool call metered by its client is not charged again by its server) --
+def test_a_call_token_is_taken_once(backend: Backend) -> None:
+    store = backend.store
+    store.put_token("a" * 32, 60, 10 * USD)
+    assert store.take_token("a" * 32) == 10 * USD  # the amount it was registered with
+    assert store.take_token("a" * 32) is None  # consumed: a replay finds nothing
+    assert store.take_token("b" * 32) is None  # never put: a made-up token
+    store.put_token("c" * 32, 60)
+    store.put_token("c" * 32, 60, 7)  # put again (a retry): replaced, still one taker
+    assert [store.take_token("c" * 32) for _ in range(3)] == [7, None, None]
+    store.put_token("z" * 32, 60, 2**53 - 1)  # MAX_AMOUNT, exact
+    assert store.take_token("z" * 32) == 2**53 - 1
+
+
+def test_a_call_token_expires(backend: Backend) -> None:
+    store = backend.store
+    store.put_token("short", 0.3, 1)
+    store.put_token("long", 60, 2)
+    backend.advance(1.0)  # the memory ledger's clock; Redis expires keys in its own time
+    time.sleep(0.4)
+    assert store.take_token("short") is None
+    assert store.take_token("long") == 2
+
+
+def test_concurrent_takers_of_one_token_one_wins(backend: Backend) -> None:
+    store = backend.store
+    for round_ in range(5):
+        token = f"race-{round_}"
+        store.put_token(token, 60, 5)
+        start = threading.Barrier(8)
+        wins: list[int | None] = []
+
+        def take(
+            token: str = token, start: threading.Barrier = start, wins: list[int | None] = wins
+        ) -> None:
+            start.wait()
+            wins.append(store.take_token(token))
+
+        threads = [threading.Thread(target=take) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert wins.count(5) == 1 and wins.count(None) == 7
+
+
+def test_call_tokens_async_and_bad_arguments(backend: Backend) -> None:
+    store = backend.store
+
+    async def main() -> list[int | None]:
+        await store.aput_token("d" * 32, 60, 3)
+        return [await store.atake_token("d" * 32), await store.atake_token("d" * 32)]
+
+    assert asyncio.run(main()) == [3, None]
+    for token in ("", "x" * 129, None, 7):
+        with pytest.raises(ValueError):
+            store.put_token(token, 60)  # type: ignore[arg-type]
+        with pytest.raises(ValueError):
+            store.take_token(token)  # type: ignore[arg-type]
+    for ttl in (0, -1, float("nan"), float("inf"), True, "60"):
+        with pytest.raises(ValueError):
+            store.put_token("e" * 32, ttl)  # type: ignore[arg-type]
+    for amount in (-1, 2**53, 1.5, "5", True, None):
+        with pytest.raises(ValueError):
+            store.put_token("e" * 32, 60, amount)  # type: ignore[arg-type]
+
+
 def test_huge_projection_is_refused_not_an_error(backend: Backend) -> None:
     store = backend.store
     result = store.reserve(1, [ScopeLimit("t:h", 1_000_000 * USD, True)], 10**21)
@@ -637,6 +704,51 @@ def test_money_is_exact_integers_and_keys_have_ttls(server: RedisServer) -> None
         store.reserve(5000, [short], 1)
         assert client.pttl(store.scope_key("t:short")) > 5_000
     finally:
+        store.close()
+
+
+def test_a_call_token_is_one_key_under_the_prefix_with_its_ttl(server: RedisServer) -> None:
+    prefix = unique_prefix()
+    store = RedisStorage(server.url, prefix=prefix)
+    try:
+        store.put_token("f" * 32, 2.5, 12)
+        key = prefix + "tok:{" + "f" * 32 + "}"
+        assert 0 < store.client.pttl(key) <= 2500
+        assert store.take_token("f" * 32) == 12
+        assert not store.client.exists(key)
+    finally:
+        store.close()
+
+
+def test_call_tokens_raise_when_redis_is_down(private_server: RedisServer) -> None:
+    """An outage is an error the caller sees (it then charges the call), never a False that
+    would read as "taken" or a True that would read as "metered elsewhere"."""
+    store = RedisStorage(private_server.url, prefix=unique_prefix(), **FAST)
+    try:
+        store.put_token("g" * 32, 60)
+        private_server.freeze()
+        with pytest.raises(LedgerUnavailableError):
+            store.take_token("g" * 32)
+        with pytest.raises(LedgerUnavailableError):
+            store.put_token("h" * 32, 60)
+
+        async def main() -> None:
+            with pytest.raises(LedgerUnavailableError):
+                await store.atake_token("g" * 32)
+
+        asyncio.run(main())
+        private_server.thaw()
+        deadline = time.monotonic() + 5
+        while True:  # the breaker lets a probe through soon after Redis answers
+            try:
+                store.put_token("i" * 32, 60)
+                break
+            except LedgerUnavailableError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        assert store.take_token("i" * 32) == 0
+    finally:
+        private_server.thaw()
         store.close()
 
 

@@ -190,6 +190,7 @@ def _begin_steps(
     description: str | None,
     attributes: Mapping[str, Any] | None,
     check_loop: bool = True,
+    free: bool = False,
 ) -> Steps[ToolCall]:
     name = price.name
     span_attributes: dict[str, Any] = {
@@ -204,7 +205,7 @@ def _begin_steps(
     if attributes:
         span_attributes.update(attributes)
     loop = None
-    if runtime is not None and check_loop:
+    if runtime is not None and check_loop and not free:
         detector = runtime.engine.loops
         if detector is not None:
             digest = detector.key(LOOP_KIND_TOOL, name, arguments)
@@ -216,7 +217,7 @@ def _begin_steps(
         runtime, tracer, f"execute_tool {name}", span_attributes,
         minimum=price.projected(runtime), name=name, provider="tool",
         operation=attrs.OP_EXECUTE_TOOL, span_kind=SpanKind.INTERNAL, charge_kind=KIND_TOOL,
-        loop=loop,
+        loop=loop, free=free,
     )  # fmt: skip
     return ToolCall(call, price)
 
@@ -237,18 +238,21 @@ def begin_tool(
     attributes: Mapping[str, Any] | None = None,
     price: ToolPrice | None = None,
     check_loop: bool = True,
+    free: bool = False,
     runtime: BudgetRuntime | None = None,
     tracer: trace.Tracer | None = None,
 ) -> ToolCall:
     """Start a tool call: loop check and reservation first, then the ``execute_tool`` span
     (not made current). Raises ``BudgetExceededError`` before the tool runs.
-    ``check_loop=False``: the arguments are not known (no loop detection for this call)."""
+    ``check_loop=False``: the arguments are not known (no loop detection for this call).
+    ``free=True``: a call charged elsewhere (an MCP tool call its client metered): traced,
+    no loop check, no reservation and no ledger operation; it settles at $0."""
     if price is None:
         price = ToolPrice(_tool_name(name), cost_usd, max_cost_usd)
     runtime = _runtime(runtime)
     steps = _begin_steps(
         runtime, tracer or _tracer(), price, arguments, call_id, tool_type, description,
-        attributes, check_loop,
+        attributes, check_loop, free,
     )  # fmt: skip
     return run(steps, runtime.storage)
 
@@ -265,6 +269,7 @@ async def abegin_tool(
     attributes: Mapping[str, Any] | None = None,
     price: ToolPrice | None = None,
     check_loop: bool = True,
+    free: bool = False,
     runtime: BudgetRuntime | None = None,
     tracer: trace.Tracer | None = None,
 ) -> ToolCall:
@@ -274,7 +279,7 @@ async def abegin_tool(
     runtime = _runtime(runtime)
     steps = _begin_steps(
         runtime, tracer or _tracer(), price, arguments, call_id, tool_type, description,
-        attributes, check_loop,
+        attributes, check_loop, free,
     )  # fmt: skip
     return await arun(steps, runtime.storage)
 

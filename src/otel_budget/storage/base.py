@@ -33,6 +33,13 @@ Contract (what the property and concurrency tests check for every implementation
   a named or windowed scope keeps its spend until its TTL says its window is over.
 * ``shared`` is True for a ledger shared by several processes (Redis): a trace scope there
   ends by its TTL, since one service's root ending does not end the trace elsewhere.
+* Call tokens (``put_token`` / ``take_token``): a random token registered with an
+  ``amount`` (nano-USD, what the call was metered at) for at most ``ttl_seconds`` is taken
+  at most once, atomically: the first ``take_token`` before it expires gets the amount,
+  every other gets ``None`` (as for an unknown or expired token). A backend that cannot hold them raises ``NotImplementedError`` (optional: the
+  caller then charges the call where it would have trusted the token). Used by the MCP
+  instrumentation so that a tool call metered by its client is not charged again by a
+  server on the same ledger.
 * The ``a*`` methods are the same operations for asyncio code: by default the sync method
   runs in a worker thread (``asyncio.to_thread``), so a slow backend never blocks the loop.
 """
@@ -82,6 +89,31 @@ def settle_amount(value: Any) -> int:
     except (TypeError, ValueError, OverflowError, ArithmeticError):
         logger.warning("otel-budget: an amount of %r nano-USD is not a number; counted 0", value)
         return 0
+
+
+# A call token: what ``put_token`` / ``take_token`` accept (a random hex string in practice;
+# the bound keeps a ledger key small whatever a caller hands in).
+MAX_TOKEN_CHARS = 128
+
+
+def token_ttl(token: str, ttl_seconds: float, amount: int = 0) -> float:
+    """Validated arguments of ``put_token``: the TTL in seconds. ``ValueError`` for a token
+    that is not a string of 1 to ``MAX_TOKEN_CHARS`` characters, a TTL that is not a positive
+    finite number, or an amount that is not an int in ``[0, MAX_AMOUNT]``."""
+    check_token(token)
+    if type(amount) is not int or not 0 <= amount <= MAX_AMOUNT:
+        raise ValueError(f"a token's amount is an int of nano-USD in [0, 2**53), not {amount!r}")
+    if (
+        isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, (int, float))
+        or not math.isfinite(ttl_seconds) or ttl_seconds <= 0
+    ):  # fmt: skip
+        raise ValueError(f"a token's ttl_seconds must be a positive number, not {ttl_seconds!r}")
+    return float(ttl_seconds)
+
+
+def check_token(token: str) -> None:
+    if not isinstance(token, str) or not 0 < len(token) <= MAX_TOKEN_CHARS:
+        raise ValueError(f"a call token is a string of 1 to {MAX_TOKEN_CHARS} characters")
 
 
 def reserve_range(minimum: int, maximum: int) -> tuple[int, int]:
@@ -251,6 +283,17 @@ class LedgerStorage(ABC):
         False if the ledger does not know it. Optional for a backend."""
         raise NotImplementedError(f"{type(self).__name__} cannot delete a scope")
 
+    def put_token(self, token: str, ttl_seconds: float, amount: int = 0) -> None:
+        """Register a call token with ``amount`` (nano-USD) for at most ``ttl_seconds`` (put
+        again: replaced, the TTL starts over). ``ValueError`` for a bad argument
+        (``token_ttl``). Optional for a backend."""
+        raise NotImplementedError(f"{type(self).__name__} cannot hold call tokens")
+
+    def take_token(self, token: str) -> int | None:
+        """Take a registered token, atomically: its amount for the first taker before it
+        expires, ``None`` for every other (unknown, expired, taken). Optional for a backend."""
+        raise NotImplementedError(f"{type(self).__name__} cannot hold call tokens")
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections; the in-memory storage has none."""
 
@@ -294,3 +337,11 @@ class LedgerStorage(ABC):
     ) -> CommitResult:
         """``charge`` for asyncio code."""
         return await asyncio.to_thread(self.charge, lease_id, scopes, amount)
+
+    async def aput_token(self, token: str, ttl_seconds: float, amount: int = 0) -> None:
+        """``put_token`` for asyncio code."""
+        await asyncio.to_thread(self.put_token, token, ttl_seconds, amount)
+
+    async def atake_token(self, token: str) -> int | None:
+        """``take_token`` for asyncio code."""
+        return await asyncio.to_thread(self.take_token, token)

@@ -24,6 +24,10 @@ Why this shape:
 * Leases expire: their deadlines go into a FIFO (the lease time is constant, so deadlines
   are in order). Settled leases leave stale FIFO entries, which are skipped, and the FIFO
   is compacted when it holds more than twice the open leases.
+* Call tokens (``put_token`` / ``take_token``) live in an ``OrderedDict`` in the order they
+  were put, with their deadlines and amounts: expired ones leave from the front (a bounded number per
+  put), and at most ``max_tokens`` are held (the oldest go first, logged once: a token
+  dropped early is only charged where it would have been trusted).
 """
 
 from __future__ import annotations
@@ -45,8 +49,10 @@ from otel_budget.storage.base import (
     ReserveStatus,
     ScopeLimit,
     ScopeUsage,
+    check_token,
     reserve_range,
     settle_amount,
+    token_ttl,
 )
 
 logger = logging.getLogger("otel_budget.storage.memory")
@@ -101,10 +107,13 @@ class MemoryStorage(LedgerStorage):
         lease_seconds: float = 3600.0,
         max_scopes: int = 200_000,
         max_settled: int = 100_000,
+        max_tokens: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if lease_seconds <= 0 or max_scopes <= 0 or max_settled <= 0:
-            raise ValueError("lease_seconds, max_scopes and max_settled must be positive")
+        if lease_seconds <= 0 or max_scopes <= 0 or max_settled <= 0 or max_tokens <= 0:
+            raise ValueError(
+                "lease_seconds, max_scopes, max_settled and max_tokens must be positive"
+            )
         self._lock = threading.Lock()
         self._clock = clock
         self._lease_seconds = float(lease_seconds)
@@ -121,10 +130,14 @@ class MemoryStorage(LedgerStorage):
         # reserve/commit/charge counts nothing twice.
         self._settled: OrderedDict[LeaseId, int] = OrderedDict()
         self._paused: set[str] = set()
+        # Call tokens -> (deadline, amount), in the order they were put.
+        self._tokens: OrderedDict[str, tuple[float, int]] = OrderedDict()
+        self._max_tokens = int(max_tokens)
         self._ops = 0
         self.expired_leases = 0  # counters, for tests and metrics
         self.evicted_scopes = 0
         self._warned_full = False
+        self._warned_tokens = False
 
     # -- internals (called with the lock held) ------------------------------------------------
     def _scope(self, spec: ScopeLimit, now: float) -> _Scope:
@@ -427,6 +440,33 @@ class MemoryStorage(LedgerStorage):
             if scope is not None and not scope.reserved:
                 self._drop(scope)
 
+    def put_token(self, token: str, ttl_seconds: float, amount: int = 0) -> None:
+        ttl = token_ttl(token, ttl_seconds, amount)
+        with self._lock:
+            now = self._clock()
+            tokens = self._tokens
+            tokens.pop(token, None)
+            tokens[token] = (now + ttl, amount)
+            for _ in range(_SWEEP_PER_OP):  # expired ones leave from the front
+                if len(tokens) <= 1 or next(iter(tokens.values()))[0] > now:
+                    break
+                tokens.popitem(last=False)
+            if len(tokens) > self._max_tokens:
+                tokens.popitem(last=False)
+                if not self._warned_tokens:
+                    self._warned_tokens = True
+                    logger.warning(
+                        "otel-budget: the in-memory ledger holds max_tokens=%d call tokens; "
+                        "the oldest are dropped (their calls are charged where they would "
+                        "have been trusted)", self._max_tokens,
+                    )  # fmt: skip
+
+    def take_token(self, token: str) -> int | None:
+        check_token(token)
+        with self._lock:
+            held = self._tokens.pop(token, None)
+            return held[1] if held is not None and held[0] > self._clock() else None
+
     # -- asyncio: no I/O, so no thread hop (the lock is held for microseconds) ---------------
     async def areserve_up_to(
         self,
@@ -458,6 +498,12 @@ class MemoryStorage(LedgerStorage):
     ) -> CommitResult:
         return self.charge(lease_id, scopes, amount)
 
+    async def aput_token(self, token: str, ttl_seconds: float, amount: int = 0) -> None:
+        self.put_token(token, ttl_seconds, amount)
+
+    async def atake_token(self, token: str) -> int | None:
+        return self.take_token(token)
+
     # -- introspection (tests, benchmarks) ----------------------------------------------------
     def sizes(self) -> dict[str, int]:
         with self._lock:
@@ -467,4 +513,5 @@ class MemoryStorage(LedgerStorage):
                 "deadlines": len(self._deadlines),
                 "expired": len(self._expired),
                 "settled": len(self._settled),
+                "tokens": len(self._tokens),
             }

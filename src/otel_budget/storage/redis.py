@@ -90,7 +90,13 @@ Keys (``P`` is the prefix, default ``otb:``): ``P s:<scope>`` hash (``limit``, `
 ``reserved``, ``olimit`` operator override, ``ttl`` ms), ``P z:<scope>`` sorted set of open
 leases (member ``<lease>|<amount>``, score = deadline ms), ``P lease:<lease>`` hash (amount,
 state, scope keys; kept ``settle_grace_seconds`` after it settles, for idempotency and late
-commits), ``P pause`` set of kill switches.
+commits), ``P pause`` set of kill switches, ``P tok:{<token>}`` a call token and its amount
+(``put_token``: ``SET ... PX``; ``take_token``: ``GET`` + ``DEL`` in one script, the amount
+for the one taker; ``lua/token.lua``, one key, its own slot on a cluster unless the prefix
+holds a hash tag).
+A token operation goes through the same retries and breaker as a reserve; when Redis does
+not answer it raises ``LedgerUnavailableError`` (the fallback ledger never holds tokens:
+they only mean something in the shared ledger).
 
 Failure handling (Redis down, hung or slow; measured figures in the tests'
 ``measured:`` lines, ``tests/test_storage_redis_outages.py``):
@@ -173,8 +179,10 @@ from otel_budget.storage.base import (
     ReserveStatus,
     ScopeLimit,
     ScopeUsage,
+    check_token,
     reserve_range,
     settle_amount,
+    token_ttl,
 )
 from otel_budget.storage.journal import (
     FSYNC_POLICIES,
@@ -228,7 +236,9 @@ def _load_scripts() -> dict[str, str]:
     helpers = lua.joinpath("helpers.lua").read_text(encoding="utf-8")
     settle_one = lua.joinpath("settle_one.lua").read_text(encoding="utf-8")
     scripts = {}
-    for name in ("reserve", "settle", "settle_many", "charge", "evict", "set_limit", "reset"):
+    for name in (
+        "reserve", "settle", "settle_many", "charge", "evict", "set_limit", "reset", "token",
+    ):  # fmt: skip
         source = lua.joinpath(f"{name}.lua").read_text(encoding="utf-8")
         if name in _WITH_SETTLE_ONE:
             source = settle_one + source
@@ -357,6 +367,16 @@ def lease_name(lease_id: LeaseId) -> str:
 
 def _text(value: Any) -> Any:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _token_amount(reply: Any) -> int | None:
+    """The token script's answer to a take: the amount, or None (nothing to take)."""
+    if reply is None or reply is False:
+        return None
+    try:
+        return int(_text(reply))
+    except ValueError:  # not a value ``put_token`` wrote: trusted for nothing
+        return 0
 
 
 def _ttl_ms(ttl: float | None) -> int:
@@ -593,6 +613,11 @@ class RedisStorage(LedgerStorage):
 
     def _rkey(self, name: str) -> str:
         return self.prefix + "lease:" + name
+
+    def token_key(self, token: str) -> str:
+        """A call token's key: the token is its hash tag (one key per command: any slot
+        will do on a cluster; a prefix with a hash tag keeps it in the prefix's slot)."""
+        return self.prefix + "tok:{" + token + "}"
 
     def _scope_keys(self, keys: Sequence[str]) -> list[str]:
         out: list[str] = []
@@ -1495,6 +1520,41 @@ class RedisStorage(LedgerStorage):
         if queued is not None:
             return queued
         return await asyncio.to_thread(self.release, lease_id)
+
+    # -- call tokens -----------------------------------------------------------------------
+    def _token_command(
+        self, token: str, ttl_seconds: float | None, amount: int = 0
+    ) -> tuple[list[str], list[Any]]:
+        if ttl_seconds is None:
+            check_token(token)
+            return [self.token_key(token)], ["take"]
+        ttl_ms = max(1, math.ceil(token_ttl(token, ttl_seconds, amount) * 1000))
+        return [self.token_key(token)], ["put", ttl_ms, str(amount)]
+
+    def put_token(self, token: str, ttl_seconds: float, amount: int = 0) -> None:
+        keys, args = self._token_command(token, ttl_seconds, amount)
+        self._call(lambda: self._evalsha("token", keys, args))
+
+    def take_token(self, token: str) -> int | None:
+        keys, args = self._token_command(token, None)
+        return _token_amount(self._call(lambda: self._evalsha("token", keys, args)))
+
+    async def _atoken(self, keys: list[str], args: list[Any]) -> Any:
+        """The token script as a coroutine on the caller's loop (as ``areserve_up_to``);
+        a worker thread when the client is not ours (or a cluster's)."""
+        conns = self._aconns if self._aconns is not None else self._async_connections()
+        if conns is None:
+            return await asyncio.to_thread(
+                self._call, lambda: self._evalsha("token", keys, args)
+            )
+        sha = self._scripts["token"].sha
+        return await self._acall(lambda: conns.evalsha(sha, SCRIPTS["token"], keys, args))
+
+    async def aput_token(self, token: str, ttl_seconds: float, amount: int = 0) -> None:
+        await self._atoken(*self._token_command(token, ttl_seconds, amount))
+
+    async def atake_token(self, token: str) -> int | None:
+        return _token_amount(await self._atoken(*self._token_command(token, None)))
 
     def usage(self, key: str) -> ScopeUsage | None:
         self._drain()  # this instance's settlements first

@@ -34,6 +34,9 @@ the groups' settles together, costs more client CPU than the calls it saves: mea
 hash tag (``prefix="{otb}:"``) puts every key in one slot, and then this class runs
 ``RedisStorage``'s one-script calls (one round trip, no scale-out).
 
+**Call tokens** (``put_token`` / ``take_token``) are one key each, ``P tok:{<token>}``:
+one command, in the token's own slot (``RedisStorage.token_key``).
+
 **Kill switches** live in their own slot (``P{pause}``). The reserve scripts get no pause
 keys; the client checks a copy of the pause set that it refreshes when it is older than
 ``pause_refresh_seconds`` (0.1 s): a pause applies to every reserve that starts more than

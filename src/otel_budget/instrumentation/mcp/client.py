@@ -16,16 +16,22 @@ into ``params._meta`` itself; mcp 1 does not, so with ``inject_meta`` the wrappe
 current context (our span's) to the call's ``meta`` (keys the caller set win; the caller's
 dict is never modified). The server continues the trace, and an otel-budget ``budget()`` in
 baggage reaches it.
+
+Charged once: with ``inject_meta``, each metered call also carries a random token under
+``params._meta["io.github.otel-budget/call"]`` (ours replaces one the caller set),
+registered in the ledger the call is metered on from its reservation until it settles
+(``call_token``): an instrumented server on the same ledger, or in this process, takes it
+and does not charge the call again.
 """
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable
 from typing import Any
 
 from opentelemetry import propagate, trace
 
+from otel_budget.instrumentation.mcp.call_token import new_token
 from otel_budget.instrumentation.mcp.outcome import (
     CALL_META_KEY,
     MCP_METHOD_NAME,
@@ -49,20 +55,13 @@ class Switch:
         self.on = True
 
 
-#: The calls this process's client wrappers are sending, by the random token each puts in
-#: ``params._meta[CALL_META_KEY]``: a server wrapper in this process that sees one of them
-#: knows the call is metered already (``server``). A remote client cannot name one.
-OPEN_CALLS: set[str] = set()
-
-
 def with_trace_context(kwargs: dict[str, Any], token: str | None = None) -> dict[str, Any]:
-    """``kwargs`` with the current trace context (and baggage) added to ``meta``, and
-    ``token`` under ``CALL_META_KEY``."""
+    """``kwargs`` with the current trace context (and baggage) added to ``meta`` (keys the
+    caller set win), and ``token`` under ``CALL_META_KEY`` (ours wins: it is the one
+    registered for this call)."""
     carrier: dict[str, Any] = {}
     propagate.inject(carrier)
-    if token is not None:
-        carrier[CALL_META_KEY] = token
-    if not carrier:
+    if not carrier and token is None:
         return kwargs
     meta = kwargs.get("meta")
     if meta is not None and not isinstance(meta, dict):
@@ -70,6 +69,8 @@ def with_trace_context(kwargs: dict[str, Any], token: str | None = None) -> dict
     merged = dict(meta) if meta else {}
     for key, value in carrier.items():
         merged.setdefault(key, value)
+    if token is not None:
+        merged[CALL_META_KEY] = token
     return {**kwargs, "meta": merged}
 
 
@@ -103,28 +104,26 @@ def call_tool(
         else:
             return await wrapped(*args, **kwargs)  # no tool named: the SDK's TypeError
 
+        token = new_token() if inject_meta else None
+
         async def send() -> Any:
-            if not inject_meta:
+            if token is None:
                 return await wrapped(*args, **kwargs)
-            sent, token = kwargs, secrets.token_hex(16)
+            sent = kwargs
             try:  # inside the span: the context injected is the call's
                 sent = with_trace_context(kwargs, token)
             except Exception as exc:  # a broken propagator: sent without context
                 runtime = source.get()
                 if runtime is not None:
                     runtime.engine.log_once("mcp trace context", exc)
-            OPEN_CALLS.add(token)
-            try:
-                return await wrapped(*args, **sent)
-            finally:
-                OPEN_CALLS.discard(token)
+            return await wrapped(*args, **sent)
 
         return await metered(
             tracer, source, name, arguments, send,
-            tool_type=CLIENT_TOOL_TYPE, attributes=session_attributes(instance),
+            tool_type=CLIENT_TOOL_TYPE, attributes=session_attributes(instance), token=token,
         )  # fmt: skip
 
     return wrapper
 
 
-__all__ = ["CLIENT_TOOL_TYPE", "OPEN_CALLS", "Switch", "call_tool", "session_attributes", "with_trace_context"]
+__all__ = ["CLIENT_TOOL_TYPE", "Switch", "call_tool", "session_attributes", "with_trace_context"]

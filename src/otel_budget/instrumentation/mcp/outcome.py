@@ -33,8 +33,9 @@ MCP_SESSION_ID = "mcp.session.id"
 RPC_RESPONSE_STATUS_CODE = "rpc.response.status_code"
 METHOD_TOOLS_CALL = "tools/call"
 TOOL_ERROR = "tool_error"
-#: ``params._meta`` key naming the client's metered call (its span lease, hex), so that a
-#: server in the same process does not charge the call again (see ``server``).
+#: ``params._meta`` key carrying the client's call token (128 random bits, hex), so that an
+#: instrumented server in the same process, or on the same ledger, does not charge the call
+#: again (``call_token``, ``server``).
 CALL_META_KEY = "io.github.otel-budget/call"
 
 # Error codes the *client* raises without an answer from the server (the request may have

@@ -15,13 +15,20 @@ The span continues the client's trace: under mcp 2 the SDK's own ``tools/call`` 
 client carries in baggage therefore narrows the server's trace budget (never widens it), and
 ``user.id``-style scopes apply per trace, user or tenant as configured on the server.
 
-Charged once: a call whose client runs in this same process (an in-process
-``Client(server)``) is already metered by the client's wrapper, which puts a random token in
-``params._meta`` (``io.github.otel-budget/call``); the server then runs the tool unmetered.
-The token is only believed while this process's own client is sending it, so a remote
-client cannot use it to dodge the server's budget. With
-one shared ledger (Redis) for an instrumented client and an instrumented server of the same
-trace, each side charges the call: instrument one side, or price the tool on one only.
+Charged once: a call whose client is instrumented is metered by the client, which puts a
+random 128-bit token in ``params._meta`` (``io.github.otel-budget/call``) and registers it,
+for the duration of the call, in the ledger it meters the call on (``call_token``). The
+server takes the token (atomically, once): from this process's open calls when its own
+client sends it (an in-process ``Client(server)``: no ledger round trip, no second span),
+else from its own ledger, which finds it when client and server share one (Redis), with
+what the client reserved. Taken, and reserved at no less than this server's own price for
+the tool, the tool runs unmetered but traced: an ``execute_tool`` span with
+``otel_budget.tool.metered_by="client"``, charged $0 here, no reservation, no loop check
+(the client did both). Not found (no token, a made-up or replayed one, expired, another
+ledger), reserved below the server's price (a client that prices the tool lower or not at
+all; logged once per tool), or the ledger did not answer (logged), the server meters the
+call as any other: a remote client without write access to the ledger cannot dodge the
+server's budget, and an outage charges the call twice rather than not at all.
 
 Unknown tools are not metered (the SDK answers "Unknown tool" without running anything).
 """
@@ -34,19 +41,24 @@ from typing import Any
 from opentelemetry import baggage, propagate, trace
 from opentelemetry import context as otel_context
 
-from otel_budget.instrumentation.mcp.client import OPEN_CALLS
+from otel_budget.instrumentation.mcp.call_token import IN_PROCESS, taken
 from otel_budget.instrumentation.mcp.outcome import (
     CALL_META_KEY,
     MCP_METHOD_NAME,
     MCP_PROTOCOL_VERSION,
     METHOD_TOOLS_CALL,
 )
-from otel_budget.instrumentation.mcp.tool_call import metered
+from otel_budget.instrumentation.mcp.tool_call import metered, runtime_of
 from otel_budget.runtime import RuntimeSource
+from otel_budget.tools import ToolPrice
 
 #: ``gen_ai.tool.type`` of a tool the server runs: the function the agent asked for.
 SERVER_TOOL_TYPE = "function"
 JSONRPC_REQUEST_ID = "jsonrpc.request.id"
+#: On a server's tool span whose client metered the call (its call token was taken).
+METERED_BY = "otel_budget.tool.metered_by"
+#: What ``_metered_by_client`` answers for a token taken from the ledger and trusted.
+FROM_LEDGER = "ledger"
 
 
 def _request_context(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -71,10 +83,33 @@ def _meta(request_context: Any) -> dict[str, Any]:
     return dict(meta) if isinstance(meta, Mapping) else {}
 
 
-def _metered_by_client(meta: Mapping[str, Any]) -> bool:
-    """A client wrapper in this process is sending this call, metered (see the module doc)."""
-    marker = meta.get(CALL_META_KEY)
-    return isinstance(marker, str) and marker in OPEN_CALLS
+async def _metered_by_client(source: RuntimeSource, meta: Mapping[str, Any], name: Any) -> str | None:
+    """Whether the call's client metered it: its call token, taken now (see the module doc),
+    from this process's client (``IN_PROCESS``), or from the ledger with a reservation of at
+    least the server's own price (``FROM_LEDGER``). ``None`` (the server meters it) for
+    anything else, our own failures included (logged)."""
+    if CALL_META_KEY not in meta:
+        return None
+    try:
+        runtime = runtime_of(source)
+        found = await taken(runtime, meta, name)
+        if not isinstance(found, int):
+            return found  # IN_PROCESS, or None
+        own = ToolPrice(str(name)).projected(runtime)
+        if found >= own:
+            return FROM_LEDGER
+        runtime.engine.log_once.warning(
+            f"mcp client price {name}",
+            f"otel-budget: an MCP client metered tool {name!r} at {found} nano-USD, below "
+            f"this server's price ({own}): the server charges it too (price the tool alike "
+            "on both sides, or on the client only)",
+        )  # fmt: skip
+        return None
+    except Exception as exc:  # our bug: the call is metered here
+        runtime_ = source.get()
+        if runtime_ is not None:
+            runtime_.engine.log_once("mcp server call token", exc)
+        return None
 
 
 def _continued(meta: Mapping[str, Any]) -> otel_context.Context:
@@ -127,7 +162,7 @@ def call_tool(tracer: trace.Tracer, source: RuntimeSource, switch: Any) -> Calla
         try:
             request_context = _request_context(instance, args, kwargs)
             meta = _meta(request_context)
-            skip = _is_unknown(instance, name) or _metered_by_client(meta)
+            skip = _is_unknown(instance, name)
             attributes = _attributes(request_context)
         except Exception as exc:  # our bug: meter it without what we could not read
             runtime = source.get()
@@ -145,9 +180,14 @@ def call_tool(tracer: trace.Tracer, source: RuntimeSource, switch: Any) -> Calla
                 if runtime is not None:
                     runtime.engine.log_once("mcp server trace context", exc)
         try:
+            by = await _metered_by_client(source, meta, name)
+            if by == IN_PROCESS:  # this process's own client metered and traced it
+                return await wrapped(*args, **kwargs)
+            if by == FROM_LEDGER:
+                attributes[METERED_BY] = "client"
             return await metered(
                 tracer, source, name, arguments, lambda: wrapped(*args, **kwargs),
-                tool_type=SERVER_TOOL_TYPE, attributes=attributes,
+                tool_type=SERVER_TOOL_TYPE, attributes=attributes, free=by == FROM_LEDGER,
             )  # fmt: skip
         finally:
             if token is not None:
@@ -156,4 +196,4 @@ def call_tool(tracer: trace.Tracer, source: RuntimeSource, switch: Any) -> Calla
     return wrapper
 
 
-__all__ = ["SERVER_TOOL_TYPE", "call_tool"]
+__all__ = ["METERED_BY", "SERVER_TOOL_TYPE", "call_tool"]

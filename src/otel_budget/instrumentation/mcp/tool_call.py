@@ -7,7 +7,9 @@
 
 Client and server wrappers differ in what they read from the SDK; everything about the
 budget (reserve before the tool runs, loop detection, how each ending is charged, the
-span's error) is here, once. A failure of otel-budget's own (never the tool's, never a
+span's error, the client's call token: ``call_token``) is here, once. A call whose client
+metered it (``free=True``) is traced on the same path, without a reservation or a ledger
+operation, and settles at $0. A failure of otel-budget's own (never the tool's, never a
 refusal) is logged rate-limited and follows the failure policy: under ``fail_open`` the
 tool runs unmetered, under ``fail_closed`` it is refused with
 ``BudgetExceededError(reason="internal_error")``.
@@ -25,6 +27,7 @@ from opentelemetry.trace import Status, StatusCode
 from otel_budget import attributes as attrs
 from otel_budget.errors import BudgetExceededError
 from otel_budget.instrumentation._call import substitute_or_raise
+from otel_budget.instrumentation.mcp.call_token import register, release
 from otel_budget.instrumentation.mcp.outcome import (
     NONE,
     RESERVED,
@@ -38,7 +41,7 @@ from otel_budget.runtime import BudgetRuntime, RuntimeSource
 from otel_budget.tools import ToolCall, abegin_tool
 
 
-def _runtime(source: RuntimeSource) -> BudgetRuntime:
+def runtime_of(source: RuntimeSource) -> BudgetRuntime:
     runtime = source.get()
     return runtime if runtime is not None else ensure_processor().runtime
 
@@ -49,16 +52,17 @@ def _usd(nanos: int) -> Decimal:
 
 async def start(
     tracer: trace.Tracer, source: RuntimeSource, name: Any, arguments: Any, *,
-    tool_type: str, attributes: Mapping[str, Any],
+    tool_type: str, attributes: Mapping[str, Any], free: bool = False,
 ) -> ToolCall | None:  # fmt: skip
     """The tool call, reserved and loop-checked before anything is sent; ``None`` when
     otel-budget failed and ``fail_open`` lets the tool run unmetered. Raises
-    ``BudgetExceededError`` (refused: the span is ended as refused)."""
-    runtime = _runtime(source)
+    ``BudgetExceededError`` (refused: the span is ended as refused). ``free``: metered by
+    its client, only traced here."""
+    runtime = runtime_of(source)
     try:
         return await abegin_tool(
             name, arguments=arguments, tool_type=tool_type, attributes=attributes,
-            runtime=runtime, tracer=tracer,
+            runtime=runtime, tracer=tracer, free=free, cost_usd=0 if free else None,
         )  # fmt: skip
     except BudgetExceededError:
         raise
@@ -121,18 +125,33 @@ async def settle_error(call: ToolCall, exc: BaseException) -> None:
 async def metered(
     tracer: trace.Tracer, source: RuntimeSource, name: Any, arguments: Any,
     send: Callable[[], Awaitable[Any]], *, tool_type: str, attributes: Mapping[str, Any],
+    token: str | None = None, free: bool = False,
 ) -> Any:  # fmt: skip
     """A whole metered tool call: ``start``, then ``run`` (or ``send`` unmetered under
     ``fail_open`` when otel-budget itself failed). A refusal that ``on_exceeded`` answered
-    with ``Substitute(value)`` returns ``value`` without calling the tool."""
+    with ``Substitute(value)`` returns ``value`` without calling the tool. ``token``: the
+    client's call token (``send`` puts it in the request), registered once the call is
+    reserved and before ``send`` writes it, released when the call has settled; an
+    unmetered call's token is never registered (a server meters that call itself)."""
     try:
         call = await start(tracer, source, name, arguments, tool_type=tool_type,
-                           attributes=attributes)  # fmt: skip
+                           attributes=attributes, free=free)  # fmt: skip
     except BudgetExceededError as error:
         return substitute_or_raise(error)
     if call is None:
         return await send()
-    return await run(call, send)
+    runtime = call.call.runtime
+    if token is None or runtime is None:
+        return await run(call, send)
+
+    async def registered_send() -> Any:
+        await register(runtime, token, name, call.projected_nanos)
+        return await send()
+
+    try:
+        return await run(call, registered_send)
+    finally:
+        await release(runtime, token, name)
 
 
-__all__ = ["metered", "run", "settle_error", "settle_result", "start"]
+__all__ = ["metered", "run", "runtime_of", "settle_error", "settle_result", "start"]
