@@ -38,9 +38,6 @@ from otel_budget.runtime import RuntimeSource
 _INSTRUMENTS = ("mcp >= 1.30",)
 
 
-# The frame's switch turns these wrappers off (wrapt calls the original without them once
-# uninstrumented): the switch ``client`` and ``server`` still take is redundant, and stays on
-# (it can go with the next change to those two modules).
 def _client_call_tool(
     tracer: trace.Tracer, source: RuntimeSource, original: Any
 ) -> Callable[..., Any]:
@@ -48,11 +45,11 @@ def _client_call_tool(
         inject = "meta" in inspect.signature(original).parameters
     except (TypeError, ValueError):
         inject = False
-    return client.call_tool(tracer, source, client.Switch(), inject_meta=inject)
+    return client.call_tool(tracer, source, inject_meta=inject)
 
 
 def _server_call_tool(tracer: trace.Tracer, source: RuntimeSource) -> Callable[..., Any]:
-    return server.call_tool(tracer, source, client.Switch())
+    return server.call_tool(tracer, source)
 
 
 class MCPInstrumentor(SDKInstrumentor):

@@ -1,7 +1,7 @@
 """The MCP client wrapper: ``ClientSession.call_tool`` as a budgeted ``execute_tool`` span.
 
     wrap_function_wrapper("mcp.client.session", "ClientSession.call_tool",
-                          call_tool(tracer, source, switch, inject_meta=True))
+                          call_tool(tracer, source, inject_meta=True))
 
 Each call is loop-checked and reserved before the request is written (a refused call never
 reaches the server), runs with its ``execute_tool {name}`` span current, and is settled as
@@ -46,15 +46,6 @@ from otel_budget.runtime import RuntimeSource
 CLIENT_TOOL_TYPE = "extension"
 
 
-class Switch:
-    """Off after ``uninstrument()``: a wrapper still referenced somewhere passes through."""
-
-    __slots__ = ("on",)
-
-    def __init__(self) -> None:
-        self.on = True
-
-
 def with_trace_context(kwargs: dict[str, Any], token: str | None = None) -> dict[str, Any]:
     """``kwargs`` with the current trace context (and baggage) added to ``meta`` (keys the
     caller set win), and ``token`` under ``CALL_META_KEY`` (ours wins: it is the one
@@ -87,15 +78,13 @@ def session_attributes(session: Any) -> dict[str, Any]:
 
 
 def call_tool(
-    tracer: trace.Tracer, source: RuntimeSource, switch: Switch, *, inject_meta: bool
+    tracer: trace.Tracer, source: RuntimeSource, *, inject_meta: bool
 ) -> Callable[..., Any]:
     """The wrapt wrapper of ``ClientSession.call_tool(name, arguments=None, ...)``."""
 
     async def wrapper(
         wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
-        if not switch.on:
-            return await wrapped(*args, **kwargs)
         if args:
             name = args[0]
             arguments = args[1] if len(args) > 1 else kwargs.get("arguments")
@@ -126,4 +115,4 @@ def call_tool(
     return wrapper
 
 
-__all__ = ["CLIENT_TOOL_TYPE", "Switch", "call_tool", "session_attributes", "with_trace_context"]
+__all__ = ["CLIENT_TOOL_TYPE", "call_tool", "session_attributes", "with_trace_context"]

@@ -1,7 +1,7 @@
 """The MCP server wrapper: each tool an ``MCPServer`` (``FastMCP`` in mcp 1) runs is budgeted.
 
     wrap_function_wrapper("mcp.server.mcpserver.server", "MCPServer.call_tool",
-                          call_tool(tracer, source, switch))
+                          call_tool(tracer, source))
 
 A server can enforce its own budgets on the tools it serves: each call is an
 ``execute_tool {name}`` span (``gen_ai.tool.type=function``: the server runs the function),
@@ -148,15 +148,13 @@ def _is_unknown(instance: Any, name: Any) -> bool:
         return False
 
 
-def call_tool(tracer: trace.Tracer, source: RuntimeSource, switch: Any) -> Callable[..., Any]:
+def call_tool(tracer: trace.Tracer, source: RuntimeSource) -> Callable[..., Any]:
     """The wrapt wrapper of ``MCPServer.call_tool(name, arguments, context=None)`` (mcp 2)
     and ``FastMCP.call_tool(name, arguments)`` (mcp 1)."""
 
     async def wrapper(
         wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
-        if not switch.on:
-            return await wrapped(*args, **kwargs)
         name = args[0] if args else kwargs.get("name")
         arguments = args[1] if len(args) > 1 else kwargs.get("arguments")
         try:
