@@ -230,53 +230,28 @@ class BudgetEngine(ScopeResolution, ThresholdAlerts):
         )  # fmt: skip
 
     def reserve_steps(
-        self,
-        lease_id: Any,
-        trace_id: int,
-        parentless: bool,
-        attributes: Mapping[str, Any] | None,
-        minimum: int,
-        maximum: int | None = None,
-        *,
-        kind: str = KIND_LLM,
-        name: str = "unknown",
-        provider: str = "unknown",
-        operation: str = "chat",
-        loop: tuple[str, bytes] | None = None,
-    ) -> Steps[Charge]:
+        self, lease_id: Any, trace_id: int, parentless: bool,
+        attributes: Mapping[str, Any] | None, minimum: int, maximum: int | None = None,
+        **kw: Any,
+    ) -> Steps[Charge]:  # fmt: skip
         """Reserve between ``minimum`` and ``maximum`` nano-USD for one call (``reserve_plan``,
-        then ``reserved``), as a step of a larger decision."""
-        if maximum is None:
-            maximum = minimum
+        whose keywords ``kw`` takes, then ``reserved``), as a step of a larger decision."""
+        maximum = minimum if maximum is None else maximum
         charge, op = self.reserve_plan(
-            lease_id, trace_id, parentless, attributes, minimum, maximum,
-            kind, name, provider, operation, loop,
-        )  # fmt: skip
-        result = yield op
-        return self.reserved(charge, result, minimum, maximum)
+            lease_id, trace_id, parentless, attributes, minimum, maximum, **kw
+        )
+        return self.reserved(charge, (yield op), minimum, maximum)
 
     def reserve(
-        self,
-        lease_id: Any,
-        trace_id: int,
-        parentless: bool,
-        attributes: Mapping[str, Any] | None,
-        minimum: int,
-        maximum: int | None = None,
-        *,
-        kind: str = KIND_LLM,
-        name: str = "unknown",
-        provider: str = "unknown",
-        operation: str = "chat",
-        loop: tuple[str, bytes] | None = None,
-    ) -> Charge:
+        self, lease_id: Any, trace_id: int, parentless: bool,
+        attributes: Mapping[str, Any] | None, minimum: int, maximum: int | None = None,
+        **kw: Any,
+    ) -> Charge:  # fmt: skip
         """``reserve_steps`` with the blocking ledger call."""
-        if maximum is None:
-            maximum = minimum
+        maximum = minimum if maximum is None else maximum
         charge, op = self.reserve_plan(
-            lease_id, trace_id, parentless, attributes, minimum, maximum,
-            kind, name, provider, operation, loop,
-        )  # fmt: skip
+            lease_id, trace_id, parentless, attributes, minimum, maximum, **kw
+        )
         return self.reserved(charge, call_op(self.storage, op), minimum, maximum)
 
     def unmetered(
@@ -392,7 +367,13 @@ class BudgetEngine(ScopeResolution, ThresholdAlerts):
 
     def settled(self, charge: Charge, actual: int, result: Any) -> int:
         """Account a settled charge once the ledger answered (``result``: None without an
-        answer); returns the overshoot over its reservation."""
+        operation, or the exception the operation raised: raised again for a commit, logged
+        for a charge without reservation); returns the overshoot over its reservation."""
+        if isinstance(result, Exception):
+            if charge.reserved:
+                raise result
+            self.log_once("charge without reservation", result)
+            result = None
         usages: tuple[ScopeUsage, ...] = ()
         if charge.reserved:
             if result.status is CommitStatus.DUPLICATE:
@@ -418,41 +399,28 @@ class BudgetEngine(ScopeResolution, ThresholdAlerts):
     def settle_steps(
         self, charge: Charge, actual: int, input_tokens: int = 0, output_tokens: int = 0
     ) -> Steps[int]:
-        """Commit the actual cost of a call (reserved or not); returns the overshoot. A charge
-        without reservation that the ledger cannot take is logged, never raised."""
+        """Commit the actual cost of a call (reserved or not); returns the overshoot."""
         planned = self.settle_plan(charge, actual, input_tokens, output_tokens)
-        if planned is None:
-            return 0
-        actual, op = planned
-        result = None
-        if op is not None:
-            if charge.reserved:
-                result = yield op
-            else:
-                try:
-                    result = yield op
-                except Exception as exc:
-                    self.log_once("charge without reservation", exc)
-        return self.settled(charge, actual, result)
+        if planned is None or planned[1] is None:
+            return 0 if planned is None else self.settled(charge, planned[0], None)
+        try:
+            result = yield planned[1]
+        except Exception as exc:
+            result = exc
+        return self.settled(charge, planned[0], result)
 
     def settle(
         self, charge: Charge, actual: int, input_tokens: int = 0, output_tokens: int = 0
     ) -> int:
         """``settle_steps`` with the blocking ledger call."""
         planned = self.settle_plan(charge, actual, input_tokens, output_tokens)
-        if planned is None:
-            return 0
-        actual, op = planned
-        result = None
-        if op is not None:
-            if charge.reserved:
-                result = call_op(self.storage, op)
-            else:
-                try:
-                    result = call_op(self.storage, op)
-                except Exception as exc:
-                    self.log_once("charge without reservation", exc)
-        return self.settled(charge, actual, result)
+        if planned is None or planned[1] is None:
+            return 0 if planned is None else self.settled(charge, planned[0], None)
+        try:
+            result = call_op(self.storage, planned[1])
+        except Exception as exc:
+            result = exc
+        return self.settled(charge, planned[0], result)
 
     def release_plan(self, charge: Charge) -> Op | None:
         """The call failed before it was billed: the operation that gives the reservation

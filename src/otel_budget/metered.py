@@ -144,29 +144,46 @@ class MeteredCall:
         return True
 
     def _settle_end(
-        self, actual_nanos: int, overshoot: int, failure: Exception | None,
+        self, actual_nanos: int | None, outcome: int | Exception,
         attributes: Mapping[str, Any] | None, end: bool, error: BaseException | None,
     ) -> None:  # fmt: skip
         """Record the settled cost on the span (with ``error``, if the call failed after it
-        was billed) and end it. ``failure``: our own error while settling."""
+        was billed) and end it. ``outcome``: the overshoot, or our own error while settling.
+        A release (``actual_nanos`` None) records a cost of 0 and the call's error."""
         span = self.span
         try:
-            if failure is not None:
-                raise failure
+            if isinstance(outcome, Exception):
+                raise outcome
             if span.is_recording():
+                if actual_nanos is None:
+                    span.set_attribute(attrs.COST_USD, 0.0)
+                    if error is not None:
+                        _record_error(span, error)
+                    return
                 extra: dict[str, Any] = dict(attributes) if attributes else {}
                 extra[attrs.COST_USD] = to_usd(actual_nanos)
-                if overshoot:
-                    extra[attrs.COST_OVERSHOOT_USD] = to_usd(overshoot)
+                if outcome:
+                    extra[attrs.COST_OVERSHOOT_USD] = to_usd(outcome)
                 span.set_attributes(extra)
                 if error is not None:
                     _record_error(span, error)
         except Exception as exc:
             if self.runtime is not None:
-                self.runtime.engine.internal_error("MeteredCall.settle", exc)
+                where = "release" if actual_nanos is None else "settle"
+                self.runtime.engine.internal_error(f"MeteredCall.{where}", exc)
         finally:
             if end:
                 span.end()
+
+    def _abandon(self, end: bool) -> None:
+        """Cancelled while the ledger answered: the span ends, nothing is recorded on it."""
+        if end:
+            self.span.end()
+
+    def _ledger(self) -> tuple[Charge, Any] | None:
+        """(the charge, the engine) when the ledger has something to settle."""
+        charge, runtime = self.charge, self.runtime
+        return None if charge is None or runtime is None else (charge, runtime.engine)
 
     def settle_steps(
         self,
@@ -179,24 +196,23 @@ class MeteredCall:
         error: BaseException | None = None,
     ) -> Steps[None]:
         """Commit the actual cost, record it on the span (with ``error``, if the call failed
-        after it was billed), end the span."""
+        after it was billed), end the span. (``settle``: the same, with the blocking ledger
+        call.)"""
         if not self._settle_start(end, error):
             return None
-        overshoot = 0
-        failure: Exception | None = None
-        runtime = self.runtime
+        outcome: int | Exception = 0
+        ledger = self._ledger()
         try:
-            if self.charge is not None and runtime is not None:
-                overshoot = yield from runtime.engine.settle_steps(
-                    self.charge, actual_nanos, input_tokens, output_tokens
+            if ledger is not None:
+                outcome = yield from ledger[1].settle_steps(
+                    ledger[0], actual_nanos, input_tokens, output_tokens
                 )
         except Exception as exc:
-            failure = exc
+            outcome = exc
         except BaseException:  # cancelled while the ledger answered: the span still ends
-            if end:
-                self.span.end()
+            self._abandon(end)
             raise
-        self._settle_end(actual_nanos, overshoot, failure, attributes, end, error)
+        self._settle_end(actual_nanos, outcome, attributes, end, error)
         return None
 
     def settle(
@@ -209,75 +225,52 @@ class MeteredCall:
         end: bool = True,
         error: BaseException | None = None,
     ) -> None:
-        """``settle_steps`` with the blocking ledger call (no generator: every sync call)."""
         if not self._settle_start(end, error):
             return
-        overshoot = 0
-        failure: Exception | None = None
-        runtime = self.runtime
+        outcome: int | Exception = 0
+        ledger = self._ledger()
         try:
-            if self.charge is not None and runtime is not None:
-                overshoot = runtime.engine.settle(
-                    self.charge, actual_nanos, input_tokens, output_tokens
-                )
+            if ledger is not None:
+                outcome = ledger[1].settle(ledger[0], actual_nanos, input_tokens, output_tokens)
         except Exception as exc:
-            failure = exc
+            outcome = exc
         except BaseException:
-            if end:
-                self.span.end()
+            self._abandon(end)
             raise
-        self._settle_end(actual_nanos, overshoot, failure, attributes, end, error)
-
-    def _release_end(self, failure: Exception | None, error: BaseException, end: bool) -> None:
-        span = self.span
-        try:
-            if failure is not None:
-                raise failure
-            if span.is_recording():
-                span.set_attribute(attrs.COST_USD, 0.0)
-                _record_error(span, error)
-        except Exception as exc:
-            if self.runtime is not None:
-                self.runtime.engine.internal_error("MeteredCall.release", exc)
-        finally:
-            if end:
-                span.end()
+        self._settle_end(actual_nanos, outcome, attributes, end, error)
 
     def release_steps(self, error: BaseException, *, end: bool = True) -> Steps[None]:
         """The call failed before it was billed: give the reservation back, charge nothing,
-        record the error on the span."""
+        record the error on the span. (``release``: the same, with the blocking call.)"""
         if not self._settle_start(end, error):
             return None
-        failure: Exception | None = None
-        runtime = self.runtime
+        outcome: int | Exception = 0
         try:
-            if self.charge is not None and runtime is not None:
-                yield from runtime.engine.release_steps(self.charge)
+            ledger = self._ledger()
+            if ledger is not None:
+                yield from ledger[1].release_steps(ledger[0])
         except Exception as exc:
-            failure = exc
+            outcome = exc
         except BaseException:
-            if end:
-                self.span.end()
+            self._abandon(end)
             raise
-        self._release_end(failure, error, end)
+        self._settle_end(None, outcome, None, end, error)
         return None
 
     def release(self, error: BaseException, *, end: bool = True) -> None:
-        """``release_steps`` with the blocking ledger call."""
         if not self._settle_start(end, error):
             return
-        failure: Exception | None = None
-        runtime = self.runtime
+        outcome: int | Exception = 0
         try:
-            if self.charge is not None and runtime is not None:
-                runtime.engine.release(self.charge)
+            ledger = self._ledger()
+            if ledger is not None:
+                ledger[1].release(ledger[0])
         except Exception as exc:
-            failure = exc
+            outcome = exc
         except BaseException:
-            if end:
-                self.span.end()
+            self._abandon(end)
             raise
-        self._release_end(failure, error, end)
+        self._settle_end(None, outcome, None, end, error)
 
     def _storage(self) -> Any:
         return self.runtime.storage if self.runtime is not None else None

@@ -185,21 +185,8 @@ class TraceStats:
             self.overshoot += overshoot
             if operation in attrs.INFERENCE_OPERATIONS:
                 self.turns += 1
-            # (``_add`` twice, inline: this runs for every call in every run it belongs to)
-            line = self.by_model.get(model)
-            if line is None:
-                line = self.by_model[model] = _Line()
-            line.nanos += nanos
-            line.calls += 1
-            line.input_tokens += inp
-            line.output_tokens += out
-            line = self.by_provider.get(provider)
-            if line is None:
-                line = self.by_provider[provider] = _Line()
-            line.nanos += nanos
-            line.calls += 1
-            line.input_tokens += inp
-            line.output_tokens += out
+            _add(self.by_model, model, nanos, inp, out)
+            _add(self.by_provider, provider, nanos, inp, out)
             if agent is not None:
                 _add(self.by_agent, agent, nanos, inp, out)
 
