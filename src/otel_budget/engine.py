@@ -230,28 +230,54 @@ class BudgetEngine(ScopeResolution, ThresholdAlerts):
         )  # fmt: skip
 
     def reserve_steps(
-        self, lease_id: Any, trace_id: int, parentless: bool,
-        attributes: Mapping[str, Any] | None, minimum: int, maximum: int | None = None,
-        **kw: Any,
-    ) -> Steps[Charge]:  # fmt: skip
+        self,
+        lease_id: Any,
+        trace_id: int,
+        parentless: bool,
+        attributes: Mapping[str, Any] | None,
+        minimum: int,
+        maximum: int | None = None,
+        *,
+        kind: str = KIND_LLM,
+        name: str = "unknown",
+        provider: str = "unknown",
+        operation: str = "chat",
+        loop: tuple[str, bytes] | None = None,
+    ) -> Steps[Charge]:
         """Reserve between ``minimum`` and ``maximum`` nano-USD for one call (``reserve_plan``,
-        whose keywords ``kw`` takes, then ``reserved``), as a step of a larger decision."""
-        maximum = minimum if maximum is None else maximum
+        then ``reserved``), as a step of a larger decision. (Its keywords are spelled out, here
+        and in ``reserve``: passed on as ``**kw`` they cost ~10k instructions per call.)"""
+        if maximum is None:
+            maximum = minimum
         charge, op = self.reserve_plan(
-            lease_id, trace_id, parentless, attributes, minimum, maximum, **kw
-        )
-        return self.reserved(charge, (yield op), minimum, maximum)
+            lease_id, trace_id, parentless, attributes, minimum, maximum,
+            kind, name, provider, operation, loop,
+        )  # fmt: skip
+        result = yield op
+        return self.reserved(charge, result, minimum, maximum)
 
     def reserve(
-        self, lease_id: Any, trace_id: int, parentless: bool,
-        attributes: Mapping[str, Any] | None, minimum: int, maximum: int | None = None,
-        **kw: Any,
-    ) -> Charge:  # fmt: skip
+        self,
+        lease_id: Any,
+        trace_id: int,
+        parentless: bool,
+        attributes: Mapping[str, Any] | None,
+        minimum: int,
+        maximum: int | None = None,
+        *,
+        kind: str = KIND_LLM,
+        name: str = "unknown",
+        provider: str = "unknown",
+        operation: str = "chat",
+        loop: tuple[str, bytes] | None = None,
+    ) -> Charge:
         """``reserve_steps`` with the blocking ledger call."""
-        maximum = minimum if maximum is None else maximum
+        if maximum is None:
+            maximum = minimum
         charge, op = self.reserve_plan(
-            lease_id, trace_id, parentless, attributes, minimum, maximum, **kw
-        )
+            lease_id, trace_id, parentless, attributes, minimum, maximum,
+            kind, name, provider, operation, loop,
+        )  # fmt: skip
         return self.reserved(charge, call_op(self.storage, op), minimum, maximum)
 
     def unmetered(
