@@ -408,3 +408,22 @@ def test_asyncio_tasks_never_exceed_and_count_every_nano() -> None:
     usage = store.usage("t:async")
     assert usage.reserved == 0
     assert usage.spent == sum(committed) <= limit
+
+
+def test_a_lease_reserved_as_the_deadline_fifo_is_compacted_still_expires() -> None:
+    """The reserve that compacts the FIFO of lease deadlines (settled leases leave stale
+    entries) adds its own deadline to the new FIFO, not to the one it replaced: its lease
+    still expires and frees its reservation."""
+    clock = FakeClock()
+    store = MemoryStorage(lease_seconds=60, clock=clock)
+    scope = ScopeLimit("t:compact", 10**12, lower_only=True, ttl=3600)
+    for i in range(1025):  # 1,025 stale deadlines, no open lease: the next reserve compacts
+        store.reserve(i, [scope], 1)
+        store.commit(i, 1)
+    assert store.sizes()["deadlines"] == 1025
+    assert store.reserve("last", [scope], 500).ok
+    assert store.sizes()["deadlines"] == 1  # compacted, holding the new lease's deadline
+    clock.now += 61
+    store.reserve("next", [ScopeLimit("t:other", 10**12)], 1)  # sweeps what is due
+    usage = store.usage("t:compact")
+    assert usage is not None and usage.reserved == 0 and store.expired_leases == 1

@@ -271,26 +271,10 @@ class MemoryStorage(LedgerStorage):
                 for key in (GLOBAL_PAUSE_KEY, *pause_keys):
                     if key in self._paused:
                         return ReserveResult(ReserveStatus.PAUSED, ScopeUsage(key, 0, 0, 0))
-            if len(specs) == 1:  # the common case (one trace), without the loops below
-                spec = specs[0]
-                scope = self._scope(spec, now)
-                limit = scope.limit
-                cap = spec.cap
-                if cap is not None and cap < limit:
-                    limit = cap
-                room = limit - scope.spent - scope.reserved
-                if room < minimum:
-                    return ReserveResult(
-                        ReserveStatus.DENIED,
-                        ScopeUsage(scope.key, limit, scope.spent, scope.reserved),
-                    )
-                grant = maximum if maximum < room else room
-                scope.reserved += grant
-                deadline = now + self._lease_seconds
-                self._leases[lease_id] = _Lease(grant, (scope,), deadline)
-                deadlines.append((deadline, lease_id))
-                return _new_tuple(ReserveResult, (_OK, None, grant))
-            resolved = tuple([self._scope(spec, now) for spec in specs])
+            if len(specs) == 1:  # (the common case: one trace)
+                resolved: tuple[_Scope, ...] = (self._scope(specs[0], now),)
+            else:
+                resolved = tuple([self._scope(spec, now) for spec in specs])
             grant = maximum
             for spec, scope in zip(specs, resolved, strict=True):
                 limit = scope.limit
@@ -303,11 +287,13 @@ class MemoryStorage(LedgerStorage):
                         ReserveStatus.DENIED,
                         ScopeUsage(scope.key, limit, scope.spent, scope.reserved),
                     )
-                grant = min(grant, room)
+                if room < grant:
+                    grant = room
             for scope in resolved:
                 scope.reserved += grant
             deadline = now + self._lease_seconds
             self._leases[lease_id] = _Lease(grant, resolved, deadline)
+            # (``self._deadlines``, not the local read before the sweep: compacting replaces it)
             self._deadlines.append((deadline, lease_id))
             return _new_tuple(ReserveResult, (_OK, None, grant))  # ReserveResult(OK, None, grant)
 
