@@ -299,12 +299,18 @@ def test_a_settle_after_a_failed_reserve_does_not_wait_on_the_network(
         with pytest.raises(LedgerUnavailableError):
             store.reserve(2, [cap], USD)
         reserve_took = time.perf_counter() - start
+        failures, journaled = store.stats["failures"], store.stats["journaled"]
         start = time.perf_counter()
         store.charge(2, [cap], 5)  # fail_open: the unmetered call's charge
         store.commit(1, 7)
         settle_took = time.perf_counter() - start
-        assert reserve_took < store.max_block_seconds + 0.15
-        assert settle_took < 0.05  # journaled at once: Redis was just seen failing
+        # journaled at once, with no attempt on the network: Redis was just seen failing
+        assert store.stats["failures"] == failures
+        assert store.stats["journaled"] == journaled + 2
+        # wall time only with slack for a loaded CI machine: the bound is what redis-py's
+        # defaults (59.5 s) would break, and the counters above are the exact check
+        assert reserve_took < store.max_block_seconds + 1.0
+        assert settle_took < 0.5
         assert store.max_call_block_seconds == pytest.approx(0.3)
     finally:
         private_server.thaw()
