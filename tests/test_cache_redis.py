@@ -191,16 +191,26 @@ def test_a_dead_redis_falls_back_within_the_timeout(
     make_processor: Any, instrumented: None, client: openai.OpenAI, fake: FakeLLMServer
 ) -> None:
     dead = f"redis://127.0.0.1:{free_port()}/0"
-    cache = ResponseCache(RedisCache(dead, retry_seconds=60))
+    store = RedisCache(dead, retry_seconds=60)
+    sent: list[str] = []
+    real = store.client.execute_command
+
+    def counted(*args: Any, **options: Any) -> Any:
+        sent.append(str(args[0]))
+        return real(*args, **options)
+
+    store.client.execute_command = counted
+    cache = ResponseCache(store)
     make_processor(1.0, prices=PriceBook(), cache=cache)
     started = time.perf_counter()
     chat(client)
     first = time.perf_counter() - started
-    started = time.perf_counter()
+    assert sent == ["GETRANGE"]  # one attempt, refused
     chat(client)  # the breaker is open: not even a connection attempt
-    second = time.perf_counter() - started
+    cache.flush()
+    assert sent == ["GETRANGE"]
     assert requests(fake) == 2
-    assert first < 1.0 and second < 0.5
+    assert first < 2.0  # refused at once; the slack is for a loaded CI machine
 
 
 def test_a_frozen_redis_costs_at_most_the_timeout_then_recovers(
@@ -216,7 +226,7 @@ def test_a_frozen_redis_costs_at_most_the_timeout_then_recovers(
         srv.freeze()
         started = time.perf_counter()
         chat(client)  # the read times out: a miss, sent to the provider
-        assert time.perf_counter() - started < timeout + 0.5  # (the call itself: < 0.1 s)
+        assert time.perf_counter() - started < timeout + 1.0  # (the call itself: < 0.1 s)
         srv.thaw()
         time.sleep(0.25)  # the breaker's retry time
         chat(client)

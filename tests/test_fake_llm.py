@@ -530,13 +530,13 @@ def test_latency_and_scripted_delay():
             client.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
             assert time.monotonic() - started >= 0.15
             server.latency_s = 0.0
-            server.script(Behaviour(delay_s=0.4))
+            server.script(Behaviour(delay_s=1.0))
             started = time.monotonic()
             with pytest.raises(openai.APITimeoutError):
                 client.with_options(timeout=0.1).chat.completions.create(
                     model="gpt-4o-mini", messages=HELLO
                 )
-            assert time.monotonic() - started < 0.35
+            assert time.monotonic() - started < 0.8  # not the 1 s delay; slack for CI load
         assert server.wait_idle(3)
         # the client gave up before the answer was ready: not billed
         assert server.calls()[-1].outcome == "client_disconnect"
