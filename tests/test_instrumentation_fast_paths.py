@@ -93,6 +93,37 @@ def test_materialised_reads_each_iterator_once_and_never_mutates() -> None:
     assert materialised(gen()) == [{"role": "user", "content": ["x"]}]
 
 
+def test_materialised_flat_messages_fast_path_still_reads_what_follows() -> None:
+    # Flat messages (dicts of strings) are answered in C; any other item in the list, before
+    # or after them, still goes through the general walk.
+    flat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}, {}]
+    assert materialised(flat) is flat
+    frozen = tuple(flat)
+    assert materialised(frozen) is frozen
+    later = [*flat, {"role": "user", "content": iter(["late"])}]
+    out = materialised(later)
+    assert out is not later and out[-1] == {"role": "user", "content": ["late"]}
+    assert out[:3] == flat and out[0] is flat[0]
+
+    class Message(dict):  # type: ignore[type-arg]
+        pass
+
+    sub = [Message(role="user", content="x"), {"role": "user", "content": iter(["y"])}]
+    assert materialised(sub)[1] == {"role": "user", "content": ["y"]}
+    none_content = [{"role": "assistant", "content": None, "tool_calls": iter([{"id": "1"}])}]
+    assert materialised(none_content)[0]["tool_calls"] == [{"id": "1"}]
+
+
+def test_request_attributes_in_table_order_only_numbers() -> None:
+    from otel_budget.instrumentation._util import request_attributes
+
+    table = {"temperature": "t", "top_p": "p", "seed": "s"}
+    assert request_attributes({"model": "m"}, table) == {}
+    out = request_attributes({"seed": 7, "model": "m", "temperature": 0.2, "top_p": True}, table)
+    assert out == {"t": 0.2, "s": 7} and list(out) == ["t", "s"]  # a bool is no number
+    assert request_attributes({"temperature": "hot", "top_p": None}, table) == {}
+
+
 @pytest.mark.parametrize(
     "params",
     [

@@ -346,6 +346,19 @@ def test_token_usage_validation(field_name: str, bad: object) -> None:
         TokenUsage(**{field_name: bad})  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("field_name", list(TokenUsage.__slots__))
+def test_token_usage_takes_int_subclasses_and_big_counts(field_name: str) -> None:
+    class Count(int):
+        pass
+
+    assert getattr(TokenUsage(**{field_name: Count(5)}), field_name) == 5
+    assert getattr(TokenUsage(**{field_name: 2**70}), field_name) == 2**70
+    with pytest.raises(ValueError):
+        TokenUsage(**{field_name: Count(-1)})
+    with pytest.raises(ValueError):  # one bad field among good ones
+        TokenUsage(**{name: (-3 if name == field_name else 4) for name in TokenUsage.__slots__})
+
+
 # --------------------------------------------------------------------------- tiers, variants, time
 
 

@@ -40,6 +40,7 @@ def is_given(value: Any) -> bool:
 # -- what a request sends -------------------------------------------------------------------
 OUTPUT_KEYS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 _MATERIALISE_DEPTH = 8
+_STR_ONLY = frozenset((str,))
 
 
 def materialised(value: Any, depth: int = 0) -> Any:
@@ -52,6 +53,11 @@ def materialised(value: Any, depth: int = 0) -> Any:
     if kind is dict:
         return _materialised_dict(value, depth)
     if kind is list or kind is tuple:  # (before the Iterator check: an ABC's, Python-level)
+        for item in value:  # flat chat messages (dicts of strings) hold none: checked in C
+            if type(item) is not dict or not _STR_ONLY.issuperset(map(type, item.values())):
+                break
+        else:
+            return value
         items = [materialised(v, depth + 1) for v in value]
         if any(a is not b for a, b in zip(items, value, strict=True)):
             return items if kind is list else tuple(items)
@@ -324,6 +330,11 @@ def usage_cost(body: Any) -> float | None:
     return reported_usd(get(get(body, "usage"), "cost"))
 
 
+def reported_cost(usage: Any) -> float | None:
+    """``usage_cost`` of a body whose ``usage`` was read already."""
+    return None if usage is None else reported_usd(get(usage, "cost"))
+
+
 def _attr(obj: Any, name: str) -> Any:
     try:
         return getattr(obj, name, None)
@@ -360,10 +371,13 @@ def request_attributes(params: dict[str, Any], numeric: dict[str, str]) -> dict[
     """The GenAI request attributes of an OpenAI-style request (``numeric`` maps parameter
     names to attribute names), plus stop sequences, choice count, service tier, stream."""
     out: dict[str, Any] = {}
-    for key, name in numeric.items():
-        value = params.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[name] = value
+    present = numeric.keys() & params.keys()  # (most requests set none of them)
+    if present:
+        for key, name in numeric.items():
+            if key in present:
+                value = params[key]
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    out[name] = value
     stop = params.get("stop")
     if isinstance(stop, str):
         out["gen_ai.request.stop_sequences"] = [stop]

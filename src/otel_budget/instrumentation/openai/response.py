@@ -22,7 +22,7 @@ from otel_budget.instrumentation import _content
 from otel_budget.instrumentation._attempts import response_json
 from otel_budget.instrumentation._call import LLMCall
 from otel_budget.instrumentation._finish_reasons import responses_finish_reasons
-from otel_budget.instrumentation._util import Fields, is_model, response_attributes, usage_cost
+from otel_budget.instrumentation._util import Fields, is_model, reported_cost, response_attributes
 from otel_budget.instrumentation._util import get as _get
 from otel_budget.instrumentation._util import nonneg_int as _int
 from otel_budget.instrumentation.openai import history
@@ -210,8 +210,9 @@ def read_body(
     lacks output tokens (``_needs_text``), else it is None."""
     try:
         text: Any = None
+        raw_usage = _get(body, "usage")
         if kind == "responses":
-            usage = responses_usage(_get(body, "usage"))
+            usage = responses_usage(raw_usage)
             history.remember(_get(body, "id"), usage)  # its context, for previous_response_id
             attributes = _response_attributes(body, choices=False)
             if _needs_text(usage):
@@ -219,10 +220,10 @@ def read_body(
                 if not isinstance(text, str) and isinstance(body, dict):
                     text = _responses_text(body)
         elif kind == "embeddings":
-            usage = chat_usage(_get(body, "usage"))
+            usage = chat_usage(raw_usage)
             attributes = _embeddings_attributes(body)
         else:
-            usage = chat_usage(_get(body, "usage"))
+            usage = chat_usage(raw_usage)
             attributes = _response_attributes(body, choices=kind in ("chat", "completions"))
             if kind == "chat":
                 _chat_metric_attributes(call, attributes)
@@ -232,7 +233,7 @@ def read_body(
                     for c in (_get(body, "choices") or [])
                 ]  # fmt: skip
                 text = "".join(p for p in parts if isinstance(p, str))
-        if (cost := usage_cost(body)) is not None:  # OpenRouter's own bill
+        if (cost := reported_cost(raw_usage)) is not None:  # OpenRouter's own bill
             attributes[attrs.COST_PROVIDER_REPORTED_USD] = cost
         if call.request.content is not None:  # (else dropped by the call: not built)
             _content.output_into(attributes, lambda: _output_messages(body, kind))
