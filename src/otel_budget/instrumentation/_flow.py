@@ -22,36 +22,45 @@ generator runs in the caller's context (the caller's task, for the async driver)
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Generator
-from functools import partial
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
 
 class Step:
-    """One waiting point of a flow: ``blocking()`` for the sync driver, ``coroutine()`` (or,
-    when the async form is a plain function, its result) for the async driver."""
+    """One waiting point of a flow: ``fn(*args, **kwargs)`` for the sync driver, ``afn`` with
+    the same arguments (awaited when it returns an awaitable) for the async driver. The
+    arguments are kept as they are, not bound in ``functools.partial`` objects: a driver runs
+    one of the two forms, so binding both cost two objects per step (measured: 5.5k
+    instructions per openai call)."""
 
-    __slots__ = ("blocking", "coroutine")
+    __slots__ = ("afn", "args", "fn", "kwargs")
 
     def __init__(
-        self, blocking: Callable[[], Any], coroutine: Callable[[], Awaitable[Any] | Any]
-    ) -> None:
-        self.blocking = blocking
-        self.coroutine = coroutine
+        self, fn: Callable[..., Any], afn: Callable[..., Any],
+        args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None,
+    ) -> None:  # fmt: skip
+        self.fn = fn
+        self.afn = afn
+        self.args = args
+        self.kwargs = kwargs if kwargs is not None else {}
+
+    def blocking(self) -> Any:
+        return self.fn(*self.args, **self.kwargs)
+
+    def coroutine(self) -> Awaitable[Any] | Any:
+        return self.afn(*self.args, **self.kwargs)
 
 
-def step(sync_fn: Callable[..., Any], async_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Step:
-    """A step calling ``sync_fn(*args, **kwargs)`` or awaiting ``async_fn(*args, **kwargs)``.
-    (``partial``: calling it adds no Python frame of its own, as a lambda would.)"""
-    return Step(partial(sync_fn, *args, **kwargs), partial(async_fn, *args, **kwargs))
+def step(sync_fn: Callable[..., Any], async_fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Step:
+    """A step calling ``sync_fn(*args, **kwargs)`` or awaiting ``async_fn(*args, **kwargs)``."""
+    return Step(sync_fn, async_fn, args, kwargs)
 
 
-def send(wrapped: Callable[..., Any], *args: Any, **kwargs: Any) -> Step:
+def send(wrapped: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Step:
     """The SDK method itself: ``wrapped(...)``, awaited by the async driver when it returns an
     awaitable (an async SDK method returns its coroutine)."""
-    call = partial(wrapped, *args, **kwargs) if args or kwargs else wrapped  # one for both forms
-    return Step(call, call)
+    return Step(wrapped, wrapped, args, kwargs)
 
 
 Flow = Generator[Step, Any, T]
@@ -63,7 +72,7 @@ def run_flow(flow: Flow[T]) -> T:
         current = next(flow)
         while True:
             try:
-                result = current.blocking()
+                result = current.fn(*current.args, **current.kwargs)  # (``blocking``, inlined)
             except BaseException as exc:
                 current = flow.throw(exc)
             else:
@@ -78,7 +87,7 @@ async def arun_flow(flow: Flow[T]) -> T:
         current = next(flow)
         while True:
             try:
-                result = current.coroutine()
+                result = current.afn(*current.args, **current.kwargs)
                 if hasattr(result, "__await__"):
                     result = await result
             except BaseException as exc:

@@ -15,7 +15,6 @@ async wrapper never blocks the event loop on the ledger.
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 from opentelemetry import context, trace
@@ -85,7 +84,7 @@ def call_flow(
     """One metered SDK call, for both wrappers."""
     if CURRENT_CALL.get() is not None or args:
         # Metered by an outer wrapper (litellm), or a positional call we cannot read.
-        return (yield send(partial(wrapped, *args, **kwargs)))
+        return (yield send(wrapped, *args, **kwargs))
     runtime = source.get()
     request = read(instance, kwargs)
     cache = source.cache
@@ -104,7 +103,7 @@ def call_flow(
     try:
         active = attach_span(call.span)
         try:
-            result = yield send(partial(wrapped, *args, **kwargs))
+            result = yield send(wrapped, *args, **kwargs)
         finally:
             context.detach(active)
         raw = is_raw(result)
@@ -116,7 +115,7 @@ def call_flow(
                 if proxy is not None:
                     return raw_stream_response(result, proxy)
             else:  # parsed now (cached: the caller's parse() gets the same); never raises
-                body = yield Step(partial(parsed, result), partial(aparsed, result))
+                body = yield Step(parsed, aparsed, (result,))
     except BudgetExceededError as error:  # a retry the budget no longer affords
         yield _fail(call, error, kind)
         return substitute_or_raise(error)
