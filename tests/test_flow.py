@@ -30,9 +30,10 @@ def _boom(*_: Any) -> None:
 def flow(log: list[Any]) -> Flow[Any]:
     total = yield step(_sync_add, _async_add, 1, b=2)
     log.append(total)
-    # The SDK's keyword arguments pass through whatever their names (even the parameters'
-    # own: the functions' first parameters are positional-only).
-    sent = yield send(_sdk, wrapped=1, fn=2, sync_fn=3, async_fn=4, args=5, kwargs=6)
+    # Keyword arguments pass through whatever their names (even the parameters' own: the
+    # first parameters of ``step`` are positional-only; ``send`` takes the SDK call's dict).
+    named = yield step(_sdk, _sdk, sync_fn=3, async_fn=4, args=5, kwargs=6)
+    sent = yield send(_sdk, (), {"wrapped": 1, "fn": 2, **named})
     log.append(sent)
     try:
         yield Step(_boom, _boom, ("x",))
@@ -62,6 +63,21 @@ def test_a_step_error_the_flow_does_not_catch_reaches_the_caller() -> None:
         run_flow(failing())
     with pytest.raises(KeyError):
         asyncio.run(arun_flow(failing()))
+
+
+def test_send_runs_with_the_flows_own_dict() -> None:
+    # ``send`` keeps the flow's kwargs dict (no copy per call): what the flow writes into it
+    # before the step runs is sent, and the callee gets a dict of its own.
+    kwargs: dict[str, Any] = {"model": "m"}
+
+    def sending() -> Flow[Any]:
+        made = send(_sdk, (), kwargs)
+        kwargs["max_tokens"] = 5
+        got = yield made
+        return got
+
+    got = run_flow(sending())
+    assert got == {"model": "m", "max_tokens": 5} and got is not kwargs
 
 
 def test_step_arguments_are_the_callers_at_creation() -> None:

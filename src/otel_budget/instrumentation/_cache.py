@@ -174,7 +174,7 @@ def serve_flow(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any], ent
     target = args[0] if args else kwargs.get("request", kwargs.get("options"))
     if not hasattr(target, "json_data"):  # an HTTP request (openai's attempt layer)
         return _http_response(target, entry)
-    options = yield send(instance._prepare_options, target)
+    options = yield send(instance._prepare_options, (target,))
     request = instance._build_request(options, retries_taken=kwargs.get("retries_taken", 0))
     return _http_response(request, entry), options
 

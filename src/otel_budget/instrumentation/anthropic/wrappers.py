@@ -90,7 +90,7 @@ def create_flow(
     """One ``create`` / ``parse`` call, for the sync and the async wrapper."""
     if CURRENT_CALL.get() is not None or args:
         # Metered by an outer wrapper (litellm), or a positional call we cannot read.
-        return (yield send(wrapped, *args, **kwargs))
+        return (yield send(wrapped, args, kwargs))
     request = messages_request(instance, kwargs)
     runtime = source.get()
     cache = cache_of(source, runtime)
@@ -101,7 +101,7 @@ def create_flow(
     except BudgetExceededError as error:
         return substitute_or_raise(error)
     try:
-        result = yield from sending(call, send(wrapped, *args, **kwargs))
+        result = yield from sending(call, send(wrapped, args, kwargs))
     except BudgetExceededError as error:  # a retry the budget no longer affords
         return substitute_or_raise(error)
     except Exception:

@@ -197,7 +197,7 @@ def call_flow(
     if ACTIVE.get() is not None:
         # A provider's call() calling another's (a subclass's super().call()): metered once,
         # by the outer one.
-        return (yield send(wrapped, *args, **kwargs))
+        return (yield send(wrapped, args, kwargs))
     runtime = source.get()
     try:
         request = read_request(instance, *_messages_and_tools(args, kwargs))
@@ -206,7 +206,7 @@ def call_flow(
         if refusal is not None:
             stop_run(refusal)
             raise refusal from None
-        return (yield send(wrapped, *args, **kwargs))  # fail_open: unmetered
+        return (yield send(wrapped, args, kwargs))  # fail_open: unmetered
     try:
         call: LLMCall = yield step(start_call, astart_call, tracer, request, {}, runtime=runtime)
     except BudgetExceededError as error:
@@ -220,7 +220,7 @@ def call_flow(
     try:
         with trace.use_span(call.span, end_on_exit=False, record_exception=False,
                             set_status_on_exception=False):  # fmt: skip
-            result = yield send(wrapped, *args, **kwargs)
+            result = yield send(wrapped, args, kwargs)
     except BaseException as exc:
         if isinstance(exc, BudgetExceededError):
             stop_run(exc)  # refused underneath (by the provider wrapper that took it over)

@@ -94,7 +94,7 @@ def kickoff_flow(
     current = RUN.get()
     if current is not None and current.crew is instance:
         # kickoff_async running kickoff in a thread, kickoff_for_each's kickoffs: one run.
-        return (yield send(wrapped, *args, **kwargs))
+        return (yield send(wrapped, args, kwargs))
     protection = protection_of(instance)
     name = crew_name(instance)
     run = Run(instance)
@@ -110,7 +110,7 @@ def kickoff_flow(
         token = RUN.set(run)
         stack.callback(RUN.reset, token)
         try:
-            result = yield send(wrapped, *args, **kwargs)
+            result = yield send(wrapped, args, kwargs)
         except BudgetExceededError as error:
             first = run.stop(error)
             if first is error:
@@ -168,7 +168,7 @@ def agent_flow(
     with agent_span(role, agent_id=None if agent_id is None else str(agent_id),
                     attributes=task_attributes(task)):  # fmt: skip
         try:
-            result = yield send(wrapped, *args, **kwargs)
+            result = yield send(wrapped, args, kwargs)
         except BudgetExceededError as error:
             stop_run(error)
             raise
@@ -203,7 +203,7 @@ def tool_flow(
     """One tool call: reserved (and checked for a loop) before the tool runs."""
     raise_if_stopped()
     if _TOOL.get() is instance:
-        return (yield send(wrapped, *args, **kwargs))
+        return (yield send(wrapped, args, kwargs))
     name = _text(getattr(instance, "name", None)) or type(instance).__name__
     with ExitStack() as stack:
         outer = llm.tool_context()
@@ -226,7 +226,7 @@ def tool_flow(
         try:
             with trace.use_span(call.span, end_on_exit=False, record_exception=False,
                                 set_status_on_exception=False):  # fmt: skip
-                result = yield send(wrapped, *args, **kwargs)
+                result = yield send(wrapped, args, kwargs)
         except BaseException as exc:
             yield step(call.fail, call.afail, exc)  # (taken over: only ends its span)
             raise

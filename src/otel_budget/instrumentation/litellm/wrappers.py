@@ -60,10 +60,10 @@ def call_flow(
     """One metered litellm call of ``kind``; ``asynchronous``: the entry point returns a
     coroutine (its stream iterates with ``async for``)."""
     if CURRENT_CALL.get() is not None:
-        return (yield send(wrapped, *args, **kwargs))
+        return (yield send(wrapped, args, kwargs))
     params = binder(wrapped, args, kwargs)
     if params is None:  # arguments litellm itself will reject
-        return (yield send(wrapped, *args, **kwargs))
+        return (yield send(wrapped, args, kwargs))
     runtime = source.get()
     request = read_request(kind, params)
     try:
@@ -77,7 +77,7 @@ def call_flow(
     try:
         with trace.use_span(call.span, end_on_exit=False, record_exception=False,
                             set_status_on_exception=False):  # fmt: skip
-            result = yield send(wrapped, **params)
+            result = yield send(wrapped, (), params)
     except BaseException as exc:
         yield step(call.fail, call.afail, exc)
         _raise_refusal(exc)

@@ -84,7 +84,7 @@ def call_flow(
     """One metered SDK call, for both wrappers."""
     if CURRENT_CALL.get() is not None or args:
         # Metered by an outer wrapper (litellm), or a positional call we cannot read.
-        return (yield send(wrapped, *args, **kwargs))
+        return (yield send(wrapped, args, kwargs))
     runtime = source.get()
     request = read(instance, kwargs)
     cache = source.cache
@@ -103,7 +103,7 @@ def call_flow(
     try:
         active = attach_span(call.span)
         try:
-            result = yield send(wrapped, *args, **kwargs)
+            result = yield send(wrapped, args, kwargs)
         finally:
             context.detach(active)
         raw = is_raw(result)
