@@ -36,7 +36,7 @@ class Step(NamedTuple):
     the same arguments (awaited when it returns an awaitable) for the async driver. The
     arguments are kept as they are, not bound in ``functools.partial`` objects (a driver runs
     one of the two forms), and ``step``/``send`` build it without a Python-level
-    constructor: 8.5k and 6k instructions per openai call, measured."""
+    constructor: 8.5k and 3.9k instructions per openai call, measured."""
 
     fn: Callable[..., Any]
     afn: Callable[..., Any]
