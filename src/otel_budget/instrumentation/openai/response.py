@@ -32,6 +32,11 @@ BodyArgs = tuple[TokenUsage | None, dict[str, Any], Any, str | None]
 """The arguments of ``LLMCall.succeed`` for a body: usage, attributes, response model, text."""
 
 
+# The details the SDK always parses (``prompt_tokens_details``, ...), read in one step each.
+_INPUT_DETAILS = Fields("cached_tokens", "audio_tokens")
+_OUTPUT_DETAILS = Fields("reasoning_tokens", "audio_tokens")
+
+
 def _usage(usage: Any, names: tuple[str, str, str, str]) -> TokenUsage | None:
     """Usage from an OpenAI usage object whose input, output, input-details and
     output-details fields are ``names``. Audio tokens (``*_details.audio_tokens``) are part of
@@ -54,11 +59,11 @@ def _usage(usage: Any, names: tuple[str, str, str, str]) -> TokenUsage | None:
         output_details = _get(usage, out_details_key)
     cached = audio_in = reasoning = audio_out = 0  # (no details: zeros, without the reads)
     if input_details is not None:
-        cached = _int(_get(input_details, "cached_tokens"))
-        audio_in = _int(_get(input_details, "audio_tokens"))
+        cached, audio_in = _INPUT_DETAILS(input_details)
+        cached, audio_in = _int(cached), _int(audio_in)
     if output_details is not None:
-        reasoning = _int(_get(output_details, "reasoning_tokens"))
-        audio_out = _int(_get(output_details, "audio_tokens"))
+        reasoning, audio_out = _OUTPUT_DETAILS(output_details)
+        reasoning, audio_out = _int(reasoning), _int(audio_out)
     return TokenUsage(
         input_tokens=max(inp, cached, audio_in), output_tokens=max(out, reasoning, audio_out),
         cache_read_tokens=cached, reasoning_tokens=reasoning,

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Instructions per real openai call over loopback (callgrind), bare and under each
+# instrumentation, side by side; overheads and ours / official per kind.
+#   bash bench/instr_count_sdk.sh [kind ...]       # kinds: sync async stream (default: all)
+#   CASES="bare ours" SRC=/other/src bash bench/instr_count_sdk.sh sync   # another checkout
+# Prints "kind case: N instructions per call", then each kind's overheads; JSON=path also
+# writes {kind: {case: N, ...}}. ~3 minutes per kind (two cases at a time).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-.venv/bin/python}"
+SRC="${SRC:-$PWD/src}"
+CALLS="${CALLS:-100}"
+read -r -a CASE_LIST <<<"${CASES:-bare ours official wrapt}"
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+one() {  # kind case
+    local tag="$1-$2" out fifo pid ir fd
+    out="$TMP/$tag.out" fifo="$TMP/$tag.in"
+    mkfifo "$fifo"
+    PYTHONHASHSEED=0 PYTHONPATH="$SRC" valgrind --tool=callgrind --instr-atstart=no \
+        --callgrind-out-file="$out" "$PY" bench/instr_count_sdk.py "$2" "$1" "$CALLS" \
+        <"$fifo" >"$TMP/$tag.log" 2>"$TMP/$tag.err" &
+    pid=$!
+    exec {fd}>"$fifo"
+    until grep -q ready "$TMP/$tag.log" 2>/dev/null; do
+        kill -0 "$pid" 2>/dev/null || { cat "$TMP/$tag.err" >&2; exit 1; }
+        sleep 1
+    done
+    callgrind_control -i on "$pid" >/dev/null 2>&1
+    echo >&"$fd"
+    exec {fd}>&-
+    wait "$pid" || true
+    ir=$(grep -E "^(summary|totals):" "$out" | head -1 | awk '{print $2}')
+    echo "$1 $2: $((ir / CALLS)) instructions per call"
+}
+kinds=("$@")
+[ ${#kinds[@]} -eq 0 ] && kinds=(sync async stream)
+for kind in "${kinds[@]}"; do
+    i=0
+    for case in "${CASE_LIST[@]}"; do
+        one "$kind" "$case" >"$TMP/$kind.$case.result" &
+        i=$((i + 1))
+        if [ $((i % 2)) -eq 0 ]; then wait; fi
+    done
+    wait
+done
+for kind in "${kinds[@]}"; do
+    for case in "${CASE_LIST[@]}"; do cat "$TMP/$kind.$case.result"; done
+done | tee "$TMP/all"
+awk '
+    { sub(":", "", $2); n[$1, $2] = $3; kinds[$1] = 1 }
+    END {
+        for (k in kinds) {
+            if (!((k, "bare") in n)) continue
+            line = k " overhead:"
+            for (c in n) { split(c, p, SUBSEP); if (p[1] == k && p[2] != "bare") line = line " " p[2] " +" n[k, p[2]] - n[k, "bare"] }
+            if ((k, "ours") in n && (k, "official") in n)
+                line = line sprintf("; ours / official %.2f", (n[k, "ours"] - n[k, "bare"]) / (n[k, "official"] - n[k, "bare"]))
+            print line
+        }
+    }' "$TMP/all"
+if [ -n "${JSON:-}" ]; then
+    awk 'BEGIN {printf "{"} { sub(":", "", $2); if ($1 != k) { printf "%s\"%s\": {", (k == "" ? "" : "}, "), $1; k = $1; f = 0 } printf "%s\"%s\": %s", (f++ ? ", " : ""), $2, $3 } END {print "}}"}' \
+        "$TMP/all" >"$JSON"
+fi
