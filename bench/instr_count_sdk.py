@@ -65,7 +65,7 @@ def setup(case: str) -> TracerProvider:
 
 def main() -> None:
     case, kind, calls = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    server, base_url = B.start_server(3600.0)
+    _server, base_url = B.start_server(3600.0)  # (it stops when our stdin pipe closes)
     setup(case)
     import openai
 
