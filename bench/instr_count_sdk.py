@@ -3,7 +3,7 @@
     bash bench/instr_count_sdk.sh [kind ...]   # runs this under valgrind --tool=callgrind
 
 Kinds: ``sync`` (``chat.completions.create``), ``async`` (the same on ``AsyncOpenAI``) and
-``stream`` (``stream=True``, read to the end, usage included). Cases: ``bare`` (the SDK
+``stream`` (``stream=True``, read to the end, usage included in every case). Cases: ``bare`` (the SDK
 alone), ``ours`` (BudgetInstrumentor: span, projection, reservation, settlement, its HTTP
 attempt hooks), ``official`` (``opentelemetry-instrumentation-genai-openai``) and ``wrapt``
 (a hand-written wrapt span). Unlike ``instr_count_wrapper.py``, which calls each wrapper
@@ -83,7 +83,11 @@ def main() -> None:
     else:
         client = openai.OpenAI(base_url=base_url, api_key="x", max_retries=0)
         if kind == "stream":
+            # Usage included in every case (as bench_instrumentation.py asks for it): the SDK
+            # then parses the same chunks whatever the instrumentation (ours would ask for it
+            # otherwise, the others not, and its parsing would count as our overhead).
             request["stream"] = True
+            request["stream_options"] = {"include_usage": True}
 
             def run(n: int) -> None:
                 for _ in range(n):

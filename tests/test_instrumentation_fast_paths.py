@@ -387,3 +387,52 @@ def test_usage_attributes_are_the_reported_counts(usage: dict[str, int], output:
     expected = {k: v for k, v in counts if v is not None and v <= 2**63 - 1}
     got = usage_attributes(u, output)
     assert got == expected and list(got) == list(expected)
+
+
+# -- issue 11, fourth round: stream chunks read from the parsed models' fields -------------------
+def _chunks() -> list[dict[str, Any]]:
+    base = {"id": "chatcmpl-9", "object": "chat.completion.chunk", "created": 1,
+            "model": "gpt-4o-mini-2024-07-18", "service_tier": "default"}  # fmt: skip
+    return [
+        {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
+        {**base, "choices": [{"index": 0, "delta": {"content": "Hello"}},
+                             {"index": 1, "delta": {"refusal": "no"}}]},  # fmt: skip
+        {**base, "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "t",
+            "type": "function", "function": {"name": "f", "arguments": "{\"a\": 1}"}}]}}]},
+        {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"},
+                             {"index": 1, "delta": {}, "finish_reason": "stop"}]},  # fmt: skip
+        {**base, "choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 5,
+            "total_tokens": 17, "completion_tokens_details": {"reasoning_tokens": 2}},
+         "provider_extra": 1},
+    ]  # fmt: skip
+
+
+def test_chunk_accumulator_reads_parsed_chunks_as_their_json() -> None:
+    """The fields' dict of the SDK's parsed chunks gives exactly what the generic readers
+    give for the same chunks as dicts (and for models missing a field: ``construct``)."""
+    from openai.types.chat import ChatCompletionChunk
+
+    from otel_budget.instrumentation._util import ChatChunkAccumulator, usage_only
+    from otel_budget.instrumentation.openai.response import chat_usage
+
+    def read(chunks: list[Any]) -> tuple[Any, ...]:
+        acc = ChatChunkAccumulator(chat_usage, tier_attribute="openai.response.service_tier")
+        flags = []
+        for chunk in chunks:
+            acc.add(chunk)
+            flags.append(usage_only(chunk))
+        return acc.text(), acc.units, acc.usage, acc.response_model, acc.attributes(), flags
+
+    dicts = _chunks()
+    parsed = [ChatCompletionChunk.model_validate(c) for c in dicts]
+    assert all(is_model(c) for c in parsed)
+    expected = read(dicts)
+    assert expected[0] == 'Hellono{"a": 1}' and expected[1] == 3
+    assert expected[2] is not None and expected[2].reasoning_tokens == 2
+    assert expected[5] == [False, False, False, False, True]
+    assert read(parsed) == expected
+    assert read([c.model_dump() for c in parsed]) == expected
+    # Built without validation and without some fields: the generic readers answer those.
+    sparse = [ChatCompletionChunk.model_construct(**{k: v for k, v in c.items() if k != "usage"})
+              for c in dicts]  # fmt: skip
+    assert read(sparse)[:2] == expected[:2] and read(sparse)[5] == [False] * 5
