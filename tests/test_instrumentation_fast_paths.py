@@ -389,7 +389,7 @@ def test_usage_attributes_are_the_reported_counts(usage: dict[str, int], output:
     assert got == expected and list(got) == list(expected)
 
 
-# -- issue 11, fourth round: stream chunks read from the parsed models' fields -------------------
+# -- stream chunks: the SDK's parsed chunks read as their JSON -----------------------------------
 def _chunks() -> list[dict[str, Any]]:
     base = {"id": "chatcmpl-9", "object": "chat.completion.chunk", "created": 1,
             "model": "gpt-4o-mini-2024-07-18", "service_tier": "default"}  # fmt: skip
@@ -408,8 +408,8 @@ def _chunks() -> list[dict[str, Any]]:
 
 
 def test_chunk_accumulator_reads_parsed_chunks_as_their_json() -> None:
-    """The fields' dict of the SDK's parsed chunks gives exactly what the generic readers
-    give for the same chunks as dicts (and for models missing a field: ``construct``)."""
+    """The SDK's parsed chunks read exactly as the same chunks as dicts (and as models built
+    without some fields: ``model_construct``)."""
     from openai.types.chat import ChatCompletionChunk
 
     from otel_budget.instrumentation._util import ChatChunkAccumulator, usage_only

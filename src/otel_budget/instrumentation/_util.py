@@ -246,15 +246,6 @@ def _base_url(client: Any) -> Any:
 _MODEL_TYPES: dict[type, bool] = {}  # type -> a pydantic (v2) model?
 
 
-def _fields_of(obj: Any) -> dict[str, Any] | None:
-    """A pydantic model's fields (its ``__dict__``: every declared field, set or default),
-    or None for anything else."""
-    known = _MODEL_TYPES.get(type(obj))
-    if known is None:
-        known = is_model(obj)
-    return obj.__dict__ if known else None
-
-
 def is_model(obj: Any) -> bool:
     """A pydantic v2 model instance (an SDK's parsed body), answered once per type."""
     kind = type(obj)
@@ -336,7 +327,7 @@ def usage_cost(body: Any) -> float | None:
     """The cost a provider reported in an OpenAI-shaped body's (or chunk's) ``usage.cost``
     (OpenRouter, in chat and Responses bodies and in a stream's usage chunk), in USD; None
     when there is none or it is no sane amount (``costing.reported_usd``)."""
-    return reported_usd(get(get(body, "usage"), "cost"))
+    return reported_cost(get(body, "usage"))
 
 
 def reported_cost(usage: Any) -> float | None:
@@ -454,38 +445,31 @@ class ChatChunkAccumulator:
         self._tier: str | None = None
 
     def add(self, chunk: Any) -> None:
-        # Runs for every chunk of every stream. The SDK's parsed objects (pydantic models)
-        # are read from their fields' dict, where every declared field is (no call per
-        # field); a name it lacks, a dict or another shape, through the generic readers.
+        # Runs for every chunk of every stream: plain getattr on SDK objects (the common
+        # case), the generic reader only for dicts and odd shapes.
         g = get if type(chunk) is dict else _attr
-        cd = _fields_of(chunk)
         if self._id is None:
-            rid = cd["id"] if cd is not None and "id" in cd else g(chunk, "id")
+            rid = g(chunk, "id")
             self._id = rid if isinstance(rid, str) else None
-            model = cd["model"] if cd is not None and "model" in cd else g(chunk, "model")
+            model = g(chunk, "model")
             self.response_model = model if isinstance(model, str) and model else None
         if self._tier is None and self._tier_attribute is not None:
             tier = g(chunk, "service_tier")
             self._tier = tier if isinstance(tier, str) and tier else None
-        choices = cd["choices"] if cd is not None and "choices" in cd else g(chunk, "choices")
+        choices = g(chunk, "choices")
         if choices:
             parts = self._parts
             for choice in choices:
                 gc = get if type(choice) is dict else _attr
-                cf = _fields_of(choice)
-                delta = cf["delta"] if cf is not None and "delta" in cf else gc(choice, "delta")
+                delta = gc(choice, "delta")
                 if delta is not None:
                     gd = get if type(delta) is dict else _attr
-                    df = _fields_of(delta)
                     for name in self._fields:
-                        text = df[name] if df is not None and name in df else gd(delta, name)
+                        text = gd(delta, name)
                         if text and type(text) is str:
                             parts.append(text)
                             self.units += 1
-                    tool_calls = (
-                        df["tool_calls"] if df is not None and "tool_calls" in df
-                        else gd(delta, "tool_calls")
-                    )  # fmt: skip
+                    tool_calls = gd(delta, "tool_calls")
                     if tool_calls:
                         for tool_call in tool_calls:
                             arguments = get(get(tool_call, "function"), "arguments")
@@ -497,13 +481,10 @@ class ChatChunkAccumulator:
                     if text and type(text) is str:
                         parts.append(text)
                         self.units += 1
-                reason = (
-                    cf["finish_reason"] if cf is not None and "finish_reason" in cf
-                    else gc(choice, "finish_reason")
-                )  # fmt: skip
+                reason = gc(choice, "finish_reason")
                 if reason is not None and isinstance(reason, str):
                     self._reasons.append(reason)
-        usage = cd["usage"] if cd is not None and "usage" in cd else g(chunk, "usage")
+        usage = g(chunk, "usage")
         if usage is not None:
             self.usage = self._read_usage(usage)
             self._cost = self._read_cost(chunk)
@@ -526,7 +507,4 @@ class ChatChunkAccumulator:
 
 def usage_only(chunk: Any) -> bool:
     """The chunk ``include_usage`` adds at the end of a chat stream: usage, no choices."""
-    fields = _fields_of(chunk)
-    if fields is not None and "choices" in fields and "usage" in fields:
-        return not fields["choices"] and fields["usage"] is not None
     return not get(chunk, "choices") and get(chunk, "usage") is not None
