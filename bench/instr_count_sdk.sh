@@ -13,24 +13,11 @@ CALLS="${CALLS:-100}"
 read -r -a CASE_LIST <<<"${CASES:-bare ours official wrapt}"
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
+# shellcheck source=bench/callgrind_ready.sh
+. bench/callgrind_ready.sh
 one() {  # kind case
-    local tag="$1-$2" out fifo pid ir fd
-    out="$TMP/$tag.out" fifo="$TMP/$tag.in"
-    mkfifo "$fifo"
-    PYTHONHASHSEED=0 PYTHONPATH="$SRC" valgrind --tool=callgrind --instr-atstart=no \
-        --callgrind-out-file="$out" "$PY" bench/instr_count_sdk.py "$2" "$1" "$CALLS" \
-        <"$fifo" >"$TMP/$tag.log" 2>"$TMP/$tag.err" &
-    pid=$!
-    exec {fd}>"$fifo"
-    until grep -q ready "$TMP/$tag.log" 2>/dev/null; do
-        kill -0 "$pid" 2>/dev/null || { cat "$TMP/$tag.err" >&2; exit 1; }
-        sleep 1
-    done
-    callgrind_control -i on "$pid" >/dev/null 2>&1
-    echo >&"$fd"
-    exec {fd}>&-
-    wait "$pid" || true
-    ir=$(grep -E "^(summary|totals):" "$out" | head -1 | awk '{print $2}')
+    local ir
+    ir=$(counted "$1-$2" bench/instr_count_sdk.py "$2" "$1" "$CALLS")
     echo "$1 $2: $((ir / CALLS)) instructions per call"
 }
 kinds=("$@")
@@ -45,7 +32,10 @@ for kind in "${kinds[@]}"; do
     wait
 done
 for kind in "${kinds[@]}"; do
-    for case in "${CASE_LIST[@]}"; do cat "$TMP/$kind.$case.result"; done
+    for case in "${CASE_LIST[@]}"; do
+        [ -s "$TMP/$kind.$case.result" ] || { echo "$kind $case: no count (see above)" >&2; exit 1; }
+        cat "$TMP/$kind.$case.result"
+    done
 done | tee "$TMP/all"
 awk '
     { sub(":", "", $2); n[$1, $2] = $3; kinds[$1] = 1 }

@@ -10,28 +10,21 @@ SRC="${SRC:-$PWD/src}"
 CALLS="${CALLS:-200}"
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
+# shellcheck source=bench/callgrind_ready.sh
+. bench/callgrind_ready.sh
 one() {
-    local out="$TMP/$1.out" fifo="$TMP/$1.in" pid
-    mkfifo "$fifo"
-    PYTHONHASHSEED=0 PYTHONPATH="$SRC" valgrind --tool=callgrind --instr-atstart=no \
-        --callgrind-out-file="$out" "$PY" bench/instr_count_wrapper.py count "$1" "$CALLS" \
-        <"$fifo" >"$TMP/$1.log" 2>"$TMP/$1.err" &
-    pid=$!
-    exec {fd}>"$fifo"
-    until grep -q ready "$TMP/$1.log" 2>/dev/null; do sleep 1; done
-    callgrind_control -i on "$pid" >/dev/null 2>&1
-    echo >&"$fd"
-    exec {fd}>&-
-    wait "$pid" || true
     local ir
-    ir=$(grep -E "^(summary|totals):" "$out" | head -1 | awk '{print $2}')
+    ir=$(counted "$1" bench/instr_count_wrapper.py count "$1" "$CALLS")
     echo "$1: $((ir / CALLS)) instructions per call"
 }
 cases=("$@")
 [ ${#cases[@]} -eq 0 ] && cases=(ours official wrapt)
 for case in "${cases[@]}"; do one "$case" >"$TMP/$case.result" & done
 wait
-for case in "${cases[@]}"; do cat "$TMP/$case.result"; done | tee "$TMP/all"
+for case in "${cases[@]}"; do
+    [ -s "$TMP/$case.result" ] || { echo "$case: no count (see above)" >&2; exit 1; }
+    cat "$TMP/$case.result"
+done | tee "$TMP/all"
 if [ -n "${JSON:-}" ]; then
     awk 'BEGIN {printf "{"} {sub(":", "", $1); printf "%s\"%s\": %s", (NR > 1 ? ", " : ""), $1, $2} END {print "}"}' \
         "$TMP/all" >"$JSON"

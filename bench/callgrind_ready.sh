@@ -1,0 +1,25 @@
+# Sourced by the instr_count_*.sh scripts: count what a Python process does after it says
+# "ready", under callgrind, without its start-up.
+#   total=$(counted TAG script.py args...)   # needs PY, SRC and TMP set by the caller
+# The process sets up with counting off, prints "ready" and blocks on stdin; counting is then
+# switched on and a line written, and the process runs its measured work and exits. Prints
+# the instructions counted (the process's stderr goes to the caller's, should it die first).
+counted() {
+    local tag="$1" out fifo pid fd
+    shift
+    out="$TMP/$tag.out" fifo="$TMP/$tag.in"
+    mkfifo "$fifo"
+    PYTHONHASHSEED=0 PYTHONPATH="$SRC" valgrind --tool=callgrind --instr-atstart=no \
+        --callgrind-out-file="$out" "$PY" "$@" <"$fifo" >"$TMP/$tag.log" 2>"$TMP/$tag.err" &
+    pid=$!
+    exec {fd}>"$fifo"
+    until grep -q ready "$TMP/$tag.log" 2>/dev/null; do
+        kill -0 "$pid" 2>/dev/null || { cat "$TMP/$tag.err" >&2; return 1; }
+        sleep 1
+    done
+    callgrind_control -i on "$pid" >/dev/null 2>&1
+    echo >&"$fd"
+    exec {fd}>&-
+    wait "$pid" || true
+    grep -E "^(summary|totals):" "$out" | head -1 | awk '{print $2}'
+}
