@@ -30,6 +30,8 @@ else ``~/.local/state/otel-budget/journal``.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -46,6 +48,7 @@ except ImportError:  # pragma: no cover - Windows: no adoption of other processe
     fcntl = None  # type: ignore[assignment]
 
 logger = logging.getLogger("otel_budget.storage.journal")
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 ENV_JOURNAL_DIR = "OTEL_BUDGET_JOURNAL_DIR"
 FSYNC_POLICIES = ("always", "everysec", "no")
@@ -99,9 +102,12 @@ class DurableJournal:
         # Created under a name adopters ignore, locked, then renamed (the lock stays with the
         # file): an adopter never sees, locks and removes a live process's new journal.
         creating = self.directory / (name + ".new")
-        self._handle = open(creating, "a+", encoding="utf-8")  # noqa: SIM115 - held open
+        # A raw descriptor in append mode: a line is one ``write`` syscall, with no Python
+        # buffer to flush (a queued commit writes one line before it returns). Owner-only:
+        # the entries name scopes (user ids).
+        self._fd = os.open(creating, os.O_WRONLY | os.O_CREAT | os.O_APPEND | _O_CLOEXEC, 0o600)
         if fcntl is not None:
-            fcntl.flock(self._handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.replace(creating, self.path)
         self._seq = 0
         self._open = 0  # pending entries in this file
@@ -109,18 +115,34 @@ class DurableJournal:
         self._closed = False
 
     # -- writing ------------------------------------------------------------------------------
-    def _write(self, record: dict[str, Any]) -> None:
-        self._write_line(json.dumps(record, separators=(",", ":")))
-
-    def _write_line(self, line: str) -> None:
-        handle = self._handle
-        handle.write(line + "\n")
-        handle.flush()  # in the OS: survives the process
+    def _write_bytes(self, data: bytes) -> None:
+        """``data`` in the file (in the OS: it survives the process), fsynced per policy."""
+        fd = self._fd
+        written = os.write(fd, data)
+        if written < len(data):
+            self._write_rest(data, written)
         if self.fsync == "always" or (
             self.fsync == "everysec" and time.monotonic() - self._last_sync >= 1.0
         ):
-            os.fsync(handle.fileno())
+            os.fsync(fd)
             self._last_sync = time.monotonic()
+
+    def _write_rest(self, data: bytes, written: int) -> None:
+        """After a short write (a signal, a nearly full disk): the rest. If it fails, the
+        torn line is ended, so that only it is unreadable, not the next one too."""
+        try:
+            while written < len(data):
+                if written <= 0:
+                    raise OSError(errno.EIO, f"no progress writing the journal {self.path}")
+                data = data[written:]
+                written = os.write(self._fd, data)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.write(self._fd, b"\n")
+            raise
+
+    def _truncate(self) -> None:
+        os.ftruncate(self._fd, 0)  # (append mode: the next line goes at the new end)
 
     def append(self, entry: Any) -> int:
         """Write one pending entry (JSON-serialisable); returns its sequence number."""
@@ -133,7 +155,7 @@ class DurableJournal:
             if self._closed:
                 return -1
             self._seq += 1
-            self._write_line(f'{{"i":{self._seq},"e":{entry_json}}}')
+            self._write_bytes(f'{{"i":{self._seq},"e":{entry_json}}}\n'.encode())
             self._open += 1
             return self._seq
 
@@ -147,10 +169,9 @@ class DurableJournal:
             self._open -= 1
             if self._open <= 0:
                 self._open = 0
-                self._handle.truncate(0)
-                self._handle.flush()
+                self._truncate()
             else:
-                self._write({"d": seq})
+                self._write_bytes(f'{{"d":{seq}}}\n'.encode())
 
     def done_many(self, seqs: list[int]) -> None:
         """``done`` for a batch: one write (or the truncation) for all of them."""
@@ -163,11 +184,9 @@ class DurableJournal:
             self._open -= len(seqs)
             if self._open <= 0:
                 self._open = 0
-                self._handle.truncate(0)
-                self._handle.flush()
+                self._truncate()
             else:
-                self._handle.write("".join(f'{{"d":{seq}}}\n' for seq in seqs))
-                self._handle.flush()
+                self._write_bytes("".join([f'{{"d":{seq}}}\n' for seq in seqs]).encode())
 
     # -- adopting what exited processes left ------------------------------------------------
     def adopt(self) -> list[tuple[int, Any]]:
@@ -197,7 +216,7 @@ class DurableJournal:
                 for entry in entries:
                     adopted.append((self.append(entry), entry))
                 if self.fsync != "no":
-                    os.fsync(self._handle.fileno())
+                    os.fsync(self._fd)
                 path.unlink()
             except (OSError, ValueError) as exc:
                 logger.error("otel-budget: cannot adopt the ledger journal %s: %s", path, exc)
@@ -224,10 +243,9 @@ class DurableJournal:
                     except OSError:
                         pass
                 elif self.fsync != "no":
-                    self._handle.flush()
-                    os.fsync(self._handle.fileno())
+                    os.fsync(self._fd)
             finally:
-                self._handle.close()
+                os.close(self._fd)
 
 
 __all__ = ["ENV_JOURNAL_DIR", "FSYNC_POLICIES", "DurableJournal", "default_directory", "ledger_id"]

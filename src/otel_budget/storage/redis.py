@@ -212,6 +212,8 @@ if TYPE_CHECKING:
     from otel_budget.storage.redis_aio import LoopConnections
 
 logger = logging.getLogger("otel_budget.storage.redis")
+_new_tuple = tuple.__new__  # a NamedTuple built without its Python-level __new__
+_RESERVED = ReserveStatus.OK
 
 
 def _pack(conn: Any, command: tuple[Any, ...]) -> list[bytes]:
@@ -1085,7 +1087,9 @@ class RedisStorage(LedgerStorage):
             if len(cache) >= 1024:
                 cache.clear()
             cache[specs] = cached
-        return f'["settle",{json.dumps(name)},{cached},"{mode}",{int(actual)}]'
+        # An int lease's name is hex digits (and '-'): JSON as it is, quoted.
+        quoted = f'"{name}"' if name[:1] != "~" else json.dumps(name)
+        return f'["settle",{quoted},{cached},"{mode}",{int(actual)}]'
 
     def _start_writer(self) -> None:
         with self._lock:
@@ -1184,16 +1188,16 @@ class RedisStorage(LedgerStorage):
             for spec in specs:
                 seen = known.get(spec.key)
                 if seen is not None:
-                    seen = ScopeUsage(
-                        spec.key, seen.limit, seen.spent + actual,
-                        seen.reserved - amount if seen.reserved > amount else 0,
-                    )  # fmt: skip
+                    seen = _new_tuple(ScopeUsage, (
+                        spec.key, seen[1], seen[2] + actual,  # limit, spent
+                        seen[3] - amount if seen[3] > amount else 0,  # reserved
+                    ))  # fmt: skip
                     known[spec.key] = seen
                     usages.append(seen)
         self._enqueue(("settle", name, [s.key for s in specs], specs, mode, actual))
-        if mode == "r":
-            return CommitResult(CommitStatus.RELEASED, amount, 0, tuple(usages))
-        return CommitResult(CommitStatus.OK, amount, 0, tuple(usages))
+        return _new_tuple(CommitResult, (
+            CommitStatus.RELEASED if mode == "r" else CommitStatus.OK, amount, 0, tuple(usages)
+        ))  # fmt: skip
 
     def _mark_settled(self, name: str) -> None:
         settled = self._settled
@@ -1388,12 +1392,18 @@ class RedisStorage(LedgerStorage):
             if status == "dup":
                 return ReserveResult(ReserveStatus.DUPLICATE, None, granted)
             if want:
-                self._sync_pauses(_text(reply[2]))
-                values = [int(v) for v in reply[4:]]
-                self._remember(
-                    [ScopeUsage(s.key, *values[3 * i : 3 * i + 3]) for i, s in enumerate(scopes)]
-                )
-            return ReserveResult(ReserveStatus.OK, None, granted)
+                if self._fallback is not None:
+                    self._sync_pauses(_text(reply[2]))
+                # (ScopeUsage and ReserveResult built by tuple.__new__: their NamedTuple
+                # constructors are a Python call each, on every reserve.)
+                self._remember([
+                    _new_tuple(ScopeUsage, (
+                        spec.key, int(reply[4 + 3 * i]), int(reply[5 + 3 * i]),
+                        int(reply[6 + 3 * i]),
+                    ))
+                    for i, spec in enumerate(scopes)
+                ])  # fmt: skip
+            return _new_tuple(ReserveResult, (_RESERVED, None, granted))
         if status == "paused":
             return ReserveResult(ReserveStatus.PAUSED, ScopeUsage(_text(reply[2]), 0, 0, 0))
         spec = scopes[int(reply[2]) - 1]
