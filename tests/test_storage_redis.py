@@ -1208,3 +1208,30 @@ def test_lua_scripts_are_package_data() -> None:
     assert SCRIPTS["reserve"].startswith(lua.joinpath("helpers.lua").read_text(encoding="utf-8"))
     python = resources.files("otel_budget.storage").joinpath("redis.py").read_text("utf-8")
     assert "KEYS[" not in python and "local function" not in python  # none left embedded
+
+
+@pytest.mark.parametrize("prefix", ["otb:", "ötb-ünïcode:"])
+def test_the_packed_reserve_is_byte_for_byte_the_packers(prefix: str) -> None:
+    """``_reserve_packed`` splices cached RESP parts: the bytes must be what redis-py's own
+    packer makes of ``_reserve_command``'s KEYS and ARGV, whatever the scopes, pause keys,
+    amounts and (non-ASCII) names."""
+    redis = pytest.importorskip("redis")
+    store = RedisStorage("redis://127.0.0.1:9/0", prefix=prefix, durable_journal=False)
+    conn = redis.Connection()
+    try:
+        cases = [
+            ((ScopeLimit("t:1f", 10**12, True, 3600.0),), [], 0, 5),
+            ((ScopeLimit("t:1f", 10**12, True, 3600.0), ScopeLimit("user:zoë@d20261203", 7, False, 86400.0, 3)),
+             ["user:*", "user:zoë"], 123, 456_789),
+            ((ScopeLimit("process", 10**15),), ["process"], 10**15, 10**15),
+        ]
+        for scopes, pauses, low, high in cases * 2:  # the second time from the cache
+            for want in (True, False):
+                for lease in (0x1F, -0x2A, ("t", "ü")):
+                    name = lease_name(lease)
+                    keys, args = store._reserve_command(name, scopes, low, high, pauses, want)
+                    sha = store._scripts["reserve"].sha
+                    expected = b"".join(conn.pack_command("EVALSHA", sha, len(keys), *keys, *args))
+                    assert store._reserve_packed(name, scopes, low, high, pauses, want) == expected
+    finally:
+        store.close()
