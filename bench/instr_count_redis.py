@@ -6,12 +6,14 @@ A real ``redis-server`` on a free 127.0.0.1 port (started before counting), one
 ``RedisStorage``, sequential calls on two scopes (a trace and a user's daily cap, as in
 ``bench_redis.py``'s ``trace+cap``). Modes: ``queued`` (the reserve's round trip, then the
 commit journaled and queued: what the caller pays; the writer thread, held back here, sends
-the batches later and is not counted) and ``sync`` (the commit's own round trip as well).
+the batches later and is not counted), ``async`` (the same from a coroutine: the reserve on
+the event loop's own connection) and ``sync`` (the commit's own round trip as well).
 The server's work is in another process and is not counted.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import sys
@@ -29,7 +31,7 @@ from tests.redis_server import RedisServer  # noqa: E402
 def main(mode: str, calls: int) -> None:
     server = RedisServer().start()
     store = RedisStorage(
-        server.url, prefix=f"otbcount:{time.time()}:", settle_async=mode == "queued",
+        server.url, prefix=f"otbcount:{time.time()}:", settle_async=mode != "sync",
         settle_interval_seconds=3600.0, settle_batch=10**9,
         journal_dir=tempfile.mkdtemp(prefix="otb-count-jnl-"),
     )  # fmt: skip
@@ -42,12 +44,27 @@ def main(mode: str, calls: int) -> None:
         store.reserve(lease, scopes, 1_000_000)
         store.commit(lease, 700_000)
 
-    for lease in range(1, 300):  # warm-up: connection, script load, caches
-        call(lease)
-    print("ready", flush=True)
-    sys.stdin.readline()  # blocks (no instructions) while the driver switches callgrind on
-    for lease in range(1000, 1000 + calls):
-        call(lease)
+    async def acall(lease: int) -> None:
+        await store.areserve_up_to(lease, scopes, 1_000_000, 1_000_000)
+        await store.acommit(lease, 700_000)
+
+    async def calls_async() -> None:
+        for lease in range(1, 300):
+            await acall(lease)
+        print("ready", flush=True)
+        sys.stdin.readline()  # (blocks the loop too: nothing else runs on it)
+        for lease in range(1000, 1000 + calls):
+            await acall(lease)
+
+    if mode == "async":
+        asyncio.run(calls_async())
+    else:
+        for lease in range(1, 300):  # warm-up: connection, script load, caches
+            call(lease)
+        print("ready", flush=True)
+        sys.stdin.readline()  # blocks (no instructions) while the driver switches callgrind on
+        for lease in range(1000, 1000 + calls):
+            call(lease)
     if server.pid is not None:
         os.kill(server.pid, signal.SIGKILL)  # (one syscall: its cleanup would be counted)
     os._exit(0)  # skip shutdown: its work is not per call

@@ -1367,11 +1367,11 @@ class RedisStorage(LedgerStorage):
         scopes = tuple(scopes)
         name = lease_name(lease_id)
         want = self._fallback is not None or self.settle_async
-        keys, args = self._reserve_command(name, scopes, minimum, maximum, pause_keys, want)
-        script = self._scripts["reserve"]
+        packed = self._reserve_packed(name, scopes, minimum, maximum, pause_keys, want)
+        sha = self._scripts["reserve"].sha
 
         def send() -> Awaitable[Any]:
-            return conns.evalsha(script.sha, SCRIPTS["reserve"], keys, args)
+            return conns.evalsha(sha, SCRIPTS["reserve"], (), (), packed)
 
         try:
             reply = await self._acall(send)

@@ -135,22 +135,24 @@ class LoopConnections:
         return len(self._pools)
 
     async def evalsha(
-        self, sha: str, source: str, keys: Sequence[str], args: Sequence[Any]
-    ) -> Any:
+        self, sha: str, source: str, keys: Sequence[str], args: Sequence[Any],
+        packed: bytes | None = None,
+    ) -> Any:  # fmt: skip
         """``EVALSHA sha keys args`` on one of this loop's connections; ``SCRIPT LOAD
         source`` and once more on ``NOSCRIPT``. Raises redis-py's ``ConnectionError`` /
-        ``TimeoutError`` (the connection is then closed) and ``ResponseError``."""
+        ``TimeoutError`` (the connection is then closed) and ``ResponseError``.
+        ``packed``: the whole ``EVALSHA`` in RESP already (``keys`` and ``args`` unused)."""
         if self.closed:
             raise _ConnectionError("the storage is closed")
         pool = self._pool()
         if pool.watcher is None:
             pool.watcher = _watch(pool)  # held here: the loop keeps it weakly
             await pool.watcher.__anext__()
-        command = ("EVALSHA", sha, len(keys), *keys, *args)
+        command: Any = packed if packed is not None else ("EVALSHA", sha, len(keys), *keys, *args)
         async with pool.limit:  # a call beyond max_connections waits for a free one
             return await self._evalsha(pool, command, source)
 
-    async def _evalsha(self, pool: _LoopPool, command: tuple[Any, ...], source: str) -> Any:
+    async def _evalsha(self, pool: _LoopPool, command: Any, source: str) -> Any:
         for reused in (True, False):
             fresh = not pool.free or not reused
             conn = self._factory.make_connection() if fresh else pool.free.pop()  # type: ignore[no-untyped-call]
@@ -194,8 +196,11 @@ class LoopConnections:
         raise AssertionError("unreachable")  # pragma: no cover
 
     @staticmethod
-    async def _roundtrip(conn: Any, command: tuple[Any, ...]) -> Any:
-        if _hiredis_pack is not None:
+    async def _roundtrip(conn: Any, command: tuple[Any, ...] | bytes) -> Any:
+        """One command (a tuple of arguments, or packed in RESP already) and its reply."""
+        if isinstance(command, bytes):
+            packed = [command]
+        elif _hiredis_pack is not None:
             packed = [_hiredis_pack(command)]
         else:  # pragma: no cover - without hiredis
             packed = conn.pack_command(*command)
