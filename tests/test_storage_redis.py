@@ -1235,3 +1235,33 @@ def test_the_packed_reserve_is_byte_for_byte_the_packers(prefix: str) -> None:
                     assert store._reserve_packed(name, scopes, low, high, pauses, want) == expected
     finally:
         store.close()
+
+
+def test_the_breaker_opens_probes_once_backs_off_and_closes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The circuit breaker's states, on a fake clock: its closed-state checks take no lock
+    (``allow`` and ``success`` on every call), which must not change a transition."""
+    from otel_budget.storage import redis as redis_module
+
+    now = [100.0]
+    monkeypatch.setattr(redis_module.time, "monotonic", lambda: now[0])
+    breaker = redis_module._Breaker(failures=3, reset_seconds=0.25, max_reset_seconds=0.5)
+    assert breaker.allow() and breaker.success() is False  # closed: nothing to reset
+    assert breaker.failure() is False and breaker.failure() is False and breaker.allow()
+    assert breaker.success() is False and breaker.failures == 0  # reset below the threshold
+    for _ in range(2):
+        breaker.failure()
+    assert breaker.failure() is True  # the third in a row opens it
+    assert not breaker.allow() and breaker.is_open
+    now[0] += 0.25
+    assert breaker.allow()  # half-open: one probe...
+    assert not breaker.allow()  # ...and only one
+    assert breaker.failure() is False  # the probe failed: open again, for twice as long
+    assert breaker.reset_seconds == 0.5
+    now[0] += 0.3
+    assert not breaker.allow()
+    now[0] += 0.2
+    assert breaker.allow()
+    assert breaker.success() is True  # recovered: closed, waits back to their first length
+    assert breaker.failures == 0 and not breaker.is_open and breaker.reset_seconds == 0.25
+    assert breaker.allow() and breaker.allow()
+    assert breaker.success() is False

@@ -303,6 +303,8 @@ class _Breaker:
         self._lock = threading.Lock()
 
     def allow(self) -> bool:
+        if self.failures < self.threshold:
+            return True  # (closed: one read, no lock; a failure racing it is ordered after)
         with self._lock:
             if self.failures < self.threshold:
                 return True
@@ -313,6 +315,8 @@ class _Breaker:
 
     def success(self) -> bool:
         """Record a success; True if the circuit had been open (a recovery)."""
+        if not (self.failures or self.probing or self.opened):
+            return False  # nothing to reset (the usual call: no lock)
         with self._lock:
             recovered = self.opened
             self.failures = 0
