@@ -1,6 +1,12 @@
-# Sourced by the instr_count_*.sh scripts: count what a Python process does after it says
-# "ready", under callgrind, without its start-up.
-#   total=$(counted TAG script.py args...)   # needs PY, SRC and TMP set by the caller
+# Sourced by the instr_count_*.sh scripts (from the repository's root): count what a Python
+# process does after it says "ready", under callgrind, without its start-up.
+#   total=$(counted TAG script.py args...)
+# Sets PY (the venv's python, or $PYTHON), SRC (this checkout's src, or $SRC: another
+# checkout's code) and TMP (a new directory, removed at exit; never one inherited).
+PY="${PYTHON:-.venv/bin/python}"
+SRC="${SRC:-$PWD/src}"
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
 # The process sets up with counting off, prints "ready" and blocks on stdin; counting is then
 # switched on and a line written, and the process runs its measured work and exits. Prints
 # the instructions counted (the process's stderr goes to the caller's, should it die first).

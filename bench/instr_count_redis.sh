@@ -5,11 +5,7 @@
 # Prints "mode: N instructions per call" (reserve + commit, two scopes); ~3 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY="${PYTHON:-.venv/bin/python}"
-SRC="${SRC:-$PWD/src}"
 CALLS="${CALLS:-2000}"
-TMP=$(mktemp -d)
-trap 'rm -rf "$TMP"' EXIT
 # shellcheck source=bench/callgrind_ready.sh
 . bench/callgrind_ready.sh
 modes=("$@")

@@ -7,12 +7,8 @@
 # writes {kind: {case: N, ...}}. ~3 minutes per kind (two cases at a time).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY="${PYTHON:-.venv/bin/python}"
-SRC="${SRC:-$PWD/src}"
 CALLS="${CALLS:-100}"
 read -r -a CASE_LIST <<<"${CASES:-bare ours official wrapt}"
-TMP=$(mktemp -d)
-trap 'rm -rf "$TMP"' EXIT
 # shellcheck source=bench/callgrind_ready.sh
 . bench/callgrind_ready.sh
 one() {  # kind case

@@ -5,11 +5,7 @@
 # Prints "case: N instructions per call"; JSON=path also writes {case: N}. ~2 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY="${PYTHON:-.venv/bin/python}"
-SRC="${SRC:-$PWD/src}"
 CALLS="${CALLS:-200}"
-TMP=$(mktemp -d)
-trap 'rm -rf "$TMP"' EXIT
 # shellcheck source=bench/callgrind_ready.sh
 . bench/callgrind_ready.sh
 one() {
