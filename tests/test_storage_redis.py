@@ -1265,3 +1265,24 @@ def test_the_breaker_opens_probes_once_backs_off_and_closes(monkeypatch: pytest.
     assert breaker.failures == 0 and not breaker.is_open and breaker.reset_seconds == 0.25
     assert breaker.allow() and breaker.allow()
     assert breaker.success() is False
+
+
+def test_reserve_reports_amounts_a_double_cannot_hold_exactly(server: RedisServer) -> None:
+    """The reserve script answers its amounts as integers while a double holds them exactly
+    (no string to decode per value); a larger one (an operator's override written straight
+    into Redis, above 2**53) comes back as text, read exactly, never rounded."""
+    store = RedisStorage(server.url, prefix=unique_prefix())
+    try:
+        huge = 2**60 + 1  # not a double: 2**60 + 1 would read back as 2**60
+        scope = ScopeLimit("team:big", 10 * USD)
+        assert store.reserve(1, [scope], USD).status is ReserveStatus.OK
+        committed = store.commit(1, USD // 2)
+        assert committed.scopes[0].limit == 10 * USD and committed.scopes[0].spent == USD // 2
+        store.flush()  # (the queued commit lands: the next reserve's reply includes it)
+        store.client.hset(store.scope_key("team:big"), "olimit", str(huge))
+        assert store.reserve(2, [scope], USD).status is ReserveStatus.OK
+        usage = store.commit(2, USD).scopes[0]
+        assert (usage.limit, usage.spent, usage.reserved) == (huge, USD // 2 + USD, 0)
+        assert type(usage.limit) is int
+    finally:
+        store.close()

@@ -25,6 +25,14 @@ local function add_spent(h, amount)
     end
   end
 end
+-- An amount as a reply: an integer (the client reads it without decoding a string) while a
+-- double holds it exactly, else its text (a value above 2**53: an override written into
+-- Redis by hand, a saturated spend).
+local function reply_amount(text)
+  local n = tonumber(text)
+  if n and n < 9007199254740992 then return n end
+  return text
+end
 -- A scope's spec, one ARGV: '<limit>:<lower_only 0|1>:<ttl ms, 0: none>:<cap, '': none>'.
 local function spec(text)
   return string.match(text, '^(%d+):([01]):(%d+):(%d*)$')

@@ -8,7 +8,8 @@
 -- (Few arguments: packing them is most of the client's CPU time per call.)
 -- Returns {'dup', swept, granted} | {'paused', swept, key} |
 --   {'denied', swept, index, stored limit, spent, reserved} (the first scope that refuses) |
---   {'ok', swept, pauses or '', granted, then limit spent reserved per scope if wanted}.
+--   {'ok', swept, pauses or '', granted, then limit spent reserved per scope if wanted}
+--   (the amounts of 'ok' as integers while exact: see reply_amount).
 local lease_ms, offset, record_ms, sweep, want =
   string.match(ARGV[3], '^(%d+):(-?%d+):(%d+):(%d+):([01])$')
 lease_ms = tonumber(lease_ms)
@@ -66,7 +67,7 @@ local grant = maximum
 if least < tonumber(maximum) then grant = string.format('%d', least) end
 local deadline = string.format('%d', now + lease_ms)
 local member = ARGV[1] .. '|' .. grant
-local out = {'ok', swept, '', grant}
+local out = {'ok', swept, '', reply_amount(grant)}
 for i = 1, n do
   local h, z = KEYS[1 + 2 * i], KEYS[2 + 2 * i]
   incr(h, 'reserved', grant, '')
@@ -79,9 +80,9 @@ for i = 1, n do
   end
   if want == '1' then
     local u = usage[i]
-    out[#out + 1] = u[1]
-    out[#out + 1] = u[2]
-    out[#out + 1] = string.format('%d', tonumber(u[3]) + tonumber(grant))
+    out[#out + 1] = reply_amount(u[1])
+    out[#out + 1] = reply_amount(u[2])
+    out[#out + 1] = reply_amount(string.format('%d', tonumber(u[3]) + tonumber(grant)))
   end
 end
 redis.call('HSET', KEYS[2], 'a', grant, 'st', 'r', 'k', ARGV[4], 'dl', deadline)
