@@ -34,7 +34,8 @@ if redis.call('EXISTS', KEYS[2]) == 1 then
   return {'dup', swept, redis.call('HGET', KEYS[2], 'a') or '0'}
 end
 local np = tonumber(ARGV[5])
-if np > 0 and redis.call('SCARD', KEYS[1]) > 0 then
+local switches = redis.call('SCARD', KEYS[1])  -- (read once: the reply lists them too)
+if np > 0 and switches > 0 then
   for j = 6, 5 + np do
     if redis.call('SISMEMBER', KEYS[1], ARGV[j]) == 1 then return {'paused', swept, ARGV[j]} end
   end
@@ -87,7 +88,7 @@ for i = 1, n do
 end
 redis.call('HSET', KEYS[2], 'a', grant, 'st', 'r', 'k', ARGV[4], 'dl', deadline)
 redis.call('PEXPIRE', KEYS[2], record_ms)
-if want == '1' and redis.call('SCARD', KEYS[1]) > 0 then
+if want == '1' and switches > 0 then
   out[3] = table.concat(redis.call('SMEMBERS', KEYS[1]), '\n')
 end
 return out
