@@ -7,6 +7,14 @@ PY="${PYTHON:-.venv/bin/python}"
 SRC="${SRC:-$PWD/src}"
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
+# Counts run one at a time unless JOBS says otherwise: with two counting processes at once,
+# one of the two came out ~40k instructions per span higher in 4 of 7 pairs on the 2-core
+# development machine (never in a count run alone), so side by side means one after the other.
+JOBS="${JOBS:-1}"
+# Call before starting a count in the background: waits until fewer than JOBS are running.
+throttle() {
+    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
+}
 # The process sets up with counting off, prints "ready" and blocks on stdin; counting is then
 # switched on and a line written, and the process runs its measured work and exits. Prints
 # the instructions counted (the process's stderr goes to the caller's, should it die first).

@@ -4,7 +4,8 @@
 #   bash bench/instr_count_sdk.sh [kind ...]       # kinds: sync async stream (default: all)
 #   CASES="bare ours" SRC=/other/src bash bench/instr_count_sdk.sh sync   # another checkout
 # Prints "kind case: N instructions per call", then each kind's overheads; JSON=path also
-# writes {kind: {case: N, ...}}. ~3 minutes per kind (two cases at a time).
+# writes {kind: {case: N, ...}}. ~5 minutes per kind (JOBS=2: two
+# cases at a time; see bench/callgrind_ready.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CALLS="${CALLS:-100}"
@@ -19,11 +20,9 @@ one() {  # kind case
 kinds=("$@")
 [ ${#kinds[@]} -eq 0 ] && kinds=(sync async stream)
 for kind in "${kinds[@]}"; do
-    i=0
     for case in "${CASE_LIST[@]}"; do
+        throttle
         one "$kind" "$case" >"$TMP/$kind.$case.result" &
-        i=$((i + 1))
-        if [ $((i % 2)) -eq 0 ]; then wait; fi
     done
     wait
 done

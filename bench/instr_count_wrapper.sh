@@ -2,7 +2,8 @@
 # Instructions per call of each instrumentation's wrapper work (callgrind), side by side.
 #   bash bench/instr_count_wrapper.sh [case ...]   # cases: ours official wrapt request response
 #   SRC=/path/to/other/src bash bench/instr_count_wrapper.sh ours   # another checkout's code
-# Prints "case: N instructions per call"; JSON=path also writes {case: N}. ~2 minutes.
+# Prints "case: N instructions per call"; JSON=path also writes {case: N}. ~4 minutes
+# (JOBS=2: two counts at a time; see bench/callgrind_ready.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CALLS="${CALLS:-200}"
@@ -15,7 +16,10 @@ one() {
 }
 cases=("$@")
 [ ${#cases[@]} -eq 0 ] && cases=(ours official wrapt)
-for case in "${cases[@]}"; do one "$case" >"$TMP/$case.result" & done
+for case in "${cases[@]}"; do
+    throttle
+    one "$case" >"$TMP/$case.result" &
+done
 wait
 for case in "${cases[@]}"; do
     [ -s "$TMP/$case.result" ] || { echo "$case: no count (see above)" >&2; exit 1; }
