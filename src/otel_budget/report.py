@@ -119,14 +119,18 @@ class _Line:
         return LineItem(to_usd(self.nanos), self.calls, self.input_tokens, self.output_tokens)
 
 
-def _add(table: dict[str, _Line], name: str, nanos: int, inp: int, out: int) -> None:
-    line = table.get(name)
-    if line is None:
-        line = table[name] = _Line()
-    line.nanos += nanos
-    line.calls += 1
-    line.input_tokens += inp
-    line.output_tokens += out
+def _add(table: dict[str, _Line], name: str, line: _Line) -> None:
+    total = table.get(name)
+    if total is None:
+        total = table[name] = _Line()
+    total.nanos += line.nanos
+    total.calls += line.calls
+    total.input_tokens += line.input_tokens
+    total.output_tokens += line.output_tokens
+
+
+_LLM = "llm"
+_TOOL = "tool"
 
 
 class TraceStats:
@@ -134,7 +138,7 @@ class TraceStats:
 
     __slots__ = (
         "trace_id", "limit", "spent", "llm", "tools", "calls", "tool_calls", "turns", "aborts",
-        "overshoot", "by_model", "by_provider", "by_tool", "by_agent", "loops", "events",
+        "overshoot", "lines", "loops", "events",
         "cache",
         "started", "ended",
         "terminated_by", "threshold_index", "alert_at", "root_span", "label", "key", "scope_spec", "_lock",
@@ -152,10 +156,10 @@ class TraceStats:
         self.turns = 0
         self.aborts = 0
         self.overshoot = 0
-        self.by_model: dict[str, _Line] = {}
-        self.by_provider: dict[str, _Line] = {}
-        self.by_tool: dict[str, _Line] = {}
-        self.by_agent: dict[str, _Line] = {}
+        # One line per (kind, model or tool, provider, agent), in the order first seen: a
+        # call adds to one line (one lookup on the hot path); the tables by model, provider,
+        # tool and agent are summed from them when a report or the root's breakdown is built.
+        self.lines: dict[tuple[str, str, str, str | None], _Line] = {}
         self.loops = 0
         # Prompt cache [hits, misses, nano-USD the hits did not spend]; None: no lookup yet.
         self.cache: list[int] | None = None
@@ -178,6 +182,7 @@ class TraceStats:
         self, nanos: int, model: str, provider: str, operation: str, inp: int, out: int,
         overshoot: int = 0, agent: str | None = None,
     ) -> None:  # fmt: skip
+        key = (_LLM, model, provider, agent)
         with self._lock:
             self.spent += nanos
             self.llm += nanos
@@ -185,22 +190,44 @@ class TraceStats:
             self.overshoot += overshoot
             if operation in attrs.INFERENCE_OPERATIONS:
                 self.turns += 1
-            _add(self.by_model, model, nanos, inp, out)
-            _add(self.by_provider, provider, nanos, inp, out)
-            if agent is not None:
-                _add(self.by_agent, agent, nanos, inp, out)
+            line = self.lines.get(key)
+            if line is None:
+                line = self.lines[key] = _Line()
+            line.nanos += nanos
+            line.calls += 1
+            line.input_tokens += inp
+            line.output_tokens += out
 
     def add_tool(
         self, nanos: int, tool: str, overshoot: int = 0, agent: str | None = None
     ) -> None:
+        key = (_TOOL, tool, "", agent)
         with self._lock:
             self.spent += nanos
             self.tools += nanos
             self.tool_calls += 1
             self.overshoot += overshoot
-            _add(self.by_tool, tool, nanos, 0, 0)
+            line = self.lines.get(key)
+            if line is None:
+                line = self.lines[key] = _Line()
+            line.nanos += nanos
+            line.calls += 1
+
+    def _tables(self) -> tuple[dict[str, _Line], dict[str, _Line], dict[str, _Line], dict[str, _Line]]:
+        """(by model, by provider, by tool, by agent), summed from the lines (lock held)."""
+        by_model: dict[str, _Line] = {}
+        by_provider: dict[str, _Line] = {}
+        by_tool: dict[str, _Line] = {}
+        by_agent: dict[str, _Line] = {}
+        for (kind, name, provider, agent), line in self.lines.items():
+            if kind == _LLM:
+                _add(by_model, name, line)
+                _add(by_provider, provider, line)
+            else:
+                _add(by_tool, name, line)
             if agent is not None:
-                _add(self.by_agent, agent, nanos, 0, 0)
+                _add(by_agent, agent, line)
+        return by_model, by_provider, by_tool, by_agent
 
     def add_cache(self, hits: int = 0, misses: int = 0, saved: int = 0) -> None:
         """A cache lookup's outcome, or (``saved``) what a hit would have cost live."""
@@ -257,11 +284,12 @@ class TraceStats:
                 out[attrs.TRACE_CACHE_HITS] = hits
                 out[attrs.TRACE_CACHE_MISSES] = misses
                 out[attrs.TRACE_CACHE_SAVED_USD] = to_usd(saved)
+            by_model, by_provider, by_tool, by_agent = self._tables()
             for names_key, costs_key, table in (
-                (attrs.TRACE_MODELS, attrs.TRACE_MODEL_COSTS_USD, self.by_model),
-                (attrs.TRACE_PROVIDERS, attrs.TRACE_PROVIDER_COSTS_USD, self.by_provider),
-                (attrs.TRACE_TOOLS, attrs.TRACE_TOOL_COSTS_USD, self.by_tool),
-                (attrs.TRACE_AGENTS, attrs.TRACE_AGENT_COSTS_USD, self.by_agent),
+                (attrs.TRACE_MODELS, attrs.TRACE_MODEL_COSTS_USD, by_model),
+                (attrs.TRACE_PROVIDERS, attrs.TRACE_PROVIDER_COSTS_USD, by_provider),
+                (attrs.TRACE_TOOLS, attrs.TRACE_TOOL_COSTS_USD, by_tool),
+                (attrs.TRACE_AGENTS, attrs.TRACE_AGENT_COSTS_USD, by_agent),
             ):
                 if table:
                     out[names_key] = list(table)
@@ -271,6 +299,7 @@ class TraceStats:
     def report(self) -> CostReport:
         with self._lock:
             end = self.ended if self.ended is not None else time.time()
+            by_model, by_provider, by_tool, by_agent = self._tables()
             return CostReport(
                 trace_id=self.trace_id,
                 budget_usd=None if self.limit is None else to_usd(self.limit),
@@ -282,14 +311,14 @@ class TraceStats:
                 tool_calls=self.tool_calls,
                 turns=self.turns,
                 aborts=self.aborts,
-                by_model={k: v.freeze() for k, v in self.by_model.items()},
-                by_provider={k: v.freeze() for k, v in self.by_provider.items()},
-                by_tool={k: v.freeze() for k, v in self.by_tool.items()},
+                by_model={k: v.freeze() for k, v in by_model.items()},
+                by_provider={k: v.freeze() for k, v in by_provider.items()},
+                by_tool={k: v.freeze() for k, v in by_tool.items()},
                 events=[dict(e) for e in self.events],
                 duration_s=max(0.0, end - self.started),
                 terminated_by=self.terminated_by,
                 overshoot_usd=to_usd(self.overshoot),
-                by_agent={k: v.freeze() for k, v in self.by_agent.items()},
+                by_agent={k: v.freeze() for k, v in by_agent.items()},
                 loops=self.loops,
                 cache_hits=self.cache[0] if self.cache else 0,
                 cache_misses=self.cache[1] if self.cache else 0,
