@@ -4,11 +4,11 @@
 #   bash bench/instr_count_sdk.sh [kind ...]       # kinds: sync async stream (default: all)
 #   CASES="bare ours" SRC=/other/src bash bench/instr_count_sdk.sh sync   # another checkout
 # Prints "kind case: N instructions per call", then each kind's overheads; JSON=path also
-# writes {kind: {case: N, ...}}. ~5 minutes per kind (JOBS=2: two
+# writes {kind: {case: N, ...}}. ~4 minutes per kind (JOBS=2: two
 # cases at a time; see bench/callgrind_ready.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CALLS="${CALLS:-100}"
+CALLS="${CALLS:-150}"
 read -r -a CASE_LIST <<<"${CASES:-bare ours official wrapt}"
 # shellcheck source=bench/callgrind_ready.sh
 . bench/callgrind_ready.sh
