@@ -18,6 +18,11 @@ caller sees it, ``perf_counter_ns``), and the caller thread's CPU per reserve an
 another client sees the spend (p50/p99 over 500 commits, default 5 ms writer interval).
 ``--settle-batches``: the writer's batches as one ``settle_many.lua`` call each against one
 ``settle.lua`` call per lease, interleaved (server script time and writer CPU per settle).
+``--throughput N``: only issue 11's throughput case (4 processes on one trace scope), queued
+and synchronous commits, N interleaved rounds; ``--baseline-src PATH`` adds another
+checkout's ``src`` (e.g. the code before issue 11, synchronous commits only) to each round.
+Each run is a fresh interpreter (the other code imported in place of this checkout's), and
+the figures are calls/s per round, then the median, minimum and maximum.
 
 The redis-server is started by this script on a free 127.0.0.1 port (``--save ""
 --appendonly no``) and stopped by PID at the end; nothing else is contacted. Redis-side cost
@@ -40,7 +45,8 @@ from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # tests.redis_server: the server helper and the worker
-sys.path.insert(0, os.path.join(ROOT, "src"))
+# (OTEL_BUDGET_BENCH_SRC: another checkout's code, for --throughput's baseline)
+sys.path.insert(0, os.environ.get("OTEL_BUDGET_BENCH_SRC") or os.path.join(ROOT, "src"))
 
 from tests.redis_server import REDIS_SERVER, SKIP_REASON, RedisServer, bench_worker  # noqa: E402
 
@@ -192,6 +198,45 @@ def settle_batches(url: str, rounds: int, leases: int) -> dict[str, Any]:
             for mode, row in samples.items()} | {"rounds": rounds, "leases_per_round": leases}
 
 
+def throughput(url: str, rounds: int, pairs: int, baseline: str | None) -> dict[str, Any]:
+    """Issue 11's throughput case, interleaved round by round: each run in its own
+    interpreter (``_throughput_run``), so that a baseline checkout's code can be imported."""
+    import subprocess
+
+    runs = [("otel-budget", None, "redis"), ("otel-budget", None, "redis-sync")]
+    if baseline is not None:
+        runs.append(("baseline", os.path.abspath(baseline), "redis-sync"))
+    samples: dict[str, list[float]] = {}
+    for round_ in range(rounds):
+        for label, src, backend in runs:
+            env = dict(os.environ)
+            if src is not None:
+                env["OTEL_BUDGET_BENCH_SRC"] = src
+            done = subprocess.run(
+                [sys.executable, os.path.abspath(__file__), "--_throughput-run", backend, url,
+                 str(pairs)],
+                env=env, capture_output=True, text=True, check=False,
+            )  # fmt: skip
+            if done.returncode:
+                raise RuntimeError(f"{label} {backend}: {done.stderr.strip()[-2000:]}")
+            rate = float(done.stdout.split()[-1])
+            name = f"{label} {backend}"
+            samples.setdefault(name, []).append(round(rate))
+            print(f"  round {round_ + 1}: {name:<24} {rate:>9,.0f} calls/s", file=sys.stderr)
+    return {
+        "case": "trace", "procs": 4, "calls_per_process": pairs, "baseline_src": baseline,
+        "calls_per_s": samples,
+        "median": {name: statistics.median(v) for name, v in samples.items()},
+        "min": {name: min(v) for name, v in samples.items()},
+        "max": {name: max(v) for name, v in samples.items()},
+    }  # fmt: skip
+
+
+def _throughput_run(backend: str, url: str, pairs: int) -> None:
+    row = run_case(backend, 4, pairs, url, "trace")
+    print(row["calls_per_s"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer calls (smoke run)")
@@ -199,7 +244,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="also write the results to this file")
     parser.add_argument("--settle-batches", action="store_true",
                         help="only: one script call per batch of settles vs one per lease")  # fmt: skip
+    parser.add_argument("--throughput", type=int, default=None, metavar="ROUNDS",
+                        help="only: 4 processes on one trace scope, ROUNDS interleaved rounds")  # fmt: skip
+    parser.add_argument("--baseline-src", default=None,
+                        help="with --throughput: another checkout's src, run alongside")  # fmt: skip
+    parser.add_argument("--_throughput-run", nargs=3, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args._throughput_run:
+        backend, url, count = args._throughput_run
+        _throughput_run(backend, url, int(count))
+        return 0
     if REDIS_SERVER is None:
         print(f"bench_redis: {SKIP_REASON}", file=sys.stderr)
         return 2
@@ -217,6 +271,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     pairs = args.pairs or (1000 if args.quick else 4000)
     os.environ.setdefault("OTEL_BUDGET_JOURNAL_DIR", tempfile.mkdtemp(prefix="otb-bench-jnl-"))
+    if args.throughput:
+        server = RedisServer().start()
+        try:
+            result = throughput(server.url, args.throughput, pairs, args.baseline_src)
+        finally:
+            server.cleanup()
+        print(json.dumps(result, indent=2))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+        return 0
     try:
         import hiredis  # noqa: F401
 
