@@ -237,6 +237,20 @@ def _throughput_run(backend: str, url: str, pairs: int) -> None:
     print(row["calls_per_s"])
 
 
+def _one_mode(measure: Any, json_path: str | None) -> int:
+    """Run one of the single-purpose modes on a fresh server; print (and save) its JSON."""
+    server = RedisServer().start()
+    try:
+        result = measure(server.url)
+    finally:
+        server.cleanup()
+    print(json.dumps(result, indent=2))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer calls (smoke run)")
@@ -259,29 +273,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.settle_batches:
         os.environ.setdefault("OTEL_BUDGET_JOURNAL_DIR", tempfile.mkdtemp(prefix="otb-jnl-"))
-        server = RedisServer().start()
-        try:
-            result = settle_batches(server.url, 5 if args.quick else 15, 2560)
-        finally:
-            server.cleanup()
-        print(json.dumps(result, indent=2))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=2)
-        return 0
+        return _one_mode(lambda url: settle_batches(url, 5 if args.quick else 15, 2560), args.json)
     pairs = args.pairs or (1000 if args.quick else 4000)
     os.environ.setdefault("OTEL_BUDGET_JOURNAL_DIR", tempfile.mkdtemp(prefix="otb-bench-jnl-"))
     if args.throughput:
-        server = RedisServer().start()
-        try:
-            result = throughput(server.url, args.throughput, pairs, args.baseline_src)
-        finally:
-            server.cleanup()
-        print(json.dumps(result, indent=2))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=2)
-        return 0
+        return _one_mode(
+            lambda url: throughput(url, args.throughput, pairs, args.baseline_src), args.json
+        )  # fmt: skip
     try:
         import hiredis  # noqa: F401
 
