@@ -31,9 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench_processor as B  # noqa: E402
 
 case, n = sys.argv[1], int(sys.argv[2])
-# The batch processor's worker exports only when a batch is full (no timer): how often it
-# wakes then depends on the spans alone, not on how long the run takes under valgrind on a
-# loaded machine (a timer's wake-ups varied the counts by 10-45k per span between runs).
+
 
 def take_out(processor: BudgetSpanProcessor, parts: set[str]) -> None:
     """Replace each named part of the span path with a constant (see ``WITHOUT``)."""
@@ -68,6 +66,9 @@ elif case != "bare":
     processor = BudgetSpanProcessor(max_usd=1_000_000)
     provider.add_span_processor(processor)
     take_out(processor, set(filter(None, os.environ.get("WITHOUT", "").split(","))))
+# The batch processor's worker exports only when a batch is full (no timer): how often it
+# wakes then depends on the spans alone, not on how long the run takes under valgrind on a
+# loaded machine (a timer's wake-ups varied the counts by 10-45k per span between runs).
 provider.add_span_processor(
     BatchSpanProcessor(B.NoopExporter(), max_queue_size=1 << 16, schedule_delay_millis=3_600_000)
 )
