@@ -216,12 +216,11 @@ _new_tuple = tuple.__new__  # a NamedTuple built without its Python-level __new_
 _RESERVED = ReserveStatus.OK
 
 
-def _pack(conn: Any, command: tuple[Any, ...]) -> list[bytes]:
+def _pack(conn: Any, command: tuple[Any, ...]) -> bytes:
     """One command in RESP (our arguments are str and int only)."""
     if _hiredis_pack is not None:
-        return [_hiredis_pack(command)]
-    packed: list[bytes] = conn.pack_command(*command)
-    return [b"".join(packed)]
+        return _hiredis_pack(command)  # type: ignore[no-any-return]
+    return b"".join(conn.pack_command(*command))
 
 
 def _bulk(value: str | int) -> bytes:
@@ -959,7 +958,7 @@ class RedisStorage(LedgerStorage):
             return self._scripts[script](keys=keys, args=args, client=self.client)
         conn = self._connection()
         if packed is None:
-            packed = _pack(conn, ("EVALSHA", self._scripts[script].sha, len(keys), *keys, *args))[0]
+            packed = _pack(conn, ("EVALSHA", self._scripts[script].sha, len(keys), *keys, *args))
         for stale in (True, False):
             try:
                 try:
@@ -1079,7 +1078,7 @@ class RedisStorage(LedgerStorage):
         for stale in (True, False):
             try:
                 conn.send_packed_command(
-                    [b"".join(_pack(conn, c)[0] for c in commands)]
+                    [b"".join(_pack(conn, c) for c in commands)]
                     if _hiredis_pack is not None else conn.pack_commands(commands)
                 )  # fmt: skip
                 replies: list[Any] = []
